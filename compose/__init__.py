@@ -1,0 +1,23 @@
+"""loracompose: training-free multi-concept LoRA composition for Stable Diffusion (SD1.5, SDXL).
+
+    from loracompose import load_pipeline, LoraSpec, Composite
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    result = pipe.generate("a girl in a park", [LoraSpec("girl.safetensors", 0.8)], Composite())
+"""
+
+from .errors import UserError
+from .lora import LoadedLora, LoraSpec
+from .pipelines import GenerationResult, GenerationStats, load_pipeline
+from .composite import Composite
+from .merge import Merge
+from .method import CompositionMethod
+from .switch import Switch
+
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite)}
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
+    "LoraSpec", "Merge", "Switch", "UserError", "load_pipeline",
+]

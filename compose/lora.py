@@ -1,0 +1,226 @@
+"""The LoRA library: specs, safetensors validation, metadata (triggers, category), loading.
+
+A :class:`LoraSpec` is what a user asks for (a file and a strength); a :class:`LoadedLora` is that
+file checked and read (adapter name, trigger words, category, architecture). Files are only ever
+read as safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserError
+
+SD15 = "sd15"
+SDXL = "sdxl"
+ARCHITECTURE_NAMES = {SD15: "SD1.5", SDXL: "SDXL"}
+
+# Metadata keys that carry trigger words in files found in the wild (first match wins).
+TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "loracompose.triggers")
+CATEGORY_KEYS = ("loracompose.category", "modelspec.category")
+TITLE_KEYS = ("modelspec.title", "ss_output_name")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What the user asks for: a LoRA file at a strength.
+
+    Args:
+        path: a ``.safetensors`` LoRA file (diffusers/PEFT or kohya naming).
+        weight: the LoRA's strength (its PEFT adapter weight), in every method.
+        name: adapter name; defaults to the file name without suffix.
+        trigger_words: words that invoke the concept; default: read from the file's metadata.
+        category: character, clothing, style, background, object, ...; default: from metadata.
+    """
+
+    path: Path
+    weight: float = 1.0
+    name: str | None = None
+    trigger_words: tuple[str, ...] | None = None
+    category: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.trigger_words is not None:
+            object.__setattr__(self, "trigger_words", tuple(self.trigger_words))
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        """Parse the CLI form ``PATH[:WEIGHT]``."""
+        path, sep, weight = text.rpartition(":")
+        if sep and path and _looks_like_number(weight):
+            return cls(Path(path), weight=float(weight))
+        if sep and path and not weight.startswith(("\\", "/")) and "/" not in weight:
+            raise UserError(f"--lora {text!r}: weight {weight!r} is not a number; use PATH or PATH:WEIGHT, e.g. style.safetensors:0.8")
+        return cls(Path(text))
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A checked LoRA file, ready to be loaded into a pipeline as a PEFT adapter."""
+
+    path: Path
+    name: str
+    weight: float
+    trigger_words: tuple[str, ...]
+    category: str | None
+    architecture: str | None
+    has_text_encoder: bool
+    metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def with_weight(self, weight: float) -> "LoadedLora":
+        return replace(self, weight=weight)
+
+    def describe(self) -> dict:
+        """A JSON-ready summary for sidecars and reports."""
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "weight": self.weight,
+            "trigger_words": list(self.trigger_words),
+            "category": self.category,
+        }
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def adapter_name_for(path: Path) -> str:
+    """A PEFT-safe adapter name from a file name (PEFT forbids dots in adapter names)."""
+    name = re.sub(r"[^0-9A-Za-z_-]+", "_", path.stem).strip("_")
+    return name or "lora"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Return (metadata, tensor keys) of a safetensors file, or raise UserError naming the file."""
+    if not path.exists():
+        raise UserError(f"LoRA file not found: {path}; check the path")
+    if path.is_dir():
+        raise UserError(f"LoRA path is a folder: {path}; pass the .safetensors file inside it")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(
+            f"LoRA file {path} is not a .safetensors file; only safetensors are loaded (pickled "
+            "formats like .ckpt/.pt/.bin can run code): convert it to safetensors first"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line}); re-download it") from None
+    _check_tensor_data_present(path, keys)
+    return metadata, keys
+
+
+def _check_tensor_data_present(path: Path, keys: Sequence[str]) -> None:
+    """safetensors only reads the header at open; make sure the data it promises is in the file."""
+    with open(path, "rb") as raw:
+        header_size = int.from_bytes(raw.read(8), "little")
+        header = json.loads(raw.read(header_size))
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_size + data_end > path.stat().st_size:
+        raise UserError(f"LoRA file {path} is truncated (its header promises more data than the file holds); re-download it")
+    if not keys:
+        raise UserError(f"LoRA file {path} holds no tensors; it is not a LoRA")
+
+
+def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose."""
+    for key in TRIGGER_KEYS:
+        value = metadata.get(key)
+        if not value:
+            continue
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        words = parsed if isinstance(parsed, list) else str(parsed).split(",")
+        words = tuple(str(word).strip() for word in words if str(word).strip())
+        if words:
+            return words
+    return ()
+
+
+def _first(metadata: Mapping[str, str], keys: Iterable[str]) -> str | None:
+    return next((metadata[key] for key in keys if metadata.get(key)), None)
+
+
+def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> str | None:
+    """SD15, SDXL or None (unknown) from metadata, then from key names."""
+    declared = " ".join(metadata.get(key, "") for key in ("modelspec.architecture", "ss_base_model_version")).lower()
+    if "xl" in declared:
+        return SDXL
+    if "v1" in declared or "sd_v1" in declared or "stable-diffusion-v1" in declared:
+        return SD15
+    if any(key.startswith(("text_encoder_2.", "lora_te2_")) for key in keys):
+        return SDXL
+    if any("transformer_blocks.1." in key or "_transformer_blocks_1_" in key for key in keys):
+        return SDXL  # SD1.5 has exactly one transformer block per attention module
+    return None
+
+
+def inspect_lora(spec: LoraSpec) -> LoadedLora:
+    """Check a LoRA file and read its metadata, without loading any tensors."""
+    metadata, keys = read_safetensors_header(spec.path)
+    if not any("lora" in key for key in keys):
+        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora'); is it a full model checkpoint?")
+    triggers = spec.trigger_words if spec.trigger_words is not None else trigger_words_from_metadata(metadata)
+    return LoadedLora(
+        path=spec.path,
+        name=spec.name or adapter_name_for(spec.path),
+        weight=float(spec.weight),
+        trigger_words=tuple(triggers),
+        category=spec.category or _first(metadata, CATEGORY_KEYS),
+        architecture=architecture_from_file(metadata, keys),
+        has_text_encoder=any(key.startswith(("text_encoder", "lora_te")) for key in keys),
+        metadata=metadata,
+    )
+
+
+def inspect_loras(specs: Sequence[LoraSpec]) -> list[LoadedLora]:
+    """Inspect every spec; duplicate adapter names are an error naming both files."""
+    loras = [inspect_lora(spec) for spec in specs]
+    seen: dict[str, LoadedLora] = {}
+    for lora in loras:
+        if lora.name in seen:
+            other = seen[lora.name]
+            raise UserError(
+                f"two LoRAs are named {lora.name!r} ({other.path} and {lora.path}); "
+                "rename one file or give it another name"
+            )
+        seen[lora.name] = lora
+    return loras
+
+
+def check_architecture(lora: LoadedLora, pipeline_architecture: str) -> None:
+    """Refuse a LoRA declared or shaped for another base model family."""
+    if lora.architecture and lora.architecture != pipeline_architecture:
+        raise UserError(
+            f"LoRA file {lora.path} is made for {ARCHITECTURE_NAMES[lora.architecture]} but the model is "
+            f"{ARCHITECTURE_NAMES[pipeline_architecture]}; use a LoRA trained for this base model"
+        )
+
+
+def with_trigger_words(prompt: str, loras: Sequence[LoadedLora]) -> str:
+    """Append each LoRA's trigger words that the prompt does not already contain (MLC convention)."""
+    missing = [
+        word
+        for lora in loras
+        for word in lora.trigger_words
+        if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE)
+    ]
+    if not missing:
+        return prompt
+    return ", ".join(part for part in [prompt.strip(), *missing] if part)

@@ -1,0 +1,48 @@
+"""LoRA Merge (Zhong et al. 2024, baseline; methods.md §2).
+
+    activate all LoRAs together, each at its strength
+    for each step: one UNet call; CFG; scheduler step
+
+Per adapted layer y = W·x + Σ_i w_i·(α_i/r_i)·B_i·A_i·x: the deltas are *summed* (the reference's
+choice). ``combine="mean"`` divides each strength by N instead. ``fuse=True`` folds the weighted
+deltas into the UNet weights once (no low-rank products per step) and unfolds them at the end; the
+text encoder always runs unfused (it runs once per generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from .errors import UserError
+from .lora import LoadedLora
+from .method import CompositionMethod
+from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+
+
+@dataclass
+class Merge(CompositionMethod):
+    """All LoRAs active at once in a single UNet pass per step."""
+
+    name: ClassVar[str] = "merge"
+    combine: str = "sum"
+    fuse: bool = False
+
+    def check(self, loras: Sequence[LoadedLora]) -> None:
+        if self.combine not in ("sum", "mean"):
+            raise UserError(f"merge combine={self.combine!r} is not known; use 'sum' or 'mean'")
+
+    def merged_branch(self) -> Branch:
+        divisor = len(self.loras) if self.combine == "mean" and self.loras else 1
+        return self.branch(*self.loras, weights=[lora.weight / divisor for lora in self.loras])
+
+    def start(self, run: Denoiser) -> None:
+        if self.fuse and self.loras:
+            run.adapters.fuse(self.merged_branch().weights, components=["unet"])
+
+    def predict(self, run: Denoiser, step: Step, latents) -> Prediction:
+        return run.predict(latents, step, [self.merged_branch()])[0]
+
+    def finish(self, run: Denoiser) -> None:
+        if self.fuse:
+            run.adapters.unfuse()

@@ -1,0 +1,84 @@
+"""The method protocol: what the one denoising loop asks a composition method each step.
+
+A method is a small strategy object. The loop (``loracompose.pipelines.loop.denoise``) calls:
+
+* ``bind(loras)`` once per generation, with the checked LoRAs in the user's order;
+* ``start(run)`` before the first step: install attention processors, build caches;
+* ``prepare_latents(run, step, latents)``: optional latent update before the step (with gradients
+  if the method asks for them: CLoRA, LoRA-Composer);
+* ``predict(run, step, latents)``: which branches (LoRA sets at strengths) to run and how to combine
+  their noise predictions into one :class:`Prediction` (the loop applies CFG);
+* ``end_step(run, step, latents)``: bookkeeping between steps (schedules, caches, masks);
+* ``finish(run)``: restore processors, free caches; runs even if the generation fails.
+
+``run`` is a :class:`~loracompose.pipelines.loop.Denoiser`: ``run.predict(latents, step, branches)``
+returns one Prediction per branch (one batched UNet call where possible), ``run.stats`` counts calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .errors import UserError
+from .lora import LoadedLora
+from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+
+
+@dataclass
+class CompositionMethod:
+    """Base class of all methods; subclasses are dataclasses whose fields are their settings."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.loras: list[LoadedLora] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def bind(self, loras: Sequence[LoadedLora]) -> None:
+        """Receive the generation's LoRAs (user order). Validate settings against them here."""
+        self.loras = list(loras)
+        self.check(self.loras)
+
+    def check(self, loras: Sequence[LoadedLora]) -> None:
+        """Raise UserError if the settings do not fit these LoRAs."""
+
+    def start(self, run: Denoiser) -> None:
+        pass
+
+    def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        raise NotImplementedError
+
+    def end_step(self, run: Denoiser, step: Step, latents: torch.Tensor) -> None:
+        pass
+
+    def finish(self, run: Denoiser) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------
+    def branch(self, *loras: LoadedLora, weights: Sequence[float] | None = None) -> Branch:
+        """A branch running these LoRAs at their strengths (or the given ones)."""
+        weights = weights if weights is not None else [lora.weight for lora in loras]
+        return Branch.of({lora.name: weight for lora, weight in zip(loras, weights)})
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings, for sidecars and reports."""
+        return {"name": self.name, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def require_loras(method: str, loras: Sequence[LoadedLora], minimum: int = 1) -> None:
+    if len(loras) < minimum:
+        raise UserError(f"method {method} needs at least {minimum} LoRA(s); pass them with --lora PATH[:WEIGHT]")

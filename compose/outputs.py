@@ -1,0 +1,82 @@
+"""Writing results: images and their JSON sidecars, atomically (temp file, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+VERSIONED_PACKAGES = ("loracompose", "diffusers", "torch", "transformers", "peft", "accelerate", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        os.chmod(temp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for the images")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({error.strerror})") from None
+    return out_dir
+
+
+def sidecar(result: Any, index: int, model: str) -> dict[str, Any]:
+    """The JSON record of image ``index`` of a GenerationResult."""
+    return {
+        "method": result.method["name"],
+        "method_settings": result.method,
+        "seed": result.seeds[index],
+        "model": model,
+        "prompt": result.prompt,
+        "negative_prompt": result.negative_prompt,
+        "loras": [lora.describe() for lora in result.loras],
+        **result.settings,
+        "versions": package_versions(),
+        "stats": result.stats.to_dict(),
+    }
+
+
+def save_result(result: Any, out_dir: Path, stem: str, model: str) -> list[Path]:
+    """Write ``<stem>.png`` + ``<stem>.json`` per image (``<stem>-<k>`` for several) into out_dir."""
+    out_dir = prepare_output_dir(out_dir)
+    written = []
+    for index, image in enumerate(result.images):
+        name = stem if len(result.images) == 1 else f"{stem}-{index}"
+        png = atomic_write(out_dir / f"{name}.png", lambda temp, image=image: image.save(temp, format="PNG"))
+        atomic_write_text(out_dir / f"{name}.json", json.dumps(sidecar(result, index, model), indent=2) + "\n")
+        written.append(png)
+    return written

@@ -1,0 +1,330 @@
+"""Our diffusers pipelines: stock SD1.5 / SDXL pipelines plus ``generate`` (LoRAs + a method).
+
+``generate`` walks the usual steps (check inputs, load LoRAs, encode prompts per branch, prepare
+latents, the one denoising loop, decode) and leaves ``__call__`` as plain diffusers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import warnings
+from contextlib import contextmanager
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers.utils import logging as transformers_logging
+
+from loracompose.errors import UserError
+from loracompose.lora import (
+    SD15,
+    SDXL,
+    LoadedLora,
+    LoraSpec,
+    check_architecture,
+    inspect_loras,
+    with_trigger_words,
+)
+
+from .adapters import AdapterController
+from .loop import Branch, Conditioning, Denoiser, GenerationStats, MemoryMeter, denoise
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+_LOCK_GUARD = threading.Lock()
+
+
+@dataclass
+class GenerationResult:
+    """Images of one ``generate`` call with what ran and what it cost."""
+
+    images: list[Any]
+    stats: GenerationStats
+    prompt: str
+    negative_prompt: str | None
+    seeds: list[int]
+    loras: list[LoadedLora]
+    method: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+
+
+class ComposeMixin:
+    """Multi-LoRA composition on top of a diffusers Stable Diffusion pipeline."""
+
+    architecture: str = ""
+
+    # ------------------------------------------------------------------ LoRA management
+    def _lock(self) -> threading.RLock:
+        with _LOCK_GUARD:
+            if not hasattr(self, "_loracompose_lock"):
+                self._loracompose_lock = threading.RLock()
+            return self._loracompose_lock
+
+    def prepare_loras(self, specs: Sequence[LoraSpec | LoadedLora]) -> list[LoadedLora]:
+        """Check the files, then load each one as a PEFT adapter (once; reloaded if the file changed)."""
+        loras = inspect_loras([_as_spec(spec) for spec in specs])
+        for lora in loras:
+            check_architecture(lora, self.architecture)
+            self._load_adapter(lora)
+        return loras
+
+    def _load_adapter(self, lora: LoadedLora) -> None:
+        loaded: dict[str, tuple] = self.__dict__.setdefault("_loracompose_loaded", {})
+        stat = lora.path.stat()
+        identity = (str(lora.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if loaded.get(lora.name) == identity:
+            return
+        if lora.name in loaded:
+            self.delete_adapters(lora.name)
+            del loaded[lora.name]
+        try:
+            with quiet_loading():
+                self.load_lora_weights(str(lora.path), adapter_name=lora.name)
+        except (ValueError, RuntimeError, KeyError) as error:
+            if lora.name in self._adapter_names():
+                self.delete_adapters(lora.name)
+            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"LoRA file {lora.path} does not fit this {self.architecture.upper()} model ({message}); "
+                "use a LoRA trained for this base model"
+            ) from None
+        if lora.name not in self._adapter_names():
+            raise UserError(
+                f"LoRA file {lora.path} matched no layer of this {self.architecture.upper()} model; "
+                "use a LoRA trained for this base model"
+            )
+        loaded[lora.name] = identity
+
+    def _adapter_names(self) -> set[str]:
+        return {name for names in self.get_list_adapters().values() for name in names}
+
+    def _adapter_controller(self) -> AdapterController:
+        modules = {"unet": self.unet, **{name: getattr(self, name, None) for name in TEXT_COMPONENTS}}
+        return AdapterController(modules)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt: str,
+        loras: Sequence[LoraSpec | LoadedLora] = (),
+        method: Any = None,
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        append_triggers: bool = True,
+        text_encoder_loras: bool = True,
+        max_batch_rows: int | None = None,
+        output_type: str = "pil",
+        show_progress: bool = True,
+    ) -> GenerationResult:
+        """Generate images with several LoRAs composed by ``method`` (default: Merge).
+
+        Args:
+            prompt: the prompt; each LoRA's trigger words missing from it are appended
+                (``append_triggers``), as the composition papers do.
+            loras: LoRA specs (file, strength, optional name/triggers/category) in order.
+            method: a composition method object (``Merge()``, ``Switch(period=5)``, ``Composite()``...).
+            seed: image k uses seed ``seed + k``, so it equals a one-image run with that seed.
+            text_encoder_loras: apply each branch's LoRAs to the text encoder(s) as well.
+            max_batch_rows: cap on rows per UNet call; branches beyond it run one call each.
+            output_type: "pil", "np" or "latent".
+        """
+        from loracompose.merge import Merge
+
+        method = method if method is not None else Merge()
+        self._check_generate_args(prompt, steps, guidance_scale, num_images, seed, output_type)
+        height, width = self._resolve_size(height, width)
+        with self._lock():
+            started = time.perf_counter()
+            device = self._execution_device
+            meter = MemoryMeter(device)
+            loaded = self.prepare_loras(loras)
+            method.bind(loaded)
+            full_prompt = with_trigger_words(prompt, loaded) if append_triggers else prompt
+            adapters = self._adapter_controller()
+            try:
+                latents, stats = self._denoise(
+                    method, adapters, full_prompt, negative_prompt, seed, steps, guidance_scale,
+                    height, width, num_images, scheduler, text_encoder_loras, max_batch_rows, device,
+                    show_progress,
+                )
+            finally:
+                adapters.activate({})
+            images = self._decode(latents, output_type)
+            stats.wall_seconds = time.perf_counter() - started
+            stats.peak_memory_bytes, stats.peak_memory_source = meter.peak()
+        settings = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                        num_images=num_images, scheduler=scheduler, text_encoder_loras=text_encoder_loras)
+        return GenerationResult(
+            images=images, stats=stats, prompt=full_prompt, negative_prompt=negative_prompt,
+            seeds=[seed + k for k in range(num_images)], loras=loaded, method=method.settings(),
+            settings=settings, latents=latents,
+        )
+
+    def _denoise(self, method, adapters, prompt, negative_prompt, seed, steps, guidance_scale, height, width,
+                 num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):
+        do_cfg = guidance_scale > 1.0
+        scheduler = make_scheduler(scheduler_name, self.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
+        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        def encode(branch: Branch) -> Conditioning:
+            adapters.activate(branch.weights if text_encoder_loras else {}, components=list(TEXT_COMPONENTS))
+            return self._encode_conditioning(prompt, negative_prompt, num_images, do_cfg, height, width, device)
+
+        run = Denoiser(
+            unet=self.unet, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode, adapters=adapters,
+            guidance_scale=guidance_scale, do_cfg=do_cfg, batch_size=num_images,
+            extra_step_kwargs=_extra_step_kwargs(scheduler, generators), max_batch_rows=max_batch_rows,
+        )
+        self.set_progress_bar_config(disable=not show_progress)
+        with self.progress_bar(total=steps) as bar:
+            latents = denoise(run, method, latents, progress=bar.update)
+        return latents, run.stats
+
+    # ------------------------------------------------------------------ checks and decoding
+    def _check_generate_args(self, prompt, steps, guidance_scale, num_images, seed, output_type) -> None:
+        if not isinstance(prompt, str):
+            raise UserError("prompt must be a string")
+        if int(steps) < 1:
+            raise UserError(f"steps={steps}: give at least 1 denoising step")
+        if guidance_scale < 0:
+            raise UserError(f"guidance={guidance_scale}: the CFG scale cannot be negative")
+        if int(num_images) < 1:
+            raise UserError(f"num_images={num_images}: ask for at least 1 image")
+        if int(seed) < 0:
+            raise UserError(f"seed={seed}: use a non-negative integer")
+        if output_type not in ("pil", "np", "latent"):
+            raise UserError(f"output_type={output_type!r}: use 'pil', 'np' or 'latent'")
+
+    def _resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default, width or default
+        multiple = 8
+        for label, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise UserError(f"{label}={value}: image sizes must be positive multiples of {multiple} pixels")
+        return int(height), int(width)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return list(latents)
+        with torch.no_grad():
+            image = self.vae.decode(self._unscale_latents(latents).to(self.vae.dtype), return_dict=False)[0]
+        processed = self.image_processor.postprocess(image, output_type=output_type)
+        return list(processed)
+
+    def _unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor
+
+    def _encode_conditioning(self, prompt, negative_prompt, num_images, do_cfg, height, width, device) -> Conditioning:
+        raise NotImplementedError
+
+
+class LoraComposeSDPipeline(ComposeMixin, StableDiffusionPipeline):
+    """Stable Diffusion 1.x/2.x pipeline with multi-LoRA composition."""
+
+    architecture = SD15
+
+    def _encode_conditioning(self, prompt, negative_prompt, num_images, do_cfg, height, width, device) -> Conditioning:
+        with torch.no_grad():
+            positive, negative = self.encode_prompt(prompt, device, num_images, do_cfg, negative_prompt=negative_prompt)
+        return Conditioning(torch.cat([negative, positive]) if do_cfg else positive)
+
+
+class LoraComposeSDXLPipeline(ComposeMixin, StableDiffusionXLPipeline):
+    """Stable Diffusion XL pipeline with multi-LoRA composition."""
+
+    architecture = SDXL
+
+    def _encode_conditioning(self, prompt, negative_prompt, num_images, do_cfg, height, width, device) -> Conditioning:
+        with torch.no_grad():
+            positive, negative, pooled, negative_pooled = self.encode_prompt(
+                prompt, device=device, num_images_per_prompt=num_images,
+                do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
+            )
+        projection_dim = (
+            int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+        )
+        time_ids = self._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=positive.dtype, text_encoder_projection_dim=projection_dim
+        ).to(device).repeat(num_images, 1)
+        if not do_cfg:
+            return Conditioning(positive, {"text_embeds": pooled, "time_ids": time_ids})
+        return Conditioning(
+            torch.cat([negative, positive]),
+            {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])},
+        )
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting and output_type != "latent":
+            self.upcast_vae()
+            try:
+                return super()._decode(latents, output_type)
+            finally:
+                self.vae.to(dtype=torch.float16)
+        return super()._decode(latents, output_type)
+
+    def _unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence loading chatter: per-adapter load reports of diffusers/transformers/PEFT (harmless,
+    very long: each new adapter is reported as "missing" the other adapters' keys, platform.md §2)
+    and the component-loading progress bars."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _as_spec(spec: LoraSpec | LoadedLora) -> LoraSpec:
+    if isinstance(spec, LoraSpec):
+        return spec
+    return LoraSpec(spec.path, spec.weight, spec.name, spec.trigger_words, spec.category)
+
+
+def _extra_step_kwargs(scheduler, generators) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators[0] if len(generators) == 1 else None
+    return kwargs

@@ -1,0 +1,133 @@
+"""``load_pipeline``: a hub id, a local diffusers folder or a single-file checkpoint -> our pipeline.
+
+SD1.5-family and SDXL are told apart from ``model_index.json`` (folders, hub ids) or from the
+checkpoint's keys (single files). Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from safetensors import SafetensorError, safe_open
+
+from loracompose.errors import UserError
+
+from .compose_pipeline import ComposeMixin, LoraComposeSDPipeline, LoraComposeSDXLPipeline, quiet_loading
+
+# A key only SDXL base checkpoints have (the second text encoder), as diffusers' own detection uses.
+SDXL_CHECKPOINT_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise UserError(f"dtype {dtype!r} is not known; use fp32, fp16 or bf16")
+    return names[dtype]
+
+
+def pipeline_class_for_index(model_index: dict) -> type[ComposeMixin]:
+    class_name = str(model_index.get("_class_name", ""))
+    return LoraComposeSDXLPipeline if "XL" in class_name else LoraComposeSDPipeline
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    config: str | Path | None = None,
+) -> ComposeMixin:
+    """Load a Stable Diffusion model as a loracompose pipeline.
+
+    Args:
+        model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers folder,
+            or a single-file ``.safetensors`` checkpoint.
+        device: "auto" (CUDA if present), "cpu", "cuda", ...
+        dtype: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch dtype.
+        config: for single-file checkpoints offline, a diffusers folder (or hub id) of the same
+            architecture whose configs describe the checkpoint.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        pipe = _load_folder(path, torch_dtype)
+    elif path.is_file():
+        pipe = _load_single_file(path, torch_dtype, config)
+    elif _looks_like_local_path(str(model)):
+        raise UserError(f"model {model} not found; pass a diffusers folder, a .safetensors checkpoint or a hub id")
+    else:
+        pipe = _load_hub(str(model), torch_dtype)
+    return pipe.to(torch_device)
+
+
+def _looks_like_local_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.endswith((".safetensors", *PICKLED_SUFFIXES)) or text.count("/") != 1
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> ComposeMixin:
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise UserError(f"model folder {path} has no model_index.json; pass a diffusers pipeline folder")
+    cls = pipeline_class_for_index(json.loads(index_file.read_text()))
+    return _from_pretrained(cls, str(path), dtype)
+
+
+def _load_hub(model_id: str, dtype: torch.dtype) -> ComposeMixin:
+    try:
+        index = DiffusionPipeline.load_config(model_id)
+    except Exception as error:  # hub client errors have many types; all mean "not reachable here"
+        raise UserError(
+            f"model {model_id!r} is not a local folder or file and could not be fetched from the hub "
+            f"({type(error).__name__}); download it first or pass a local path"
+        ) from None
+    return _from_pretrained(pipeline_class_for_index(index), model_id, dtype)
+
+
+def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -> ComposeMixin:
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is LoraComposeSDPipeline else {}
+    try:
+        with quiet_loading():
+            return cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **extra)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserError(f"could not load model {source}: {_first_line(error)}") from None
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None) -> ComposeMixin:
+    if path.suffix.lower() in PICKLED_SUFFIXES:
+        raise UserError(f"checkpoint {path} is a pickled file; only .safetensors checkpoints are loaded (pickles can run code)")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"checkpoint {path} is not a .safetensors file; pass a diffusers folder or a .safetensors checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            is_sdxl = SDXL_CHECKPOINT_KEY in set(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({_first_line(error)})") from None
+    cls = LoraComposeSDXLPipeline if is_sdxl else LoraComposeSDPipeline
+    extra = {"config": str(config)} if config else {}
+    try:
+        with quiet_loading():
+            return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+    except Exception as error:  # diffusers raises many types here (missing config offline, bad keys)
+        hint = "" if config else "; offline, pass --config with a diffusers folder of the same architecture"
+        raise UserError(f"could not load checkpoint {path}: {_first_line(error)}{hint}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

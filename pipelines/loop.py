@@ -1,0 +1,314 @@
+"""The one denoising loop, and the :class:`Denoiser` a composition method drives each step.
+
+The loop is the same for SD1.5 and SDXL and for every method::
+
+    method.start(run)
+    for step in run.steps():
+        latents    = method.prepare_latents(run, step, latents)   # latent updates (CLoRA, Composer)
+        prediction = method.predict(run, step, latents)          # UNet passes and how to combine them
+        latents    = run.scheduler_step(prediction.guided(s), step, latents)
+        method.end_step(run, step, latents)                      # caches, schedules, masks
+    method.finish(run)
+
+A method never sees the scheduler or the prompt encoder. It asks the :class:`Denoiser` for noise
+predictions of *branches* (a branch is a set of LoRAs at strengths, applied to the text encoder and
+the UNet alike) and combines them. The Denoiser batches several branches into one UNet call with
+per-row adapters where it can, and counts every call.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .adapters import BASE_ROW, AdapterController
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A set of LoRAs (adapter name -> strength) under which the model is run."""
+
+    loras: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float]) -> "Branch":
+        return cls(tuple(sorted((name, float(weight)) for name, weight in weights.items())))
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self.loras)
+
+    @property
+    def single_adapter(self) -> str | None:
+        """The one adapter of a one-LoRA branch, BASE_ROW for the base model, None otherwise."""
+        if not self.loras:
+            return BASE_ROW
+        return self.loras[0][0] if len(self.loras) == 1 else None
+
+
+BASE = Branch()
+
+
+@dataclass
+class Prediction:
+    """Noise prediction of one branch, split into its CFG halves (uncond is None without CFG)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+
+    def guided(self, guidance_scale: float) -> torch.Tensor:
+        if self.uncond is None:
+            return self.cond
+        return self.uncond + guidance_scale * (self.cond - self.uncond)
+
+    @staticmethod
+    def mix(predictions: Sequence["Prediction"], weights: Sequence[float] | None = None) -> "Prediction":
+        """Weighted average of predictions (equal weights by default). CFG is linear, so mixing
+        before or after guidance is the same (methods.md §4)."""
+        if weights is None:
+            weights = [1.0 / len(predictions)] * len(predictions)
+        cond = sum(w * p.cond for w, p in zip(weights, predictions))
+        uncond = None if predictions[0].uncond is None else sum(w * p.uncond for w, p in zip(weights, predictions))
+        return Prediction(cond=cond, uncond=uncond)
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one branch, rows laid out [uncond x B, cond x B] (cond only without CFG)."""
+
+    embeds: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
+
+    def halves(self, num_halves: int) -> list["Conditioning"]:
+        return [
+            Conditioning(chunk, {key: value.chunk(num_halves)[index] for key, value in self.added.items()})
+            for index, chunk in enumerate(self.embeds.chunk(num_halves))
+        ]
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        return Conditioning(
+            torch.cat([part.embeds for part in parts]),
+            {key: torch.cat([part.added[key] for part in parts]) for key in parts[0].added},
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    timestep: torch.Tensor
+    num_steps: int
+
+
+@dataclass
+class GenerationStats:
+    """What a generation cost. ``unet_calls`` counts UNet forward calls, ``unet_rows`` the samples
+    they evaluated; partial passes (feature caching) and backward passes are counted apart."""
+
+    unet_calls: int = 0
+    unet_rows: int = 0
+    partial_unet_calls: int = 0
+    partial_unet_rows: int = 0
+    backward_passes: int = 0
+    text_encoder_calls: int = 0
+    execution: str = "single"
+    execution_note: str = ""
+    wall_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MemoryMeter:
+    """Peak memory of a run: CUDA allocator peak on GPU, else the process's peak RSS (which is a
+    high-water mark over the process's life, not this run alone)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def peak(self) -> tuple[int, str]:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+class Denoiser:
+    """What a method drives: UNet passes for branches, with batching, conditioning and counting."""
+
+    def __init__(
+        self,
+        *,
+        unet: torch.nn.Module,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        encode: Callable[[Branch], Conditioning],
+        adapters: AdapterController,
+        guidance_scale: float,
+        do_cfg: bool,
+        batch_size: int,
+        extra_step_kwargs: Mapping[str, Any],
+        max_batch_rows: int | None = None,
+        allow_batching: bool = True,
+        stats: GenerationStats | None = None,
+    ):
+        self.unet = unet
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.adapters = adapters
+        self.guidance_scale = guidance_scale
+        self.do_cfg = do_cfg
+        self.batch_size = batch_size
+        self.extra_step_kwargs = dict(extra_step_kwargs)
+        self.max_batch_rows = max_batch_rows
+        self.allow_batching = allow_batching
+        self.stats = stats or GenerationStats()
+        self._encode = encode
+        self._conditioning: dict[Branch, Conditioning] = {}
+        self._executions: set[str] = set()
+
+    # ----------------------------------------------------------------- steps and scheduler
+    @property
+    def num_halves(self) -> int:
+        return 2 if self.do_cfg else 1
+
+    def steps(self) -> Iterator[Step]:
+        for index, timestep in enumerate(self.timesteps):
+            yield Step(index, timestep, len(self.timesteps))
+
+    def scheduler_step(self, noise: torch.Tensor, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(noise, step.timestep, latents, **self.extra_step_kwargs, return_dict=False)[0]
+
+    # ----------------------------------------------------------------- conditioning
+    def conditioning(self, branch: Branch) -> Conditioning:
+        """Prompt embeddings under the branch's LoRAs (text encoder side), computed once per branch."""
+        if branch not in self._conditioning:
+            self._conditioning[branch] = self._encode(branch)
+            self.stats.text_encoder_calls += 1
+        return self._conditioning[branch]
+
+    # ----------------------------------------------------------------- UNet passes
+    def predict(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        branches: Sequence[Branch],
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        batch: bool = True,
+    ) -> list[Prediction]:
+        """Noise predictions of each branch at this step: one batched call with per-row adapters
+        when every branch has at most one LoRA (and ``batch``), else one call per branch."""
+        reason = self.batching_blocked(branches, batch)
+        if reason is None:
+            self._note_execution("batched", "")
+            return self._predict_batched(latents, step, branches, cross_attention_kwargs)
+        self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
+        return [self._predict_one(latents, step, branch, cross_attention_kwargs) for branch in branches]
+
+    def batching_blocked(self, branches: Sequence[Branch], batch: bool = True) -> str | None:
+        """Why these branches cannot share one call, or None if they can."""
+        if len(branches) < 2:
+            return "one branch"
+        if not (batch and self.allow_batching):
+            return "batching turned off in the settings"
+        if any(branch.single_adapter is None for branch in branches):
+            return "a branch has several LoRAs (per-row adapters take one each)"
+        strengths: dict[str, float] = {}
+        for name, weight in (pair for branch in branches for pair in branch.loras):
+            if strengths.setdefault(name, weight) != weight:
+                return f"LoRA {name} runs at two strengths in one step"
+        if self.adapters.any_merged():
+            return "LoRAs are fused into the weights"
+        rows = len(branches) * self.num_halves * self.batch_size
+        if self.max_batch_rows is not None and rows > self.max_batch_rows:
+            return f"{rows} rows exceed the memory cap of {self.max_batch_rows}"
+        return None
+
+    def run_unet(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One UNet forward on prepared rows (already scaled, rows matching the conditioning)."""
+        self.stats.unet_calls += 1
+        self.stats.unet_rows += latents.shape[0]
+        return self.unet(
+            latents,
+            timestep,
+            encoder_hidden_states=conditioning.embeds,
+            added_cond_kwargs=conditioning.added or None,
+            cross_attention_kwargs=dict(cross_attention_kwargs) if cross_attention_kwargs else None,
+            return_dict=False,
+        )[0]
+
+    def model_input(self, latents: torch.Tensor, step: Step, copies: int) -> torch.Tensor:
+        rows = torch.cat([latents] * copies) if copies > 1 else latents
+        return self.scheduler.scale_model_input(rows, step.timestep)
+
+    def _predict_one(self, latents, step, branch, cross_attention_kwargs) -> Prediction:
+        self.adapters.activate(branch.weights, components=["unet"])
+        conditioning = self.conditioning(branch)
+        noise = self.run_unet(
+            self.model_input(latents, step, self.num_halves), step.timestep, conditioning,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        return self._split(noise, 1)[0]
+
+    def _predict_batched(self, latents, step, branches, cross_attention_kwargs) -> list[Prediction]:
+        strengths = {name: weight for branch in branches for name, weight in branch.loras}
+        self.adapters.set_weights(strengths, components=["unet"])
+        halves = [cond.halves(self.num_halves) for cond in (self.conditioning(b) for b in branches)]
+        conditioning = Conditioning.cat([halves[b][h] for h in range(self.num_halves) for b in range(len(branches))])
+        row_adapters = [b.single_adapter for _ in range(self.num_halves) for b in branches for _ in range(self.batch_size)]
+        with self.adapters.rows("unet", row_adapters):
+            noise = self.run_unet(
+                self.model_input(latents, step, self.num_halves * len(branches)), step.timestep, conditioning,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+        return self._split(noise, len(branches))
+
+    def _split(self, noise: torch.Tensor, num_branches: int) -> list[Prediction]:
+        """Rows [half][branch][image] -> one Prediction per branch."""
+        per_half = noise.chunk(self.num_halves)
+        per_branch = [half.chunk(num_branches) for half in per_half]
+        if self.do_cfg:
+            return [Prediction(cond=per_branch[1][b], uncond=per_branch[0][b]) for b in range(num_branches)]
+        return [Prediction(cond=per_branch[0][b]) for b in range(num_branches)]
+
+    def _note_execution(self, kind: str, note: str) -> None:
+        self._executions.add(kind)
+        order = ["batched", "sequential", "single"]
+        self.stats.execution = "+".join(k for k in order if k in self._executions)
+        if note:
+            self.stats.execution_note = note
+
+
+def denoise(run: Denoiser, method: Any, latents: torch.Tensor, progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """The denoising loop: every method, SD1.5 and SDXL alike."""
+    method.start(run)
+    try:
+        for step in run.steps():
+            latents = method.prepare_latents(run, step, latents)
+            with torch.no_grad():
+                prediction = method.predict(run, step, latents)
+                latents = run.scheduler_step(prediction.guided(run.guidance_scale), step, latents)
+            method.end_step(run, step, latents)
+            if progress is not None:
+                progress()
+    finally:
+        method.finish(run)
+    return latents
