@@ -1,0 +1,68 @@
+"""Shared test setup: offline mode, and tiny models and LoRA files built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from loracompose.tiny import build_tiny_lora, build_tiny_sd15, build_tiny_sdxl  # noqa: E402
+
+# The tiny models are far too small to gain from threads, and on a busy shared machine torch's
+# OpenMP workers spin-wait: a 0.4 s generation took 5-12 s with 2 threads under load.
+torch.set_num_threads(1)
+
+# (file stem, trigger, category, seed) of the two LoRAs built for each tiny model.
+LORA_RECIPES = (("character", "zkx", "character", 1), ("style", "qwv", "style", 2))
+LORA_INIT_SCALE = 2.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_loracompose_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the embedded default and other built files out of the user's real cache."""
+    os.environ["LORACOMPOSE_HOME"] = str(tmp_path_factory.mktemp("loracompose-home"))
+
+
+def _build_loras(model_dir: Path, out_dir: Path) -> list[Path]:
+    return [
+        build_tiny_lora(
+            model_dir,
+            out_dir / f"{stem}.safetensors",
+            seed=seed,
+            trigger_words=[trigger],
+            category=category,
+            init_scale=LORA_INIT_SCALE,
+        )
+        for stem, trigger, category, seed in LORA_RECIPES
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD1.5 diffusers folder (seed 0)."""
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL diffusers folder (seed 0)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd15_lora_files(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two SD1.5 LoRAs: ``character.safetensors`` (trigger "zkx") and ``style.safetensors`` ("qwv")."""
+    return _build_loras(tiny_sd15_dir, tmp_path_factory.mktemp("sd15-loras"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_lora_files(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two SDXL LoRAs: ``character.safetensors`` (trigger "zkx") and ``style.safetensors`` ("qwv")."""
+    return _build_loras(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-loras"))
