@@ -1,0 +1,15 @@
+"""Evaluation: CLIPScore under explicit conventions, benchmark suites (ComposLoRA built in),
+resumable and shardable batch runs, and reports. See eval/README.md.
+
+    from loracompose.eval import ClipScorer, load_suite, run_suite, RunOptions, write_report
+"""
+
+from .clipscore import CONVENTIONS, ClipConvention, ClipScorer, ClipScores, convention_from
+from .report import write_report
+from .runner import RunOptions, RunSummary, Shard, run_suite
+from .suite import Suite, load_suite, parse_suite
+
+__all__ = [
+    "CONVENTIONS", "ClipConvention", "ClipScorer", "ClipScores", "RunOptions", "RunSummary", "Shard", "Suite",
+    "convention_from", "load_suite", "parse_suite", "run_suite", "write_report",
+]

@@ -1,0 +1,77 @@
+"""``loracompose bench``: run a suite's grid, and render reports of a run.
+
+    loracompose bench SUITE.yaml --out DIR [--limit N] [--only KEY=V1,V2 ...] [--shard I/N] [--report]
+    loracompose bench report DIR
+
+Under ``accelerate launch`` (or torchrun) each process takes shard RANK/WORLD_SIZE and, with
+``device: auto``, the GPU LOCAL_RANK, unless --shard is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loracompose.errors import UserError
+
+REPORT_WORD = "report"
+DEFAULT_BENCH_ROOT = Path("loracompose-bench")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", metavar="SUITE.yaml|report",
+                        help="suite file to run, or the word 'report' followed by a run folder")
+    parser.add_argument("run_dir", nargs="?", type=Path, metavar="DIR", help="with 'report': the run folder")
+    parser.add_argument("--out", type=Path, help=f"run folder (default {DEFAULT_BENCH_ROOT}/SUITE_NAME)")
+    parser.add_argument("--limit", type=int, help="run only the first N jobs of the (filtered) grid")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
+                        help="keep jobs whose method, set, seed or n is one of the values (repeatable, all must match)")
+    parser.add_argument("--shard", help="run shard I of N (I/N, 0-based); default from accelerate/torchrun, else 0/1")
+    parser.add_argument("--device", help="override the suite's device (auto, cpu, cuda:1, ...)")
+    parser.add_argument("--dtype", help="override the suite's dtype (auto, fp32, fp16, bf16)")
+    parser.add_argument("--report", action="store_true", help="write the report after the run")
+    parser.add_argument("--thumbnails", type=int, default=240, help="at most this many thumbnails in report.html")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.suite == REPORT_WORD:
+        return _report(args.run_dir or args.out, args.thumbnails)
+    if args.run_dir is not None:
+        raise UserError(f"bench {args.suite} {args.run_dir}: give the run folder with --out DIR")
+    from .runner import RunOptions, Shard, run_suite
+    from .suite import load_suite
+
+    suite = load_suite(args.suite)
+    shard = Shard.parse(args.shard) if args.shard else Shard.from_environment()
+    out_dir = args.out or DEFAULT_BENCH_ROOT / suite.name
+    options = RunOptions(out_dir=out_dir, shard=shard, only=parse_only(args.only), limit=args.limit,
+                         device=args.device, dtype=args.dtype, progress=not args.quiet)
+    summary = run_suite(suite, options)
+    print(f"bench {suite.name} shard {shard}: {summary.jobs} jobs, {summary.already_done} already done, "
+          f"{summary.ran} run now; manifest {summary.manifest}", file=sys.stderr)
+    return _report(out_dir, args.thumbnails) if args.report else 0
+
+
+def parse_only(filters: list[str]) -> dict[str, set[str]]:
+    """``--only method=merge,switch --only n=2`` as {key: accepted values}."""
+    only: dict[str, set[str]] = {}
+    for text in filters:
+        key, sep, values = text.partition("=")
+        accepted = {value.strip() for value in values.split(",") if value.strip()}
+        if not sep or not key or not accepted:
+            raise UserError(f"--only {text!r}: use KEY=VALUE[,VALUE...] with KEY method, set, seed or n, e.g. method=merge")
+        only[key.strip()] = only.get(key.strip(), set()) | accepted
+    return only
+
+
+def _report(run_dir: Path | None, thumbnails: int) -> int:
+    from .report import write_report
+
+    if run_dir is None:
+        raise UserError("bench report: give the run folder, e.g. loracompose bench report runs/my-suite")
+    files = write_report(run_dir, max_thumbnails=thumbnails)
+    for path in (files.html, files.results_csv, files.summary_csv):
+        print(path)
+    return 0

@@ -1,0 +1,513 @@
+"""Benchmark suites: a YAML file naming a base model, LoRAs, composition sets, methods and seeds.
+
+    suite  <- load_suite("suite.yaml")          # every field checked; bad input -> UserError
+    jobs   <- suite.jobs()                      # the grid: set x seed x method, in that order
+    job.id == "<set>--<method label>--s<seed>--<8 hex of everything that shapes the image>"
+
+A job's id is a pure function of what it generates (model, LoRAs, prompt, method settings, seed,
+size, steps...), so a rerun of the same suite finds its finished jobs and a changed setting makes
+new ids instead of silently reusing old images. Relative paths resolve against the suite file's
+folder. A ``composlora:`` section expands to the ComposLoRA testbed (composlora.py). The schema
+is documented in eval/README.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from loracompose.errors import UserError
+from loracompose.lora import LoraSpec, inspect_lora
+
+from . import composlora
+from .clipscore import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipConvention, convention_from
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+SET_ID_PATTERN = re.compile(r"^[A-Za-z0-9_+.-]+$")
+TRIGGERS_FIELD = "{triggers}"
+TOP_LEVEL_KEYS = {
+    "name", "model", "config", "vae", "device", "dtype", "loras", "sets", "prompt", "negative_prompt", "methods",
+    "seeds", "width", "height", "steps", "guidance", "scheduler", "lora_weight", "append_triggers",
+    "text_encoder_loras", "clipscore", "composlora",
+}
+DEFAULTS: dict[str, Any] = {
+    "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
+    "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
+    "text_encoder_loras": True, "device": "auto", "dtype": "auto", "config": None, "vae": None,
+}
+
+
+@dataclass(frozen=True)
+class LoraDefinition:
+    """A LoRA of the suite: file, strength, trigger words, category, optional reference images."""
+
+    name: str
+    file: Path
+    weight: float
+    trigger_words: tuple[str, ...]
+    category: str | None = None
+    references: tuple[Path, ...] = ()
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(self.file, self.weight, name=self.name, trigger_words=self.trigger_words, category=self.category)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file.name, "weight": self.weight,
+                "trigger_words": list(self.trigger_words), "category": self.category}
+
+
+@dataclass(frozen=True)
+class CompositionSet:
+    """LoRAs composed into one image (by name, in order) and the prompt they are generated from."""
+
+    id: str
+    loras: tuple[str, ...]
+    prompt: str
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method of the grid: its label (unique in the suite), registry name and settings."""
+
+    label: str
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    profile: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        """A fresh method object (methods keep per-generation state)."""
+        from loracompose import METHODS
+
+        try:
+            return METHODS[self.name](**self.settings)
+        except TypeError as error:
+            raise UserError(f"method {self.label!r}: {error}; check its settings in the suite") from None
+
+    def describe(self) -> dict[str, Any]:
+        described = {"label": self.label, "method": self.name, **self.settings}
+        return described | ({"profile": dict(self.profile)} if self.profile else {})
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """Which CLIP model scores the images, and under which convention."""
+
+    model: str = DEFAULT_CLIP_MODEL
+    pretrained: str = DEFAULT_CLIP_PRETRAINED
+    config: str | None = None
+    convention: ClipConvention = field(default_factory=ClipConvention)
+    reduce: str = "mean"
+
+    def load(self, device: str):
+        from .clipscore import ClipScorer
+
+        return ClipScorer.load(self.model, self.pretrained, config=self.config, convention=self.convention, device=device)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of the grid."""
+
+    method: MethodEntry
+    set: CompositionSet
+    seed: int
+    fingerprint: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.set.id}--{self.method.label}--s{self.seed}--{self.fingerprint[:8]}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A checked benchmark suite (see load_suite)."""
+
+    name: str
+    model: str
+    loras: Mapping[str, LoraDefinition]
+    sets: tuple[CompositionSet, ...]
+    methods: tuple[MethodEntry, ...]
+    seeds: tuple[int, ...]
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str = "dpmsolver++"
+    append_triggers: bool = True
+    text_encoder_loras: bool = True
+    config: str | None = None
+    vae: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    clipscore: ClipSettings | None = None
+    style: str | None = None
+
+    def jobs(self) -> list[Job]:
+        """The grid, set-major (set, then seed, then method), so a partial run compares methods."""
+        return [Job(method, composition_set, seed, self._fingerprint(method, composition_set, seed))
+                for composition_set in self.sets for seed in self.seeds for method in self.methods]
+
+    def set_loras(self, composition_set: CompositionSet) -> list[LoraDefinition]:
+        return [self.loras[name] for name in composition_set.loras]
+
+    def trigger_words(self, composition_set: CompositionSet) -> list[str]:
+        return [word for lora in self.set_loras(composition_set) for word in lora.trigger_words]
+
+    def generation_settings(self) -> dict[str, Any]:
+        """Settings shared by every job (part of every job's fingerprint)."""
+        return {"model": _model_label(self.model), "vae": self.vae and _model_label(self.vae), "dtype": self.dtype,
+                "negative_prompt": self.negative_prompt, "width": self.width, "height": self.height,
+                "steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
+                "append_triggers": self.append_triggers, "text_encoder_loras": self.text_encoder_loras}
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved suite, JSON-ready (written to run.json)."""
+        return {
+            "name": self.name, "style": self.style, "model": self.model, "config": self.config, "vae": self.vae,
+            **{key: value for key, value in self.generation_settings().items() if key not in ("model", "vae")},
+            "seeds": list(self.seeds), "methods": [method.describe() for method in self.methods],
+            "loras": {name: lora.describe() | {"file": str(lora.file)} for name, lora in self.loras.items()},
+            "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt} for s in self.sets],
+            "clipscore": None if self.clipscore is None else {
+                "model": self.clipscore.model, "pretrained": self.clipscore.pretrained,
+                "convention": self.clipscore.convention.to_dict(), "reduce": self.clipscore.reduce},
+        }
+
+    def _fingerprint(self, method: MethodEntry, composition_set: CompositionSet, seed: int) -> str:
+        payload = {**self.generation_settings(), "method": method.describe() | {"label": None}, "seed": seed,
+                   "prompt": composition_set.prompt,
+                   "loras": [lora.describe() for lora in self.set_loras(composition_set)]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite YAML file."""
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise UserError(f"suite file {path} not found; give a suite .yaml file (see eval/README.md)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"suite file {path} is not valid YAML ({first}); fix the file") from None
+    return parse_suite(data, base_dir=path.parent, default_name=path.stem)
+
+
+def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "suite") -> Suite:
+    """A Suite from the parsed YAML mapping; relative paths resolve against ``base_dir``."""
+    if not isinstance(data, Mapping):
+        raise UserError("suite: the file must hold a mapping (model:, loras:, sets:, methods:, ...)")
+    unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UserError(f"suite key {unknown[0]!r} is not known; use {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    testbed_settings, testbed_loras = _testbed_section(data, base_dir)
+    data = {**DEFAULTS, **testbed_settings, **{k: v for k, v in data.items() if k != "composlora"}}
+    if "model" not in data:
+        raise UserError("suite: 'model' is missing; give a hub id, a diffusers folder or a .safetensors checkpoint")
+    loras = testbed_loras or _parse_loras(data.get("loras"), base_dir, data["lora_weight"])
+    return Suite(
+        name=str(data.get("name") or default_name),
+        model=_local_or_id(data["model"], base_dir, "model"),
+        config=_optional_local(data["config"], base_dir, "config"),
+        vae=_optional_local(data["vae"], base_dir, "vae"),
+        loras=loras,
+        sets=_parse_sets(data.get("sets"), loras, str(data["prompt"])),
+        methods=_parse_methods(data.get("methods")),
+        seeds=_parse_seeds(data["seeds"]),
+        negative_prompt=None if data["negative_prompt"] is None else str(data["negative_prompt"]),
+        width=_size(data["width"], "width"), height=_size(data["height"], "height"),
+        steps=_positive_int(data["steps"], "steps"), guidance=_guidance(data["guidance"]),
+        scheduler=_scheduler(data["scheduler"]),
+        append_triggers=_flag(data["append_triggers"], "append_triggers"),
+        text_encoder_loras=_flag(data["text_encoder_loras"], "text_encoder_loras"),
+        device=str(data["device"]), dtype=str(data["dtype"]),
+        clipscore=_parse_clipscore(data.get("clipscore"), base_dir),
+        style=data.get("style"),
+    )
+
+
+def _testbed_section(data: Mapping[str, Any], base_dir: Path) -> tuple[dict[str, Any], dict[str, LoraDefinition]]:
+    """What a ``composlora:`` section stands for: suite keys (reference settings, sets with their
+    prompts, negative prompt) and the LoRA definitions. Empty without the section."""
+    section = data.get("composlora")
+    if section is None:
+        return {}, {}
+    if not isinstance(section, Mapping) or "lora_dir" not in section:
+        raise UserError("suite composlora: give a mapping with style (anime|reality) and lora_dir (the unpacked ComposLoRA LoRAs)")
+    if "loras" in data or "sets" in data:
+        raise UserError("suite: give either composlora: or loras:/sets:, not both")
+    unknown = sorted(set(section) - {"style", "lora_dir", "info", "sizes"})
+    if unknown:
+        raise UserError(f"suite composlora key {unknown[0]!r} is not known; use style, lora_dir, info, sizes")
+    style = composlora.check_style(str(section.get("style", "anime")))
+    info = section.get("info")
+    testbed = composlora.read_lora_info(_resolve(info, base_dir)) if info else composlora.builtin_lora_info(style)
+    lora_dir = _resolve(section["lora_dir"], base_dir)
+    weight = _number(data.get("lora_weight", composlora.REFERENCE_SETTINGS[style]["lora_weight"]), "lora_weight")
+    loras = {lora.id: LoraDefinition(lora.id, composlora.lora_file(lora_dir, style, lora.id), weight,
+                                     lora.trigger_words, lora.category) for lora in testbed}
+    sizes = section.get("sizes", composlora.set_sizes(testbed))
+    sets = [{"id": testbed_set.id, "loras": [lora.id for lora in testbed_set.loras],
+             "prompt": composlora.prompt_for(style, testbed_set)}
+            for size in _int_list(sizes, "composlora sizes") for testbed_set in composlora.composition_sets(testbed, size)]
+    settings = {**composlora.REFERENCE_SETTINGS[style], "sets": sets, "style": style,
+                "negative_prompt": composlora.NEGATIVE_PROMPT[style], "name": f"composlora-{style}"}
+    return settings, loras
+
+
+def _parse_loras(entries: Any, base_dir: Path, default_weight: Any) -> dict[str, LoraDefinition]:
+    if not isinstance(entries, Mapping) or not entries:
+        raise UserError("suite: 'loras' must map names to {file: ..., triggers: ..., category: ...}")
+    return {str(name): _parse_lora(str(name), entry, base_dir, default_weight) for name, entry in entries.items()}
+
+
+def _parse_lora(name: str, entry: Any, base_dir: Path, default_weight: Any) -> LoraDefinition:
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"suite LoRA name {name!r}: use letters, digits, '_' and '-' only (it becomes the adapter name)")
+    if isinstance(entry, str):
+        entry = {"file": entry}
+    if not isinstance(entry, Mapping) or "file" not in entry:
+        raise UserError(f"suite LoRA {name!r}: give at least file: PATH.safetensors")
+    unknown = sorted(set(entry) - {"file", "weight", "triggers", "category", "references"})
+    if unknown:
+        raise UserError(f"suite LoRA {name!r}: key {unknown[0]!r} is not known; use file, weight, triggers, category, references")
+    file = _resolve(entry["file"], base_dir)
+    triggers, category = _triggers(entry.get("triggers"), name), entry.get("category")
+    if triggers is None or (category is None and file.is_file()):  # from the file's metadata, as `generate` does
+        found = inspect_lora(LoraSpec(file, name=name))
+        triggers = found.trigger_words if triggers is None else triggers
+        category = found.category if category is None else str(category)
+    return LoraDefinition(name, file, _number(entry.get("weight", default_weight), f"LoRA {name!r} weight"),
+                          triggers, category, _references(entry.get("references"), base_dir, name))
+
+
+def _triggers(value: Any, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    words = value.split(",") if isinstance(value, str) else value
+    if not isinstance(words, list):
+        raise UserError(f"suite LoRA {name!r}: triggers must be a list or a comma-separated string")
+    return tuple(str(word).strip() for word in words if str(word).strip())
+
+
+def _references(value: Any, base_dir: Path, name: str) -> tuple[Path, ...]:
+    """Reference images: a list of files, or one folder (its .png/.jpg/.jpeg/.webp files)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise UserError(f"suite LoRA {name!r}: references must be a folder or a list of image files")
+    paths = []
+    for item in items:
+        path = _resolve(item, base_dir)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UserError(f"suite LoRA {name!r}: reference {path} not found; give image files or a folder of them")
+    if not paths:
+        raise UserError(f"suite LoRA {name!r}: the references hold no .png/.jpg/.webp images")
+    return tuple(paths)
+
+
+def _parse_sets(entries: Any, loras: Mapping[str, LoraDefinition], template: str) -> tuple[CompositionSet, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise UserError("suite: 'sets' must list composition sets, e.g. - [girl, park]")
+    sets = tuple(_parse_set(entry, loras, template) for entry in entries)
+    ids = [s.id for s in sets]
+    duplicate = next((set_id for set_id in ids if ids.count(set_id) > 1), None)
+    if duplicate:
+        raise UserError(f"suite set id {duplicate!r} appears twice; give each set a distinct id")
+    return sets
+
+
+def _parse_set(entry: Any, loras: Mapping[str, LoraDefinition], template: str) -> CompositionSet:
+    if isinstance(entry, list):
+        entry = {"loras": entry}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("loras"), list) or not entry["loras"]:
+        raise UserError(f"suite set {entry!r}: give a list of LoRA names or {{id:, loras: [...], prompt:}}")
+    names = tuple(str(name) for name in entry["loras"])
+    for name in names:
+        if name not in loras:
+            raise UserError(f"suite set {list(names)}: LoRA {name!r} is not defined under loras:; add it or fix the name")
+    if len(set(names)) != len(names):
+        raise UserError(f"suite set {list(names)}: a LoRA appears twice; list each once")
+    set_id = str(entry.get("id") or "+".join(names))
+    if not SET_ID_PATTERN.match(set_id):
+        raise UserError(f"suite set id {set_id!r}: use letters, digits and _ + . - only (it names files)")
+    triggers = ", ".join(word for name in names for word in loras[name].trigger_words)
+    prompt = str(entry.get("prompt", template)).replace(TRIGGERS_FIELD, triggers)
+    return CompositionSet(set_id, names, prompt)
+
+
+def _parse_methods(entries: Any) -> tuple[MethodEntry, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise UserError("suite: 'methods' must list methods, e.g. [merge, {method: switch, period: 5}]")
+    methods = tuple(_parse_method(entry) for entry in entries)
+    labels = [method.label for method in methods]
+    duplicate = next((label for label in labels if labels.count(label) > 1), None)
+    if duplicate:
+        raise UserError(f"suite method label {duplicate!r} appears twice; give one of them label: NAME")
+    return methods
+
+
+def _parse_method(entry: Any) -> MethodEntry:
+    from loracompose import METHODS
+
+    settings = {"method": entry} if isinstance(entry, str) else dict(entry) if isinstance(entry, Mapping) else None
+    if settings is None or "method" not in settings:
+        raise UserError(f"suite method {entry!r}: give a name or {{method: NAME, label: ..., SETTING: VALUE}}")
+    name = str(settings.pop("method"))
+    if name not in METHODS:
+        raise UserError(f"suite method {name!r} is not known; use one of {', '.join(sorted(METHODS))}")
+    label = str(settings.pop("label", name))
+    if not NAME_PATTERN.match(label):
+        raise UserError(f"suite method label {label!r}: use letters, digits, '_' and '-' only (it names files)")
+    profile = settings.pop("profile", {}) or {}
+    method = MethodEntry(label, name, settings, _profile(profile, label))
+    method.build()  # unknown or bad settings fail now, not mid-run
+    return method
+
+
+def _profile(profile: Any, label: str) -> dict[str, Any]:
+    from loracompose.frequency import ProfileSettings
+
+    if not isinstance(profile, Mapping):
+        raise UserError(f"suite method {label!r}: profile must be a mapping such as {{size: 512, steps: 20}}")
+    try:
+        ProfileSettings(**profile).check()
+    except TypeError as error:
+        raise UserError(f"suite method {label!r} profile: {error}") from None
+    return dict(profile)
+
+
+def _parse_clipscore(section: Any, base_dir: Path) -> ClipSettings | None:
+    if section is None or section is False:
+        return None
+    section = {} if section is True else section
+    if not isinstance(section, Mapping):
+        raise UserError("suite clipscore: give a mapping with model, pretrained, config, convention (or true for the defaults)")
+    unknown = sorted(set(section) - {"model", "pretrained", "config", "convention", "reduce"})
+    if unknown:
+        raise UserError(f"suite clipscore key {unknown[0]!r} is not known; use model, pretrained, config, convention, reduce")
+    pretrained = str(section.get("pretrained", DEFAULT_CLIP_PRETRAINED))
+    local = _resolve(pretrained, base_dir)
+    reduce = str(section.get("reduce", "mean"))
+    if reduce not in ("mean", "max"):
+        raise UserError(f"suite clipscore reduce {reduce!r}: use mean or max (over a concept's reference images)")
+    return ClipSettings(
+        model=str(section.get("model", DEFAULT_CLIP_MODEL)),
+        pretrained=str(local) if local.exists() else pretrained,
+        config=_optional_local(section.get("config"), base_dir, "clipscore config"),
+        convention=convention_from(section.get("convention")),
+        reduce=reduce,
+    )
+
+
+# ------------------------------------------------------------------------------------ values
+
+
+def _resolve(value: Any, base_dir: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _local_or_id(value: Any, base_dir: Path, label: str) -> str:
+    """A local path (resolved against the suite's folder) if it exists there, else the text (hub id)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise UserError(f"suite {label}: give a hub id or a local path")
+    local = _resolve(value, base_dir)
+    return str(local) if local.exists() else str(value)
+
+
+def _optional_local(value: Any, base_dir: Path, label: str) -> str | None:
+    return None if value is None else _local_or_id(value, base_dir, label)
+
+
+def _model_label(model: str) -> str:
+    """What identifies a model in a fingerprint: the hub id, or a local path's last component."""
+    return Path(model).name if Path(model).exists() else model
+
+
+def _parse_seeds(value: Any) -> tuple[int, ...]:
+    seeds = _int_list(value, "seeds")
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"suite seeds {seeds}: use distinct non-negative integers")
+    return tuple(seeds)
+
+
+def _int_list(value: Any, label: str) -> list[int]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        raise UserError(f"suite {label} {value!r}: give an integer or a list of integers")
+    return list(items)
+
+
+def _positive_int(value: Any, label: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"suite {label} {value!r}: give a positive integer")
+    return value
+
+
+def _size(value: Any, label: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8:
+        raise UserError(f"suite {label} {value!r}: give a positive multiple of 8 pixels")
+    return value
+
+
+def _number(value: Any, label: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"suite {label} {value!r}: give a number")
+    return float(value)
+
+
+def _guidance(value: Any) -> float:
+    guidance = _number(value, "guidance")
+    if guidance < 0:
+        raise UserError(f"suite guidance {guidance}: the CFG scale cannot be negative")
+    return guidance
+
+
+def _scheduler(value: Any) -> str:
+    from loracompose.pipelines.schedulers import SCHEDULERS
+
+    if value not in SCHEDULERS:
+        raise UserError(f"suite scheduler {value!r} is not known; use one of {', '.join(SCHEDULERS)}")
+    return str(value)
+
+
+def _flag(value: Any, label: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"suite {label} {value!r}: give true or false")
+    return value
+
+
+def select_jobs(jobs: Sequence[Job], only: Mapping[str, Sequence[str]] | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs matching every ``only`` key (method, set, seed, n; any of its values), then the first ``limit``."""
+    only = dict(only or {})
+    unknown = sorted(set(only) - set(FILTER_KEYS))
+    if unknown:
+        raise UserError(f"--only {unknown[0]}=...: filter on one of {', '.join(FILTER_KEYS)}")
+    selected = [job for job in jobs if all(job_value(job, key) in values for key, values in only.items())]
+    return selected if limit is None else selected[:limit]
+
+
+FILTER_KEYS = ("method", "set", "seed", "n")
+
+
+def job_value(job: Job, key: str) -> str:
+    """The job's method label, set id, seed or set size, as text (what --only matches)."""
+    return {"method": job.method.label, "set": job.set.id, "seed": str(job.seed), "n": str(len(job.set.loras))}[key]
