@@ -9,15 +9,17 @@ from .errors import UserError
 from .lora import LoadedLora, LoraSpec
 from .pipelines import GenerationResult, GenerationStats, load_pipeline
 from .composite import Composite
+from .cmlora import CMLoRA, CMLoRASwitch
 from .merge import Merge
 from .method import CompositionMethod
 from .switch import Switch
+from .tara import Tara
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite)}
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, Tara)}
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
-    "LoraSpec", "Merge", "Switch", "UserError", "load_pipeline",
+    "CMLoRA", "CMLoRASwitch", "METHODS", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
+    "LoraSpec", "Merge", "Switch", "Tara", "UserError", "load_pipeline",
 ]

@@ -19,7 +19,7 @@ DEFAULT_OUT = Path("loracompose-out")
 
 def build_method(args: argparse.Namespace):
     """The method object named by ``--method`` with its settings from the flags."""
-    from . import Composite, Merge, Switch
+    from . import CMLoRA, CMLoRASwitch, Composite, Merge, Switch
 
     if args.method == "merge":
         return Merge(combine=args.merge_combine, fuse=args.fuse)
@@ -28,11 +28,34 @@ def build_method(args: argparse.Namespace):
     if args.method == "composite":
         return Composite(mixing_weights=tuple(args.mixing_weights) if args.mixing_weights else None,
                          batched=not args.sequential)
+    if args.method == "cmlora":
+        return CMLoRA(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
+                      phase_fraction=args.cmlora_phase_fraction, cache_interval=args.cmlora_cache_interval,
+                      batched=not args.sequential)
+    if args.method == "cmlora-switch":
+        return CMLoRASwitch(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
+                            phase_fraction=args.cmlora_phase_fraction, period=args.switch_period)
+    if args.method == "tara":
+        from .tara import Tara
+
+        return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
     raise UserError(f"--method {args.method}: not available")
+
+
+def cmlora_classes(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--cmlora-class NAME=high|low`` flags as a mapping (None when there are none)."""
+    classes = {}
+    for text in args.cmlora_class:
+        name, sep, value = text.partition("=")
+        if not sep or not name or value not in ("high", "low"):
+            raise UserError(f"--cmlora-class {text!r}: use ADAPTER_NAME=high or ADAPTER_NAME=low, e.g. park=low")
+        classes[name] = value
+    return classes or None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     from . import METHODS
+    from .cmlora import REFERENCE_PHASE_FRACTION
     from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser.add_argument("--prompt", help="the prompt (default with the embedded model: its demo prompt)")
@@ -60,9 +83,25 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-rows", type=int, help="cap on rows per UNet call (memory)")
     parser.add_argument("--switch-period", type=int, default=5, help="switch: steps per LoRA turn (default 5)")
     parser.add_argument("--merge-combine", default="sum", choices=["sum", "mean"], help="merge: sum or mean of deltas")
-    parser.add_argument("--fuse", action="store_true", help="merge: fuse the LoRAs into the weights")
+    parser.add_argument("--fuse", action="store_true", help="merge, tara: fuse the LoRAs (tara: their unmasked deltas) into the weights")
     parser.add_argument("--mixing-weights", type=float, nargs="+", help="composite: one mixing weight per LoRA")
     parser.add_argument("--sequential", action="store_true", help="composite: one UNet call per LoRA")
+    parser.add_argument("--cmlora-cache-interval", type=int, default=0,
+                        help="cmlora: refresh every c-th step; 0 = non-uniform schedule (default), 1 = no caching")
+    parser.add_argument("--cmlora-phase-fraction", type=float, default=REFERENCE_PHASE_FRACTION,
+                        help="cmlora: low-frequency LoRAs lead after this fraction of the steps (default 0.545)")
+    parser.add_argument("--cmlora-class", action="append", default=[], metavar="NAME=high|low",
+                        help="cmlora: set a LoRA's frequency class by hand instead of profiling it (repeatable)")
+    parser.add_argument("--cmlora-threshold", type=float,
+                        help="cmlora: profile scores at or above it are high-frequency (default: the mean score)")
+    parser.add_argument("--cmlora-profile-size", type=int, default=512, help="cmlora: profiling image size (default 512)")
+    parser.add_argument("--cmlora-profile-steps", type=int, default=20, help="cmlora: profiling denoising steps (default 20)")
+    parser.add_argument("--tara-self-attention", default="keep", choices=["keep", "cond", "off"],
+                        help="tara: self-attention LoRA deltas on every row (keep, default), on the conditional "
+                             "CFG half only (cond) or nowhere (off)")
+    parser.add_argument("--tara-missing-trigger", default="error", choices=["error", "warn"],
+                        help="tara: a LoRA whose trigger is not in the prompt is an error (default) or a warning "
+                             "with its cross-attention K/V deltas off")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -98,6 +137,13 @@ def run_generate(args: argparse.Namespace) -> int:
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
     prepare_output_dir(args.out)
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
+    from .cmlora import FrequencyOrdered
+
+    if isinstance(method, FrequencyOrdered):  # one profiling image per LoRA and base model, then its sidecar
+        from .frequency import ProfileSettings
+
+        settings = ProfileSettings(size=args.cmlora_profile_size, steps=args.cmlora_profile_steps)
+        method.profile_frequencies(pipe, specs, settings)
     result = pipe.generate(
         prompt, specs, method, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance, width=args.width, height=args.height, num_images=args.num_images,
@@ -114,8 +160,94 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
+    parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
+    parser.add_argument("--images", type=Path, required=True, help="folder of training images of the concept")
+    parser.add_argument("--token", required=True, help="the rare token naming the concept, e.g. sks")
+    parser.add_argument("--class-word", required=True, help="the concept's class word, e.g. dog")
+    parser.add_argument("--out", type=Path, required=True, help="the .safetensors LoRA file to write")
+    parser.add_argument("--prompt", help="training prompt (default: 'a photo of TOKEN CLASS')")
+    parser.add_argument("--steps", type=int, help="optimisation steps (default 1000)")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default: SD1.5 8, SDXL 4)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: SD1.5 32, SDXL = rank)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: SD1.5 1e-4, SDXL 5e-5)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 1)")
+    parser.add_argument("--resolution", type=int, help="training size in pixels (default: the model's native size)")
+    parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the key alignment loss (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
+    parser.add_argument("--work-dir", type=Path, help="checkpoint folder (default: OUT_STEM.checkpoints beside --out)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL)")
+    parser.add_argument("--probe-timesteps", type=int, default=8,
+                        help="timesteps per image of the fixed-draw loss logged before and after training (0: off)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train_tara(args: argparse.Namespace) -> int:
+    from .tara import TaraTrainingSettings, train_tara
+    from .training import LoraTrainingSettings
+
+    training = LoraTrainingSettings(
+        model=args.model, images=args.images, out=args.out, prompt=args.prompt or "", steps=args.steps,
+        rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
+        resolution=args.resolution, seed=args.seed, checkpoint_every=args.checkpoint_every, work_dir=args.work_dir,
+        resume=args.resume, device=args.device, dtype=args.dtype, config=args.config,
+        gradient_checkpointing=args.gradient_checkpointing, probe_timesteps=args.probe_timesteps,
+        show_progress=not args.quiet,
+    )
+    result = train_tara(TaraTrainingSettings(args.token, args.class_word, training, align_weight=args.align_weight))
+    print(result.path)
+    last = result.history[-1] if result.history else {}
+    print(f"train-tara: {result.steps} steps ({result.steps - result.resumed_from} run now), final loss "
+          f"{last.get('loss', float('nan')):.4f}; checkpoints in {result.work_dir}", file=sys.stderr)
+    return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from loracompose.eval.cli import add_bench_arguments as add_arguments
+
+    add_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``loracompose bench SUITE.yaml --out DIR`` / ``loracompose bench report DIR`` (eval/cli.py)."""
+    from loracompose.eval.cli import run_bench as run
+
+    return run(args)
+
+
+def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: embedded tiny model)")
+    parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
+    parser.add_argument("--library", type=Path,
+                        help="folder of .safetensors LoRAs to offer (default with the embedded model: its demo LoRAs)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--out", type=Path, help="output folder (default: LORACOMPOSE_HOME/ui/outputs)")
+    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest LoRA upload in MiB (default 512)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto")
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from loracompose.ui import UiOptions, serve
+
+    serve(UiOptions(model=args.model, config=args.config, library=args.library, host=args.host, port=args.port,
+                    out=args.out, device=args.device, dtype=args.dtype, max_upload_mb=args.max_upload_mb))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "generate": ("compose LoRAs into images", add_generate_arguments, run_generate),
+    "bench": ("run a benchmark suite (method x set x seed), resumable; or `bench report DIR`", add_bench_arguments,
+              run_bench),
+    "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
+                   run_train_tara),
+    "ui": ("serve the web UI (Gradio) for composing LoRAs", add_ui_arguments, run_ui),
 }
 
 

@@ -32,6 +32,7 @@ from loracompose.lora import (
     inspect_loras,
     with_trigger_words,
 )
+from loracompose.tokens import pipeline_tokenizers
 
 from .adapters import AdapterController
 from .loop import Branch, Conditioning, Denoiser, GenerationStats, MemoryMeter, denoise
@@ -158,7 +159,7 @@ class ComposeMixin:
             adapters = self._adapter_controller()
             try:
                 latents, stats = self._denoise(
-                    method, adapters, full_prompt, negative_prompt, seed, steps, guidance_scale,
+                    method, adapters, prompt, full_prompt, negative_prompt, seed, steps, guidance_scale,
                     height, width, num_images, scheduler, text_encoder_loras, max_batch_rows, device,
                     show_progress,
                 )
@@ -175,7 +176,7 @@ class ComposeMixin:
             settings=settings, latents=latents,
         )
 
-    def _denoise(self, method, adapters, prompt, negative_prompt, seed, steps, guidance_scale, height, width,
+    def _denoise(self, method, adapters, base_prompt, prompt, negative_prompt, seed, steps, guidance_scale, height, width,
                  num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):
         do_cfg = guidance_scale > 1.0
         scheduler = make_scheduler(scheduler_name, self.scheduler.config)
@@ -187,12 +188,15 @@ class ComposeMixin:
 
         def encode(branch: Branch) -> Conditioning:
             adapters.activate(branch.weights if text_encoder_loras else {}, components=list(TEXT_COMPONENTS))
-            return self._encode_conditioning(prompt, negative_prompt, num_images, do_cfg, height, width, device)
+            branch_prompt = branch.prompt if branch.prompt is not None else prompt
+            return self._encode_conditioning(branch_prompt, negative_prompt, num_images, do_cfg, height, width, device)
 
         run = Denoiser(
             unet=self.unet, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode, adapters=adapters,
             guidance_scale=guidance_scale, do_cfg=do_cfg, batch_size=num_images,
             extra_step_kwargs=_extra_step_kwargs(scheduler, generators), max_batch_rows=max_batch_rows,
+            prompt=prompt, base_prompt=base_prompt,
+            tokenizers=pipeline_tokenizers(self),
         )
         self.set_progress_bar_config(disable=not show_progress)
         with self.progress_bar(total=steps) as bar:

@@ -27,17 +27,20 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from .adapters import BASE_ROW, AdapterController
+from .unet_cache import DeepFeature, capture_deep_features, shallow_unet_forward
 
 
 @dataclass(frozen=True)
 class Branch:
-    """A set of LoRAs (adapter name -> strength) under which the model is run."""
+    """A set of LoRAs (adapter name -> strength) under which the model is run, and optionally its own
+    prompt (None: the generation's prompt; CLoRA gives every branch its own)."""
 
     loras: tuple[tuple[str, float], ...] = ()
+    prompt: str | None = None
 
     @classmethod
-    def of(cls, weights: Mapping[str, float]) -> "Branch":
-        return cls(tuple(sorted((name, float(weight)) for name, weight in weights.items())))
+    def of(cls, weights: Mapping[str, float], prompt: str | None = None) -> "Branch":
+        return cls(tuple(sorted((name, float(weight)) for name, weight in weights.items())), prompt)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -161,6 +164,9 @@ class Denoiser:
         max_batch_rows: int | None = None,
         allow_batching: bool = True,
         stats: GenerationStats | None = None,
+        prompt: str | None = None,
+        base_prompt: str | None = None,
+        tokenizers: Sequence[Any] | None = None,
     ):
         self.unet = unet
         self.scheduler = scheduler
@@ -173,6 +179,9 @@ class Denoiser:
         self.max_batch_rows = max_batch_rows
         self.allow_batching = allow_batching
         self.stats = stats or GenerationStats()
+        self.prompt = prompt  # the prompt as encoded (after trigger words were appended)
+        self.base_prompt = base_prompt if base_prompt is not None else prompt  # the user's prompt as given
+        self.tokenizers = None if tokenizers is None else list(tokenizers)  # SD1.5: one, SDXL: two
         self._encode = encode
         self._conditioning: dict[Branch, Conditioning] = {}
         self._executions: set[str] = set()
@@ -215,6 +224,37 @@ class Denoiser:
             return self._predict_batched(latents, step, branches, cross_attention_kwargs)
         self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
         return [self._predict_one(latents, step, branch, cross_attention_kwargs) for branch in branches]
+
+    def predict_conditional(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        branches: Sequence[Branch],
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        batch: bool = True,
+    ) -> list[torch.Tensor]:
+        """Noise predictions of the branches' conditional rows only (no unconditional CFG rows), batched
+        like :meth:`predict`: for objectives that read the conditional half alone (CLoRA's loss), at
+        half the rows. Differentiable with respect to ``latents`` when grad is enabled."""
+        conditionings = [self.conditioning(branch).halves(self.num_halves)[-1] for branch in branches]
+        reason = self.batching_blocked(branches, batch)
+        if reason is None:
+            self._note_execution("batched", "")
+            strengths = {name: weight for branch in branches for name, weight in branch.loras}
+            self.adapters.set_weights(strengths, components=["unet"])
+            row_adapters = [branch.single_adapter for branch in branches for _ in range(self.batch_size)]
+            with self.adapters.rows("unet", row_adapters):
+                noise = self.run_unet(self.model_input(latents, step, len(branches)), step.timestep,
+                                      Conditioning.cat(conditionings), cross_attention_kwargs=cross_attention_kwargs)
+            return list(noise.chunk(len(branches)))
+        self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
+        outputs = []
+        for branch, conditioning in zip(branches, conditionings):
+            self.adapters.activate(branch.weights, components=["unet"])
+            outputs.append(self.run_unet(self.model_input(latents, step, 1), step.timestep, conditioning,
+                                         cross_attention_kwargs=cross_attention_kwargs))
+        return outputs
 
     def batching_blocked(self, branches: Sequence[Branch], batch: bool = True) -> str | None:
         """Why these branches cannot share one call, or None if they can."""
@@ -260,20 +300,30 @@ class Denoiser:
         return self.scheduler.scale_model_input(rows, step.timestep)
 
     def _predict_one(self, latents, step, branch, cross_attention_kwargs) -> Prediction:
-        self.adapters.activate(branch.weights, components=["unet"])
-        conditioning = self.conditioning(branch)
+        conditioning = self._single_branch_conditioning(branch)
         noise = self.run_unet(
             self.model_input(latents, step, self.num_halves), step.timestep, conditioning,
             cross_attention_kwargs=cross_attention_kwargs,
         )
         return self._split(noise, 1)[0]
 
-    def _predict_batched(self, latents, step, branches, cross_attention_kwargs) -> list[Prediction]:
+    def _single_branch_conditioning(self, branch: Branch) -> Conditioning:
+        """Activate the branch's LoRAs on the UNet; its conditioning rows."""
+        self.adapters.activate(branch.weights, components=["unet"])
+        return self.conditioning(branch)
+
+    def _batched_rows(self, branches: Sequence[Branch]) -> tuple[Conditioning, list[str]]:
+        """Set the branches' strengths on the UNet; the conditioning and the adapter of every row,
+        rows laid out [half][branch][image]."""
         strengths = {name: weight for branch in branches for name, weight in branch.loras}
         self.adapters.set_weights(strengths, components=["unet"])
         halves = [cond.halves(self.num_halves) for cond in (self.conditioning(b) for b in branches)]
         conditioning = Conditioning.cat([halves[b][h] for h in range(self.num_halves) for b in range(len(branches))])
         row_adapters = [b.single_adapter for _ in range(self.num_halves) for b in branches for _ in range(self.batch_size)]
+        return conditioning, row_adapters
+
+    def _predict_batched(self, latents, step, branches, cross_attention_kwargs) -> list[Prediction]:
+        conditioning, row_adapters = self._batched_rows(branches)
         with self.adapters.rows("unet", row_adapters):
             noise = self.run_unet(
                 self.model_input(latents, step, self.num_halves * len(branches)), step.timestep, conditioning,
@@ -288,6 +338,84 @@ class Denoiser:
         if self.do_cfg:
             return [Prediction(cond=per_branch[1][b], uncond=per_branch[0][b]) for b in range(num_branches)]
         return [Prediction(cond=per_branch[0][b]) for b in range(num_branches)]
+
+    # ----------------------------------------------------------------- cached passes (CMLoRA)
+    def predict_full_with_cache(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        branches: Sequence[Branch],
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        batch: bool = True,
+    ) -> tuple[list[Prediction], list[DeepFeature]]:
+        """Full UNet passes as :meth:`predict` (counted in ``unet_calls``), plus each branch's deep
+        feature (the hidden state entering the last up block) for later :meth:`predict_shallow`."""
+        with capture_deep_features(self.unet) as captured:
+            predictions = self.predict(latents, step, branches, cross_attention_kwargs=cross_attention_kwargs, batch=batch)
+        per_branch = captured if len(captured) == len(branches) else self._rows_per_branch(captured[0], len(branches))
+        return predictions, [DeepFeature(hidden, step.index) for hidden in per_branch]
+
+    def predict_shallow(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        branches: Sequence[Branch],
+        caches: Sequence[DeepFeature],
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        batch: bool = True,
+    ) -> list[Prediction]:
+        """Noise predictions of each branch from the shallow UNet path around its cached deep
+        feature (counted in ``partial_unet_calls``); batched like :meth:`predict`."""
+        reason = self.batching_blocked(branches, batch)
+        if reason is None:
+            self._note_execution("batched", "")
+            conditioning, row_adapters = self._batched_rows(branches)
+            deep = self._branch_rows([cache.hidden for cache in caches])
+            with self.adapters.rows("unet", row_adapters):
+                noise = self.run_unet_shallow(
+                    self.model_input(latents, step, self.num_halves * len(branches)), step.timestep, conditioning,
+                    deep, cross_attention_kwargs=cross_attention_kwargs,
+                )
+            return self._split(noise, len(branches))
+        self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
+        predictions = []
+        for branch, cache in zip(branches, caches):
+            conditioning = self._single_branch_conditioning(branch)
+            noise = self.run_unet_shallow(
+                self.model_input(latents, step, self.num_halves), step.timestep, conditioning, cache.hidden,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+            predictions.append(self._split(noise, 1)[0])
+        return predictions
+
+    def run_unet_shallow(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        deep_feature: torch.Tensor,
+        *,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One shallow UNet pass on prepared rows around a cached deep feature with matching rows."""
+        self.stats.partial_unet_calls += 1
+        self.stats.partial_unet_rows += latents.shape[0]
+        return shallow_unet_forward(
+            self.unet, latents, timestep, conditioning.embeds, deep_feature,
+            added_cond_kwargs=conditioning.added or None, cross_attention_kwargs=cross_attention_kwargs,
+        )
+
+    def _rows_per_branch(self, rows: torch.Tensor, num_branches: int) -> list[torch.Tensor]:
+        """Rows [half][branch][image] -> per branch, rows [half][image]."""
+        halves = [half.chunk(num_branches) for half in rows.chunk(self.num_halves)]
+        return [torch.cat([half[b] for half in halves]) for b in range(num_branches)]
+
+    def _branch_rows(self, per_branch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`_rows_per_branch`."""
+        halves = [rows.chunk(self.num_halves) for rows in per_branch]
+        return torch.cat([halves[b][h] for h in range(self.num_halves) for b in range(len(per_branch))])
 
     def _note_execution(self, kind: str, note: str) -> None:
         self._executions.add(kind)

@@ -1,0 +1,118 @@
+"""Where words sit in a tokenised prompt: trigger-token positions and 0/1 token masks.
+
+TARA (methods.md §9.1) routes each LoRA through the text tokens of its rare/trigger word. A word's
+positions are found the reference's way, on token ids rather than on text::
+
+    word_ids   <- tokenizer(" " + word, no special tokens)          # 1 or more BPE tokens
+    prompt_ids <- tokenizer(prompt, padded and truncated to 77)     # as the pipeline encodes it
+    positions  <- every start s where prompt_ids[s : s + len(word_ids)] == word_ids
+                  and prompt_ids[s] begins a word                   # "kx" does not match inside "zkx"
+    mask       <- 1 at every token of every match, 0 elsewhere      # SDXL: OR over both tokenizers
+
+A word cut off by the 77-token limit is absent. CLIP's BPE ends each word's last token with
+``</w>``, so a match always ends on a word boundary; the start is checked against the previous
+token, which must be the start-of-text token or end a word itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import UserError
+
+WORD_END = "</w>"
+
+
+def word_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """The BPE ids of ``word`` alone (no start/end tokens); several for multi-token words."""
+    if not word.strip():
+        raise UserError("a trigger word is empty; give each LoRA a non-empty trigger word")
+    ids = tokenizer(" " + word.strip(), add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"trigger word {word!r} tokenises to nothing; use a word made of letters or digits")
+    return list(ids)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's ids exactly as the pipeline encodes it: padded and truncated to the model length."""
+    return list(tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True).input_ids)
+
+
+def word_positions(tokenizer: Any, prompt_ids: Sequence[int], word: str) -> list[int]:
+    """Token positions of every occurrence of ``word`` in the prompt's ids (all of its BPE tokens)."""
+    pieces = word_token_ids(tokenizer, word)
+    special = set(tokenizer.all_special_ids)
+    positions: list[int] = []
+    for start in _match_starts(prompt_ids, pieces):
+        if _starts_word(tokenizer, prompt_ids, start, special):
+            positions.extend(range(start, start + len(pieces)))
+    return positions
+
+
+def _match_starts(ids: Sequence[int], pieces: Sequence[int]) -> list[int]:
+    """Starts of the non-overlapping occurrences of ``pieces`` in ``ids``, left to right."""
+    starts, start, width = [], 0, len(pieces)
+    while start + width <= len(ids):
+        if list(ids[start:start + width]) == list(pieces):
+            starts.append(start)
+            start += width
+        else:
+            start += 1
+    return starts
+
+
+def _starts_word(tokenizer: Any, ids: Sequence[int], start: int, special: set[int]) -> bool:
+    """Whether the token at ``start`` begins a word: the previous token is special or ends a word."""
+    if start == 0 or ids[start - 1] in special:
+        return True
+    return tokenizer.convert_ids_to_tokens(ids[start - 1]).endswith(WORD_END)
+
+
+@dataclass(frozen=True)
+class WordPositions:
+    """Token positions of a LoRA's trigger words in one prompt, per tokenizer, and what was not found."""
+
+    per_tokenizer: tuple[tuple[int, ...], ...]
+    missing_words: tuple[str, ...]
+    length: int
+
+    @property
+    def positions(self) -> list[int]:
+        """Positions found by any tokenizer (SDXL: the OR of both), sorted."""
+        return sorted({p for found in self.per_tokenizer for p in found})
+
+    @property
+    def found(self) -> bool:
+        return bool(self.positions)
+
+    def mask(self) -> torch.Tensor:
+        """A (length,) float 0/1 mask: 1 at :attr:`positions`."""
+        mask = torch.zeros(self.length)
+        mask[self.positions] = 1.0
+        return mask
+
+
+def trigger_positions(tokenizers: Sequence[Any], prompt: str, words: Sequence[str]) -> WordPositions:
+    """Positions of all ``words`` in ``prompt`` under each tokenizer (SD1.5: one, SDXL: two)."""
+    if not tokenizers:
+        raise UserError("no tokenizer given; trigger positions need the pipeline's tokenizer(s)")
+    lengths = {int(tokenizer.model_max_length) for tokenizer in tokenizers}
+    if len(lengths) != 1:
+        raise UserError(f"the tokenizers pad to different lengths {sorted(lengths)}; use a pipeline whose "
+                        "tokenizers share one length")
+    prompt_ids = [prompt_token_ids(tokenizer, prompt) for tokenizer in tokenizers]
+    found = {word: [word_positions(tok, ids, word) for tok, ids in zip(tokenizers, prompt_ids)] for word in words}
+    per_tokenizer = tuple(
+        tuple(sorted({p for word in words for p in found[word][index]})) for index in range(len(tokenizers))
+    )
+    missing = tuple(word for word in words if not any(found[word]))
+    return WordPositions(per_tokenizer, missing, lengths.pop())
+
+
+def pipeline_tokenizers(pipe: Any) -> list[Any]:
+    """The tokenizers of an SD1.5 (one) or SDXL (two) pipeline, skipping absent ones."""
+    return [tok for tok in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if tok is not None]

@@ -1,0 +1,733 @@
+"""LoRA training, DreamBooth style: a UNet LoRA learned from a folder of images and one prompt.
+
+    images  <- every picture in the folder, short side resized to the resolution, centre-cropped
+    x0 dist <- VAE posterior (mean, std) of each image, computed once
+    c       <- frozen text encoder(s)(prompt), computed once (no text-encoder LoRA)
+    LoRA (rank r, alpha α) on to_q/k/v/out.0 of every UNet attention; everything else frozen
+    objective.prepare(model)                        # extra parts, e.g. TARA's token-masked K/V (tara.py)
+    for step = start .. S-1:                        # every random draw seeded by (seed, step)
+        x0 ~ posterior of the step's images;  ε ~ N(0, I);  t ~ U{0 .. T-1}
+        loss <- ‖target(x0, ε, t) − UNet(add_noise(x0, ε, t), t, c)‖² + Σ objective.losses(model)
+        AdamW step on the LoRA weights
+        every K steps and at the end: checkpoint (LoRA and AdamW state as safetensors, state.json)
+    write the LoRA as a diffusers-format .safetensors file with its metadata
+
+A plain LoRA uses :class:`PlainObjective` (nothing added). Resuming is exact: the images of each epoch
+are ordered by a generator seeded with (seed, epoch) and every draw of step s comes from one seeded
+with (seed, s), so a resumed run draws what the uninterrupted run would have; a checkpoint holds the
+LoRA weights, the optimizer's moments (flattened into safetensors, with its hyperparameters in the
+file's metadata) and the step. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .lora import SD15, SDXL
+from .outputs import atomic_write
+from .tokens import pipeline_tokenizers
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "trained"
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE, ADAPTER_FILE, OPTIMIZER_FILE = "state.json", "adapter.safetensors", "optimizer.safetensors"
+CHECKPOINT_FORMAT = 1
+_ARCHITECTURE_TAGS = {  # modelspec.architecture, ss_base_model_version: what loracompose.lora reads back
+    SD15: ("stable-diffusion-v1/lora", "sd_v1"),
+    SDXL: ("stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"),
+}
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Per-architecture defaults of a training recipe (settings left as None take these)."""
+
+    rank: int
+    alpha: float | None  # None: alpha = rank (scale 1)
+    learning_rate: float
+    steps: int
+    batch_size: int
+
+
+# DreamBooth LoRA (diffusers' train_dreambooth_lora scripts): rank 4, alpha = rank, 1e-4.
+PLAIN_DEFAULTS: dict[str, TrainingDefaults] = {
+    SD15: TrainingDefaults(rank=4, alpha=None, learning_rate=1e-4, steps=500, batch_size=1),
+    SDXL: TrainingDefaults(rank=4, alpha=None, learning_rate=1e-4, steps=500, batch_size=1),
+}
+
+
+@dataclass
+class LoraTrainingSettings:
+    """What to train on and how. None means: the recipe's default for the model's architecture.
+
+    Args:
+        model: hub id, diffusers folder or single-file checkpoint (as ``load_pipeline``).
+        images: folder of training images (png, jpg, webp, bmp).
+        out: the ``.safetensors`` LoRA file to write.
+        prompt: the instance prompt every image is trained with.
+        resolution: training size in pixels (default: the model's native size).
+        checkpoint_every: steps between checkpoints (a checkpoint is also written at the end).
+        work_dir: checkpoint folder (default: ``<out stem>.checkpoints`` beside ``out``).
+        resume: continue from the latest checkpoint in ``work_dir`` (same settings required).
+        probe_timesteps: timesteps per image of the fixed-draw probe loss taken before the first
+            and after the last step (0: no probe).
+        dtype: base weights' dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"; LoRA
+            weights always train in fp32.
+    """
+
+    model: str
+    images: Path
+    out: Path
+    prompt: str = ""
+    steps: int | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    resolution: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    work_dir: Path | None = None
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    config: str | None = None
+    gradient_checkpointing: bool = False
+    trigger_words: tuple[str, ...] = ()
+    title: str | None = None
+    probe_timesteps: int = 8
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.images, self.out = Path(self.images), Path(self.out)
+        self.work_dir = Path(self.work_dir) if self.work_dir else self.out.with_name(self.out.stem + ".checkpoints")
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The settings with every default filled in: what a checkpoint must agree with to be resumed."""
+
+    model: str
+    images: tuple[str, ...]
+    prompt: str
+    rank: int
+    alpha: float
+    learning_rate: float
+    batch_size: int
+    resolution: int
+    seed: int
+    dtype: str
+    targets: tuple[str, ...]
+    objective: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+class TrainingObjective(Protocol):
+    """The extra parts of a training recipe on top of the ε-loss (TARA's are in tara.py)."""
+
+    name: str
+
+    def settings(self) -> dict[str, Any]: ...
+    def prepare(self, model: "TrainingModel") -> None: ...
+    def losses(self, model: "TrainingModel") -> dict[str, torch.Tensor]: ...
+    def metrics(self, model: "TrainingModel") -> dict[str, float]: ...
+    def metadata(self) -> dict[str, str]: ...
+    def close(self) -> None: ...
+
+
+class PlainObjective:
+    """A plain DreamBooth LoRA: the ε-loss alone."""
+
+    name = "plain"
+
+    def settings(self) -> dict[str, Any]:
+        return {"objective": self.name}
+
+    def prepare(self, model: "TrainingModel") -> None:
+        pass
+
+    def losses(self, model: "TrainingModel") -> dict[str, torch.Tensor]:
+        return {}
+
+    def metrics(self, model: "TrainingModel") -> dict[str, float]:
+        return {}
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class TrainingResult:
+    """What a training run wrote and how its losses went."""
+
+    path: Path
+    steps: int
+    history: list[dict[str, float]]
+    probe_losses: dict[int, dict[str, float]]
+    lora_state: dict[str, torch.Tensor]
+    work_dir: Path
+    resumed_from: int = 0
+    train_seconds: float = 0.0  # the optimisation loop alone (no loading, probes or saving)
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+@dataclass(frozen=True)
+class TrainingImage:
+    """One training image: pixels in [-1, 1] (3, H, W), its original size and crop corner (SDXL ids)."""
+
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of a training folder, sorted by name."""
+    if not folder.exists():
+        raise UserError(f"--images {folder}: folder not found; give the folder of training images")
+    if not folder.is_dir():
+        raise UserError(f"--images {folder} is a file; give the folder that holds the training images")
+    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    if not files:
+        raise UserError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files; add training images")
+    return files
+
+
+def load_training_image(path: Path, resolution: int) -> TrainingImage:
+    """Resize the short side to ``resolution``, centre-crop a square, scale to [-1, 1]."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"training image {path} cannot be read ({error}); remove or replace it") from None
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return TrainingImage(pixels, (height, width), (top, left))
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class TrainingConditioning:
+    """Frozen text conditioning of the prompt: (1, tokens, width) states and SDXL's pooled/time ids per image."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # (images, 6)
+
+    def added(self, indices: Sequence[int]) -> dict[str, torch.Tensor] | None:
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled.expand(len(indices), -1), "time_ids": self.time_ids[list(indices)]}
+
+
+@dataclass
+class TrainingModel:
+    """Everything a training step needs: the pipeline's parts, the LoRA adapter, cached latents and text."""
+
+    pipe: Any
+    unet: torch.nn.Module
+    adapter: str
+    prompt: str
+    tokenizers: list[Any]
+    conditioning: TrainingConditioning
+    latent_mean: torch.Tensor  # (images, C, h, w)
+    latent_std: torch.Tensor
+    noise_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    architecture: str
+    trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.latent_mean.shape[0])
+
+
+def resolve_training_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 on CUDA by default; fp16 is refused (it needs loss scaling, not done here)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in ("fp16", "float16"):
+        raise UserError("--dtype fp16: training in fp16 needs loss scaling, which this trainer does not do; "
+                        "use bf16 (default on CUDA) or fp32")
+    if dtype not in names:
+        raise UserError(f"--dtype {dtype!r} is not known; use auto, fp32 or bf16")
+    return names[dtype]
+
+
+def native_resolution(pipe: Any) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def check_resolution(pipe: Any, resolution: int) -> None:
+    """The resolution must map to a latent the UNet can halve at every down block."""
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution < multiple or resolution % multiple:
+        raise UserError(f"--resolution {resolution}: use a positive multiple of {multiple} pixels for this model")
+
+
+def encode_images(pipe: Any, images: Sequence[TrainingImage],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of each image, already in the UNet's latent scale."""
+    vae = pipe.vae
+    means, stds = [], []
+    with torch.no_grad():
+        for image in images:
+            dist = vae.encode(image.pixels[None].to(device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    mean, std = torch.cat(means), torch.cat(stds)
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        shift = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1)
+        spread = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1)
+        return (mean - shift) * config.scaling_factor / spread, std * config.scaling_factor / spread
+    return mean * config.scaling_factor, std * config.scaling_factor
+
+
+def encode_prompt(pipe: Any, prompt: str, images: Sequence[TrainingImage], resolution: int,
+                  device: torch.device) -> TrainingConditioning:
+    """The prompt's text states exactly as ``generate`` computes them (SDXL: pooled + time ids per image)."""
+    with torch.no_grad():
+        if pipe.architecture != SDXL:
+            embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+            return TrainingConditioning(embeds)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    time_ids = torch.cat([
+        pipe._get_add_time_ids(image.original_size, image.crop_top_left, (resolution, resolution),
+                               dtype=embeds.dtype, text_encoder_projection_dim=projection)
+        for image in images
+    ]).to(device)
+    return TrainingConditioning(embeds, pooled, time_ids)
+
+
+def offload_frozen_encoders(pipe: Any, device: torch.device) -> None:
+    """Latents and text states are cached, so the VAE and text encoders leave the GPU during training."""
+    if device.type != "cuda":
+        return
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to("cpu")
+    torch.cuda.empty_cache()
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> dict[str, torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA on every attention projection (B = 0, A Gaussian), return its weights."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(UNET_LORA_TARGETS))
+    with seeded_global_rng(derived_seed(seed, "init", 0)):
+        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    for parameter in trainable.values():
+        parameter.data = parameter.data.float()
+    if not trainable:
+        raise UserError("the model has no to_q/to_k/to_v/to_out.0 attention layers to train a LoRA on; "
+                        "use an SD1.5 or SDXL UNet")
+    return trainable
+
+
+def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, TrainingDefaults],
+                         objective: TrainingObjective) -> tuple[TrainingModel, ResolvedSettings, list[Path]]:
+    """Load the model, resolve the defaults, cache latents and text, add the LoRA."""
+    from loracompose.pipelines import load_pipeline
+    from loracompose.pipelines.compose_pipeline import quiet_loading
+    from loracompose.pipelines.loading import resolve_device
+
+    files = image_files(settings.images)
+    device = resolve_device(settings.device)
+    dtype = resolve_training_dtype(settings.dtype, device)
+    with quiet_loading():
+        pipe = load_pipeline(settings.model, device=device, dtype=dtype, config=settings.config)
+    resolved = resolve_settings(settings, defaults[pipe.architecture], pipe, files, dtype, objective)
+    check_resolution(pipe, resolved.resolution)
+    images = [load_training_image(path, resolved.resolution) for path in files]
+    mean, std = encode_images(pipe, images, device)
+    conditioning = encode_prompt(pipe, resolved.prompt, images, resolved.resolution, device)
+    offload_frozen_encoders(pipe, device)
+    trainable = add_lora(pipe.unet, resolved.rank, resolved.alpha, resolved.seed)
+    model = TrainingModel(
+        pipe=pipe, unet=pipe.unet, adapter=ADAPTER_NAME, prompt=resolved.prompt, tokenizers=pipeline_tokenizers(pipe),
+        conditioning=conditioning, latent_mean=mean, latent_std=std,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), device=device, dtype=dtype,
+        architecture=pipe.architecture, trainable=trainable,
+    )
+    return model, resolved, files
+
+
+def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults, pipe: Any, files: Sequence[Path],
+                     dtype: torch.dtype, objective: TrainingObjective) -> ResolvedSettings:
+    """Fill the None settings from the recipe's defaults and check them."""
+    resolved = ResolvedSettings(
+        model=str(settings.model), images=tuple(path.name for path in files), prompt=settings.prompt.strip(),
+        rank=int(settings.rank or defaults.rank),
+        alpha=float(settings.alpha or defaults.alpha or settings.rank or defaults.rank),
+        learning_rate=float(settings.learning_rate or defaults.learning_rate),
+        batch_size=int(settings.batch_size or defaults.batch_size),
+        resolution=int(settings.resolution or native_resolution(pipe)), seed=int(settings.seed),
+        dtype=str(dtype).removeprefix("torch."), targets=UNET_LORA_TARGETS, objective=objective.settings(),
+    )
+    if not resolved.prompt:
+        raise UserError("the training prompt is empty; give the prompt the images are trained with")
+    for label, value in (("--rank", resolved.rank), ("--batch-size", resolved.batch_size)):
+        if value < 1:
+            raise UserError(f"{label} {value}: use a positive integer")
+    if resolved.learning_rate <= 0 or resolved.alpha <= 0:
+        raise UserError("--lr and --alpha must be positive numbers")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------ one step
+
+
+def derived_seed(seed: int, stream: str, index: int) -> int:
+    """A 63-bit seed for draw ``index`` of ``stream`` (step, epoch, probe, init) of a run seeded ``seed``."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, stream: str, index: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(derived_seed(seed, stream, index))
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG inside the block only (PEFT initialises adapters from it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> list[int]:
+    """The images of ``step``: a fresh seeded permutation of the folder every epoch."""
+    indices = []
+    for sample in range(step * batch_size, (step + 1) * batch_size):
+        epoch, position = divmod(sample, num_images)
+        order = torch.randperm(num_images, generator=generator(seed, "epoch", epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+def noise_target(model: TrainingModel, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts: ε, v or x0, by the scheduler's prediction type."""
+    kind = model.noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return model.noise_scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise UserError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
+
+
+def denoising_loss(model: TrainingModel, indices: Sequence[int], noise: torch.Tensor, timesteps: torch.Tensor,
+                   x0: torch.Tensor) -> torch.Tensor:
+    """‖target − UNet(x_t, t, c)‖² averaged over every element, for the images at ``indices``."""
+    noisy = model.noise_scheduler.add_noise(x0, noise, timesteps)
+    embeds = model.conditioning.embeds.expand(len(indices), -1, -1)
+    prediction = model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=embeds,
+                            added_cond_kwargs=model.conditioning.added(indices), return_dict=False)[0]
+    return torch.nn.functional.mse_loss(prediction.float(), noise_target(model, x0, noise, timesteps).float())
+
+
+def step_draws(model: TrainingModel, indices: Sequence[int], rng: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """x0 sampled from the posteriors, ε and t for one step, drawn on the CPU (device-independent)."""
+    shape = (len(indices), *model.latent_mean.shape[1:])
+    sample = torch.randn(shape, generator=rng).to(model.device)
+    noise = torch.randn(shape, generator=rng).to(model.device)
+    timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(indices),), generator=rng)
+    x0 = model.latent_mean[list(indices)] + model.latent_std[list(indices)] * sample
+    return x0, noise, timesteps.to(model.device)
+
+
+def training_step(model: TrainingModel, objective: TrainingObjective, optimizer: torch.optim.Optimizer,
+                  step: int, resolved: ResolvedSettings) -> dict[str, float]:
+    """One optimisation step; returns its loss terms and the objective's metrics."""
+    indices = batch_indices(step, resolved.batch_size, model.num_images, resolved.seed)
+    x0, noise, timesteps = step_draws(model, indices, generator(resolved.seed, "step", step))
+    terms = {"mse": denoising_loss(model, indices, noise, timesteps, x0), **objective.losses(model)}
+    loss = torch.stack([term.float() for term in terms.values()]).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    values = {name: float(term.detach()) for name, term in terms.items()}
+    return {"step": step + 1, "loss": float(loss.detach()), **values, **objective.metrics(model)}
+
+
+def probe_loss(model: TrainingModel, objective: TrainingObjective, seed: int, count: int) -> dict[str, float]:
+    """The objective on fixed draws: every image at ``count`` evenly spaced timesteps, posterior
+    means and seeded noise, so values taken at different steps compare."""
+    total = model.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.linspace(0, total - 1, count).round().long().to(model.device)
+    rng = generator(seed, "probe", 0)
+    losses = []
+    with torch.no_grad():
+        for index in range(model.num_images):
+            x0 = model.latent_mean[[index]].expand(count, -1, -1, -1)
+            noise = torch.randn(x0.shape, generator=rng).to(model.device)
+            losses.append(denoising_loss(model, [index] * count, noise, timesteps, x0))
+        extra = {name: float(term) for name, term in objective.losses(model).items()}
+    mse = float(torch.stack(losses).mean())
+    return {"loss": mse + sum(extra.values()), "mse": mse, **extra}
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def flatten_optimizer_state(optimizer: torch.optim.Optimizer,
+                            names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An optimizer's state as safetensors tensors ``<param name>::<key>`` plus JSON metadata
+    (hyperparameters and any non-tensor state), keyed by parameter name rather than position."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            target = f"{names[index]}::{key}"
+            if torch.is_tensor(value):
+                tensors[target] = value.detach().cpu().contiguous()
+            else:
+                scalars[target] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars),
+                "parameters": json.dumps(list(names))}
+    return tensors, metadata
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                              names: Sequence[str]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state` for an optimizer over ``names`` (same order)."""
+    saved_names = json.loads(metadata["parameters"])
+    if list(saved_names) != list(names):
+        raise UserError("the checkpoint's optimizer state belongs to other LoRA layers; resume with the same model "
+                        "and rank, or start a new --work-dir")
+    position = {name: index for index, name in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for target, value in [*tensors.items(), *json.loads(metadata["scalars"]).items()]:
+        name, _, key = target.partition("::")
+        state.setdefault(position[name], {})[key] = value
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def checkpoint_dirs(work_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``work_dir``, oldest first."""
+    if not work_dir.is_dir():
+        return []
+    found = [path for path in work_dir.iterdir()
+             if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / STATE_FILE).exists()]
+    return sorted(found, key=lambda path: path.name)
+
+
+def save_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
+                    work_dir: Path, step: int, history: list, probes: dict, keep: int) -> Path:
+    """Write ``step-NNNNNN/`` (staged, then renamed into place) and drop all but the last ``keep``."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=work_dir))
+    try:
+        names = list(model.trainable)
+        save_file({name: p.detach().cpu().contiguous() for name, p in model.trainable.items()}, staging / ADAPTER_FILE)
+        tensors, metadata = flatten_optimizer_state(optimizer, names)
+        save_file(tensors, staging / OPTIMIZER_FILE, metadata=metadata)
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": resolved.to_json(), "history": history,
+                 "probe_losses": {str(k): v for k, v in probes.items()}}
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        staging.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in checkpoint_dirs(work_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
+                    checkpoint: Path) -> dict[str, Any]:
+    """Restore LoRA weights and optimizer state from ``checkpoint``; its settings must match."""
+    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    differing = {key for key, value in resolved.to_json().items() if state["settings"].get(key) != value}
+    if differing:
+        raise UserError(f"checkpoint {checkpoint} was made with other settings ({', '.join(sorted(differing))}); "
+                        "resume with the same settings or use a new --work-dir")
+    weights = load_file(checkpoint / ADAPTER_FILE)
+    with torch.no_grad():
+        for name, parameter in model.trainable.items():
+            parameter.copy_(weights[name].to(parameter.device))
+    with safe_open(str(checkpoint / OPTIMIZER_FILE), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    optimizer.load_state_dict(unflatten_optimizer_state(load_file(checkpoint / OPTIMIZER_FILE), metadata,
+                                                        list(model.trainable)))
+    return state
+
+
+# ------------------------------------------------------------------------------------ the LoRA file
+
+
+def lora_file_contents(model: TrainingModel,
+                       resolved: ResolvedSettings) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the LoRA exactly as diffusers' ``save_lora_weights`` writes them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model.unet, adapter_name=model.adapter)
+    config = {"r": resolved.rank, "lora_alpha": resolved.alpha, "target_modules": sorted(resolved.targets)}
+    pipeline_class = StableDiffusionXLPipeline if model.architecture == SDXL else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(prefix="loracompose-lora-") as scratch:
+        pipeline_class.save_lora_weights(scratch, unet_lora_layers=state, unet_lora_adapter_metadata=config,
+                                         safe_serialization=True, weight_name="lora.safetensors")
+        saved = Path(scratch) / "lora.safetensors"
+        with safe_open(str(saved), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(saved), metadata
+
+
+def lora_metadata(settings: LoraTrainingSettings, resolved: ResolvedSettings, architecture: str, steps: int,
+                  objective: TrainingObjective) -> dict[str, str]:
+    """Trigger words, architecture, rank/alpha and the training recipe, as loracompose reads them."""
+    model_spec, base_version = _ARCHITECTURE_TAGS[architecture]
+    return {
+        "modelspec.trigger_phrase": ", ".join(settings.trigger_words),
+        "modelspec.title": settings.title or settings.out.stem,
+        "modelspec.architecture": model_spec,
+        "ss_base_model_version": base_version,
+        "loracompose.rank": str(resolved.rank),
+        "loracompose.alpha": repr(resolved.alpha),
+        "loracompose.training": json.dumps({**resolved.to_json(), "steps": steps}),
+        **objective.metadata(),
+    }
+
+
+def write_lora_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write the LoRA atomically (temp file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda temp: save_file(dict(tensors), str(temp), metadata=dict(metadata)))
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def train_lora(settings: LoraTrainingSettings, objective: TrainingObjective | None = None,
+               defaults: Mapping[str, TrainingDefaults] = PLAIN_DEFAULTS) -> TrainingResult:
+    """Train a UNet LoRA on ``settings.images`` and write it to ``settings.out`` (see the module docstring)."""
+    objective = objective or PlainObjective()
+    check_output_path(settings.out)
+    check_work_dir(settings)
+    model, resolved, _ = build_training_model(settings, defaults, objective)
+    total = int(settings.steps or defaults[model.architecture].steps)
+    if total < 1 or settings.checkpoint_every < 1:
+        raise UserError("--steps and --checkpoint-every must be positive integers")
+    objective.prepare(model)
+    try:
+        return run_training(model, objective, resolved, settings, total)
+    finally:
+        objective.close()
+
+
+def check_work_dir(settings: LoraTrainingSettings) -> None:
+    """Resume only from checkpoints, and never start over on top of them."""
+    existing = checkpoint_dirs(settings.work_dir)
+    if existing and not settings.resume:
+        raise UserError(f"{settings.work_dir} already holds checkpoints; pass --resume to continue that run or "
+                        "give a new --work-dir")
+    if settings.resume and not existing:
+        raise UserError(f"--resume: no checkpoint in {settings.work_dir}; train without --resume first")
+
+
+def check_output_path(out: Path) -> None:
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"--out {out}: name the LoRA file .safetensors")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the .safetensors file to write")
+
+
+def run_training(model: TrainingModel, objective: TrainingObjective, resolved: ResolvedSettings,
+                 settings: LoraTrainingSettings, total: int) -> TrainingResult:
+    """The optimisation loop with progress, checkpoints and resuming; writes the LoRA file."""
+    optimizer = torch.optim.AdamW(model.trainable.values(), lr=resolved.learning_rate)
+    start, history, probes = resume_point(model, optimizer, resolved, settings)
+    if start == 0 and settings.probe_timesteps > 0:
+        probes[0] = probe_loss(model, objective, resolved.seed, settings.probe_timesteps)
+    model.unet.train()
+    if settings.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    bar = tqdm(total=total, initial=min(start, total), desc="train", disable=not settings.show_progress, unit="step")
+    train_seconds = 0.0
+    for step in range(start, total):
+        started = time.perf_counter()
+        history.append(training_step(model, objective, optimizer, step, resolved))
+        train_seconds += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix({key: f"{value:.4f}" for key, value in history[-1].items() if key != "step"}, refresh=False)
+        done = step + 1
+        if done == total and settings.probe_timesteps > 0:
+            model.unet.eval()
+            probes[done] = probe_loss(model, objective, resolved.seed, settings.probe_timesteps)
+        if done % settings.checkpoint_every == 0 or done == total:
+            save_checkpoint(model, optimizer, resolved, settings.work_dir, done, history, probes,
+                            settings.keep_checkpoints)
+    bar.close()
+    model.unet.eval()
+    tensors, metadata = lora_file_contents(model, resolved)
+    metadata |= lora_metadata(settings, resolved, model.architecture, total, objective)
+    write_lora_file(settings.out, tensors, metadata)
+    return TrainingResult(settings.out, total, history, probes, peft_state(model), settings.work_dir, start,
+                          train_seconds)
+
+
+def peft_state(model: TrainingModel) -> dict[str, torch.Tensor]:
+    """The LoRA weights in PEFT's saved naming (``...to_q.lora_A.weight``), on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {key: value.detach().cpu().clone()
+            for key, value in get_peft_model_state_dict(model.unet, adapter_name=model.adapter).items()}
+
+
+def resume_point(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
+                 settings: LoraTrainingSettings) -> tuple[int, list, dict]:
+    """(first step, history, probe losses): from the latest checkpoint when resuming, else a fresh start."""
+    if not settings.resume:
+        return 0, [], {}
+    state = load_checkpoint(model, optimizer, resolved, checkpoint_dirs(settings.work_dir)[-1])
+    return int(state["step"]), list(state["history"]), {int(k): v for k, v in state["probe_losses"].items()}
