@@ -1,0 +1,346 @@
+"""The web UI end to end: gradio_client against the served app, and a real headless Chromium.
+
+The app is served once for the module on 127.0.0.1 (free port) with the embedded default, as
+``loracompose ui`` runs with no arguments; every generation uses 2 steps at 64x64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from loracompose import METHODS
+from loracompose.errors import UserError
+from loracompose.pipelines import load_pipeline
+from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER
+from loracompose.ui import UiOptions, resolve_settings
+from loracompose.ui.app import AppSettings, LoraComposeApp, launch_app
+from loracompose.ui.library import TABLE_HEADERS, UploadStore, safe_file_stem
+
+CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+TWO_LORAS = {"character": 0.8, "outfit": 1.0}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Served:
+    """The app under test: its handlers (for the method forms), settings and address."""
+
+    app: LoraComposeApp
+    blocks: Any
+    settings: AppSettings
+    url: str
+
+    def client(self) -> Client:
+        return Client(self.url, verbose=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    """``loracompose ui`` with no model: embedded tiny SD1.5 and its 3 demo LoRAs."""
+    assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"
+    model, settings = resolve_settings(UiOptions())
+    app = LoraComposeApp(load_pipeline(model), settings)
+    blocks = app.build()
+    port = free_port()
+    launch_app(blocks, settings, host="127.0.0.1", port=port, block=False, quiet=True)
+    try:
+        yield Served(app, blocks, settings, f"http://127.0.0.1:{port}/")
+    finally:
+        blocks.close()
+
+
+# ------------------------------------------------------------------------------------ request helpers
+
+
+def lora_table(served: Served, loras: Mapping[str, float]) -> dict[str, Any]:
+    """The LoRA table with exactly ``loras`` ticked at these weights."""
+    rows = [[row[1] in loras, row[1], loras.get(row[1], 1.0), *row[3:]] for row in served.app.initial_table()]
+    return {"headers": TABLE_HEADERS, "data": rows}
+
+
+def method_values(served: Served, settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
+    """Every method panel's values: defaults, except ``settings[method][field]``."""
+    settings = settings or {}
+    values = []
+    for panel in served.app.forms.panels.values():
+        for control in panel.controls:
+            chosen = settings.get(panel.name, {})
+            values.append(control.show(chosen[control.field_name]) if control.field_name in chosen
+                          else control.component.value)
+    return values
+
+
+def shared_args(served: Served, loras: Mapping[str, float], *, prompt: str = "a cat", seed: int = 0,
+                width: int = 64, num_images: int = 1) -> list[Any]:
+    return [prompt, "", lora_table(served, loras), seed, 2, 7.5, width, 64, num_images, DEFAULT_SCHEDULER, True, True]
+
+
+def generate(client: Client, served: Served, loras: Mapping[str, float], method: str,
+             settings: Mapping[str, Mapping[str, Any]] | None = None, **shared: Any) -> tuple:
+    return client.predict(*shared_args(served, loras, **shared), method, *method_values(served, settings),
+                          api_name="/generate")
+
+
+def pixels(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_same_image(first: str, second: str) -> None:
+    assert np.abs(pixels(first) - pixels(second)).max() <= 1, "images differ by more than 1/255"
+
+
+# ------------------------------------------------------------------------------------ client tests
+
+
+def test_embedded_default_offers_the_demo_loras_and_all_methods(served):
+    assert [entry.name for entry in served.settings.library] == ["character", "outfit", "style"]
+    assert served.settings.upload_root.is_relative_to(Path(os.environ["LORACOMPOSE_HOME"]))
+    assert all(row[0] for row in served.app.initial_table()), "the demo LoRAs start ticked"
+    api = served.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/compare", "/upload_loras", "/reuse_settings"} <= set(api)
+    generate_params = api["/generate"]["parameters"]
+    method_param = next(p for p in generate_params if p["parameter_name"] == "method_name")
+    assert set(method_param["type"]["enum"]) == set(METHODS)
+    assert len(generate_params) == 13 + len(served.app.forms.components)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_generate_with_two_loras_and_each_method(served, method):
+    gallery, downloads, status = generate(served.client(), served, TWO_LORAS, method)
+    assert len(gallery) == 1 and gallery[0]["caption"].startswith(method)
+    assert "UNet calls" in gallery[0]["caption"] and "character:0.8" in gallery[0]["caption"]
+    assert pixels(gallery[0]["image"]).shape == (64, 64, 3)
+    png, sidecar = sorted(downloads, key=lambda path: Path(path).suffix != ".png")
+    assert Path(png).read_bytes().startswith(PNG_SIGNATURE)
+    record = json.loads(Path(sidecar).read_text())
+    assert record["method"] == method and record["steps"] == 2
+    assert [(lora["name"], lora["weight"]) for lora in record["loras"]] == [("character", 0.8), ("outfit", 1.0)]
+    order = record["method_settings"].get("frequency_order")
+    if order is not None:  # CMLoRA family: the UI profiled the LoRAs before generating, as the CLI does
+        assert set(order["class_sources"].values()) == {"score"}
+    assert method in status
+
+
+def test_concurrent_sessions_match_one_at_a_time(served):
+    """Two browser sessions with different LoRAs, submitted together, see only their own adapters."""
+    requests = [({"character": 1.0, "style": 0.7}, "composite", 5), ({"outfit": 1.2}, "merge", 5)]
+    alone = [generate(served.client(), served, loras, method, seed=seed)[0][0]["image"]
+             for loras, method, seed in requests]
+    clients = [served.client() for _ in requests]
+    jobs = [client.submit(*shared_args(served, loras, seed=seed), method, *method_values(served), api_name="/generate")
+            for client, (loras, method, seed) in zip(clients, requests)]
+    together = [job.result(timeout=120)[0][0]["image"] for job in jobs]
+    for single, concurrent in zip(alone, together):
+        assert_same_image(single, concurrent)
+    assert np.abs(pixels(together[0]) - pixels(together[1])).max() > 1, "the two LoRA sets should differ"
+
+
+def test_concurrent_threads_do_not_mix_sessions(served):
+    """Threads sharing nothing but the server: each session's gallery holds only its own results."""
+    results: dict[str, list] = {}
+
+    def run(name: str, loras: Mapping[str, float]) -> None:
+        client = served.client()
+        for seed in (1, 2):
+            gallery, _, _ = generate(client, served, loras, "merge", seed=seed)
+        results[name] = gallery
+
+    threads = [threading.Thread(target=run, args=(name, loras))
+               for name, loras in (("a", {"character": 1.0}), ("b", {"style": 1.0}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert [len(results["a"]), len(results["b"])] == [2, 2]
+    assert all("character:1" in item["caption"] and "style" not in item["caption"] for item in results["a"])
+    assert all("style:1" in item["caption"] and "character" not in item["caption"] for item in results["b"])
+
+
+def test_compare_runs_every_method_on_one_seed(served):
+    side_by_side, stats, gallery, _ = served.client().predict(
+        *shared_args(served, TWO_LORAS, seed=3), list(METHODS), *method_values(served), api_name="/compare")
+    assert [item["caption"].split(" ")[0] for item in side_by_side] == list(METHODS)
+    assert all("UNet calls" in item["caption"] and " s · " in item["caption"] for item in side_by_side)
+    assert [row[0] for row in stats["data"]] == list(METHODS)
+    assert all(row[2] >= 2 for row in stats["data"]), "at least one UNet call per step"
+    assert all("seed 3" in item["caption"] for item in gallery[: len(METHODS)])
+
+
+def test_reuse_settings_puts_a_result_back_into_the_controls(served):
+    client = served.client()
+    generate(client, served, {"style": 0.5}, "switch", {"switch": {"period": 3}}, prompt="a dog", seed=9)
+    values = client.predict(lora_table(served, {}), api_name="/reuse_settings")
+    prompt, negative, table, seed, steps = values[:5]
+    assert (prompt, seed, steps) == ("a dog", 9, 2)
+    assert {row[1]: (row[0], row[2]) for row in table["data"]}["style"] == (True, 0.5)
+    assert values[12] == "switch"
+    assert 3 in values, "the switch period comes back"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"width": 63}, "multiples of 8"),
+    ({"weight": "heavy"}, "give a number such as 0.8"),
+    ({"lora": "../../etc/passwd"}, "is not in the library"),
+    ({"switch_period": 0}, "must be a positive number"),
+    ({"mixing_weights": "1, x"}, "is not a valid float"),
+])
+def test_bad_inputs_give_a_one_line_message(served, change, message):
+    args = shared_args(served, TWO_LORAS, width=change.get("width", 64))
+    rows = args[2]["data"]
+    if "weight" in change:
+        rows[0][2] = change["weight"]
+    if "lora" in change:
+        rows[0][1] = change["lora"]
+    method = "switch" if "switch_period" in change else "composite" if "mixing_weights" in change else "merge"
+    values = method_values(served)
+    if method != "merge":
+        field = "period" if method == "switch" else "mixing_weights"
+        index = [(panel.name, control.field_name) for panel in served.app.forms.panels.values()
+                 for control in panel.controls].index((method, field))
+        values[index] = change.get("switch_period", change.get("mixing_weights"))
+    with pytest.raises(AppError) as error:
+        served.client().predict(*args, method, *values, api_name="/generate")
+    text = str(error.value)
+    assert message in text and "Traceback" not in text and "\n" not in text.strip()
+
+
+# ------------------------------------------------------------------------------------ uploads
+
+
+def files_outside(root: Path, upload_root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if path.is_file() and not path.is_relative_to(upload_root)}
+
+
+def test_upload_adds_a_lora_and_refuses_bad_files(served, sd15_lora_files, tmp_path):
+    client = served.client()
+    renamed = tmp_path / "my style (v2).safetensors"
+    shutil.copyfile(sd15_lora_files[1], renamed)
+    table, _, status = client.predict(lora_table(served, {}), [handle_file(renamed)], api_name="/upload_loras")
+    row = table["data"][-1]
+    assert row[1] == "my_style_v2" and row[0] is True and row[6] == "upload" and "my_style_v2" in status
+    stored = list(served.settings.upload_root.rglob("my_style_v2.safetensors"))
+    assert len(stored) == 1 and stored[0].read_bytes() == sd15_lora_files[1].read_bytes()
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    for bad, message in ((garbage, "not a valid safetensors file"), (notes, ".safetensors")):
+        with pytest.raises(AppError, match=message.replace(".", r"\.")):
+            client.predict(lora_table(served, {}), [handle_file(bad)], api_name="/upload_loras")
+    assert not list(served.settings.upload_root.rglob("garbage*"))
+    assert not [p for p in served.settings.upload_root.iterdir() if p.name.startswith(".staging")]
+
+
+def test_upload_named_like_a_path_writes_nothing_outside_the_upload_folder(served, sd15_lora_files, tmp_path):
+    """A client that sends ``../../etc/passwd`` as the file name gets a refusal; nothing escapes."""
+    home = Path(os.environ["LORACOMPOSE_HOME"])
+    before = files_outside(home, served.settings.upload_root)
+    client = served.client()
+    for name, content, refused in (("../../etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n", True),
+                                   ("../../../evil.safetensors", sd15_lora_files[0].read_bytes(), False)):
+        response = httpx.post(f"{served.url}gradio_api/upload", files=[("files", (name, content))], timeout=30)
+        response.raise_for_status()
+        server_path = response.json()[0]
+        assert "/etc/" not in server_path and "/../" not in server_path
+        file_data = {"path": server_path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+        if refused:
+            with pytest.raises(AppError, match=r"\.safetensors"):
+                client.predict(lora_table(served, {}), [file_data], api_name="/upload_loras")
+        else:
+            table, _, _ = client.predict(lora_table(served, {}), [file_data], api_name="/upload_loras")
+            assert table["data"][-1][1] == "evil"
+    assert files_outside(home, served.settings.upload_root) == before
+    assert [p.parent.parent for p in served.settings.upload_root.rglob("evil.safetensors")] == [served.settings.upload_root]
+    assert not (tmp_path.parent / "evil.safetensors").exists()
+
+
+def test_upload_store_sanitises_names_and_checks_size(sd15_lora_files, tmp_path):
+    store = UploadStore(tmp_path / "uploads", max_bytes=sd15_lora_files[0].stat().st_size)
+    for hostile in ("../../etc/passwd.safetensors", "..\\..\\x.safetensors", "/abs/path/ok.safetensors"):
+        stored = store.store(sd15_lora_files[0], hostile)
+        assert stored.resolve().is_relative_to((tmp_path / "uploads").resolve())
+        assert stored.name == f"{safe_file_stem(hostile)}.safetensors" and "/" not in safe_file_stem(hostile)
+    assert safe_file_stem("../../etc/passwd.safetensors") == "passwd"
+    with pytest.raises(UserError, match="only .safetensors"):
+        store.store(sd15_lora_files[0], "../../etc/passwd")
+    with pytest.raises(UserError, match="upload limit"):
+        UploadStore(tmp_path / "small", max_bytes=10).store(sd15_lora_files[0], "big.safetensors")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "etc").exists()
+
+
+def test_ui_command_parses_and_serves_with_options(monkeypatch):
+    from loracompose import ui
+    from loracompose.cli import main
+
+    seen = []
+    monkeypatch.setattr(ui, "serve", lambda options: seen.append(options))
+    assert main(["ui", "--port", "7999", "--host", "0.0.0.0", "--max-upload-mb", "64"]) == 0
+    assert (seen[0].port, seen[0].host, seen[0].model, seen[0].max_upload_mb) == (7999, "0.0.0.0", None, 64)
+
+
+# ------------------------------------------------------------------------------------ browser
+
+
+def chromium_path() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    return found or next((path for path in CHROMIUM_PATHS if Path(path).is_file()), None)
+
+
+def test_browser_generates_and_shows_errors_in_the_page(served, tmp_path):
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium installed (apt-get install chromium); the browser test needs one")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tempfile.mkdtemp(dir=tmp_path), executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = context.new_page()
+            page.goto(served.url, timeout=60_000)
+            page.locator("#prompt textarea").fill("a red cloak in the rain")
+            set_number(page, "#steps input[type=number]", "2")
+            page.locator("#generate").click()
+            page.locator("#gallery img").first.wait_for(timeout=90_000)
+            shot = tmp_path / "ui.png"
+            page.screenshot(path=str(shot), full_page=True)
+            set_number(page, "#width input", "60")
+            page.locator("#generate").click()
+            page.get_by_text("multiples of 8").first.wait_for(timeout=60_000)
+            assert "Traceback" not in page.content()
+        finally:
+            context.close()
+    assert shot.read_bytes().startswith(PNG_SIGNATURE) and shot.stat().st_size > 1000
+    assert min(pixels(str(shot)).shape[:2]) > 100
+
+
+def set_number(page: Any, selector: str, value: str) -> None:
+    """Type into a number box and leave it, so Gradio sees the change."""
+    box = page.locator(selector).first
+    box.fill(value)
+    box.press("Tab")

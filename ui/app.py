@@ -1,0 +1,372 @@
+"""The Gradio app: LoRA panel, method picker, generate with gallery and downloads, compare tab.
+
+Endpoints (``api_name``; gradio_client names the method settings ``param_N``, in panel order):
+
+* ``/generate``: prompt, negative prompt, LoRA table, seed, steps, guidance, width, height,
+  number of images, scheduler, append triggers, LoRAs on the text encoder, method, then every
+  method's settings -> gallery (newest first, settings in captions), downloads, status.
+* ``/compare``: the same shared inputs, the methods to compare, then every method's settings ->
+  one image per method (same seed) with time and UNet calls, and a stats table.
+* ``/upload_loras``: LoRA table and ``.safetensors`` files -> table with the uploads added.
+* ``/reuse_settings``: puts the selected result's settings back into the controls.
+
+Per-session data (LoRAs, results) lives in a ``gr.State``; the pipeline is shared and its
+``generate`` holds a lock, and the queue runs one pipeline event at a time (``PIPELINE_CONCURRENCY``).
+
+Annotations here are real objects (no ``from __future__ import annotations``): Gradio finds
+``gr.SelectData`` and ``gr.Progress`` parameters by inspecting the handlers' signatures.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import gradio as gr
+
+from loracompose import METHODS
+from loracompose.errors import UserError
+from loracompose.method import CompositionMethod
+from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+from .library import (
+    READ_ONLY_COLUMNS, TABLE_HEADERS, TABLE_TYPES, LoraCatalog, LoraEntry, UploadStore, describe_lora_file,
+    selected_specs, table_rows,
+)
+from .method_forms import MethodForms
+from .results import GenerationRequest, ResultItem, SessionState, run_generation
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CONCURRENCY = 1  # one pipeline: one generation at a time; more would only queue on its lock
+PIPELINE_EVENTS = "pipeline"
+QUEUE_SIZE = 64
+DEFAULT_STEPS = 30
+MAX_IMAGES = 8
+MAX_STEPS = 500
+MAX_GUIDANCE = 50.0
+MAX_SIZE = 4096
+SIZE_STEP = 8
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the app serves: model label, library, folders for outputs and uploads, defaults."""
+
+    model_label: str
+    library: tuple[LoraEntry, ...]
+    output_root: Path
+    upload_root: Path
+    default_prompt: str = ""
+    preselect_library: bool = False
+    max_upload_bytes: int = 512 * 1024**2
+    title: str = "loracompose"
+
+
+def readable_errors(handler: Callable) -> Callable:
+    """Turn a UserError into a one-line ``gr.Error`` in the page; never show a stack trace."""
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # a bug, not a bad input: log it, show one line
+            log.exception("UI event %s failed", handler.__name__)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise gr.Error(f"internal error ({type(error).__name__}: {first_line}); see the server log",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+def _generation_request(state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
+                        guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str,
+                        append_triggers: bool, text_encoder_loras: bool) -> GenerationRequest:
+    """The shared controls' values as a checked request (UserError for a bad value)."""
+    return GenerationRequest(
+        prompt=str(prompt or ""), negative_prompt=str(negative_prompt or "").strip() or None,
+        loras=tuple(selected_specs(table_rows(table), state.catalog)),
+        seed=_whole(seed, "seed", 0, 2**63 - 1), steps=_whole(steps, "steps", 1, MAX_STEPS),
+        guidance_scale=_number(guidance, "guidance", 0, MAX_GUIDANCE),
+        width=_whole(width, "width", 1, MAX_SIZE), height=_whole(height, "height", 1, MAX_SIZE),
+        num_images=_whole(num_images, "number of images", 1, MAX_IMAGES),
+        scheduler=str(scheduler), append_triggers=bool(append_triggers), text_encoder_loras=bool(text_encoder_loras),
+    )
+
+
+def _number(value: Any, label: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{label}: {value!r} is not a number") from None
+    if not low <= number <= high:  # also refuses NaN
+        raise UserError(f"{label}: {value!r} is out of range; use {low:g} to {high:g}")
+    return number
+
+
+def _whole(value: Any, label: str, low: int, high: int) -> int:
+    number = _number(value, label, low, high)
+    if number != int(number):
+        raise UserError(f"{label}: {value!r} must be a whole number")
+    return int(number)
+
+
+def prepare_method(pipe: Any, method: CompositionMethod, request: GenerationRequest) -> None:
+    """Work a method needs on the pipeline before it generates, as the CLI does: CMLoRA's frequency
+    profiles (one generation per LoRA and model, then read from the LoRA's sidecar)."""
+    profile = getattr(method, "profile_frequencies", None)
+    if profile is not None and request.loras:
+        profile(pipe, list(request.loras), profile_settings(request))
+
+
+def profile_settings(request: GenerationRequest) -> Any:
+    """The CLI's profiling settings (512 px, 20 steps), made no larger than the request itself, so
+    a quick look on the tiny default model stays quick; real models profile exactly as the CLI."""
+    from loracompose.frequency import ProfileSettings
+
+    defaults = ProfileSettings()
+    size = min(defaults.size, request.width, request.height) // SIZE_STEP * SIZE_STEP
+    return ProfileSettings(size=max(size, SIZE_STEP), steps=min(defaults.steps, request.steps))
+
+
+class LoraComposeApp:
+    """The event handlers around one pipeline; :meth:`build` lays out the page."""
+
+    def __init__(self, pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS):
+        self.pipe = pipe
+        self.settings = settings
+        self.methods = dict(methods)
+        self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
+        self.default_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    # ------------------------------------------------------------------ session
+    def new_session(self) -> SessionState:
+        return SessionState(catalog=LoraCatalog(self.settings.library))
+
+    def initial_table(self) -> list[list[Any]]:
+        catalog = LoraCatalog(self.settings.library)
+        return catalog.table(list(catalog.entries) if self.settings.preselect_library else [])
+
+    # ------------------------------------------------------------------ events
+    @readable_errors
+    def generate(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
+                 guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str, append_triggers: bool,
+                 text_encoder_loras: bool, method_name: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
+                 *method_values: Any) -> tuple:
+        """Generate with the picked method; results go first in the session's gallery."""
+        request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance, width, height,
+                                      num_images, scheduler, append_triggers, text_encoder_loras)
+        method = self.forms.method(method_name, method_values)
+        progress(0, desc=f"{method_name}: preparing")
+        prepare_method(self.pipe, method, request)
+        items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
+                               self.settings.model_label)
+        state.remember(items)
+        return state, state.gallery(), self._downloads(state), _summary(items)
+
+    @readable_errors
+    def compare(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
+                guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str, append_triggers: bool,
+                text_encoder_loras: bool, method_names: list[str],
+                progress: gr.Progress = gr.Progress(track_tqdm=True), *method_values: Any) -> tuple:
+        """One image per chosen method, same prompt, LoRAs and seed, each with its time and UNet calls."""
+        if not method_names:
+            raise UserError("compare: tick at least one method")
+        request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance, width, height,
+                                      1, scheduler, append_triggers, text_encoder_loras)
+        methods = [self.forms.method(name, method_values) for name in method_names]  # check all before running
+        items: list[ResultItem] = []
+        for index, method in enumerate(methods):
+            progress(index / len(methods), desc=f"{method.name} ({index + 1}/{len(methods)})")
+            prepare_method(self.pipe, method, request)
+            items += run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
+                                    self.settings.model_label)
+        state.remember(items)
+        side_by_side = [(str(item.png), f"{item.method_name} · {item.seconds:.2f} s · {item.unet_calls} UNet calls")
+                        for item in items]
+        stats = [[item.method_name, round(item.seconds, 3), item.unet_calls] for item in items]
+        return state, side_by_side, stats, state.gallery(), self._downloads(state)
+
+    @readable_errors
+    def upload(self, state: SessionState, table: Any, files: list[str] | None) -> tuple:
+        """Check and store uploaded LoRAs, and add them (ticked) to the table."""
+        rows = table_rows(table)
+        added, refused = [], []
+        for file in files or []:
+            try:
+                stored = self.uploads.store(Path(file), Path(file).name)
+                added.append(state.catalog.add(describe_lora_file(stored, stored.stem, "upload")))
+            except UserError as error:
+                refused.append(str(error))
+        if refused and not added:
+            raise UserError("; ".join(refused))
+        if refused:
+            gr.Warning("; ".join(refused))
+        known = {str(row[1]) for row in rows if len(row) > 1}
+        rows += [entry.table_row(True) for entry in added if entry.name not in known]
+        message = f"added {', '.join(entry.name for entry in added)}" if added else ""
+        return state, rows, None, message
+
+    @readable_errors
+    def select_result(self, state: SessionState, evt: gr.SelectData) -> tuple:
+        """Remember which result is selected and offer its image and sidecar for download."""
+        state.selected = evt.index if isinstance(evt.index, int) else None
+        return state, self._downloads(state)
+
+    @readable_errors
+    def show_lora(self, state: SessionState, table: Any, evt: gr.SelectData) -> dict[str, Any]:
+        """Category, trigger words and metadata of the LoRA in the clicked row."""
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        rows = table_rows(table)
+        if not isinstance(row, int) or not 0 <= row < len(rows):
+            return {}
+        return state.catalog.get(str(rows[row][1])).details()
+
+    @readable_errors
+    def reuse(self, state: SessionState, table: Any) -> list[Any]:
+        """The selected result's prompt, LoRAs, settings and method put back into the controls."""
+        item = state.selected_item()
+        if item is None:
+            raise UserError("reuse settings: generate an image and select it in the gallery first")
+        request = item.request
+        return [
+            request.prompt, request.negative_prompt or "", self._table_for(table, request), request.seed,
+            request.steps, request.guidance_scale, request.width, request.height, request.num_images,
+            request.scheduler, request.append_triggers, request.text_encoder_loras, item.method_name,
+            *self.forms.visibility(item.method_name),
+            *self.forms.shown_values(item.method_name, item.method_settings),
+        ]
+
+    def _table_for(self, table: Any, request: GenerationRequest) -> list[list[Any]]:
+        used = {spec.name: spec for spec in request.loras}
+        rows = []
+        for row in table_rows(table):
+            spec = used.get(str(row[1]))
+            if spec is None:
+                rows.append([False, *row[1:]])
+            else:
+                rows.append([True, row[1], spec.weight, ", ".join(spec.trigger_words or ()), *row[4:]])
+        missing = sorted(set(used) - {str(row[1]) for row in rows})
+        if missing:
+            gr.Warning(f"reuse settings: LoRA(s) {', '.join(missing)} are no longer in this session; upload them again")
+        return rows
+
+    def _downloads(self, state: SessionState) -> list[str]:
+        item = state.selected_item()
+        return [str(item.png), str(item.sidecar)] if item else []
+
+    # ------------------------------------------------------------------ layout
+    def build(self) -> gr.Blocks:
+        """The page with its queue set (one pipeline event at a time); serve it with :func:`launch_app`."""
+        with gr.Blocks(title=self.settings.title, delete_cache=(3600, 24 * 3600)) as blocks:
+            state = gr.State(self.new_session())
+            gr.Markdown(f"# {self.settings.title}\nTraining-free multi-LoRA composition · model: "
+                        f"`{self.settings.model_label}`")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    shared = self._shared_controls(state)
+                with gr.Column(scale=3):
+                    with gr.Tabs():
+                        with gr.Tab("Generate"):
+                            generate_outputs, gallery, downloads = self._generate_tab(state, shared)
+                        with gr.Tab("Compare"):
+                            self._compare_tab(state, shared, gallery, downloads)
+            self._wire_reuse(state, shared, generate_outputs)
+        blocks.queue(default_concurrency_limit=PIPELINE_CONCURRENCY, max_size=QUEUE_SIZE)
+        return blocks
+
+    def _shared_controls(self, state: gr.State) -> list[gr.components.Component]:
+        prompt = gr.Textbox(label="Prompt", value=self.settings.default_prompt, lines=2, elem_id="prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+        with gr.Accordion("LoRAs", open=True):
+            table = gr.Dataframe(
+                value=self.initial_table(), headers=TABLE_HEADERS, datatype=TABLE_TYPES, type="array",
+                static_columns=READ_ONLY_COLUMNS, interactive=True, label="Tick LoRAs, set weight and trigger words",
+                elem_id="lora-table",
+            )
+            details = gr.JSON(label="Selected LoRA: category and metadata", open=False)
+            upload = gr.File(label=f"Upload .safetensors LoRAs (up to {self.settings.max_upload_bytes // 1024**2} MiB)",
+                             file_count="multiple", file_types=[".safetensors"], elem_id="lora-upload")
+            upload_status = gr.Markdown()
+        with gr.Accordion("Generation settings", open=True):
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance (CFG)")
+            with gr.Row():
+                width = gr.Number(label="Width", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="width")
+                height = gr.Number(label="Height", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="height")
+                num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+            with gr.Row():
+                scheduler = gr.Dropdown(sorted(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
+                append_triggers = gr.Checkbox(value=True, label="Append missing trigger words")
+                text_encoder_loras = gr.Checkbox(value=True, label="LoRAs on the text encoder")
+        table.select(self.show_lora, [state, table], details, api_visibility="private", concurrency_limit=None)
+        upload.upload(self.upload, [state, table, upload], [state, table, upload, upload_status],
+                      api_name="upload_loras", concurrency_limit=None)
+        return [prompt, negative, table, seed, steps, guidance, width, height, num_images, scheduler,
+                append_triggers, text_encoder_loras]
+
+    def _generate_tab(self, state: gr.State, shared: list) -> tuple[list, gr.Gallery, gr.File]:
+        names = list(self.methods)
+        method = gr.Dropdown(names, value=names[0], label="Composition method", elem_id="method")
+        self.forms = MethodForms(self.methods, names[0])
+        method.change(lambda name: self.forms.visibility(name), method, self.forms.groups,
+                      api_visibility="private", concurrency_limit=None)
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Markdown(elem_id="status")
+        gallery = gr.Gallery(label="Results (newest first)", format="png", columns=3, height="auto",
+                             elem_id="gallery", buttons=["download", "fullscreen"])
+        reuse = gr.Button("Reuse settings of the selected result", elem_id="reuse")
+        downloads = gr.File(label="Selected result: image and settings (JSON)", file_count="multiple",
+                            interactive=False, elem_id="downloads")
+        button.click(self.generate, [state, *shared, method, *self.forms.components],
+                     [state, gallery, downloads, status], api_name="generate", concurrency_id=PIPELINE_EVENTS)
+        gallery.select(self.select_result, [state], [state, downloads], api_visibility="private",
+                       concurrency_limit=None)
+        self.reuse_button = reuse
+        return [method, *self.forms.groups, *self.forms.components], gallery, downloads
+
+    def _compare_tab(self, state: gr.State, shared: list, gallery: gr.Gallery, downloads: gr.File) -> None:
+        gr.Markdown("Same prompt, LoRAs and seed for every ticked method, one image each; each method uses "
+                    "its settings from the Generate tab.")
+        chosen = gr.CheckboxGroup(list(self.methods), value=list(self.methods), label="Methods", elem_id="compare-methods")
+        button = gr.Button("Compare", variant="primary", elem_id="compare")
+        side_by_side = gr.Gallery(label="Side by side", format="png", columns=min(len(self.methods), 5),
+                                  height="auto", elem_id="compare-gallery")
+        stats = gr.Dataframe(headers=["method", "seconds", "UNet calls"], datatype=["str", "number", "number"],
+                             interactive=False, label="Cost", elem_id="compare-stats")
+        button.click(self.compare, [state, *shared, chosen, *self.forms.components],
+                     [state, side_by_side, stats, gallery, downloads], api_name="compare",
+                     concurrency_id=PIPELINE_EVENTS)
+
+    def _wire_reuse(self, state: gr.State, shared: list, generate_outputs: list) -> None:
+        self.reuse_button.click(self.reuse, [state, shared[2]], [*shared, *generate_outputs],
+                                api_name="reuse_settings", concurrency_limit=None)
+
+
+def _summary(items: Sequence[ResultItem]) -> str:
+    if not items:
+        return ""
+    first = items[0]
+    return f"**{first.method_name}**: {len(items)} image(s) in {first.seconds:.2f} s, {first.unet_calls} UNet calls"
+
+
+def build_app(pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS) -> gr.Blocks:
+    """The Blocks app around ``pipe``, with its queue set: one pipeline event at a time."""
+    return LoraComposeApp(pipe, settings, methods).build()
+
+
+def launch_app(blocks: gr.Blocks, settings: AppSettings, host: str = "127.0.0.1", port: int | None = None,
+               block: bool = True, quiet: bool = False) -> gr.Blocks:
+    """Serve the app; outputs are downloadable, uploads are never served back."""
+    settings.output_root.mkdir(parents=True, exist_ok=True)
+    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet,
+                  allowed_paths=[str(settings.output_root)], blocked_paths=[str(settings.upload_root)],
+                  max_file_size=settings.max_upload_bytes, show_error=False)
+    return blocks

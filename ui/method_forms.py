@@ -1,0 +1,308 @@
+"""Method picker forms, built from the method registry (``loracompose.METHODS``).
+
+Every method is a dataclass whose fields are its settings, so each field gets a control from its
+type: bool -> checkbox, int/float -> number, str -> text (a dropdown when the field's docstring
+lists its values as ``"a"``, ``"b"``), Literal -> dropdown, tuples/lists -> comma-separated
+numbers, dicts -> ``name=value`` pairs, ``X | None`` -> a text box where empty means "automatic".
+Help texts come from the class docstring's ``Attributes:``/``Args:`` section. A new method
+registered in ``METHODS`` therefore gets its panel with no UI code.
+
+Extension points, for methods whose settings need more than a typed field:
+
+* ``FIELD_CONTROLS[(method name, field name)]``: a factory returning the field's
+  :class:`SettingControl` (a box editor for LoRA-Composer's boxes, a token picker for TARA's
+  token positions). The control's ``parse`` turns the component value into the field value.
+* ``PANEL_EXTRAS[method name]``: called inside the method's group after its controls are drawn,
+  with the :class:`MethodPanel`; it may add buttons and wire events (AutoLoRA's "suggest" button
+  filling in the panel's controls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import gradio as gr
+
+from loracompose.errors import UserError
+from loracompose.method import CompositionMethod
+
+
+@dataclass
+class SettingControl:
+    """One method setting: the dataclass field it fills, its component, and the conversions."""
+
+    field_name: str
+    component: gr.components.Component
+    parse: Callable[[Any], Any]  # component value -> field value; raises UserError
+    show: Callable[[Any], Any]  # field value (as in settings()) -> component value
+
+
+@dataclass
+class MethodPanel:
+    """One method's settings group in the page."""
+
+    name: str
+    method_class: type[CompositionMethod]
+    group: gr.Group
+    controls: list[SettingControl]
+
+    def build(self, values: Sequence[Any]) -> CompositionMethod:
+        """The method object from its controls' values (in ``controls`` order)."""
+        settings = {control.field_name: control.parse(value) for control, value in zip(self.controls, values)}
+        try:
+            return self.method_class(**settings)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{self.name} settings: {error}") from None
+
+    def shown_values(self, settings: Mapping[str, Any]) -> list[Any]:
+        """Component values showing ``settings`` (a method's ``settings()``); missing keys keep the value."""
+        return [control.show(settings[control.field_name]) if control.field_name in settings else gr.update()
+                for control in self.controls]
+
+
+ControlFactory = Callable[[str, dataclasses.Field, Any, Any, str], SettingControl]
+FIELD_CONTROLS: dict[tuple[str, str], ControlFactory] = {}
+PANEL_EXTRAS: dict[str, Callable[[MethodPanel], None]] = {}
+
+
+class MethodForms:
+    """The settings groups of all registered methods; one is visible, the picked one."""
+
+    def __init__(self, methods: Mapping[str, type[CompositionMethod]], picked: str):
+        self.panels: dict[str, MethodPanel] = {}
+        for name, method_class in methods.items():
+            with gr.Group(visible=name == picked) as group:
+                panel = MethodPanel(name, method_class, group, list(method_controls(name, method_class)))
+                if not panel.controls:
+                    gr.Markdown(f"*{name} has no settings.*")
+                PANEL_EXTRAS.get(name, lambda _: None)(panel)
+            self.panels[name] = panel
+
+    @property
+    def components(self) -> list[gr.components.Component]:
+        """Every method's controls, panel after panel: the flat inputs of generate/compare events."""
+        return [control.component for panel in self.panels.values() for control in panel.controls]
+
+    @property
+    def groups(self) -> list[gr.Group]:
+        return [panel.group for panel in self.panels.values()]
+
+    def method(self, name: str, flat_values: Sequence[Any]) -> CompositionMethod:
+        """The named method with the settings its panel shows (``flat_values`` as in ``components``)."""
+        if name not in self.panels:
+            raise UserError(f"method {name!r} is not available; choose one of {', '.join(self.panels)}")
+        start = 0
+        for panel_name, panel in self.panels.items():
+            if panel_name == name:
+                return panel.build(flat_values[start:start + len(panel.controls)])
+            start += len(panel.controls)
+        raise AssertionError("unreachable")
+
+    def visibility(self, name: str) -> list[Any]:
+        return [gr.update(visible=panel_name == name) for panel_name in self.panels]
+
+    def shown_values(self, name: str, settings: Mapping[str, Any]) -> list[Any]:
+        """Updates of ``components`` that show ``settings`` in the named method's panel."""
+        return [value for panel_name, panel in self.panels.items()
+                for value in (panel.shown_values(settings) if panel_name == name else [gr.update()] * len(panel.controls))]
+
+
+def method_controls(method_name: str, method_class: type[CompositionMethod]) -> list[SettingControl]:
+    """A control for each field of the method's dataclass that the UI can edit."""
+    hints = typing.get_type_hints(method_class)
+    help_texts = field_help(method_class)
+    controls = []
+    for field in dataclasses.fields(method_class):
+        if not field.init:
+            continue
+        default = _default_of(field)
+        factory = FIELD_CONTROLS.get((method_name, field.name), default_control)
+        control = factory(method_name, field, hints.get(field.name, Any), default, help_texts.get(field.name, ""))
+        if control is not None:
+            controls.append(control)
+    return controls
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def field_help(method_class: type) -> dict[str, str]:
+    """Field descriptions from the ``Attributes:``/``Args:`` sections of the class docstrings
+    (base classes first, so a subclass's text wins); ``a / b: text`` describes both fields."""
+    found: dict[str, str] = {}
+    for klass in reversed(method_class.__mro__):
+        section = re.split(r"^\s*(?:Attributes|Args):\s*$", klass.__dict__.get("__doc__") or "", maxsplit=1,
+                           flags=re.MULTILINE)
+        if len(section) < 2:
+            continue
+        for match in re.finditer(r"^( +)([\w /]+?):\s+(.+(?:\n\1 {2,}\S.*)*)", section[1], flags=re.MULTILINE):
+            text = " ".join(match.group(3).split())
+            for name in match.group(2).split("/"):
+                found[name.strip()] = text
+    return found
+
+
+def plain_text(help_text: str) -> str:
+    """A docstring fragment without reST markup: ``"keep"`` -> "keep", :meth:`x` -> x."""
+    return re.sub(r":\w+:`([^`]*)`", r"\1", help_text).replace("``", "")
+
+
+def doc_choices(help_text: str) -> list[str]:
+    """The quoted values a field's description lists (``"keep"``, ``"cond"``...), in order."""
+    return list(dict.fromkeys(re.findall(r'``"([^"`]+)"``', help_text)))
+
+
+# ------------------------------------------------------------------------------------ controls by type
+
+
+def default_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl | None:
+    """The control for a field, chosen by its type hint; None for a type the UI cannot edit."""
+    label, info = field.name.replace("_", " "), plain_text(help_text) or None
+    optional, hint = _strip_optional(hint)
+    origin = typing.get_origin(hint)
+    if optional or origin in (tuple, list, dict):
+        return _text_control(method, field.name, label, hint, default, info or "", optional)
+    if origin is typing.Literal:
+        choices = list(typing.get_args(hint))
+        return SettingControl(field.name, gr.Dropdown(choices, value=default, label=label, info=info),
+                              lambda value: value, lambda value: value)
+    if hint is bool:
+        return SettingControl(field.name, gr.Checkbox(value=bool(default), label=label, info=info),
+                              bool, bool)
+    if hint in (int, float):
+        component = gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None)
+        return SettingControl(field.name, component, _number_parser(method, label, hint), lambda value: value)
+    if hint is str:
+        choices = doc_choices(help_text)
+        component = (gr.Dropdown(choices, value=default, label=label, info=info, allow_custom_value=True)
+                     if default in choices and len(choices) > 1 else
+                     gr.Textbox(value=default, label=label, info=info))
+        return SettingControl(field.name, component, lambda value: str(value or "").strip(), lambda value: value)
+    return None
+
+
+def choice_control(*choices: str) -> ControlFactory:
+    """A factory for a str field with a fixed set of values (the method's own check lists them)."""
+
+    def factory(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
+        component = gr.Dropdown(list(choices), value=default, label=field.name.replace("_", " "), info=help_text or None)
+        return SettingControl(field.name, component, lambda value: value, lambda value: value)
+
+    return factory
+
+
+FIELD_CONTROLS[("merge", "combine")] = choice_control("sum", "mean")
+
+
+def _strip_optional(hint: Any) -> tuple[bool, Any]:
+    """(whether None is allowed, the hint without None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) < len(typing.get_args(hint)):
+            return True, args[0] if len(args) == 1 else typing.Union[tuple(args)]
+    return False, hint
+
+
+def _number_parser(method: str, label: str, kind: type) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if value is None or value == "":
+            raise UserError(f"{method} {label}: give a number")
+        try:
+            number = kind(float(value)) if kind is int else float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{method} {label}: {value!r} is not a number") from None
+        if kind is int and number != float(value):
+            raise UserError(f"{method} {label}: {value!r} must be a whole number")
+        return number
+    return parse
+
+
+def _text_control(method: str, name: str, label: str, hint: Any, default: Any, help_text: str,
+                  optional: bool) -> SettingControl:
+    """A text box for tuples, lists, dicts and optional values; empty means None (automatic)."""
+    example = _format_example(hint)
+    info = " ".join(part for part in (help_text, f"Format: {example}.", "Empty = default/automatic." if optional else "") if part)
+    component = gr.Textbox(value=format_setting(default), label=label, info=info, placeholder="automatic" if optional else None)
+
+    def parse(text: Any) -> Any:
+        text = str(text or "").strip()
+        if not text:
+            if optional:
+                return None
+            raise UserError(f"{method} {label}: give a value ({example})")
+        return parse_setting(text, hint, f"{method} {label}")
+
+    return SettingControl(name, component, parse, format_setting)
+
+
+def _format_example(hint: Any) -> str:
+    """How to type a value of this type, e.g. ``comma-separated numbers, e.g. 1, 0.5``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list):
+        kind = "whole numbers, e.g. 2, 3" if int in args else "numbers, e.g. 1, 0.5"
+        return f"comma-separated {kind}"
+    if origin is dict:
+        value = "a number" if len(args) == 2 and args[1] in (int, float) else "a word"
+        return f"LoRA name=value pairs (value: {value}), e.g. character=..., style=..."
+    return {int: "a whole number", float: "a number"}.get(hint, "a value")
+
+
+def format_setting(value: Any) -> str:
+    """A field value as the text its box shows."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={val}" for key, val in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value)
+    return str(value)
+
+
+def parse_setting(text: str, hint: Any, label: str) -> Any:
+    """Text -> value of type ``hint`` (tuple/list of numbers, dict of name=value, or a scalar)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if fixed and len(items) != len(args):
+            raise UserError(f"{label}: give {len(args)} comma-separated values, got {len(items)}")
+        kinds = args if fixed else [args[0] if args else float] * len(items)
+        values = [_scalar(item, kind, label) for item, kind in zip(items, kinds)]
+        return tuple(values) if origin is tuple else values
+    if origin is dict:
+        value_kind = args[1] if len(args) == 2 else str
+        pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+        parsed = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"{label}: {pair!r} is not name=value")
+            parsed[key.strip()] = _scalar(value.strip(), value_kind, label)
+        return parsed
+    return _scalar(text, hint, label)
+
+
+def _scalar(text: str, kind: Any, label: str) -> Any:
+    try:
+        if kind is bool:
+            return text.lower() in ("true", "1", "yes")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        return json.loads(text)
+    except (ValueError, json.JSONDecodeError):
+        raise UserError(f"{label}: {text!r} is not a valid {getattr(kind, '__name__', 'value')}") from None

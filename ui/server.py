@@ -1,0 +1,69 @@
+"""From command-line options to a served app: model, library, folders, launch.
+
+With no model the app runs on the embedded offline default and offers its demo LoRAs (ticked),
+so ``loracompose ui`` works on a fresh machine with no network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loracompose.embedded import embedded_default, loracompose_home
+from loracompose.errors import UserError
+
+from .app import AppSettings, build_app, launch_app
+from .library import DEFAULT_MAX_UPLOAD_BYTES, LoraEntry, describe_lora_file, scan_library
+
+
+@dataclass(frozen=True)
+class UiOptions:
+    """What ``loracompose ui`` was asked for."""
+
+    model: str | None = None
+    config: str | None = None
+    library: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    out: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / 1024**2
+
+
+def ui_home() -> Path:
+    """The app's own folder: ``<LORACOMPOSE_HOME>/ui`` (outputs and uploads)."""
+    return loracompose_home() / "ui"
+
+
+def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
+    """(model to load, app settings); the embedded default when no model is given."""
+    if options.max_upload_mb <= 0:
+        raise UserError(f"--max-upload-mb {options.max_upload_mb}: give a positive size in MiB")
+    model, library, prompt, preselect = options.model, scan_library(options.library), "", False
+    if model is None:
+        demo = embedded_default()
+        model, prompt = str(demo.model_dir), demo.prompt
+        if options.library is None:
+            library, preselect = _demo_library(demo.loras), True
+    home = ui_home()
+    settings = AppSettings(
+        model_label=model, library=tuple(library), output_root=Path(options.out or home / "outputs").resolve(),
+        upload_root=(home / "uploads").resolve(), default_prompt=prompt, preselect_library=preselect,
+        max_upload_bytes=int(options.max_upload_mb * 1024**2),
+    )
+    return model, settings
+
+
+def _demo_library(demo_loras) -> list[LoraEntry]:
+    return [describe_lora_file(lora.path, lora.name, "demo") for lora in demo_loras]
+
+
+def serve(options: UiOptions, block: bool = True):
+    """Load the model, build the app and serve it (blocking unless ``block=False``)."""
+    from loracompose.pipelines import load_pipeline
+
+    model, settings = resolve_settings(options)
+    pipe = load_pipeline(model, device=options.device, dtype=options.dtype, config=options.config)
+    blocks = build_app(pipe, settings)
+    return launch_app(blocks, settings, host=options.host, port=options.port, block=block)
