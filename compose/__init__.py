@@ -10,16 +10,17 @@ from .lora import LoadedLora, LoraSpec
 from .pipelines import GenerationResult, GenerationStats, load_pipeline
 from .composite import Composite
 from .cmlora import CMLoRA, CMLoRASwitch
+from .composer import Composer
 from .merge import Merge
 from .method import CompositionMethod
 from .switch import Switch
 from .tara import Tara
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, Tara)}
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, Tara, Composer)}
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CMLoRA", "CMLoRASwitch", "METHODS", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
+    "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
     "LoraSpec", "Merge", "Switch", "Tara", "UserError", "load_pipeline",
 ]

@@ -39,6 +39,13 @@ def build_method(args: argparse.Namespace):
         from .tara import Tara
 
         return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
+    if args.method == "composer":
+        from .composer import Composer, parse_box
+
+        return Composer(boxes=tuple(parse_box(text) for text in args.box),
+                        region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
+                        refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
+                        reinitialise=not args.composer_no_reinit)
     raise UserError(f"--method {args.method}: not available")
 
 
@@ -102,6 +109,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tara-missing-trigger", default="error", choices=["error", "warn"],
                         help="tara: a LoRA whose trigger is not in the prompt is an error (default) or a warning "
                              "with its cross-attention K/V deltas off")
+    parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                        help="composer: the concept's box in relative coordinates (0..1, y down), one per --lora in "
+                             "the same order (default: the LoRAs side by side in equal columns)")
+    parser.add_argument("--region-prompt", action="append", default=[], metavar="TEXT",
+                        help="composer: the concept's region prompt, one per --lora ('' = its trigger words, the default)")
+    parser.add_argument("--composer-no-refine", action="store_true", help="composer: no test-time latent refinement")
+    parser.add_argument("--composer-no-isolate", action="store_true", help="composer: no self-attention isolation")
+    parser.add_argument("--composer-no-reinit", action="store_true", help="composer: no latent re-initialisation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

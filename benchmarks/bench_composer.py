@@ -1,0 +1,325 @@
+"""What LoRA-Composer costs against plain diffusers: wall time, the cost floor, and peak memory, for
+N = 2..4 concepts (one box per LoRA: N vertical strips that overlap a little).
+
+For each model (``tiny``: loracompose's tiny random SD1.5; ``mid``: the same pipeline with a random
+SD1.5-layout UNet, block_out_channels (64, 128, 256), see benchmarks/bench_cmlora.py) it builds the
+folder and random LoRAs in a temporary folder and times, in this process:
+
+* ``plain``: stock ``diffusers.StableDiffusionPipeline`` with DPM-Solver++, no LoRA (1 CFG call/step);
+* ``composer``: ``generate`` with ``Composer`` at its defaults (refinement, isolation, re-init).
+
+The **cost floor** is what any implementation of the algorithm must spend (methods.md §8.7): the
+plain run plus one conditional forward + backward (batch 1) per refined step plus one conditional
+forward for the re-initialisation, with those two timed on the stock UNet (no regions, no maps)::
+
+    floor = plain + R · t(forward+backward, 1 row) + t(forward, 1 row)
+
+``composer / floor`` is then the overhead of the region attentions, isolation masks and map capture
+(target <= 1.2). Wall times are the best of the repeats, raced in turns (other jobs on a shared CPU
+only ever add time).
+
+Peak memory is the peak RSS of a fresh process (``--probe``) that loads the model and runs one
+generation: on CPU the allocator has no peak counter and the process high-water mark would mix runs.
+Target: composer <= (plain + LoRA file bytes) x 1.1.
+
+    python benchmarks/bench_composer.py --quick
+    python benchmarks/bench_composer.py --out bench_out/composer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers must not spin on a shared CPU
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+
+from loracompose import LoraSpec, load_pipeline  # noqa: E402
+from loracompose.attention import Box  # noqa: E402
+from loracompose.composer import Composer  # noqa: E402
+from loracompose.outputs import atomic_write_text  # noqa: E402
+from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
+from loracompose.tiny import build_tiny_lora, build_tiny_sd15, tiny_sd15_pipeline  # noqa: E402
+
+PROMPT = "a photo of friends in a garden"
+SEED = 0
+GUIDANCE_SCALE = 7.5
+SIZE = 64
+STRIP_OVERLAP = 0.05
+
+MID_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": (64, 128, 256),
+    "layers_per_block": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4, 8),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_loras: tuple[int, ...]
+    steps: int
+    repeats: int
+    models: tuple[str, ...]
+    quick: bool
+
+
+@dataclass
+class Row:
+    model: str
+    num_loras: int
+    steps: int
+    refined_steps: int
+    unet_calls: int
+    plain_seconds: float
+    composer_seconds: float
+    floor_seconds: float
+    forward_backward_seconds: float
+    plain_peak_mib: float
+    composer_peak_mib: float
+    lora_mib: float
+
+    @property
+    def wall_ratio(self) -> float:
+        return self.composer_seconds / self.plain_seconds
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.composer_seconds / self.floor_seconds
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.composer_peak_mib / self.plain_peak_mib
+
+    @property
+    def memory_vs_target(self) -> float:
+        """Peak over (plain + LoRA weights): the target is <= 1.1."""
+        return self.composer_peak_mib / (self.plain_peak_mib + self.lora_mib)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def build_mid(out_dir: Path) -> Path:
+    base = tiny_sd15_pipeline(seed=SEED)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=32).eval()
+    StableDiffusionPipeline(**{**base.components, "unet": unet}, requires_safety_checker=False).save_pretrained(
+        out_dir, safe_serialization=True
+    )
+    return out_dir
+
+
+MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {"tiny": lambda out: build_tiny_sd15(out, seed=SEED), "mid": build_mid}
+
+
+def build_loras(model_dir: Path, out_dir: Path, count: int) -> list[Path]:
+    return [build_tiny_lora(model_dir, out_dir / f"concept{k}.safetensors", seed=100 + k, trigger_words=[f"cpt{k}"],
+                            init_scale=2.0) for k in range(count)]
+
+
+def strip_boxes(count: int) -> tuple[Box, ...]:
+    """``count`` vertical strips across the image, each widened by STRIP_OVERLAP on both sides."""
+    return tuple(Box(max(0.0, k / count - STRIP_OVERLAP), 0.0, min(1.0, (k + 1) / count + STRIP_OVERLAP), 1.0)
+                 for k in range(count))
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def plain_pipeline(model_dir: Path) -> StableDiffusionPipeline:
+    with quiet_loading():
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_runner(pipe: StableDiffusionPipeline) -> Callable[[int], Any]:
+    return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=SIZE, height=SIZE,
+                              generator=torch.Generator().manual_seed(SEED))
+
+
+def composer_runner(pipe: Any, loras: Sequence[Path]) -> Callable[[int], Any]:
+    specs = [LoraSpec(path) for path in loras]
+    return lambda steps: pipe.generate(PROMPT, specs, Composer(boxes=strip_boxes(len(specs))), seed=SEED, steps=steps,
+                                       guidance_scale=GUIDANCE_SCALE, width=SIZE, height=SIZE, show_progress=False)
+
+
+def race(runners: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best wall time of each runner over ``repeats`` rounds that run them in turn, after a one-step warm-up."""
+    results = {name: run(1) for name, run in runners.items()}
+    best = {name: math.inf for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            results[name] = run(steps)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best, results
+
+
+def conditional_pass_seconds(unet: torch.nn.Module, latent_size: int, context_dim: int, repeats: int) -> dict[str, float]:
+    """Best time of one conditional (1 row) forward, and forward + backward w.r.t. the latent, on the
+    stock UNet: the refinement's unavoidable part."""
+    context = torch.randn(1, 77, context_dim)
+    timestep = torch.tensor(500)
+
+    def forward() -> None:
+        with torch.no_grad():
+            unet(torch.randn(1, 4, latent_size, latent_size), timestep, context)
+
+    def forward_backward() -> None:
+        latent = torch.randn(1, 4, latent_size, latent_size, requires_grad=True)
+        torch.autograd.grad(unet(latent, timestep, context).sample.square().mean(), latent)
+
+    best = {"forward": math.inf, "forward_backward": math.inf}
+    for name, run in (("forward", forward), ("forward_backward", forward_backward)):
+        run()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+# ------------------------------------------------------------------------------------ memory probes
+
+
+def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int) -> dict[str, float]:
+    """Run one generation in this (fresh) process; its peak RSS."""
+    torch.set_num_threads(1)
+    if kind == "plain":
+        plain_runner(plain_pipeline(model_dir))(steps)
+    else:
+        composer_runner(load_pipeline(model_dir, device="cpu"), loras)(steps)
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int) -> float:
+    command = [sys.executable, __file__, "--probe", kind, "--model-dir", str(model_dir), "--steps", str(steps),
+               *[arg for path in loras for arg in ("--lora-file", str(path))]]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(output.strip().splitlines()[-1])["peak_rss_mib"])
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list[Row], dict[str, Any]]:
+    with quiet_loading():
+        model_dir = MODEL_BUILDERS[name](work_dir / name)
+        loras = build_loras(model_dir, work_dir / f"{name}-loras", max(settings.num_loras))
+    pipe = load_pipeline(model_dir, device="cpu")
+    latent_size = SIZE // pipe.vae_scale_factor
+    base_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
+    passes = conditional_pass_seconds(base_unet, latent_size, pipe.text_encoder.config.hidden_size, 3)
+    plain = {"plain": plain_runner(plain_pipeline(model_dir))}
+    plain_peak = probed_peak_mib("plain", model_dir, [], settings.steps)
+    rows, plain_seconds = [], math.inf
+    for num_loras in settings.num_loras:
+        chosen = loras[:num_loras]
+        seconds, results = race({**plain, "composer": composer_runner(pipe, chosen)}, settings.steps, settings.repeats)
+        plain_seconds = min(plain_seconds, seconds.get("plain", math.inf))
+        plain = {}  # plain diffusers has no N: timed alongside the first N only
+        stats = results["composer"].stats
+        floor = plain_seconds + stats.backward_passes * passes["forward_backward"] + passes["forward"]
+        rows.append(Row(
+            name, num_loras, settings.steps, stats.backward_passes, stats.unet_calls, plain_seconds, seconds["composer"],
+            floor, passes["forward_backward"], plain_peak, probed_peak_mib("composer", model_dir, chosen, settings.steps),
+            sum(path.stat().st_size for path in chosen) / 2**20,
+        ))
+        print(f"  {name} N={num_loras}: plain {plain_seconds:.2f} s, composer {seconds['composer']:.2f} s, "
+              f"floor {floor:.2f} s", file=sys.stderr, flush=True)
+    return rows, {"latent_size": latent_size, "unet_parameters": sum(p.numel() for p in base_unet.parameters()),
+                  "conditional_pass_seconds": passes}
+
+
+COLUMNS = ("model", "N", "T", "refined", "UNet calls", "plain s", "composer s", "floor s", "composer/plain",
+           "composer/floor", "plain MiB", "composer MiB", "LoRA MiB", "mem/plain", "mem/(plain+LoRA)")
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|:---|" + "---:|" * (len(COLUMNS) - 1)]
+    for r in rows:
+        cells = [r.model, r.num_loras, r.steps, r.refined_steps, r.unet_calls, f"{r.plain_seconds:.2f}",
+                 f"{r.composer_seconds:.2f}", f"{r.floor_seconds:.2f}", f"{r.wall_ratio:.2f}", f"{r.floor_ratio:.2f}",
+                 f"{r.plain_peak_mib:.0f}", f"{r.composer_peak_mib:.0f}", f"{r.lora_mib:.2f}", f"{r.memory_ratio:.3f}",
+                 f"{r.memory_vs_target:.3f}"]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 8 steps, one repeat (< 3 min on this CPU)")
+    parser.add_argument("--models", default=None, help="comma-separated: tiny, mid (default: tiny for --quick, both otherwise)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (atomically)")
+    parser.add_argument("--probe", choices=("plain", "composer"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-file", type=Path, action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    default = "tiny" if args.quick else "tiny,mid"
+    models = tuple(name.strip() for name in (args.models or default).split(",") if name.strip())
+    unknown = sorted(set(models) - set(MODEL_BUILDERS))
+    if unknown:
+        raise SystemExit(f"--models: unknown model {unknown[0]!r}; use {', '.join(MODEL_BUILDERS)}")
+    if args.quick:
+        return Settings((2, 3, 4), 8, 1, models, True)
+    return Settings((2, 3, 4), 30, 2, models, False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.model_dir, args.lora_file, args.steps)))
+        return 0
+    settings = make_settings(args)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    rows, models = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-composer-") as work:
+        for name in settings.models:
+            model_rows, models[name] = benchmark_model(name, settings, Path(work))
+            rows.extend(model_rows)
+    table = markdown_table(rows)
+    print(table)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"settings": asdict(settings), "rows": [asdict(row) | {"wall_ratio": row.wall_ratio,
+                   "floor_ratio": row.floor_ratio, "memory_ratio": row.memory_ratio,
+                   "memory_vs_target": row.memory_vs_target} for row in rows], "models": models, "table": table,
+                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "diffusers": diffusers.__version__},
+                   "seconds": time.perf_counter() - started}
+        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""LoRA-Composer: box-guided concept injection, concept isolation and latent refinement
+(Yang et al., arXiv 2403.11627; methods.md §8).
+
+Inputs: a global prompt p; per concept k a LoRA, a region prompt p_k (default: its trigger words) and a
+box b_k. One base UNet, the LoRAs kept as PEFT adapters (no copy of the model per concept)::
+
+    e_k <- text encoder(s) with LoRA k's deltas on [negative prompt, p_k]          # region states
+    B_k <- b_k at the 1/32 attention level (a cell is in when half of it is covered)
+    z   <- N(0, I)
+    # latent re-initialisation (§8.6), one conditional UNet call on z at t_0:
+    for each concept k:
+        (r, c) <- argmax over windows the size of B_k of Σ_tok (A_tok ∗ ones(B_k))
+        z[b_k] <- z_0[window (r, c), scaled to latent cells]                       # z_0: the initial noise
+    z <- (z - mean z) / std z · std z_0 + mean z_0;   z <- z · init_noise_sigma
+    for step i = 0 .. T-1:
+        if refining:                                                              # §8.4, §8.5
+            A_k, S <- one conditional UNet call on z with grad: concept k's token maps over the whole
+                      image with its own keys, Gaussian-smoothed (3, σ 0.5); S the self-attention at
+                      the same level (both averaged over heads and the 5 map layers)
+            L <- Σ_k Σ_tok 8·relu(1 - topk_mean(A_tok ⊙ B_k ⊙ G_k))                # box attention
+               + Σ_k Σ_tok 2·mean|max_rows(A_tok ⊙ B_k) - max_rows(B_k)|
+                           + 2·mean|max_cols(A_tok ⊙ B_k) - max_cols(B_k)|         # fill
+               + Σ_k 10·topk_mean(S[queries in B_k, keys outside B_k])             # region leakage
+              (topk over round(0.2·|B_k|) cells; G_k a peak-1 Gaussian over the box on [-1, 1]², σ 1)
+            if L ≠ 0: z <- z - 20·sqrt(linspace(1, 0.5, T)[i]) · ∇_z L
+            stop for good when i >= 25, or i >= 5 and L rose since the previous step
+        ε <- one CFG UNet call of the base model in which, on every layer,
+               cross-attention: queries in b_k attend e_k through LoRA k's to_k/to_v/to_out.0 deltas,
+                                queries in no box attend p with the base projections,
+                                queries in several boxes get the mean                     # §8.2
+               self-attention:  queries in b_k give no weight to keys in b_j, j ≠ k      # §8.3
+        z <- scheduler step(ε)
+
+Cost: T CFG calls + one conditional forward and backward per refined step (at most 26) + one
+conditional forward for the re-initialisation; the call count does not grow with N, each
+cross-attention layer adds N region attentions (attention/regions.py).
+
+Departures from the public code (its pitfalls, §8.7) and choices where the spec is open:
+
+* One base model and each concept's LoRA deltas with their α/r scaling and strength (PEFT
+  ``scaling``), through attention processors; no pipeline copies, no ``forward`` patching.
+* Concept tokens are found per region (the LoRA's trigger words in its own region prompt, all of
+  the region prompt's word tokens when it has none), never by concept index.
+* Boxes follow one rounding rule at every level (attention/masks.py), relative (0..1) or
+  :meth:`Box.from_pixels`. A box that covers no cell of the attention-map level adds no loss term
+  and is not re-initialised (it still gets its concept injected at finer levels).
+* Community LoRAs: region prompts are encoded with that LoRA's text-encoder deltas and the
+  generation's negative prompt (the unconditional rows); attn1, FFN and ``to_q`` deltas are unused.
+* The smoothing kernel is the textbook Gaussian exp(-d²/2σ²) with reflect padding (the reference's
+  copy of Attend-and-Excite uses exp(-(d/2σ)²)); G_k uses linspace(-1, 1) over the box's cells.
+* Re-initialisation copies every window from the initial noise (not from a partly rewritten one)
+  and scales windows by the true stride between the map level and the latent (4 on SD1.5/SDXL).
+* With several images each image has its own losses, stop rule and re-initialisation, so image j
+  equals a one-image run with seed + j.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from peft.tuners.lora import LoraLayer
+
+from .errors import UserError
+from .lora import LoadedLora
+from .method import CompositionMethod, require_loras
+from .tokens import trigger_positions
+from loracompose.attention import (
+    AttentionStore,
+    Box,
+    ComposeAttnProcessor,
+    LatentGrid,
+    Region,
+    RegionAttention,
+    attention_layers,
+    attention_map_layers,
+    check_adapters_loaded,
+    install_processors,
+    processors_for,
+)
+from loracompose.attention.layers import ProcessorHandle
+from loracompose.pipelines.loop import BASE, Branch, Denoiser, Prediction, Step
+
+# methods.md §8.7
+BOX_LOSS_WEIGHT = 8.0
+FILL_LOSS_WEIGHT = 2.0
+REGION_LOSS_WEIGHT = 10.0
+TOP_K_RATIO = 0.2
+SMOOTHING_KERNEL_SIZE = 3
+SMOOTHING_SIGMA = 0.5
+BOX_GAUSSIAN_SIGMA = 1.0
+
+
+# ------------------------------------------------------------------------------------ boxes
+
+
+def parse_box(text: str) -> Box:
+    """A relative box from the CLI form ``"x0,y0,x1,y1"`` (0..1, x along the width, y down)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 4:
+        raise UserError(f"--box {text!r}: give four numbers x0,y0,x1,y1 between 0 and 1, e.g. --box 0,0,0.5,1")
+    try:
+        x0, y0, x1, y1 = (float(part) for part in parts)
+    except ValueError:
+        raise UserError(f"--box {text!r}: every coordinate must be a number; give x0,y0,x1,y1, e.g. 0,0,0.5,1") from None
+    if not all(0.0 <= value <= 1.0 for value in (x0, y0, x1, y1)):
+        raise UserError(f"--box {text!r} is outside the image: coordinates are relative, between 0 and 1")
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"--box {text!r} has zero area: give x0 < x1 and y0 < y1 (left, top, right, bottom)")
+    return Box(x0, y0, x1, y1)
+
+
+def side_by_side_boxes(count: int) -> tuple[Box, ...]:
+    """``count`` full-height boxes splitting the image into equal columns, left to right."""
+    return tuple(Box(index / count, 0.0, (index + 1) / count, 1.0) for index in range(count))
+
+
+def as_box(value: Box | Sequence[float]) -> Box:
+    """A :class:`Box` from a Box or four relative numbers (x0, y0, x1, y1)."""
+    if isinstance(value, Box):
+        return value
+    numbers = tuple(value)
+    if len(numbers) != 4:
+        raise UserError(f"composer box {numbers!r}: give four relative numbers (x0, y0, x1, y1) or a Box")
+    return Box(*(float(number) for number in numbers))
+
+
+@dataclass(frozen=True)
+class CellRect:
+    """Rows ``[top, bottom)`` and columns ``[left, right)`` of a grid."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+
+    @classmethod
+    def bounding(cls, mask: torch.Tensor) -> "CellRect | None":
+        """The smallest rectangle holding every True cell of a 2-D mask (None if there is none)."""
+        rows, columns = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        return cls(int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1)
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+
+@dataclass(frozen=True)
+class ConceptGeometry:
+    """Where one concept's box falls for this generation's latent size."""
+
+    map_mask: torch.Tensor  # bool (rows, columns) at the attention-map level
+    latent_rect: CellRect
+    top_k: int  # cells in the top-k statistics: round(ratio · |B|), 0 when the box misses the map level
+
+    @property
+    def map_rect(self) -> CellRect | None:
+        return CellRect.bounding(self.map_mask)
+
+
+# ------------------------------------------------------------------------------------ losses (§8.4)
+
+
+def top_k_count(box_mask: torch.Tensor, ratio: float = TOP_K_RATIO) -> int:
+    """round(ratio · |B|), at least 1 for a non-empty box (0 for an empty one)."""
+    cells = int(box_mask.sum())
+    return 0 if cells == 0 else max(1, round(ratio * cells))
+
+
+def top_k_mean(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` largest entries of ``values`` (all of them if there are fewer)."""
+    flat = values.flatten()
+    return torch.topk(flat, min(k, flat.numel())).values.mean()
+
+
+def gaussian_kernel(size: int = SMOOTHING_KERNEL_SIZE, sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
+    """A (size, size) float64 Gaussian exp(-d²/2σ²) normalised to sum 1."""
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    line = torch.exp(-offsets**2 / (2 * sigma**2))
+    kernel = torch.outer(line, line)
+    return kernel / kernel.sum()
+
+
+def smooth_maps(maps: torch.Tensor, size: int = SMOOTHING_KERNEL_SIZE, sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
+    """Each (..., rows, columns, tokens) map convolved with :func:`gaussian_kernel`, same size out
+    (reflect padding; replicate on a side of one cell, where reflection is undefined)."""
+    leading, (rows, columns, tokens) = maps.shape[:-3], maps.shape[-3:]
+    planes = maps.reshape(-1, rows, columns, tokens).permute(0, 3, 1, 2).reshape(-1, 1, rows, columns)
+    pad = size // 2
+    mode = "reflect" if min(rows, columns) > pad else "replicate"
+    padded = F.pad(planes, (pad, pad, pad, pad), mode=mode)
+    kernel = gaussian_kernel(size, sigma).to(planes)[None, None]
+    smoothed = F.conv2d(padded, kernel).reshape(-1, tokens, rows, columns).permute(0, 2, 3, 1)
+    return smoothed.reshape(*leading, rows, columns, tokens)
+
+
+def box_gaussian(box_mask: torch.Tensor, sigma: float = BOX_GAUSSIAN_SIGMA) -> torch.Tensor:
+    """G: exp(-(x² + y²)/2σ²) with x, y spanning [-1, 1] over the box's cells (0 for a one-cell side),
+    zero outside the box's bounding rectangle."""
+    gaussian = torch.zeros(box_mask.shape, dtype=torch.float32, device=box_mask.device)
+    rect = CellRect.bounding(box_mask)
+    if rect is None:
+        return gaussian
+    y = _centred_axis(rect.height, box_mask.device)
+    x = _centred_axis(rect.width, box_mask.device)
+    gaussian[rect.top:rect.bottom, rect.left:rect.right] = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+    return gaussian
+
+
+def _centred_axis(cells: int, device: torch.device) -> torch.Tensor:
+    if cells == 1:
+        return torch.zeros(1, device=device)
+    return torch.linspace(-1.0, 1.0, cells, device=device)
+
+
+def box_attention_loss(maps: torch.Tensor, box_mask: torch.Tensor, top_k: int,
+                       weight: float = BOX_LOSS_WEIGHT) -> torch.Tensor:
+    """Σ_tok weight · max(0, 1 - mean(top-k(A_tok ⊙ B ⊙ G))) for maps (rows, columns, tokens)."""
+    inside = maps * (box_mask.to(maps) * box_gaussian(box_mask).to(maps))[..., None]
+    per_token = [torch.relu(1 - top_k_mean(inside[..., t], top_k)) for t in range(maps.shape[-1])]
+    return weight * torch.stack(per_token).sum()
+
+
+def fill_loss(maps: torch.Tensor, box_mask: torch.Tensor, weight: float = FILL_LOSS_WEIGHT) -> torch.Tensor:
+    """Σ_tok weight·mean|p_x - proj_x(B)| + weight·mean|p_y - proj_y(B)|, p_x = max over rows of
+    A_tok ⊙ B (one value per column), p_y = max over columns (one per row)."""
+    box = box_mask.to(maps)
+    inside = maps * box[..., None]
+    along_x = (inside.amax(dim=0) - box.amax(dim=0)[:, None]).abs().mean(dim=0)
+    along_y = (inside.amax(dim=1) - box.amax(dim=1)[:, None]).abs().mean(dim=0)
+    return weight * (along_x + along_y).sum()
+
+
+def region_leakage_loss(self_attention: torch.Tensor, box_cells: torch.Tensor, top_k: int,
+                        weight: float = REGION_LOSS_WEIGHT) -> torch.Tensor:
+    """weight · mean(top-k(S[queries in B, keys outside B])), clipped at 0; S is (cells, cells),
+    ``box_cells`` the flattened bool box mask. Zero when the box covers every cell."""
+    leaking = self_attention[box_cells][:, ~box_cells]
+    if leaking.numel() == 0:
+        return self_attention.sum() * 0
+    return weight * torch.clamp(top_k_mean(leaking, top_k), min=0)
+
+
+# ------------------------------------------------------------------------------------ steps (§8.5)
+
+
+@dataclass(frozen=True)
+class RefinementSchedule:
+    """Step sizes φ_i = step_size · sqrt(linspace(1, final_fraction, T)[i]) and the stop rule:
+    refinement ends for good after step i when i >= last_step, or when i >= patience_step and the
+    loss rose since the previous step (so at most last_step + 1 refined steps)."""
+
+    num_steps: int
+    step_size: float = 20.0
+    final_fraction: float = 0.5
+    last_step: int = 25
+    patience_step: int = 5
+
+    def step_size_at(self, index: int) -> float:
+        fraction = 1.0 if self.num_steps == 1 else 1.0 + (self.final_fraction - 1.0) * index / (self.num_steps - 1)
+        return self.step_size * math.sqrt(fraction)
+
+    def stops_after(self, index: int, loss: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Per image: whether refinement ends after step ``index`` with this loss."""
+        if index >= self.last_step:
+            return torch.ones_like(loss, dtype=torch.bool)
+        if previous is None or index < self.patience_step:
+            return torch.zeros_like(loss, dtype=torch.bool)
+        return loss > previous
+
+
+@dataclass(frozen=True)
+class RefinedStep:
+    """One refined step, per image: the loss, whether the latent moved, and the step size."""
+
+    index: int
+    losses: tuple[float, ...]
+    updated: tuple[bool, ...]
+    step_size: float
+
+
+# ------------------------------------------------------------------------------------ re-initialisation (§8.6)
+
+
+def best_window(score_map: torch.Tensor, height: int, width: int) -> tuple[int, int]:
+    """(row, column) of the top-left cell of the ``height`` x ``width`` window with the largest sum
+    of ``score_map`` (rows, columns); the first one in row-major order on ties."""
+    ones = torch.ones(1, 1, height, width, dtype=score_map.dtype, device=score_map.device)
+    sums = F.conv2d(score_map[None, None], ones)[0, 0]
+    index = int(torch.argmax(sums.flatten()))
+    return divmod(index, sums.shape[1])
+
+
+def reinitialised_noise(noise: torch.Tensor, copies: Sequence[tuple[CellRect, tuple[int, int]]]) -> torch.Tensor:
+    """``noise`` (channels, rows, columns) with each target rectangle replaced by the same-sized
+    window of the original noise starting at (row, column), then shifted and scaled back to the
+    original mean and standard deviation."""
+    result = noise.clone()
+    for target, (row, column) in copies:
+        row = min(row, noise.shape[-2] - target.height)
+        column = min(column, noise.shape[-1] - target.width)
+        result[:, target.top:target.bottom, target.left:target.right] = \
+            noise[:, row:row + target.height, column:column + target.width]
+    return (result - result.mean()) / result.std() * noise.std() + noise.mean()
+
+
+# ------------------------------------------------------------------------------------ the method
+
+
+@dataclass
+class ConceptMaps:
+    """What the losses read from one conditional UNet call."""
+
+    cross: list[torch.Tensor]  # per concept: (images, rows, columns, its tokens), smoothed
+    self_attention: torch.Tensor | None  # (images, cells, cells), or None when not captured
+    latents: torch.Tensor  # the latent the call ran on (with grad while refining)
+
+
+@dataclass
+class Composer(CompositionMethod):
+    """Each concept injected into its box through its LoRA's cross-attention K/V/out deltas, one
+    base UNet pass per step, with test-time latent refinement and re-initialisation.
+
+    Args:
+        boxes: one box per LoRA, in the LoRAs' order: a :class:`Box` (relative 0..1, or
+            ``Box.from_pixels``) or four relative numbers (x0, y0, x1, y1). Boxes may overlap.
+            None or empty: the LoRAs side by side in equal full-height columns, left to right.
+        region_prompts: one per LoRA (None or "" for its trigger words); None: trigger words for all.
+        isolate: concept isolation in self-attention (§8.3).
+        refine: test-time latent refinement with the three losses (§8.4, §8.5).
+        reinitialise: copy the best window of the initial noise into each box (§8.6).
+        box_weight, fill_weight, region_weight, top_k_ratio: the losses' weights and top-k share.
+        step_size, final_step_fraction, last_refined_step, patience_step: φ_i and the stop rule.
+        backend: attention kernel (``"sdpa"``; ``"flex"`` has no CPU backward, so no refinement there).
+    """
+
+    name: ClassVar[str] = "composer"
+    boxes: tuple[Box, ...] | None = None
+    region_prompts: tuple[str | None, ...] | None = None
+    isolate: bool = True
+    refine: bool = True
+    reinitialise: bool = True
+    box_weight: float = BOX_LOSS_WEIGHT
+    fill_weight: float = FILL_LOSS_WEIGHT
+    region_weight: float = REGION_LOSS_WEIGHT
+    top_k_ratio: float = TOP_K_RATIO
+    step_size: float = 20.0
+    final_step_fraction: float = 0.5
+    last_refined_step: int = 25
+    patience_step: int = 5
+    backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.automatic_boxes = not self.boxes
+        self.boxes = tuple(as_box(box) for box in self.boxes or ())
+        if self.region_prompts is not None:
+            self.region_prompts = tuple(self.region_prompts)
+        self.processors: dict[str, ComposeAttnProcessor] = {}
+        self.refinement_trace: list[RefinedStep] = []
+        self.token_positions: list[list[int]] = []
+        self._handle: ProcessorHandle | None = None
+        self._map_processors: list[tuple[ComposeAttnProcessor, AttentionStore]] = []
+        self._cross_store = AttentionStore(requires_grad=True)
+        self._self_store = AttentionStore(requires_grad=True)
+        self._regions = RegionAttention()
+        self._conditional_regions = RegionAttention()
+        self._concepts: list[ConceptGeometry] = []
+        self._map_level = 0
+        self._refining = torch.zeros(0, dtype=torch.bool)
+        self._previous_loss: torch.Tensor | None = None
+
+    # -- settings --------------------------------------------------------------------------------
+    def bind(self, loras: Sequence[LoadedLora]) -> None:
+        if self.automatic_boxes:
+            self.boxes = side_by_side_boxes(len(loras))
+        super().bind(loras)
+
+    def check(self, loras: Sequence[LoadedLora]) -> None:
+        require_loras(self.name, loras)
+        if len(self.boxes) > len(loras):
+            raise UserError(f"composer: {len(self.boxes)} boxes for {len(loras)} LoRAs; give exactly one --box per --lora")
+        if len(self.boxes) < len(loras):
+            raise UserError(f"composer: {len(loras)} LoRAs but only {len(self.boxes)} boxes; give one --box "
+                            "x0,y0,x1,y1 per --lora, in the same order")
+        if self.region_prompts is not None and len(self.region_prompts) != len(loras):
+            raise UserError(f"composer: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
+                            "per LoRA (empty for its trigger words)")
+        for index, lora in enumerate(loras):
+            if not self._given_region_prompt(index) and not lora.trigger_words:
+                raise UserError(f"composer: LoRA {lora.name} has no trigger words to use as its region prompt; "
+                                "give one with --region-prompt (or trigger words with --trigger)")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        if min(self.box_weight, self.fill_weight, self.region_weight, self.step_size) < 0:
+            raise UserError("composer loss weights and step_size must be non-negative")
+        if not 0 < self.top_k_ratio <= 1:
+            raise UserError(f"composer top_k_ratio={self.top_k_ratio}: give a share in (0, 1]")
+        if not 0 <= self.final_step_fraction:
+            raise UserError(f"composer final_step_fraction={self.final_step_fraction} must be non-negative")
+        if self.last_refined_step < 0 or self.patience_step < 0:
+            raise UserError("composer last_refined_step and patience_step must be non-negative step indices")
+
+    def _given_region_prompt(self, index: int) -> str:
+        if self.region_prompts is None:
+            return ""
+        return (self.region_prompts[index] or "").strip()
+
+    def region_prompt(self, index: int) -> str:
+        """Concept ``index``'s region prompt: the one given, else its LoRA's trigger words."""
+        return self._given_region_prompt(index) or " ".join(self.loras[index].trigger_words)
+
+    def region_branch(self, index: int) -> Branch:
+        """The branch that encodes concept ``index``'s region prompt with its LoRA on the text encoder(s)."""
+        lora = self.loras[index]
+        return Branch.of({lora.name: lora.weight}, prompt=self.region_prompt(index))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, run: Denoiser) -> None:
+        names = [lora.name for lora in self.loras]
+        check_adapters_loaded(run.unet, names)
+        for name in names:
+            check_cross_attention_coverage(run.unet, name)
+        # The UNet runs the base model; regions add their LoRA's deltas at that LoRA's scaling.
+        run.adapters.activate({}, components=["unet"])
+        run.adapters.set_weights({lora.name: lora.weight for lora in self.loras}, components=["unet"])
+        states = [run.conditioning(self.region_branch(k)).embeds for k in range(len(self.loras))]
+        self._regions = self._region_attention(states)
+        self._conditional_regions = self._region_attention([s.chunk(run.num_halves)[-1] for s in states])
+        self.token_positions = [self._concept_tokens(run, k) for k in range(len(self.loras))]
+        self._install(run.unet)
+        self.refinement_trace = []
+
+    def _region_attention(self, states: Sequence[torch.Tensor]) -> RegionAttention:
+        regions = [Region(box, state, lora.name) for box, state, lora in zip(self.boxes, states, self.loras)]
+        return RegionAttention(regions, isolate_self_attention=self.isolate)
+
+    def _concept_tokens(self, run: Denoiser, index: int) -> list[int]:
+        tokenizers = getattr(run, "tokenizers", None)
+        if not tokenizers:
+            raise UserError("composer needs the pipeline's tokenizer(s) to find concept tokens; run it through "
+                            "pipe.generate(...)")
+        return concept_token_positions(tokenizers, self.region_prompt(index), self.loras[index].trigger_words)
+
+    def _install(self, unet: torch.nn.Module) -> None:
+        processors = processors_for(attention_layers(unet),
+                                    lambda _: ComposeAttnProcessor(self.backend, regions=self._regions))
+        map_layers = attention_map_layers(unet)
+        self._map_level = map_layers[0].level
+        self._map_processors = [(processors[layer.name], self._cross_store) for layer in map_layers]
+        self._map_processors += [(processors[_self_attention_of(layer.name)], self._self_store) for layer in map_layers]
+        self._handle = install_processors(unet, processors)
+        self.processors = processors
+
+    def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        if step.index == 0:
+            self._concepts = self._geometry(latents)
+            self._refining = torch.full((latents.shape[0],), self.refine, dtype=torch.bool)
+            self._previous_loss = None
+            if self.reinitialise:
+                latents = self._reinitialise(run, step, latents)
+        if bool(self._refining.any()):
+            latents = self._refine(run, step, latents)
+        return latents
+
+    def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        return run.predict(latents, step, [BASE])[0]
+
+    def finish(self, run: Denoiser) -> None:
+        if self._handle is not None:
+            self._handle.restore()
+            self._handle = None
+        for processor, _ in self._map_processors:
+            processor.store = None
+        self._map_processors = []
+        self._cross_store.clear()
+        self._self_store.clear()
+
+    # -- geometry --------------------------------------------------------------------------------
+    def _geometry(self, latents: torch.Tensor) -> list[ConceptGeometry]:
+        grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+        concepts = []
+        for lora, box in zip(self.loras, self.boxes):
+            latent_rect = CellRect.bounding(grid.box_mask(box, 0))
+            if latent_rect is None:
+                raise UserError(f"composer box {box.as_tuple()} of LoRA {lora.name} covers no latent cell at this "
+                                "image size; make it larger")
+            map_mask = grid.box_mask(box, self._map_level).to(latents.device)
+            concepts.append(ConceptGeometry(map_mask, latent_rect, top_k_count(map_mask, self.top_k_ratio)))
+        return concepts
+
+    # -- maps ------------------------------------------------------------------------------------
+    @contextmanager
+    def _capturing(self, self_attention: bool) -> Iterator[None]:
+        """Map capture on the 1/32-level layers for one call (the CFG calls capture nothing)."""
+        for processor, store in self._map_processors:
+            processor.store = store if (store is self._cross_store or self_attention) else None
+        try:
+            yield
+        finally:
+            for processor, _ in self._map_processors:
+                processor.store = None
+
+    def concept_maps(self, run: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, *,
+                     latents: torch.Tensor | None = None, self_attention: bool = True) -> ConceptMaps:
+        """One conditional UNet call on ``sample`` (the model input made from ``latents``, default:
+        the sample itself) with the concepts' maps read out."""
+        conditioning = run.conditioning(BASE).halves(run.num_halves)[-1]
+        with self._capturing(self_attention):
+            run.run_unet(sample, timestep, conditioning,
+                         cross_attention_kwargs={"region_attention": self._conditional_regions})
+        cross = [smooth_maps(self._cross_store.maps(source=k)[..., tokens])
+                 for k, tokens in enumerate(self.token_positions)]
+        attention = None
+        if self_attention:
+            maps = self._self_store.maps()
+            attention = maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2], maps.shape[3])
+        return ConceptMaps(cross, attention, sample if latents is None else latents)
+
+    # -- refinement (§8.4, §8.5) ----------------------------------------------------------------
+    def refinement_losses(self, maps: ConceptMaps) -> torch.Tensor:
+        """L per image: Σ over concepts of the box, fill and region-leakage losses."""
+        per_image = []
+        for image in range(maps.latents.shape[0]):
+            terms = [self._concept_loss(maps, image, k) for k, concept in enumerate(self._concepts) if concept.top_k]
+            per_image.append(torch.stack(terms).sum() if terms else maps.latents.new_zeros((), dtype=torch.float32))
+        return torch.stack(per_image)
+
+    def _concept_loss(self, maps: ConceptMaps, image: int, index: int) -> torch.Tensor:
+        concept = self._concepts[index]
+        token_maps = maps.cross[index][image]
+        loss = box_attention_loss(token_maps, concept.map_mask, concept.top_k, self.box_weight)
+        loss = loss + fill_loss(token_maps, concept.map_mask, self.fill_weight)
+        if maps.self_attention is not None:
+            loss = loss + region_leakage_loss(maps.self_attention[image], concept.map_mask.flatten(), concept.top_k,
+                                              self.region_weight)
+        return loss
+
+    def schedule(self, num_steps: int) -> RefinementSchedule:
+        return RefinementSchedule(num_steps, self.step_size, self.final_step_fraction, self.last_refined_step,
+                                  self.patience_step)
+
+    def _refine(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        schedule = self.schedule(step.num_steps)
+        latent = latents.detach().requires_grad_(True)
+        with torch.enable_grad():
+            # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
+            maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
+            losses = self.refinement_losses(maps)
+        updated = self._refining & (losses.detach().cpu() != 0)
+        step_size = schedule.step_size_at(step.index)
+        if bool(updated.any()) and losses.requires_grad:
+            (gradient,) = torch.autograd.grad((losses * updated.to(losses)).sum(), latent)
+            run.stats.backward_passes += 1
+            latents = latents - step_size * gradient * updated.to(gradient).view(-1, *[1] * (latents.ndim - 1))
+        values = losses.detach().float().cpu()
+        self.refinement_trace.append(RefinedStep(step.index, tuple(values.tolist()), tuple(updated.tolist()), step_size))
+        self._refining = self._refining & ~schedule.stops_after(step.index, values, self._previous_loss)
+        self._previous_loss = values
+        return latents.detach()
+
+    # -- re-initialisation (§8.6) ----------------------------------------------------------------
+    def _reinitialise(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        sigma = float(run.scheduler.init_noise_sigma)
+        noise = latents / sigma
+        with torch.no_grad():
+            maps = self.concept_maps(run, noise, step.timestep, self_attention=False)
+        stride = 2**self._map_level
+        images = []
+        for image in range(noise.shape[0]):
+            copies = []
+            for concept, concept_maps in zip(self._concepts, maps.cross):
+                rect = concept.map_rect
+                if rect is not None:
+                    row, column = best_window(concept_maps[image].sum(dim=-1), rect.height, rect.width)
+                    copies.append((concept.latent_rect, (row * stride, column * stride)))
+            images.append(reinitialised_noise(noise[image], copies))
+        return torch.stack(images) * sigma
+
+
+def _self_attention_of(cross_attention_name: str) -> str:
+    """attn1 of the transformer block whose attn2 is ``cross_attention_name``."""
+    return cross_attention_name.removesuffix("attn2") + "attn1"
+
+
+def concept_token_positions(tokenizers: Sequence[Any], region_prompt: str, trigger_words: Sequence[str]) -> list[int]:
+    """The concept's tokens in its region prompt: its trigger words' positions when they occur there,
+    else every word token of the region prompt (never the start or end token)."""
+    if trigger_words:
+        found = trigger_positions(tokenizers, region_prompt, trigger_words).positions
+        if found:
+            return found
+    tokenizer = tokenizers[0]
+    words = len(tokenizer(region_prompt, add_special_tokens=False).input_ids)
+    last = min(words, int(tokenizer.model_max_length) - 2)
+    if last == 0:
+        raise UserError(f"composer region prompt {region_prompt!r} has no tokens; give it words")
+    return list(range(1, last + 1))
+
+
+def check_cross_attention_coverage(unet: torch.nn.Module, adapter: str) -> None:
+    """UserError unless ``adapter`` has LoRA weights on every cross-attention to_k, to_v and to_out.0
+    (the projections LoRA-Composer injects a concept through)."""
+    projections = [projection for module in unet.modules()
+                   if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
+                   for projection in (module.to_k, module.to_v, module.to_out[0])]
+    missing = sum(1 for p in projections if not (isinstance(p, LoraLayer) and adapter in p.lora_A))
+    if missing:
+        raise UserError(f"LoRA {adapter} has no weights on {missing} of the {len(projections)} cross-attention "
+                        "to_k/to_v/to_out.0 projections LoRA-Composer injects concepts through; use a LoRA "
+                        "trained on the UNet's attention layers")
