@@ -130,7 +130,7 @@ def test_embedded_default_offers_the_demo_loras_and_all_methods(served):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_generate_with_two_loras_and_each_method(served, method):
-    gallery, downloads, status = generate(served.client(), served, TWO_LORAS, method)
+    gallery, downloads, status, concepts = generate(served.client(), served, TWO_LORAS, method)
     assert len(gallery) == 1 and gallery[0]["caption"].startswith(method)
     assert "UNet calls" in gallery[0]["caption"] and "character:0.8" in gallery[0]["caption"]
     assert pixels(gallery[0]["image"]).shape == (64, 64, 3)
@@ -143,6 +143,26 @@ def test_generate_with_two_loras_and_each_method(served, method):
     if order is not None:  # CMLoRA family: the UI profiled the LoRAs before generating, as the CLI does
         assert set(order["class_sources"].values()) == {"score"}
     assert method in status
+
+
+def test_composer_boxes_reach_the_method_and_are_drawn(served):
+    boxes = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.25, 1.0, 0.75))
+    gallery, downloads, status, concepts = generate(
+        served.client(), served, TWO_LORAS, "composer", {"composer": {"boxes": boxes, "region_prompts": ("", "a red cloak")}})
+    record = json.loads(Path(next(path for path in downloads if path.endswith(".json"))).read_text())
+    assert [tuple(box.values()) for box in record["method_settings"]["boxes"]] == list(boxes)
+    assert record["method_settings"]["region_prompts"] == [None, "a red cloak"]
+    assert "Boxes: character: (0.00, 0.00, 0.50, 1.00); outfit: (0.50, 0.25, 1.00, 0.75)" in status
+    (overlay,) = concepts
+    drawn, image = pixels(overlay["image"]), pixels(gallery[0]["image"])
+    changed = np.abs(drawn - image).max(axis=-1) > 0
+    assert changed[:, 0].all() and changed[16:48, 32].all(), "box edges drawn at their pixel coordinates"
+    assert not changed[40, 10], "inside of a box untouched"
+
+
+def test_tara_shows_the_token_positions(served):
+    _, _, status, concepts = generate(served.client(), served, TWO_LORAS, "tara", prompt="a cat")
+    assert "Token positions: character: tokens [" in status and concepts == []
 
 
 def test_concurrent_sessions_match_one_at_a_time(served):
@@ -166,7 +186,7 @@ def test_concurrent_threads_do_not_mix_sessions(served):
     def run(name: str, loras: Mapping[str, float]) -> None:
         client = served.client()
         for seed in (1, 2):
-            gallery, _, _ = generate(client, served, loras, "merge", seed=seed)
+            gallery, _, _, _ = generate(client, served, loras, "merge", seed=seed)
         results[name] = gallery
 
     threads = [threading.Thread(target=run, args=(name, loras))
@@ -207,6 +227,7 @@ def test_reuse_settings_puts_a_result_back_into_the_controls(served):
     ({"lora": "../../etc/passwd"}, "is not in the library"),
     ({"switch_period": 0}, "must be a positive number"),
     ({"mixing_weights": "1, x"}, "is not a valid float"),
+    ({"boxes": "0,0,2,1"}, "--box '0,0,2,1' is outside the image"),
 ])
 def test_bad_inputs_give_a_one_line_message(served, change, message):
     args = shared_args(served, TWO_LORAS, width=change.get("width", 64))
@@ -215,13 +236,14 @@ def test_bad_inputs_give_a_one_line_message(served, change, message):
         rows[0][2] = change["weight"]
     if "lora" in change:
         rows[0][1] = change["lora"]
-    method = "switch" if "switch_period" in change else "composite" if "mixing_weights" in change else "merge"
+    method, field = next(((method, field) for key, method, field in (
+        ("switch_period", "switch", "period"), ("mixing_weights", "composite", "mixing_weights"),
+        ("boxes", "composer", "boxes")) if key in change), ("merge", None))
     values = method_values(served)
-    if method != "merge":
-        field = "period" if method == "switch" else "mixing_weights"
+    if field is not None:
         index = [(panel.name, control.field_name) for panel in served.app.forms.panels.values()
                  for control in panel.controls].index((method, field))
-        values[index] = change.get("switch_period", change.get("mixing_weights"))
+        values[index] = next(value for key, value in change.items() if key in ("switch_period", "mixing_weights", "boxes"))
     with pytest.raises(AppError) as error:
         served.client().predict(*args, method, *values, api_name="/generate")
     text = str(error.value)

@@ -4,7 +4,8 @@ Endpoints (``api_name``; gradio_client names the method settings ``param_N``, in
 
 * ``/generate``: prompt, negative prompt, LoRA table, seed, steps, guidance, width, height,
   number of images, scheduler, append triggers, LoRAs on the text encoder, method, then every
-  method's settings -> gallery (newest first, settings in captions), downloads, status.
+  method's settings -> gallery (newest first, settings in captions), downloads, status, and the
+  latest result's concept view (LoRA-Composer boxes, CLoRA masks; ui/method_views.py).
 * ``/compare``: the same shared inputs, the methods to compare, then every method's settings ->
   one image per method (same seed) with time and UNet calls, and a stats table.
 * ``/upload_loras``: LoRA table and ``.safetensors`` files -> table with the uploads added.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import gradio as gr
+from PIL import Image
 
 from loracompose import METHODS
 from loracompose.errors import UserError
@@ -35,6 +37,7 @@ from .library import (
     selected_specs, table_rows,
 )
 from .method_forms import MethodForms
+from .method_views import method_view
 from .results import GenerationRequest, ResultItem, SessionState, run_generation
 
 log = logging.getLogger(__name__)
@@ -167,7 +170,10 @@ class LoraComposeApp:
         items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
                                self.settings.model_label)
         state.remember(items)
-        return state, state.gallery(), self._downloads(state), _summary(items)
+        with Image.open(items[0].png) as image:
+            overlays, note = method_view(method, image)
+        summary = _summary(items) + (f"  \n{note}" if note else "")
+        return state, state.gallery(), self._downloads(state), summary, overlays
 
     @readable_errors
     def compare(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
@@ -325,8 +331,11 @@ class LoraComposeApp:
         reuse = gr.Button("Reuse settings of the selected result", elem_id="reuse")
         downloads = gr.File(label="Selected result: image and settings (JSON)", file_count="multiple",
                             interactive=False, elem_id="downloads")
+        concepts = gr.Gallery(label="Concepts of the latest result (boxes, masks)", format="png", columns=4,
+                              height="auto", elem_id="concept-view")
         button.click(self.generate, [state, *shared, method, *self.forms.components],
-                     [state, gallery, downloads, status], api_name="generate", concurrency_id=PIPELINE_EVENTS)
+                     [state, gallery, downloads, status, concepts], api_name="generate",
+                     concurrency_id=PIPELINE_EVENTS)
         gallery.select(self.select_result, [state], [state, downloads], api_visibility="private",
                        concurrency_limit=None)
         self.reuse_button = reuse

@@ -205,6 +205,44 @@ def choice_control(*choices: str) -> ControlFactory:
 FIELD_CONTROLS[("merge", "combine")] = choice_control("sum", "mean")
 
 
+def box_list_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
+    """LoRA-Composer's boxes: ``x0,y0,x1,y1`` (relative, y down) per ticked LoRA, ``;`` between them;
+    the Concepts view draws them on the result."""
+    from loracompose.composer import parse_box
+
+    component = gr.Textbox(
+        value="", label="boxes", placeholder="side by side", elem_id=f"{method}-boxes",
+        info="One box per ticked LoRA, in table order: x0,y0,x1,y1 relative to the image (0..1, y down), "
+             "separated by ';', e.g. 0,0,0.5,1; 0.5,0,1,1. Empty: the LoRAs side by side.",
+    )
+
+    def parse(text: Any) -> Any:
+        parts = [part for part in str(text or "").split(";") if part.strip()]
+        return tuple(parse_box(part) for part in parts) or None
+
+    def show(boxes: Any) -> str:
+        corners = [box.values() if isinstance(box, dict) else box for box in boxes or ()]
+        return "; ".join(",".join(f"{value:g}" for value in box) for box in corners)
+
+    return SettingControl(field.name, component, parse, show)
+
+
+def prompt_list_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
+    """One prompt per line, one line per ticked LoRA in table order; an empty line: its trigger words."""
+    component = gr.Textbox(value="", label=field.name.replace("_", " "), lines=2, placeholder="trigger words",
+                           info="One line per ticked LoRA, in table order; an empty line uses its trigger words.")
+
+    def parse(text: Any) -> Any:
+        lines = [line.strip() or None for line in str(text or "").rstrip().splitlines()]
+        return tuple(lines) if any(lines) else None
+
+    return SettingControl(field.name, component, parse, lambda prompts: "\n".join(p or "" for p in prompts or ()))
+
+
+FIELD_CONTROLS[("composer", "boxes")] = box_list_control
+FIELD_CONTROLS[("composer", "region_prompts")] = prompt_list_control
+
+
 def _strip_optional(hint: Any) -> tuple[bool, Any]:
     """(whether None is allowed, the hint without None)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):

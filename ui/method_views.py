@@ -1,0 +1,89 @@
+"""What a method shows about its run besides the image: concept boxes, concept masks, token positions.
+
+``method_view(method, image)`` returns overlays for the "Concepts" gallery and a Markdown note:
+
+* LoRA-Composer: the image with each concept's box drawn in its colour and labelled;
+* CLoRA: the image tinted by the concept that owns each pixel at the last step (base left clear),
+  plus one overlay per concept;
+* TARA: the prompt token positions each LoRA's K/V deltas were kept on.
+
+Methods without a view return nothing; a view reads only attributes the method keeps after a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CONCEPT_COLOURS = ((230, 57, 70), (29, 120, 230), (46, 160, 67), (245, 166, 35), (155, 89, 182), (0, 170, 170))
+TINT_OPACITY = 0.45
+
+Overlay = tuple[Image.Image, str]
+View = tuple[list[Overlay], str]
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    return CONCEPT_COLOURS[index % len(CONCEPT_COLOURS)]
+
+
+def composer_view(method: Any, image: Image.Image) -> View:
+    """The image with every concept's box outlined and labelled in its colour."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    legend = []
+    for index, (box, lora) in enumerate(zip(method.boxes, method.loras)):
+        left, top, right, bottom = box.x0 * width, box.y0 * height, box.x1 * width - 1, box.y1 * height - 1
+        draw.rectangle((left, top, right, bottom), outline=colour(index), width=max(1, width // 128))
+        draw.text((left + 2, top + 1), lora.name, fill=colour(index))
+        legend.append(f"{lora.name}: ({box.x0:.2f}, {box.y0:.2f}, {box.x1:.2f}, {box.y1:.2f})")
+    return [(canvas, "boxes: " + ", ".join(lora.name for lora in method.loras))], "Boxes: " + "; ".join(legend)
+
+
+def clora_view(method: Any, image: Image.Image) -> View:
+    """The last step's concept masks: all concepts in one tinted overlay, then one overlay each."""
+    history = getattr(method, "mask_history", None)
+    if not history:
+        return [], ""
+    masks = history[-1]
+    owner = masks.owner[0].numpy()  # the first image's masks
+    base = image.convert("RGB")
+    overlays = [(_tint(base, [owner == p for p in range(1, len(masks.names))], range(len(masks.names) - 1)),
+                 f"concept masks at step {masks.step}")]
+    for concept in range(1, len(masks.names)):
+        overlays.append((_tint(base, [owner == concept], [concept - 1]), f"{masks.names[concept]} (step {masks.step})"))
+    shares = ", ".join(f"{name} {np.mean(owner == p):.0%}" for p, name in enumerate(masks.names))
+    return overlays, f"Mask shares at step {masks.step}: {shares}"
+
+
+def tara_view(method: Any, image: Image.Image) -> View:
+    """Each LoRA's trigger-token positions in the prompt (and the trigger words not found)."""
+    lines = []
+    for name, found in getattr(method, "positions", {}).items():
+        missing = f" (not in the prompt: {', '.join(found.missing_words)})" if found.missing_words else ""
+        lines.append(f"{name}: tokens {found.positions or 'none'}{missing}")
+    return [], "Token positions: " + "; ".join(lines) if lines else ""
+
+
+def _tint(image: Image.Image, masks: list[np.ndarray], colour_indices) -> Image.Image:
+    """``image`` with each latent-resolution mask upsampled (nearest) and tinted in its colour."""
+    pixels = np.asarray(image, dtype=np.float32)
+    for mask, index in zip(masks, colour_indices):
+        full = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)) > 0
+        pixels[full] = (1 - TINT_OPACITY) * pixels[full] + TINT_OPACITY * np.array(colour(index), dtype=np.float32)
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+VIEWS: dict[str, Callable[[Any, Image.Image], View]] = {
+    "composer": composer_view,
+    "clora": clora_view,
+    "tara": tara_view,
+}
+
+
+def method_view(method: Any, image: Image.Image) -> View:
+    """Overlays and a note for this method's last run (nothing for methods without a view)."""
+    view = VIEWS.get(getattr(method, "name", ""))
+    return view(method, image) if view is not None else ([], "")
