@@ -9,6 +9,7 @@ from .errors import UserError
 from .lora import LoadedLora, LoraSpec
 from .pipelines import GenerationResult, GenerationStats, load_pipeline
 from .composite import Composite
+from .clora import CLoRA
 from .cmlora import CMLoRA, CMLoRASwitch
 from .composer import Composer
 from .merge import Merge
@@ -16,11 +17,11 @@ from .method import CompositionMethod
 from .switch import Switch
 from .tara import Tara
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, Tara, Composer)}
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara)}
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
+    "CLoRA", "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
     "LoraSpec", "Merge", "Switch", "Tara", "UserError", "load_pipeline",
 ]

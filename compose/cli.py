@@ -39,6 +39,14 @@ def build_method(args: argparse.Namespace):
         from .tara import Tara
 
         return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
+    if args.method == "clora":
+        from .clora import CLoRA
+
+        return CLoRA(latent_update=not args.clora_no_update, step_size=args.clora_step_size,
+                     iterative_steps=parse_steps(args.clora_iterative_steps, "--clora-iterative-steps"),
+                     temperature=args.clora_temperature, mask_threshold=args.clora_mask_threshold,
+                     prompts=tuple(args.clora_lora_prompt), subjects=tuple(args.clora_subject),
+                     batched=not args.sequential)
     if args.method == "composer":
         from .composer import Composer, parse_box
 
@@ -47,6 +55,14 @@ def build_method(args: argparse.Namespace):
                         refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
                         reinitialise=not args.composer_no_reinit)
     raise UserError(f"--method {args.method}: not available")
+
+
+def parse_steps(text: str, flag: str) -> tuple[int, ...]:
+    """Comma-separated step indices, e.g. ``0,10,20`` ('' for none)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give comma-separated step numbers, e.g. 0,10,20 ('' for none)") from None
 
 
 def cmlora_classes(args: argparse.Namespace) -> dict[str, str] | None:
@@ -92,7 +108,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-combine", default="sum", choices=["sum", "mean"], help="merge: sum or mean of deltas")
     parser.add_argument("--fuse", action="store_true", help="merge, tara: fuse the LoRAs (tara: their unmasked deltas) into the weights")
     parser.add_argument("--mixing-weights", type=float, nargs="+", help="composite: one mixing weight per LoRA")
-    parser.add_argument("--sequential", action="store_true", help="composite: one UNet call per LoRA")
+    parser.add_argument("--sequential", action="store_true", help="composite, cmlora, clora: one UNet call per branch")
     parser.add_argument("--cmlora-cache-interval", type=int, default=0,
                         help="cmlora: refresh every c-th step; 0 = non-uniform schedule (default), 1 = no caching")
     parser.add_argument("--cmlora-phase-fraction", type=float, default=REFERENCE_PHASE_FRACTION,
@@ -109,6 +125,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tara-missing-trigger", default="error", choices=["error", "warn"],
                         help="tara: a LoRA whose trigger is not in the prompt is an error (default) or a warning "
                              "with its cross-attention K/V deltas off")
+    parser.add_argument("--clora-no-update", action="store_true", help="clora: no contrastive latent updates (masks only)")
+    parser.add_argument("--clora-step-size", type=float, default=20.0, help="clora: latent update step size (default 20)")
+    parser.add_argument("--clora-iterative-steps", default="0,10,20",
+                        help="clora: steps with extra update iterations, comma-separated (default 0,10,20; '' none)")
+    parser.add_argument("--clora-temperature", type=float, default=0.5, help="clora: InfoNCE temperature (default 0.5)")
+    parser.add_argument("--clora-mask-threshold", type=float, default=0.3,
+                        help="clora: a pixel joins a concept's mask above this fraction of its map's max (default 0.3)")
+    parser.add_argument("--clora-lora-prompt", action="append", default=[], metavar="TEXT",
+                        help="clora: the prompt of a LoRA's branch, one per --lora ('' = prompt + its trigger words)")
+    parser.add_argument("--clora-subject", action="append", default=[], metavar="WORDS",
+                        help="clora: words naming a LoRA's concept besides its triggers, one per --lora (comma-separated)")
     parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
                         help="composer: the concept's box in relative coordinates (0..1, y down), one per --lora in "
                              "the same order (default: the LoRAs side by side in equal columns)")

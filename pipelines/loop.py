@@ -238,7 +238,7 @@ class Denoiser:
         like :meth:`predict`: for objectives that read the conditional half alone (CLoRA's loss), at
         half the rows. Differentiable with respect to ``latents`` when grad is enabled."""
         conditionings = [self.conditioning(branch).halves(self.num_halves)[-1] for branch in branches]
-        reason = self.batching_blocked(branches, batch)
+        reason = self.batching_blocked(branches, batch, halves=1)
         if reason is None:
             self._note_execution("batched", "")
             strengths = {name: weight for branch in branches for name, weight in branch.loras}
@@ -256,8 +256,9 @@ class Denoiser:
                                          cross_attention_kwargs=cross_attention_kwargs))
         return outputs
 
-    def batching_blocked(self, branches: Sequence[Branch], batch: bool = True) -> str | None:
-        """Why these branches cannot share one call, or None if they can."""
+    def batching_blocked(self, branches: Sequence[Branch], batch: bool = True, *, halves: int | None = None) -> str | None:
+        """Why these branches cannot share one call, or None if they can (``halves``: CFG halves per
+        branch in that call, default all)."""
         if len(branches) < 2:
             return "one branch"
         if not (batch and self.allow_batching):
@@ -270,7 +271,7 @@ class Denoiser:
                 return f"LoRA {name} runs at two strengths in one step"
         if self.adapters.any_merged():
             return "LoRAs are fused into the weights"
-        rows = len(branches) * self.num_halves * self.batch_size
+        rows = len(branches) * (halves or self.num_halves) * self.batch_size
         if self.max_batch_rows is not None and rows > self.max_batch_rows:
             return f"{rows} rows exceed the memory cap of {self.max_batch_rows}"
         return None

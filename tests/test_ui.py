@@ -160,6 +160,14 @@ def test_composer_boxes_reach_the_method_and_are_drawn(served):
     assert not changed[40, 10], "inside of a box untouched"
 
 
+def test_clora_shows_its_concept_masks(served):
+    _, _, status, concepts = generate(served.client(), served, TWO_LORAS, "clora", {"clora": {"latent_update": False}})
+    assert [item["caption"] for item in concepts] == ["concept masks at step 1", "character (step 1)", "outfit (step 1)"]
+    assert "Mask shares at step 1: base " in status
+    shares = [float(part.split()[-1].rstrip("%")) for part in status.split("Mask shares at step 1: ")[1].split(", ")]
+    assert sum(shares) == pytest.approx(100, abs=2), "the masks partition the image"
+
+
 def test_tara_shows_the_token_positions(served):
     _, _, status, concepts = generate(served.client(), served, TWO_LORAS, "tara", prompt="a cat")
     assert "Token positions: character: tokens [" in status and concepts == []

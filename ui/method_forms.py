@@ -227,20 +227,31 @@ def box_list_control(method: str, field: dataclasses.Field, hint: Any, default: 
     return SettingControl(field.name, component, parse, show)
 
 
-def prompt_list_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
-    """One prompt per line, one line per ticked LoRA in table order; an empty line: its trigger words."""
-    component = gr.Textbox(value="", label=field.name.replace("_", " "), lines=2, placeholder="trigger words",
-                           info="One line per ticked LoRA, in table order; an empty line uses its trigger words.")
+def per_lora_lines_control(placeholder: str, info: str, blank: Any) -> ControlFactory:
+    """A text per ticked LoRA, one per line in table order; ``blank`` stands for an empty line
+    (e.g. None: the default) and for a box left empty (``()``, or None when the field is optional)."""
 
-    def parse(text: Any) -> Any:
-        lines = [line.strip() or None for line in str(text or "").rstrip().splitlines()]
-        return tuple(lines) if any(lines) else None
+    def factory(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
+        component = gr.Textbox(value="", label=field.name.replace("_", " "), lines=2, placeholder=placeholder,
+                               info=f"One line per ticked LoRA, in table order; {info}")
 
-    return SettingControl(field.name, component, parse, lambda prompts: "\n".join(p or "" for p in prompts or ()))
+        def parse(text: Any) -> Any:
+            lines = [line.strip() or blank for line in str(text or "").rstrip().splitlines()]
+            return tuple(lines) if any(lines) else default
+
+        return SettingControl(field.name, component, parse, lambda texts: "\n".join(t or "" for t in texts or ()))
+
+    return factory
+
 
 
 FIELD_CONTROLS[("composer", "boxes")] = box_list_control
-FIELD_CONTROLS[("composer", "region_prompts")] = prompt_list_control
+FIELD_CONTROLS[("composer", "region_prompts")] = per_lora_lines_control(
+    "trigger words", "an empty line uses its trigger words.", None)
+FIELD_CONTROLS[("clora", "prompts")] = per_lora_lines_control(
+    "prompt + trigger words", "an empty line: the prompt with its trigger words.", "")
+FIELD_CONTROLS[("clora", "subjects")] = per_lora_lines_control(
+    "none", "words naming its concept besides its trigger words, comma-separated.", "")
 
 
 def _strip_optional(hint: Any) -> tuple[bool, Any]:
@@ -278,10 +289,18 @@ def _text_control(method: str, name: str, label: str, hint: Any, default: Any, h
         if not text:
             if optional:
                 return None
+            if _variable_length(hint):
+                return typing.get_origin(hint)()
             raise UserError(f"{method} {label}: give a value ({example})")
         return parse_setting(text, hint, f"{method} {label}")
 
     return SettingControl(name, component, parse, format_setting)
+
+
+def _variable_length(hint: Any) -> bool:
+    """A ``tuple[X, ...]`` or ``list[X]``: empty is a valid value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    return origin is list or (origin is tuple and bool(args) and args[-1] is Ellipsis)
 
 
 def _format_example(hint: Any) -> str:

@@ -1,0 +1,523 @@
+"""CLoRA: contrastive test-time composition (Meral et al., ICCV 2025; methods.md §7).
+
+Branch 0 is the base model on the user's prompt; branch p = 1..N is LoRA p on its own prompt::
+
+    P_0 <- the prompt;  P_p <- the prompt + LoRA p's trigger words          (or given per LoRA)
+    K[c][p] <- token positions in P_p of concept c's words                 (trigger + subject words)
+    for step i = 0..T-1:
+        repeat updates(i) times:            # 1 + extra_iterations if i in iterative_steps, 1 otherwise;
+                                            # 0 from max_update_step on, or with latent updates off
+            A_p <- cross-attention maps of branch p at z, conditional rows only, 1/32-resolution attn2
+                   layers, mean over layers and heads              (p = 0..N: one batched UNet call)
+            V   <- min-max normalised maps A_p[:, :, k] for k in K[c][p], labelled c
+            L   <- InfoNCE over V: cosine similarity / temperature; positives: same concept (any branch),
+                   negatives: the other concepts
+            z   <- z - step_size * grad_z L                        (one backward pass)
+        (u_p, c_p), A_p <- UNet passes of every branch at the *updated* z (no graph)
+        claim_c <- OR over k in K[c][c] of [A_c[:, :, k] > mask_threshold * max A_c[:, :, k]]
+        owner   <- of the concepts claiming a pixel, the one with the strongest relative attention;
+                   pixels nobody claims go to the base branch     (upsampled to the latent: a partition)
+        eps_u <- sum_p [owner = p] u_p;  eps_c likewise;  eps <- eps_u + s (eps_c - eps_u)
+        z <- scheduler step(eps, z)
+
+Before ``masks_from_step`` the branches are averaged instead (all masks one). Unlike the released
+code: the scheduler steps with the noise of the updated latent, graphs are built on optimised steps
+only, maps are read from the conditional rows and only on the five map layers (fused kernels
+elsewhere), H and W keep their places on non-square images, token positions come from the
+tokenizer(s), UNet-only LoRAs work, and overlapping masks are resolved to one owner per pixel instead
+of averaged. The optimisation passes run the conditional rows only (the loss reads nothing else), at
+half the rows of a CFG pass. With one concept (N = 1) there is nothing to contrast: the loss is
+identically zero and no optimisation pass runs.
+
+Maps come from :func:`~loracompose.attention.attention_map_layers`: SD1.5 ``down_blocks.2.attentions.
+{0,1}`` and ``up_blocks.1.attentions.{0,1,2}`` (16x16 at 512 px). SDXL's 1/32-level modules stack 10
+transformer blocks each; ``map_layers_per_module=1`` keeps the central block of each of the five down
+and up modules (mid block excluded), so SDXL also reads 5 of its 60 map layers (a cost choice, not a
+measured quality optimum); ``None`` reads all 50.
+
+Defaults follow the reference code except where it contradicts the method: ``latent_update`` is on
+(code: off), and ``iterative_steps`` is (0, 10, 20) with 20 extra iterations (paper and example
+notebook; code: none). Step size 20, updates before step 30, temperature 0.5 and mask threshold 0.3
+are the code's. The reference's optional style LoRA and guidance rescale are not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .lora import LoadedLora, with_trigger_words
+from .method import CompositionMethod, require_loras
+from .tokens import trigger_positions
+from loracompose.attention import (
+    AttentionStore,
+    ComposeAttnProcessor,
+    attention_kernel,
+    attention_map_layers,
+    install_processors,
+    processors_for,
+)
+from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+
+BASE_NAME = "base"
+MORPHOLOGY = ("dilate", "erode", "open", "close")
+_TINY = 1e-12  # guards divisions by a flat map's range or peak
+
+TokenGroups = list[list[list[int]]]  # [concept][branch] -> token positions
+
+
+# ------------------------------------------------------------------------------------ loss (§7.3)
+
+
+def concept_vectors(maps: torch.Tensor, groups: TokenGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max normalised, flattened token maps named by ``groups`` and their concept labels.
+
+    ``maps`` is one image's (branches, rows, columns, tokens); returns ((M, rows * columns), (M,)).
+    """
+    entries = [(branch, token, concept) for concept, per_branch in enumerate(groups)
+               for branch, tokens in enumerate(per_branch) for token in tokens]
+    if not entries:
+        return maps.new_zeros(0, maps.shape[1] * maps.shape[2]), torch.zeros(0, dtype=torch.long)
+    branches, tokens, labels = (torch.tensor(column) for column in zip(*entries))
+    vectors = maps.permute(0, 3, 1, 2)[branches, tokens].flatten(1)
+    low = vectors.amin(dim=1, keepdim=True)
+    high = vectors.amax(dim=1, keepdim=True)
+    return (vectors - low) / (high - low).clamp_min(_TINY), labels.to(maps.device)
+
+
+def info_nce(vectors: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over labelled vectors, averaged over ordered positive pairs (a, b), a != b::
+
+        l(a, b) = -log( exp(s_ab / t) / (exp(s_ab / t) + sum_{n: label n != label a} exp(s_an / t)) )
+
+    with s the cosine similarity (pytorch-metric-learning's NTXentLoss, as the reference uses).
+    Zero when there is no positive pair or no negative at all.
+    """
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if not positive.any() or same.all():
+        return vectors.sum() * 0.0
+    unit = F.normalize(vectors, dim=1)
+    logits = unit @ unit.T / temperature
+    negatives = torch.logsumexp(logits.masked_fill(same, float("-inf")), dim=1, keepdim=True)
+    pair_losses = torch.logaddexp(logits, negatives) - logits
+    return pair_losses[positive].mean()
+
+
+def contrastive_loss(maps: torch.Tensor, groups: TokenGroups, temperature: float = 0.5) -> torch.Tensor:
+    """CLoRA's loss on one image's maps (branches, rows, columns, tokens)."""
+    vectors, labels = concept_vectors(maps, groups)
+    return info_nce(vectors, labels, temperature)
+
+
+# ------------------------------------------------------------------------------------ masks (§7.5)
+
+
+@dataclass(frozen=True)
+class ConceptMasks:
+    """Which branch owns each latent pixel at one step: 0 = base, p = LoRA p (user order, from 1).
+
+    ``owner`` is (images, height, width) at latent resolution; ``names[p]`` names branch p.
+    """
+
+    step: int
+    owner: torch.Tensor
+    names: tuple[str, ...]
+
+    def one_hot(self) -> torch.Tensor:
+        """(images, branches, height, width) 0/1 float masks; they sum to one at every pixel."""
+        return F.one_hot(self.owner.long(), len(self.names)).permute(0, 3, 1, 2).float()
+
+    def mask(self, name: str) -> torch.Tensor:
+        """Bool (images, height, width) mask of the branch called ``name``."""
+        return self.owner == self.names.index(name)
+
+
+def relative_attention(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """(images, rows, columns): max over ``tokens`` of each token's map over its own peak.
+
+    ``maps`` is (images, rows, columns, tokens); a pixel is above threshold alpha for some token
+    exactly when this is above alpha (the reference's per-token ``A_k > alpha * max A_k``, OR-ed).
+    """
+    selected = maps[..., list(tokens)]
+    peak = selected.amax(dim=(1, 2), keepdim=True).clamp_min(_TINY)
+    return (selected / peak).amax(dim=-1)
+
+
+def apply_morphology(claims: torch.Tensor, operations: Sequence[str]) -> torch.Tensor:
+    """3x3 binary morphology on (..., rows, columns) bool masks, in order (methods.md §7.5)."""
+    def dilate(mask: torch.Tensor) -> torch.Tensor:
+        flat = mask.float().reshape(-1, 1, *mask.shape[-2:])
+        return (F.max_pool2d(flat, 3, stride=1, padding=1) > 0).reshape(mask.shape)
+
+    def erode(mask: torch.Tensor) -> torch.Tensor:
+        return ~dilate(~mask)
+
+    steps: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "dilate": dilate, "erode": erode,
+        "open": lambda m: dilate(erode(m)), "close": lambda m: erode(dilate(m)),
+    }
+    for operation in operations:
+        claims = steps[operation](claims)
+    return claims
+
+
+def owner_map(scores: torch.Tensor, threshold: float, morphology: Sequence[str] = ()) -> torch.Tensor:
+    """(images, rows, columns) owner from per-concept scores (images, concepts, rows, columns).
+
+    A concept claims pixels whose score exceeds ``threshold`` (after morphology); a pixel claimed by
+    several goes to the highest score (ties: the first concept); unclaimed pixels go to the base (0).
+    """
+    claims = apply_morphology(scores > threshold, morphology)
+    ranked = scores.masked_fill(~claims, float("-inf"))
+    return torch.where(claims.any(dim=1), ranked.argmax(dim=1) + 1, torch.zeros_like(ranked[:, 0], dtype=torch.long))
+
+
+def upsample_owner(owner: torch.Tensor, level: int, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Owner at map resolution (cell = 2**level latent pixels a side) -> latent (height, width).
+
+    Nearest-neighbour by cell geometry (masks.py): the last cell is cropped when the latent is not a
+    multiple of the cell, and rows stay rows.
+    """
+    stride = 2**level
+    height, width = latent_size
+    return owner.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)[..., :height, :width]
+
+
+def concept_masks(
+    maps: torch.Tensor,
+    mask_tokens: Sequence[Sequence[int]],
+    *,
+    threshold: float,
+    level: int,
+    latent_size: tuple[int, int],
+    morphology: Sequence[str] = (),
+) -> torch.Tensor:
+    """Owner map (images, height, width) from the LoRA branches' maps.
+
+    ``maps`` is (branches, images, rows, columns, tokens) with the base first; LoRA branch p's mask
+    reads its own map at ``mask_tokens[p - 1]``.
+    """
+    scores = torch.stack([relative_attention(maps[p + 1], tokens) for p, tokens in enumerate(mask_tokens)], dim=1)
+    return upsample_owner(owner_map(scores, threshold, morphology), level, latent_size)
+
+
+# ------------------------------------------------------------------------------------ fusion (§7.6)
+
+
+def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
+    """Each CFG half of the branches' noise, taken where the branch owns the pixel."""
+    weights = masks.one_hot().to(device=predictions[0].cond.device, dtype=predictions[0].cond.dtype)
+
+    def blend(halves: Sequence[torch.Tensor]) -> torch.Tensor:
+        return sum(weights[:, p : p + 1] * half for p, half in enumerate(halves))
+
+    uncond = None if predictions[0].uncond is None else blend([p.uncond for p in predictions])
+    return Prediction(cond=blend([p.cond for p in predictions]), uncond=uncond)
+
+
+# ------------------------------------------------------------------------------------ map capture (§7.2)
+
+
+class MapRecorder:
+    """Cross-attention maps of every UNet call made while recording, on the 1/32-level attn2 layers.
+
+    One :class:`AttentionStore` serves the layers; a UNet forward hook copies its maps (all 77 tokens,
+    mean over layers and heads) after each call, so batched and one-call-per-branch runs both yield
+    rows in [branch][image] order.
+    """
+
+    def __init__(self, unet: torch.nn.Module, layers_per_module: int | None, backend: str) -> None:
+        layers = attention_map_layers(unet, layers_per_module)
+        self.level = layers[0].level
+        self.store = AttentionStore(token_indices=None)
+        self._calls: list[torch.Tensor] | None = None
+        self._handle = install_processors(
+            unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store))
+        )
+        self._hook = unet.register_forward_hook(self._copy_maps)
+
+    def _copy_maps(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        if self._calls is not None:
+            self._calls.append(self.store.maps())
+
+    @contextmanager
+    def recording(self, *, conditional_half: bool, requires_grad: bool) -> Iterator[list[torch.Tensor]]:
+        """Collect the maps of the calls in the block: of the conditional half of CFG rows
+        (``conditional_half``) or of all rows; with a graph when ``requires_grad``."""
+        self.store.rows = "cond" if conditional_half else "all"
+        self.store.requires_grad = requires_grad
+        self._calls = []
+        try:
+            yield self._calls
+        finally:
+            self._calls = None
+
+    @staticmethod
+    def per_branch(calls: Sequence[torch.Tensor], num_branches: int) -> torch.Tensor:
+        """(branches, images, rows, columns, tokens) from the recorded calls."""
+        rows = torch.cat(list(calls))
+        return rows.reshape(num_branches, rows.shape[0] // num_branches, *rows.shape[1:])
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._handle.restore()
+
+
+@contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """The module's parameters stop requiring grad inside the block: gradients reach the latents
+    only, and autograd keeps nothing for weight gradients."""
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------ the method
+
+
+@dataclass
+class CLoRA(CompositionMethod):
+    """Base + one branch per LoRA; contrastive latent updates on their attention maps; mask fusion.
+
+    Attributes:
+        latent_update: optimise the latent (reference ``latent_update``).
+        step_size: eta in z <- z - eta * grad L (reference 20, constant).
+        max_update_step: latent updates at steps i < this (reference ``max_iter_to_alter``).
+        iterative_steps: steps that get ``extra_iterations`` more updates (reference
+            ``iterative_steps`` / ``iterative_steps_steps``).
+        extra_iterations: the extra updates at each of ``iterative_steps``.
+        temperature: InfoNCE temperature.
+        mask_threshold: alpha, a fraction of each token map's own peak (reference
+            ``mask_threshold_alpha``).
+        masks_from_step: before this step the branches are averaged (reference ``apply_mask_after``).
+        mask_morphology: 3x3 operations on each concept's mask, in order: dilate, erode, open, close.
+        prompts: one prompt per LoRA ("" keeps the default: the prompt + that LoRA's trigger words).
+        subjects: per LoRA, words naming its concept besides the trigger words, comma-separated
+            (e.g. ("cat", "dog")); "" for none.
+        concept_token_indices: explicit token positions [LoRA c][branch p] (p = 0 base, then LoRAs),
+            replacing the ones found from words.
+        map_layers_per_module: map layers kept per 1/32-level module (SDXL stacks 10; None: all).
+        batched: run the N + 1 branches as one UNet call with per-row adapters.
+        backend: attention kernel of the map layers ("sdpa", "xformers"; "flex" has no CPU backward).
+
+    After a generation: ``mask_history`` holds one :class:`ConceptMasks` per step,
+    ``loss_history`` (step, loss) per update, ``branch_prompts`` and ``token_groups`` what ran. Set
+    ``mask_callback`` to a function of a :class:`ConceptMasks` to watch each step's masks; if it
+    returns masks, those are used instead.
+    """
+
+    name: ClassVar[str] = "clora"
+    latent_update: bool = True
+    step_size: float = 20.0
+    max_update_step: int = 30
+    iterative_steps: tuple[int, ...] = (0, 10, 20)
+    extra_iterations: int = 20
+    temperature: float = 0.5
+    mask_threshold: float = 0.3
+    masks_from_step: int = 0
+    mask_morphology: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    subjects: tuple[str, ...] = ()
+    concept_token_indices: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    map_layers_per_module: int | None = 1
+    batched: bool = True
+    backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mask_callback: Callable[[ConceptMasks], ConceptMasks | None] | None = None
+        self.mask_history: list[ConceptMasks] = []
+        self.loss_history: list[tuple[int, float]] = []
+        self.branch_prompts: list[str] = []
+        self.token_groups: TokenGroups = []
+        self.branches: list[Branch] = []
+        self._recorder: MapRecorder | None = None
+
+    # -- settings --------------------------------------------------------------------------
+    def check(self, loras: Sequence[LoadedLora]) -> None:
+        require_loras(self.name, loras)
+        self._check_numbers()
+        self._check_per_lora("prompts", self.prompts, len(loras))
+        self._check_per_lora("subjects", self.subjects, len(loras))
+        unknown = [op for op in self.mask_morphology if op not in MORPHOLOGY]
+        if unknown:
+            raise UserError(f"clora mask_morphology {unknown[0]!r} is unknown; use any of {', '.join(MORPHOLOGY)}")
+        if self.map_layers_per_module is not None and self.map_layers_per_module < 1:
+            raise UserError(f"clora map_layers_per_module={self.map_layers_per_module} must be at least 1 "
+                            "(or None for all)")
+        attention_kernel(self.backend)
+        if self.concept_token_indices is not None:
+            self._check_token_index_shape(len(loras))
+
+    def _check_numbers(self) -> None:
+        if not (math.isfinite(self.step_size) and self.step_size >= 0):
+            raise UserError(f"clora step_size={self.step_size} must be a finite number >= 0 (default 20)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"clora temperature={self.temperature} must be positive (default 0.5)")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise UserError(f"clora mask_threshold={self.mask_threshold} must lie in [0, 1) (default 0.3)")
+        counts = [("max_update_step", self.max_update_step), ("extra_iterations", self.extra_iterations),
+                  ("masks_from_step", self.masks_from_step), *(("iterative_steps", s) for s in self.iterative_steps)]
+        for label, value in counts:
+            if int(value) != value or value < 0:
+                raise UserError(f"clora {label}={value} must be a non-negative integer")
+
+    def _check_per_lora(self, label: str, values: Sequence[str], num_loras: int) -> None:
+        if values and len(values) != num_loras:
+            raise UserError(f"clora {label}: got {len(values)} for {num_loras} LoRAs; give one per LoRA "
+                            "(\"\" for the default)")
+
+    def _check_token_index_shape(self, num_loras: int) -> None:
+        indices = self.concept_token_indices
+        if len(indices) != num_loras or any(len(per_branch) != num_loras + 1 for per_branch in indices):
+            raise UserError(f"clora concept_token_indices must hold {num_loras} lists (one per LoRA) of "
+                            f"{num_loras + 1} position lists (base prompt, then each LoRA's prompt)")
+
+    def updates_at(self, step: int) -> int:
+        """How many latent updates step ``step`` gets (before the N = 1 rule)."""
+        if not self.latent_update or step >= self.max_update_step:
+            return 0
+        return 1 + (self.extra_iterations if step in self.iterative_steps else 0)
+
+    # -- prompts and tokens ----------------------------------------------------------------
+    def prompts_for(self, base_prompt: str) -> list[str]:
+        """[base prompt, then each LoRA's prompt]: the given one, else the base + its trigger words."""
+        given = self.prompts or ("",) * len(self.loras)
+        own = [prompt or with_trigger_words(base_prompt, [lora]) for lora, prompt in zip(self.loras, given)]
+        return [base_prompt, *own]
+
+    def concept_words(self, lora_index: int) -> list[str]:
+        """The words naming LoRA ``lora_index``'s concept: its trigger words and its subject words."""
+        subject = self.subjects[lora_index] if self.subjects else ""
+        return [*self.loras[lora_index].trigger_words, *(w.strip() for w in subject.split(",") if w.strip())]
+
+    def find_token_groups(self, tokenizers: Sequence[Any] | None, prompts: Sequence[str]) -> TokenGroups:
+        """K[c][p]: positions of concept c's words in prompt p (tokens.py), or the explicit override."""
+        if self.concept_token_indices is not None:
+            return [[sorted(set(tokens)) for tokens in per_branch] for per_branch in self.concept_token_indices]
+        if not tokenizers:
+            raise UserError("clora needs the pipeline's tokenizer(s) to find concept tokens; run it through "
+                            "pipe.generate(...) or pass concept_token_indices")
+        groups = []
+        for index, lora in enumerate(self.loras):
+            words = self.concept_words(index)
+            if not words:
+                raise UserError(f"clora: LoRA {lora.name} has no trigger words; name its concept with subjects=(...), "
+                                "one comma-separated entry per LoRA")
+            groups.append([trigger_positions(tokenizers, prompt, words).positions for prompt in prompts])
+        return groups
+
+    def _check_token_groups(self, groups: TokenGroups, prompts: Sequence[str], num_tokens: int) -> None:
+        for index, lora in enumerate(self.loras):
+            if not groups[index][index + 1]:
+                raise UserError(f"clora: no word of LoRA {lora.name}'s concept ({', '.join(self.concept_words(index))}) "
+                                f"is in its prompt {prompts[index + 1][:100]!r}; put one there or set prompts/subjects")
+        for branch, prompt in enumerate(prompts):
+            seen: dict[int, str] = {}
+            for index, lora in enumerate(self.loras):
+                for token in groups[index][branch]:
+                    if not 0 <= token < num_tokens:
+                        raise UserError(f"clora concept token {token} of LoRA {lora.name} is outside 0..{num_tokens - 1}")
+                    if token in seen:
+                        raise UserError(f"clora: LoRAs {seen[token]} and {lora.name} share token {token} of prompt "
+                                        f"{prompt[:100]!r}; give their concepts distinct words")
+                    seen[token] = lora.name
+
+    @property
+    def contrasts(self) -> bool:
+        """Whether the loss can be non-zero: at least two concepts have token maps."""
+        return sum(1 for per_branch in self.token_groups if any(per_branch)) >= 2
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, run: Denoiser) -> None:
+        self.mask_history, self.loss_history = [], []
+        self.branch_prompts = self.prompts_for(run.base_prompt if run.base_prompt is not None else "")
+        self.token_groups = self.find_token_groups(run.tokenizers, self.branch_prompts)
+        num_tokens = int(run.tokenizers[0].model_max_length) if run.tokenizers else 77
+        self._check_token_groups(self.token_groups, self.branch_prompts, num_tokens)
+        self.branches = [Branch.of({}, self.branch_prompts[0])] + [
+            replace(self.branch(lora), prompt=prompt) for lora, prompt in zip(self.loras, self.branch_prompts[1:])
+        ]
+        self._recorder = MapRecorder(run.unet, self.map_layers_per_module, self.backend)
+
+    def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        updates = self.updates_at(step.index) if self.contrasts else 0
+        if not updates:
+            return latents
+        with frozen_parameters(run.unet), torch.enable_grad():
+            for _ in range(updates):
+                latents = self.update_latents(run, step, latents)
+        return latents
+
+    def update_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        """One contrastive step z <- z - step_size * grad_z L (one forward of the conditional rows of all
+        branches with a graph, one backward pass)."""
+        latents = latents.detach().requires_grad_(True)
+        loss = self.loss(run, step, latents)
+        (gradient,) = torch.autograd.grad(loss, latents)
+        run.stats.backward_passes += 1
+        self.loss_history.append((step.index, float(loss.detach())))
+        return (latents - self.step_size * gradient).detach()
+
+    def loss(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss at ``latents``, summed over images (each image's latent gets its own gradient)."""
+        with self._recorder.recording(conditional_half=False, requires_grad=True) as calls:
+            run.predict_conditional(latents, step, self.branches, batch=self.batched)
+        maps = MapRecorder.per_branch(calls, len(self.branches))
+        losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature) for image in range(maps.shape[1])]
+        return sum(losses)
+
+    def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        with self._recorder.recording(conditional_half=run.do_cfg, requires_grad=False) as calls:
+            predictions = run.predict(latents, step, self.branches, batch=self.batched)
+        masks = self.masks(MapRecorder.per_branch(calls, len(self.branches)), step, tuple(latents.shape[-2:]))
+        if step.index < self.masks_from_step:
+            return Prediction.mix(predictions)
+        return fuse(predictions, masks)
+
+    def masks(self, maps: torch.Tensor, step: Step, latent_size: tuple[int, int]) -> ConceptMasks:
+        """This step's masks (after ``mask_callback``), recorded in ``mask_history``."""
+        owner = concept_masks(
+            maps, [self.token_groups[c][c + 1] for c in range(len(self.loras))], threshold=self.mask_threshold,
+            level=self._recorder.level, latent_size=latent_size, morphology=self.mask_morphology,
+        )
+        masks = ConceptMasks(step.index, owner, (BASE_NAME, *(lora.name for lora in self.loras)))
+        if self.mask_callback is not None:
+            masks = self._checked_override(self.mask_callback(masks), masks)
+        self.mask_history.append(ConceptMasks(masks.step, masks.owner.detach().cpu(), masks.names))
+        return masks
+
+    @staticmethod
+    def _checked_override(override: ConceptMasks | None, computed: ConceptMasks) -> ConceptMasks:
+        if override is None:
+            return computed
+        owner = override.owner
+        if tuple(owner.shape) != tuple(computed.owner.shape) or owner.min() < 0 or owner.max() >= len(computed.names):
+            raise UserError(f"clora mask_callback returned an owner map of shape {tuple(owner.shape)} with values "
+                            f"{int(owner.min())}..{int(owner.max())}; return shape {tuple(computed.owner.shape)} "
+                            f"with values 0..{len(computed.names) - 1}")
+        return ConceptMasks(computed.step, owner.to(computed.owner.device), computed.names)
+
+    def finish(self, run: Denoiser) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        if self.branch_prompts:
+            settings["branch_prompts"] = list(self.branch_prompts)
+            settings["token_groups"] = self.token_groups
+        return settings
