@@ -18,6 +18,7 @@ nothing is downloaded then. Pickled checkpoints are refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -167,14 +168,10 @@ class ClipScorer:
         """
         import open_clip
 
-        if config is not None:
-            register_model_config(config)
-        _check_model_name(model)
-        weights, origin = _resolve_weights(model, pretrained)
+        weights, origin = resolve_clip(model, pretrained, config=config)
         torch_device = _resolve_device(device)
         clip_model, preprocess = _create_model(model, weights)
         tokenizer = open_clip.get_tokenizer(model)
-        origin = {"backend": f"open_clip {open_clip.__version__}", "model": model, **origin}
         return cls(clip_model, preprocess, tokenizer, convention_from(convention), origin, torch_device)
 
     def describe(self) -> dict[str, Any]:
@@ -238,6 +235,27 @@ class ClipScorer:
 
 
 # ------------------------------------------------------------------------------------ loading
+
+
+def resolve_clip(model: str, pretrained: str | Path, *, config: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """(what to pass to open_clip, the origin written into results) without loading the model:
+    backend, model name, weights (tag, or file + sha256)."""
+    import open_clip
+
+    if config is not None:
+        register_model_config(config)
+    _check_model_name(model)
+    weights, origin = _resolve_weights(model, pretrained)
+    return weights, {"backend": f"open_clip {open_clip.__version__}", "model": model, **origin}
+
+
+def same_setup(clip: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether two results' ``clip`` descriptions compare: same model, same weights (sha256 of a
+    file, else the tag) and same convention."""
+    def key(described: Mapping[str, Any]) -> tuple[Any, ...]:
+        return described.get("model"), described.get("weights_sha256") or described.get("weights"), described.get("convention")
+
+    return key(clip) == key(other)
 
 
 def register_model_config(config: str | Path) -> str:
@@ -317,6 +335,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

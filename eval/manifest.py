@@ -55,8 +55,9 @@ def read_manifest(run_dir: Path) -> dict[str, dict[str, Any]]:
 class ManifestWriter:
     """Appends records to this process's manifest file; use as a context manager (holds the lock)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, command: str = "bench"):
         self.path = Path(path)
+        self.command = command  # who writes the file, for the message when another process holds it
         self._file = None
 
     def __enter__(self) -> "ManifestWriter":
@@ -65,8 +66,8 @@ class ManifestWriter:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise UserError(f"another bench process is writing {self.path}; wait for it to finish "
-                            "or give this one another --shard") from None
+            hint = "or give this one another --shard" if self.command == "bench" else "and rerun"
+            raise UserError(f"another {self.command} process is writing {self.path}; wait for it to finish {hint}") from None
         self._cut_partial_tail()
         return self
 

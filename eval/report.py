@@ -1,10 +1,13 @@
-"""Reports of a benchmark run, rendered from its manifest alone.
+"""Reports of a benchmark run, rendered from its manifest (and the scores `loracompose score` added).
 
     results.csv   one row per finished job of the run's grid (the manifest, flattened)
+    by_size.csv   one row per method x set size N: means of CLIPScore, concept similarity, UNet
+                  calls and wall time, with 95% Student t intervals (confidence.py)
     summary.csv   one row per method: jobs done / planned, mean CLIPScore under the run's
                   convention, mean concept similarity, mean UNet calls and rows, wall time
-    report.html   the summary, CLIPScore per method and set size, and a thumbnail grid
-                  (sets x methods), self-contained: images are inlined as data: URIs
+    report.html   the summary, the method x N table, plots of CLIPScore, time and UNet calls
+                  against N (matplotlib), and a thumbnail grid (sets x methods); self-contained:
+                  images and plots are inlined as data: URIs
 
 Only jobs of the run's current grid (``run.json``) are reported; lines left by an earlier,
 different suite in the same folder are counted and left out.
@@ -28,14 +31,22 @@ from PIL import Image
 from loracompose.errors import UserError
 from loracompose.outputs import atomic_write, atomic_write_text
 
-from .clipscore import ClipConvention
-from .manifest import read_manifest
+from .clipscore import ClipConvention, same_setup
+from .confidence import CONFIDENCE, mean_interval
+from .plots import require_matplotlib, size_plot
 from .runner import RUN_FILE
+from .scoring import read_records
 
 RESULT_COLUMNS = (
     "job_id", "method", "method_name", "set_id", "n", "loras", "seed", "clipscore", "clip_cosine",
     "unet_calls", "unet_rows", "partial_unet_calls", "wall_seconds", "peak_memory_bytes", "image", "prompt",
     "concept_similarity",
+)
+BY_SIZE_COLUMNS = (
+    "method", "n", "jobs", "scored", "clipscore_mean", "clipscore_ci_low", "clipscore_ci_high",
+    "concept_similarity_mean", "concept_similarity_ci_low", "concept_similarity_ci_high",
+    "unet_calls_mean", "unet_calls_ci_low", "unet_calls_ci_high",
+    "wall_seconds_mean", "wall_seconds_ci_low", "wall_seconds_ci_high",
 )
 SUMMARY_COLUMNS = (
     "method", "jobs", "planned", "clipscore_mean", "concept_similarity_mean", "unet_calls_mean", "unet_rows_mean",
@@ -54,7 +65,8 @@ class RunData:
     planned: list[dict[str, Any]]
     stale: int
     convention: ClipConvention | None
-    other_convention: int
+    clip: Mapping[str, Any] | None  # the CLIP setup (model, weights, convention) most jobs were scored under
+    other_setup: int  # jobs scored under another setup, left out of the means
 
 
 @dataclass(frozen=True)
@@ -62,30 +74,35 @@ class ReportFiles:
     results_csv: Path
     summary_csv: Path
     html: Path
+    by_size_csv: Path
 
 
 def write_report(run_dir: str | Path, *, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS) -> ReportFiles:
-    """Write results.csv, summary.csv and report.html into the run folder."""
+    """Write results.csv, by_size.csv, summary.csv and report.html into the run folder."""
+    require_matplotlib()
     data = load_run(run_dir)
     summary = summarise(data)
+    by_size = summarise_by_size(data)
     results_csv = _write_csv(data.run_dir / "results.csv", RESULT_COLUMNS, [result_row(r) for r in data.records])
+    by_size_csv = _write_csv(data.run_dir / "by_size.csv", BY_SIZE_COLUMNS, by_size)
     summary_csv = _write_csv(data.run_dir / "summary.csv", SUMMARY_COLUMNS, summary)
-    page = render_html(data, summary, max_thumbnails)
-    return ReportFiles(results_csv, summary_csv, atomic_write_text(data.run_dir / "report.html", page))
+    page = render_html(data, summary, by_size, max_thumbnails)
+    return ReportFiles(results_csv, summary_csv, atomic_write_text(data.run_dir / "report.html", page), by_size_csv)
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """The finished records of the run's grid, read from its manifests."""
+    """The finished records of the run's grid, read from its manifests, with their latest scores."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"bench report {run_dir}: not a folder; give the --out folder of a bench run")
-    records = read_manifest(run_dir)
+        raise UserError(f"report {run_dir}: not a folder; give the --out folder of a bench run")
+    records = read_records(run_dir)
     if not records and not (run_dir / RUN_FILE).exists():
-        raise UserError(f"bench report {run_dir}: no manifest*.jsonl or run.json here; give the --out folder of a bench run")
+        raise UserError(f"report {run_dir}: no manifest*.jsonl or run.json here; give the --out folder of a bench run")
     planned = _planned_jobs(run_dir) or [{"id": job_id, "method": r["method"]} for job_id, r in records.items()]
     current = [records[job["id"]] for job in planned if job["id"] in records]
-    convention, other = _common_convention(current)
-    return RunData(run_dir, current, planned, len(records) - len(current), convention, other)
+    clip, other = _common_setup(current)
+    convention = None if clip is None else ClipConvention(**clip["convention"])
+    return RunData(run_dir, current, planned, len(records) - len(current), convention, clip, other)
 
 
 def _planned_jobs(run_dir: Path) -> list[dict[str, Any]]:
@@ -100,17 +117,25 @@ def _planned_jobs(run_dir: Path) -> list[dict[str, Any]]:
         raise UserError(f"{path} is not a bench run file; rerun the suite to rewrite it") from None
 
 
-def _common_convention(records: Sequence[Mapping[str, Any]]) -> tuple[ClipConvention | None, int]:
-    """The CLIPScore convention most records were scored under, and how many used another."""
-    counts = Counter(json.dumps(r["clip"]["convention"], sort_keys=True) for r in records if "clip" in r)
-    if not counts:
+def _common_setup(records: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any] | None, int]:
+    """The CLIP setup (same_setup: model, weights, convention) most records were scored under,
+    and how many records were scored under another."""
+    setups: list[tuple[Mapping[str, Any], int]] = []
+    for record in records:
+        if "clip" in record:
+            index = next((i for i, (clip, _) in enumerate(setups) if same_setup(clip, record["clip"])), None)
+            if index is None:
+                setups.append((record["clip"], 1))
+            else:
+                setups[index] = (setups[index][0], setups[index][1] + 1)
+    if not setups:
         return None, 0
-    chosen, used = counts.most_common(1)[0]
-    return ClipConvention(**json.loads(chosen)), sum(counts.values()) - used
+    chosen, used = max(setups, key=lambda setup: setup[1])  # the first seen of equally common ones
+    return chosen, sum(count for _, count in setups) - used
 
 
-def _scored_under(record: Mapping[str, Any], convention: ClipConvention | None) -> bool:
-    return convention is not None and "clip" in record and record["clip"]["convention"] == convention.to_dict()
+def _scored_under(record: Mapping[str, Any], clip: Mapping[str, Any] | None) -> bool:
+    return clip is not None and "clip" in record and same_setup(record["clip"], clip)
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -136,11 +161,12 @@ def summarise(data: RunData) -> list[dict[str, Any]]:
     for record in data.records:
         by_method[record["method"]].append(record)
     methods = list(dict.fromkeys([*(job["method"] for job in data.planned), *by_method]))
-    return [_method_row(method, by_method.get(method, []), planned.get(method, 0), data.convention) for method in methods]
+    return [_method_row(method, by_method.get(method, []), planned.get(method, 0), data) for method in methods]
 
 
-def _method_row(method: str, records: Sequence[Mapping[str, Any]], planned: int, convention: ClipConvention | None) -> dict[str, Any]:
-    scores = [r["clipscore"] for r in records if _scored_under(r, convention)]
+def _method_row(method: str, records: Sequence[Mapping[str, Any]], planned: int, data: RunData) -> dict[str, Any]:
+    convention = data.convention
+    scores = [r["clipscore"] for r in records if _scored_under(r, data.clip)]
     concept = [value for r in records for value in r.get("concept_similarity", {}).values()]
     walls = [r["stats"]["wall_seconds"] for r in records]
     return {
@@ -152,14 +178,35 @@ def _method_row(method: str, records: Sequence[Mapping[str, Any]], planned: int,
     }
 
 
-def clipscore_by_size(data: RunData) -> dict[str, dict[int, float]]:
-    """method -> set size N -> mean CLIPScore under the run's convention."""
-    groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+def summarise_by_size(data: RunData) -> list[dict[str, Any]]:
+    """One row per method x set size N (N ascending, methods in grid order): means and 95% t
+    intervals of CLIPScore (under the run's convention), concept similarity, UNet calls, wall time."""
+    groups: dict[tuple[int, str], list[Mapping[str, Any]]] = defaultdict(list)
     for record in data.records:
-        if _scored_under(record, data.convention):
-            groups[record["method"]][record["n"]].append(record["clipscore"])
-    return {method: {n: data.convention.aggregate(scores) for n, scores in sorted(sizes.items())}
-            for method, sizes in groups.items()}
+        groups[(record["n"], record["method"])].append(record)
+    order = list(dict.fromkeys([*(job["method"] for job in data.planned), *(r["method"] for r in data.records)]))
+    rows = []
+    for n, method in sorted(groups, key=lambda key: (key[0], order.index(key[1]))):
+        records = groups[(n, method)]
+        scores = [r["clipscore"] for r in records if _scored_under(r, data.clip)]
+        row = {"method": method, "n": n, "jobs": len(records), "scored": len(scores)}
+        row |= _interval_columns("clipscore", scores, data.convention)
+        concept = [mean for r in records if (mean := _mean(r.get("concept_similarity", {}).values())) is not None]
+        row |= _interval_columns("concept_similarity", concept)
+        row |= _interval_columns("unet_calls", [r["stats"]["unet_calls"] for r in records])
+        row |= _interval_columns("wall_seconds", [r["stats"]["wall_seconds"] for r in records])
+        rows.append(row)
+    return rows
+
+
+def _interval_columns(name: str, values: Sequence[float], convention: ClipConvention | None = None) -> dict[str, Any]:
+    """``<name>_mean``, ``_ci_low``, ``_ci_high``. Under a convention that clamps the mean
+    (torchmetrics), the mean and both bounds are clamped alike (a monotone map keeps the coverage)."""
+    interval = mean_interval(values)
+    if interval is None:
+        return {f"{name}_mean": None, f"{name}_ci_low": None, f"{name}_ci_high": None}
+    clamp = (lambda v: None if v is None else max(v, 0.0)) if convention and convention.clamp == "mean" else (lambda v: v)
+    return {f"{name}_mean": clamp(interval.mean), f"{name}_ci_low": clamp(interval.low), f"{name}_ci_high": clamp(interval.high)}
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -186,21 +233,24 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-a
 th:first-child, td:first-child { text-align: left; }
 figure { margin: 0; } figcaption { font-size: 11px; color: #555; }
 .note { color: #666; font-size: 13px; }
+td.text { text-align: left; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; }
+.plot img { border: 1px solid #ddd; }
 """
 
 
-def render_html(data: RunData, summary: Sequence[Mapping[str, Any]], max_thumbnails: int) -> str:
+def render_html(data: RunData, summary: Sequence[Mapping[str, Any]], by_size: Sequence[Mapping[str, Any]],
+                max_thumbnails: int) -> str:
     """The self-contained HTML report."""
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>loracompose bench: {html.escape(data.run_dir.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>loracompose bench: {html.escape(data.run_dir.name)}</h1>",
         _notes(data), "<h2>Per method</h2>", _summary_table(summary),
+        "<h2>Per method and set size N</h2>", _interval_note(), _size_table(by_size),
+        "<h2>Against set size N</h2>", _plots(by_size, data.convention),
+        "<h2>Images</h2>", _thumbnail_grid(data, max_thumbnails), "</body></html>",
     ]
-    by_size = clipscore_by_size(data)
-    if by_size:
-        parts += ["<h2>CLIPScore by set size</h2>", _size_table(by_size)]
-    parts += ["<h2>Images</h2>", _thumbnail_grid(data, max_thumbnails), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -208,10 +258,14 @@ def _notes(data: RunData) -> str:
     notes = [f"{len(data.records)} of {len(data.planned)} planned jobs finished."]
     if data.convention is not None:
         notes.append(f"CLIPScore convention: {html.escape(json.dumps(data.convention.to_dict()))}.")
+        clip = data.clip
+        notes.append(f"CLIP model: {html.escape(str(clip.get('model')))}, weights {html.escape(str(clip.get('weights')))}.")
     else:
-        notes.append("No CLIPScore in this run (add a clipscore: section to the suite).")
-    if data.other_convention:
-        notes.append(f"{data.other_convention} jobs scored under another convention are left out of the means.")
+        notes.append("No CLIPScore in this run: run <code>loracompose score DIR</code> "
+                     "(or add a clipscore: section to the suite).")
+    if data.other_setup:
+        notes.append(f"{data.other_setup} jobs scored under another CLIP model, weights or convention are left out "
+                     "of the means (<code>loracompose score DIR --rescore</code> scores them under one).")
     if data.stale:
         notes.append(f"{data.stale} manifest lines of an earlier, different grid are left out.")
     return "".join(f'<p class="note">{note}</p>' for note in notes)
@@ -236,10 +290,47 @@ def _summary_table(summary: Sequence[Mapping[str, Any]]) -> str:
     return _table(header, ([row[key] for key in SUMMARY_COLUMNS] for row in summary))
 
 
-def _size_table(by_size: Mapping[str, Mapping[int, float]]) -> str:
-    sizes = sorted({n for values in by_size.values() for n in values})
-    rows = ([method, *(values.get(n) for n in sizes)] for method, values in by_size.items())
-    return _table(["method", *(f"N = {n}" for n in sizes)], rows)
+def _interval_note() -> str:
+    return (f'<p class="note">Means over images with {CONFIDENCE:.0%} confidence intervals: Student t, '
+            "mean &plusmn; t(0.975, n&minus;1)&middot;s/&radic;n (s: sample standard deviation; "
+            "none for a single image). Concept similarity: per image, the mean over its concepts.</p>")
+
+
+def _interval(row: Mapping[str, Any], name: str) -> str:
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return "&mdash;" if low is None or high is None else f"[{_cell(low)}, {_cell(high)}]"
+
+
+def _size_table(by_size: Sequence[Mapping[str, Any]]) -> str:
+    header = ["N", "method", "images", "CLIPScore", "95% CI", "concept sim.", "95% CI", "UNet calls", "wall s", "95% CI"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in by_size:
+        cells = [_cell(row["n"]), _cell(row["method"]), _cell(row["jobs"]), _cell(row["clipscore_mean"]),
+                 _interval(row, "clipscore"), _cell(row["concept_similarity_mean"]), _interval(row, "concept_similarity"),
+                 _cell(row["unet_calls_mean"]), _cell(row["wall_seconds_mean"]), _interval(row, "wall_seconds")]
+        body.append("<tr>" + "".join(f'<td class="text">{cell}</td>' if index == 1 else f"<td>{cell}</td>"
+                                     for index, cell in enumerate(cells)) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _plots(by_size: Sequence[Mapping[str, Any]], convention: ClipConvention | None) -> str:
+    scale = "" if convention is None else f" (x{convention.scale:g}, {convention.text_source})"
+    plots = [
+        ("clipscore", "CLIPScore vs N", f"CLIPScore{scale}"),
+        ("wall_seconds", "Time per image vs N", "wall seconds per image"),
+        ("unet_calls", "UNet calls per image vs N", "UNet calls per image"),
+    ]
+    figures = []
+    for metric, title, ylabel in plots:
+        uri = size_plot(by_size, metric, title, ylabel)
+        if uri is None:
+            figures.append(f'<p class="note">{html.escape(title)}: no values.</p>')
+        else:
+            alt = html.escape(f"plot: {title}", quote=True)
+            figures.append(f'<figure class="plot"><img src="{uri}" alt="{alt}"></figure>')
+    note = '<p class="note">Error bars: 95% Student t intervals (none for a single image).</p>'
+    return f'{note}<div class="plots">{"".join(figures)}</div>'
 
 
 def _thumbnail_grid(data: RunData, max_thumbnails: int) -> str:

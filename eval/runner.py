@@ -15,7 +15,8 @@ Layout of DIR::
     run.json                         the resolved suite and the ids of the whole grid
     manifest.jsonl                   one line per finished job (manifest.shard-I-of-N.jsonl per shard)
     images/<job id>.png, .json       the image and its sidecar (settings, versions, UNet calls, timings)
-    results.csv, summary.csv, report.html   written by `loracompose bench report DIR`
+    metrics/clipscore.jsonl          scores added later by `loracompose score DIR` (scoring.py)
+    results.csv, by_size.csv, summary.csv, report.html   written by `loracompose report DIR`
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loracompose.errors import UserError
 from loracompose.outputs import atomic_write_text, package_versions, prepare_output_dir, save_result
 
 from .manifest import ManifestWriter, manifest_name, read_manifest
+from .scoring import score_fields
 from .suite import Job, Suite, select_jobs
 
 IMAGES_DIR = "images"
@@ -147,8 +149,8 @@ def run_job(pipe: Any, scorer: Any, suite: Suite, job: Job, out_dir: Path) -> di
     _remove_stale_temp_files(Path(out_dir) / IMAGES_DIR, job.id)
     method = job.method.build()
     specs = [lora.spec() for lora in suite.set_loras(job.set)]
-    if hasattr(method, "profile"):  # CMLoRA: frequency scores, cached beside each LoRA file
-        method.profile(pipe, specs, ProfileSettings(**job.method.profile))
+    if hasattr(method, "profile_frequencies"):  # CMLoRA: frequency scores, cached beside each LoRA file
+        method.profile_frequencies(pipe, specs, ProfileSettings(**job.method.profile))
     result = pipe.generate(
         job.set.prompt, specs, method, negative_prompt=suite.negative_prompt, seed=job.seed, steps=suite.steps,
         guidance_scale=suite.guidance, width=suite.width, height=suite.height, scheduler=suite.scheduler,
@@ -177,15 +179,11 @@ def job_record(suite: Suite, job: Job, result: Any, image: Path) -> dict[str, An
 
 
 def clip_fields(scorer: Any, suite: Suite, job: Job, result: Any) -> dict[str, Any]:
-    """CLIPScore of the job's image under the scorer's convention, and per-concept similarity."""
-    image = result.images[0]
-    scores = scorer.score_generation([image], result.prompt, suite.trigger_words(job.set))
-    references = {lora.name: lora.references for lora in suite.set_loras(job.set) if lora.references}
-    fields = {"clipscore": scores.per_sample[0], "clip_cosine": scores.cosines[0], "clip_text": scores.texts[0],
-              "clip": scorer.describe()}
-    if references:
-        fields["concept_similarity"] = scorer.concept_similarity(image, references, suite.clipscore.reduce)
-    return fields
+    """CLIPScore of the job's image under the scorer's convention, and per-concept similarity
+    (the same fields ``loracompose score`` adds later)."""
+    references = {lora.name: lora.references for lora in suite.set_loras(job.set)}
+    return score_fields(scorer, result.images[0], result.prompt, suite.trigger_words(job.set), references,
+                        suite.clipscore.reduce)
 
 
 def _fsync(path: Path) -> None:

@@ -173,10 +173,11 @@ class Suite:
             "name": self.name, "style": self.style, "model": self.model, "config": self.config, "vae": self.vae,
             **{key: value for key, value in self.generation_settings().items() if key not in ("model", "vae")},
             "seeds": list(self.seeds), "methods": [method.describe() for method in self.methods],
-            "loras": {name: lora.describe() | {"file": str(lora.file)} for name, lora in self.loras.items()},
+            "loras": {name: lora.describe() | {"file": str(lora.file), "references": [str(p) for p in lora.references]}
+                      for name, lora in self.loras.items()},
             "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt} for s in self.sets],
             "clipscore": None if self.clipscore is None else {
-                "model": self.clipscore.model, "pretrained": self.clipscore.pretrained,
+                "model": self.clipscore.model, "pretrained": self.clipscore.pretrained, "config": self.clipscore.config,
                 "convention": self.clipscore.convention.to_dict(), "reduce": self.clipscore.reduce},
         }
 

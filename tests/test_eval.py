@@ -1,12 +1,16 @@
 """eval/: CLIPScore against explicit and torchmetrics formulas, the ComposLoRA testbed, suites,
-resumable and sharded bench runs (SIGKILL mid-grid), and the report."""
+resumable and sharded bench runs (SIGKILL mid-grid), CMLoRA in a run, resumable scoring of a
+finished run (SIGKILL mid-way), and the report (t intervals, CSVs against the manifest, plots)."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +30,7 @@ from loracompose.eval import CONVENTIONS, ClipConvention, ClipScorer, convention
 from loracompose.eval import composlora
 from loracompose.eval.manifest import ManifestWriter, read_lines, read_manifest
 from loracompose.eval.runner import Shard
+from loracompose.eval.scoring import read_records
 from loracompose.eval.tiny_clip import build_tiny_clip
 from loracompose.tiny import build_tiny_lora
 
@@ -530,3 +535,266 @@ def test_two_shards_in_parallel_cover_the_grid_once(tmp_path, tiny_sd15_dir, ben
     first, second = shards.values()
     assert len(first) == len(second) == 4 and not first & second
     assert_every_job_once(out, suite)
+
+
+# ------------------------------------------------------------------------------------ score, report
+
+
+TABLE_T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 10: 2.2281, 30: 2.0423}  # Student t, two-sided 95%
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd15_dir, bench_loras):
+    """A finished unscored run: sets of N = 2, 2, 2, 3 x merge and cmlora (8 jobs), on copies of the
+    LoRAs (CMLoRA's profiles land beside them), run with the progress bar on."""
+    import contextlib
+    import io
+    import shutil
+
+    folder = tmp_path_factory.mktemp("finished-run")
+    copies = [Path(shutil.copy(path, folder / path.name)) for path in bench_loras]
+    references = folder / "girl-refs"
+    references.mkdir()
+    for index, image in enumerate(random_images(2, seed=9)):
+        image.save(references / f"ref{index}.png")
+    suite = {
+        "name": "finished", "model": str(tiny_sd15_dir),
+        "loras": {"girl": {"file": str(copies[0]), "references": str(references)}, "ink": str(copies[1]),
+                  "park": str(copies[2])},
+        "sets": [["girl", "ink"], ["girl", "park"], ["ink", "park"], {"id": "trio", "loras": ["girl", "ink", "park"]}],
+        "prompt": "masterpiece, {triggers}",
+        "methods": ["merge", {"method": "cmlora", "profile": {"size": 64, "steps": 2}}],
+        "seeds": [1], "width": 64, "height": 64, "steps": 2,
+    }
+    suite_path = folder / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    out = folder / "run"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["bench", str(suite_path), "--out", str(out)]) == 0
+    return {"suite": suite_path, "out": out, "loras": copies, "references": references, "stderr": stderr.getvalue()}
+
+
+def copy_run(finished_run, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_run["out"], tmp_path / "run"))
+
+
+def clip_flags(tiny_clip) -> list[str]:
+    return ["--clip-model", tiny_clip.name, "--clip-weights", str(tiny_clip.weights), "--clip-config", str(tiny_clip.config)]
+
+
+def score_lines(run: Path) -> list[str]:
+    path = run / "metrics" / "clipscore.jsonl"
+    return path.read_text().splitlines(keepends=True) if path.exists() else []
+
+
+def test_bench_runs_cmlora_and_profiles_its_loras(finished_run):
+    """The runner calls CMLoRA's profile_frequencies: each LoRA gets its profile sidecar, and the
+    order the method used is built from those scores."""
+    from loracompose.frequency import read_sidecar, sidecar_path
+
+    records = read_manifest(finished_run["out"])
+    cmlora = [r for r in records.values() if r["method"] == "cmlora"]
+    assert len(records) == 8 and len(cmlora) == 4
+    for lora in finished_run["loras"]:
+        assert sidecar_path(lora) == lora.with_name(lora.name + ".loracompose.json") and sidecar_path(lora).is_file()
+        profiles = list(read_sidecar(lora)["frequency_profiles"].values())
+        assert [(p["settings"]["size"], p["settings"]["steps"]) for p in profiles] == [(64, 2)], "profiled once, then read"
+    for record in cmlora:
+        order = record["method_settings"]["frequency_order"]
+        assert sorted(order["high"] + order["low"]) == sorted(record["loras"])
+        assert set(order["class_sources"]) == set(record["loras"])
+    assert all("frequency_order" not in r["method_settings"] for r in records.values() if r["method"] == "merge")
+
+
+def test_bench_progress_bar_shows_eta(finished_run):
+    bar = finished_run["stderr"].replace("\r", "\n").splitlines()
+    assert any(re.search(r"\b4/8 \[\d\d:\d\d<\d\d:\d\d", line) for line in bar), "done/total [elapsed<remaining"
+    assert any(re.search(r"\b8/8 \[", line) for line in bar), finished_run["stderr"][-500:]
+
+
+def test_score_adds_clipscore_resumably_and_rescores_only_when_asked(finished_run, tiny_clip, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    manifest_before = (run / "manifest.jsonl").read_bytes()
+    # A suite that gained a clipscore: section: rerunning bench generates nothing, stores the CLIP setup in run.json.
+    suite = yaml.safe_load(finished_run["suite"].read_text())
+    suite["clipscore"] = {"model": tiny_clip.name, "pretrained": str(tiny_clip.weights), "config": str(tiny_clip.config)}
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump(suite))
+    assert main(["bench", str(suite_path), "--out", str(run), "--quiet"]) == 0
+    assert "0 run now" in capsys.readouterr().err
+
+    assert main(["score", str(run), "--quiet"]) == 0
+    assert "8 scored now" in capsys.readouterr().err
+    assert (run / "manifest.jsonl").read_bytes() == manifest_before, "the manifest is never rewritten"
+    records = read_records(run)
+    scorer = ClipScorer.load(tiny_clip.name, tiny_clip.weights, config=tiny_clip.config, device="cpu")
+    triggers = {"girl": "zkx", "ink": "qwv", "park": "bgk"}
+    for record in records.values():
+        text = ", ".join(triggers[name] for name in record["loras"])
+        with Image.open(run / record["image"]) as image:
+            cosine = explicit_cosines(scorer, [image], [text])[0]
+        assert record["clip_text"] == text and record["clip_cosine"] == pytest.approx(cosine, abs=1e-5)
+        assert record["clipscore"] == pytest.approx(100 * max(cosine, 0.0), abs=1e-4)
+        assert record["clip"]["convention"] == ClipConvention().to_dict() and record["clip"]["model"] == tiny_clip.name
+        if "girl" in record["loras"]:  # the one concept with reference images
+            references = sorted(finished_run["references"].glob("*.png"))
+            expected = scorer.concept_similarity(run / record["image"], {"girl": references})
+            assert record["concept_similarity"] == pytest.approx(expected, abs=1e-5)
+        else:
+            assert "concept_similarity" not in record
+    lines = score_lines(run)
+    assert sorted(json.loads(line)["job_id"] for line in lines) == sorted(records)
+
+    assert main(["score", str(run), "--quiet"]) == 0
+    assert "8 already scored, 0 scored now" in capsys.readouterr().err and score_lines(run) == lines
+    assert main(["score", str(run), "--convention", "raw", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "0 scored now" in err and "8 jobs were scored under another" in err and "--rescore" in err
+    assert score_lines(run) == lines, "another convention only with --rescore"
+    assert main(["score", str(run), "--convention", "{scale: 1, clamp: none, text: prompt}", "--rescore", "--quiet"]) == 0
+    assert "8 scored now" in capsys.readouterr().err and len(score_lines(run)) == 16
+    for job_id, record in read_records(run).items():
+        assert record["clip"]["convention"] == CONVENTIONS["raw"].to_dict()
+        assert record["clip_text"] == record["prompt"] != records[job_id]["clip_text"]
+        assert record["clipscore"] == pytest.approx(record["clip_cosine"])
+
+    # A job generated again (its image deleted, bench rerun) drops its old score and is scored again.
+    victim = sorted(records)[0]
+    (run / records[victim]["image"]).unlink()
+    assert main(["score", str(run), "--convention", "raw", "--quiet"]) == 0
+    assert "1 jobs have no image" in capsys.readouterr().err
+    assert main(["bench", str(suite_path), "--out", str(run), "--quiet"]) == 0
+    assert "1 run now" in capsys.readouterr().err
+    assert "clip" in read_records(run)[victim], "bench scored it inline (the suite has clipscore:)"
+    assert read_records(run)[victim]["clip"]["convention"] == ClipConvention().to_dict(), "not the old image's raw score"
+    assert main(["report", str(run)]) == 0
+    assert "1 jobs scored under another CLIP model, weights or convention are left out" in (run / "report.html").read_text()
+    with open(run / "by_size.csv", newline="") as handle:
+        assert sum(int(row["scored"]) for row in csv.DictReader(handle)) == 7, "the 7 raw scores, not the other one"
+
+
+def slow_scoring(argv: list[str]) -> None:
+    """A forked child's work: ``loracompose score`` with each image taking a quarter second more."""
+    score = ClipScorer.score_generation
+    ClipScorer.score_generation = lambda *args, **kwargs: time.sleep(0.25) or score(*args, **kwargs)
+    sys.exit(main(argv))
+
+
+def test_score_sigkill_then_rerun_scores_every_job_once(finished_run, tiny_clip, tmp_path, capsys):
+    """SIGKILL a scoring process mid-way (forked from this one: a fresh interpreter would spend
+    most of the test importing torch and diffusers), rerun: every job scored exactly once."""
+    import multiprocessing
+
+    run = copy_run(finished_run, tmp_path)
+    process = multiprocessing.get_context("fork").Process(
+        target=slow_scoring, args=(["score", str(run), *clip_flags(tiny_clip), "--quiet"],))
+    process.start()
+    deadline = time.monotonic() + 240
+    while len(score_lines(run)) < 3 and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.is_alive(), f"scoring ended before it could be killed (exit code {process.exitcode})"
+    process.kill()
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+    done = score_lines(run)
+    assert 3 <= len(done) < 8, "killed mid-way"
+    with open(run / "metrics" / "clipscore.jsonl", "a") as handle:
+        handle.write('{"job_id": "half a line')  # what a kill inside a write could leave
+    assert main(["score", str(run), *clip_flags(tiny_clip), "--quiet"]) == 0
+    already = len([line for line in done if line.endswith("\n")])
+    assert f"{already} already scored, {8 - already} scored now" in capsys.readouterr().err
+    lines = score_lines(run)
+    assert all(line.endswith("\n") for line in lines) and lines[:already] == done[:already]
+    assert sorted(json.loads(line)["job_id"] for line in lines) == sorted(read_manifest(run)), "every job exactly once"
+
+
+def test_t_quantiles_match_the_table_and_scipy():
+    from loracompose.eval.confidence import mean_interval, t_quantile
+
+    for df, value in TABLE_T_975.items():
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 17, 60, 250):
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
+    assert mean_interval([]) is None and mean_interval([3.0])[1:] == (None, None, 1)
+
+
+def test_report_has_ci_table_matching_manifest_and_embedded_plots(finished_run, tiny_clip, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    assert main(["score", str(run), *clip_flags(tiny_clip), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(run / name) for name in
+                                                    ("report.html", "results.csv", "by_size.csv", "summary.csv")]
+    records = read_records(run)
+
+    def rows(name):
+        with open(run / name, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    results = rows("results.csv")
+    assert sorted(row["job_id"] for row in results) == sorted(records)
+    for row in results:
+        record = records[row["job_id"]]
+        assert float(row["clipscore"]) == pytest.approx(record["clipscore"])
+        assert (int(row["n"]), int(row["unet_calls"])) == (record["n"], record["stats"]["unet_calls"])
+
+    by_size = rows("by_size.csv")
+    assert [(row["n"], row["method"]) for row in by_size] == [("2", "merge"), ("2", "cmlora"), ("3", "merge"), ("3", "cmlora")]
+    for row in by_size:
+        mine = [r for r in records.values() if r["method"] == row["method"] and r["n"] == int(row["n"])]
+        assert int(row["jobs"]) == int(row["scored"]) == len(mine) == (3 if row["n"] == "2" else 1)
+        if len(mine) == 1:  # no interval from one image
+            assert float(row["clipscore_mean"]) == pytest.approx(mine[0]["clipscore"]) and row["clipscore_ci_low"] == ""
+            continue
+        for column, values in (("clipscore", [r["clipscore"] for r in mine]),
+                               ("wall_seconds", [r["stats"]["wall_seconds"] for r in mine]),
+                               ("concept_similarity", [r["concept_similarity"]["girl"] for r in mine if "girl" in r["loras"]])):
+            mean = sum(values) / len(values)
+            half = TABLE_T_975[len(values) - 1] * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+            assert float(row[f"{column}_mean"]) == pytest.approx(mean, abs=1e-9)
+            # the table's t has 5 significant digits
+            assert float(row[f"{column}_ci_low"]) == pytest.approx(mean - half, abs=1e-4 * half + 1e-12)
+            assert float(row[f"{column}_ci_high"]) == pytest.approx(mean + half, abs=1e-4 * half + 1e-12)
+        assert float(row["unet_calls_mean"]) == pytest.approx(sum(r["stats"]["unet_calls"] for r in mine) / len(mine))
+
+    page = (run / "report.html").read_text()
+    plots = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="plot: ([^"]+)"', page)
+    assert [title for _, title in plots] == ["CLIPScore vs N", "Time per image vs N", "UNet calls per image vs N"]
+    for data, _ in plots:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+    assert page.count('src="data:image/jpeg;base64,') == 8, "every image in the set x method grid"
+    assert "Student t" in page and "95%" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page, "self-contained"
+    assert main(["bench", "report", str(run)]) == 0, "the old spelling stays an alias"
+    assert rows("by_size.csv") == by_size
+
+
+def test_score_and_report_bad_inputs_are_one_line_errors(finished_run, tiny_clip, tmp_path, capsys, monkeypatch):
+    run = copy_run(finished_run, tmp_path)
+    (tmp_path / "empty").mkdir()
+    bad = [
+        ["score"], ["score", str(tmp_path / "missing")], ["score", str(tmp_path / "empty")],
+        ["score", str(run), "--convention", "nonsense"], ["score", str(run), "--convention", "{clamp: always}"],
+        ["score", str(run), "--convention", "{scale: [1"],
+        ["score", str(run), "--clip-model", "ViT-Nope-99"],
+        ["score", str(run), "--clip-model", tiny_clip.name, "--clip-config", str(tiny_clip.config),
+         "--clip-weights", str(tmp_path / "nope.safetensors")],
+        ["report"], ["report", str(tmp_path / "missing")], ["report", str(tmp_path / "empty")],
+        ["report", str(run), "--thumbnails", "0"],
+    ]
+    for argv in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("loracompose: error: ") and "\n" not in err, (argv, err)
+    assert not (run / "metrics").exists() and not (run / "report.html").exists(), "nothing written"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "matplotlib is not installed" in err and "\n" not in err
+    assert not (run / "report.html").exists() and not (run / "results.csv").exists()
