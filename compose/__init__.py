@@ -9,6 +9,7 @@ from .errors import UserError
 from .lora import LoadedLora, LoraSpec
 from .pipelines import GenerationResult, GenerationStats, load_pipeline
 from .composite import Composite
+from .autolora import AutoLoRA
 from .clora import CLoRA
 from .cmlora import CMLoRA, CMLoRASwitch
 from .composer import Composer
@@ -17,11 +18,11 @@ from .method import CompositionMethod
 from .switch import Switch
 from .tara import Tara
 
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara)}
+METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA)}
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLoRA", "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
+    "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
     "LoraSpec", "Merge", "Switch", "Tara", "UserError", "load_pipeline",
 ]

@@ -11,6 +11,17 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .cli_autolora import (
+    add_auto_lora_arguments,
+    add_retrieve_arguments,
+    add_train_gates_arguments,
+    add_train_retriever_arguments,
+    auto_lora_specs,
+    check_auto_lora_arguments,
+    run_retrieve,
+    run_train_gates,
+    run_train_retriever,
+)
 from .errors import UserError
 from .lora import LoraSpec, inspect_loras
 
@@ -39,6 +50,10 @@ def build_method(args: argparse.Namespace):
         from .tara import Tara
 
         return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
+    if args.method == "autolora":
+        from .autolora import AutoLoRA
+
+        return AutoLoRA(gates=str(args.autolora_gates) if args.autolora_gates else None)
     if args.method == "clora":
         from .clora import CLoRA
 
@@ -144,6 +159,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--composer-no-refine", action="store_true", help="composer: no test-time latent refinement")
     parser.add_argument("--composer-no-isolate", action="store_true", help="composer: no self-attention isolation")
     parser.add_argument("--composer-no-reinit", action="store_true", help="composer: no latent re-initialisation")
+    add_auto_lora_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -177,8 +193,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if prompt is None:
         raise UserError("--prompt is required with --model; say what the image shows")
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
+    check_auto_lora_arguments(args)
     prepare_output_dir(args.out)
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
+    specs += auto_lora_specs(pipe, prompt, args)
     from .cmlora import FrequencyOrdered
 
     if isinstance(method, FrequencyOrdered):  # one profiling image per LoRA and base model, then its sidecar
@@ -262,6 +280,32 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    from loracompose.eval.cli import add_score_arguments as add_arguments
+
+    add_arguments(parser)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``loracompose score DIR`` (eval/cli.py)."""
+    from loracompose.eval.cli import run_score as run
+
+    return run(args)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    from loracompose.eval.cli import add_report_arguments as add_arguments
+
+    add_arguments(parser)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``loracompose report DIR`` (eval/cli.py)."""
+    from loracompose.eval.cli import run_report as run
+
+    return run(args)
+
+
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: embedded tiny model)")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
@@ -287,9 +331,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("compose LoRAs into images", add_generate_arguments, run_generate),
     "bench": ("run a benchmark suite (method x set x seed), resumable; or `bench report DIR`", add_bench_arguments,
               run_bench),
+    "score": ("add CLIPScore (and concept similarity) to a finished bench run, resumable", add_score_arguments,
+              run_score),
+    "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) for a bench run",
+               add_report_arguments, run_report),
     "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
                    run_train_tara),
     "ui": ("serve the web UI (Gradio) for composing LoRAs", add_ui_arguments, run_ui),
+    "retrieve": ("rank a LoRA library's LoRAs for a prompt (AutoLoRA retrieval)", add_retrieve_arguments, run_retrieve),
+    "train-retriever": ("train AutoLoRA's weight-encoding LoRA retriever on a library", add_train_retriever_arguments,
+                        run_train_retriever),
+    "train-gates": ("train AutoLoRA's fusion gates on a LoRA set", add_train_gates_arguments, run_train_gates),
 }
 
 

@@ -69,6 +69,10 @@ class ComposeMixin:
                 self._loracompose_lock = threading.RLock()
             return self._loracompose_lock
 
+    def exclusive(self) -> threading.RLock:
+        """Hold the pipeline (a context manager): no generation runs, so no LoRA is active, inside it."""
+        return self._lock()
+
     def prepare_loras(self, specs: Sequence[LoraSpec | LoadedLora]) -> list[LoadedLora]:
         """Check the files, then load each one as a PEFT adapter (once; reloaded if the file changed)."""
         loras = inspect_loras([_as_spec(spec) for spec in specs])

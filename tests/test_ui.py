@@ -121,7 +121,7 @@ def test_embedded_default_offers_the_demo_loras_and_all_methods(served):
     assert served.settings.upload_root.is_relative_to(Path(os.environ["LORACOMPOSE_HOME"]))
     assert all(row[0] for row in served.app.initial_table()), "the demo LoRAs start ticked"
     api = served.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/generate", "/compare", "/upload_loras", "/reuse_settings"} <= set(api)
+    assert {"/generate", "/compare", "/upload_loras", "/reuse_settings", "/suggest_loras"} <= set(api)
     generate_params = api["/generate"]["parameters"]
     method_param = next(p for p in generate_params if p["parameter_name"] == "method_name")
     assert set(method_param["type"]["enum"]) == set(METHODS)
@@ -166,6 +166,14 @@ def test_clora_shows_its_concept_masks(served):
     assert "Mask shares at step 1: base " in status
     shares = [float(part.split()[-1].rstrip("%")) for part in status.split("Mask shares at step 1: ")[1].split(", ")]
     assert sum(shares) == pytest.approx(100, abs=2), "the masks partition the image"
+
+
+def test_suggest_ticks_the_lora_whose_trigger_is_in_the_prompt(served):
+    triggers = {row[1]: row[3] for row in served.app.initial_table()}
+    prompt = f"a portrait, {triggers['style'].split(',')[0]}"
+    table, message = served.client().predict(prompt, lora_table(served, {"character": 1.0}), 1, api_name="/suggest_loras")
+    assert {row[1]: row[0] for row in table["data"]} == {"character": False, "outfit": False, "style": True}
+    assert message.startswith("suggested: style (") and "trigger in prompt" in message
 
 
 def test_tara_shows_the_token_positions(served):

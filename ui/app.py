@@ -10,6 +10,7 @@ Endpoints (``api_name``; gradio_client names the method settings ``param_N``, in
   one image per method (same seed) with time and UNet calls, and a stats table.
 * ``/upload_loras``: LoRA table and ``.safetensors`` files -> table with the uploads added.
 * ``/reuse_settings``: puts the selected result's settings back into the controls.
+* ``/suggest_loras``: prompt, LoRA table, how many -> the table with the best-fitting LoRAs ticked.
 
 Per-session data (LoRAs, results) lives in a ``gr.State``; the pipeline is shared and its
 ``generate`` holds a lock, and the queue runs one pipeline event at a time (``PIPELINE_CONCURRENCY``).
@@ -219,6 +220,22 @@ class LoraComposeApp:
         return state, rows, None, message
 
     @readable_errors
+    def suggest(self, state: SessionState, prompt: str, table: Any, count: Any) -> tuple:
+        """Tick the session's LoRAs that best fit the prompt (AutoLoRA's training-free retrieval: the
+        model's text encoder on each LoRA's name, triggers, category and description)."""
+        from loracompose.retrieval import rank_lora_files
+
+        top_k = _whole(count, "number of LoRAs to suggest", 1, len(state.catalog.entries) or 1)
+        with self.pipe.exclusive():
+            ranked = rank_lora_files(self.pipe, str(prompt or ""), {entry.name: entry.path for entry in
+                                                                    state.catalog.entries.values()}, top_k)
+        chosen = {item.entry.name: item for item in ranked}
+        rows = [[str(row[1]) in chosen, *row[1:]] for row in table_rows(table)]
+        message = "suggested: " + ", ".join(f"{name} ({item.score:.2f}{', trigger in prompt' if item.trigger_match else ''})"
+                                            for name, item in chosen.items())
+        return rows, message
+
+    @readable_errors
     def select_result(self, state: SessionState, evt: gr.SelectData) -> tuple:
         """Remember which result is selected and offer its image and sidecar for download."""
         state.selected = evt.index if isinstance(evt.index, int) else None
@@ -299,6 +316,9 @@ class LoraComposeApp:
             upload = gr.File(label=f"Upload .safetensors LoRAs (up to {self.settings.max_upload_bytes // 1024**2} MiB)",
                              file_count="multiple", file_types=[".safetensors"], elem_id="lora-upload")
             upload_status = gr.Markdown()
+            with gr.Row():
+                suggest_count = gr.Number(value=2, precision=0, minimum=1, label="How many", scale=1)
+                suggest = gr.Button("Suggest LoRAs for the prompt", elem_id="suggest", scale=3)
         with gr.Accordion("Generation settings", open=True):
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
@@ -313,6 +333,8 @@ class LoraComposeApp:
                 append_triggers = gr.Checkbox(value=True, label="Append missing trigger words")
                 text_encoder_loras = gr.Checkbox(value=True, label="LoRAs on the text encoder")
         table.select(self.show_lora, [state, table], details, api_visibility="private", concurrency_limit=None)
+        suggest.click(self.suggest, [state, prompt, table, suggest_count], [table, upload_status],
+                      api_name="suggest_loras", concurrency_id=PIPELINE_EVENTS)
         upload.upload(self.upload, [state, table, upload], [state, table, upload, upload_status],
                       api_name="upload_loras", concurrency_limit=None)
         return [prompt, negative, table, seed, steps, guidance, width, height, num_images, scheduler,
