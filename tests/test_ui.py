@@ -176,6 +176,17 @@ def test_suggest_ticks_the_lora_whose_trigger_is_in_the_prompt(served):
     assert message.startswith("suggested: style (") and "trigger in prompt" in message
 
 
+def test_box_layout_preview_draws_the_typed_boxes(served):
+    from loracompose.ui.method_views import box_layout
+
+    layout = served.client().predict("0,0,0.5,1; 0.5,0.25,1,0.75", api_name="/box_layout")
+    drawn = pixels(layout["path"] if isinstance(layout, dict) else layout)
+    assert drawn.shape == (256, 256, 3)
+    assert (drawn[:, 0] != 240).any(axis=-1).all() and (drawn[64:192, 255] != 240).any(axis=-1).all()
+    assert (drawn[20, 200] == 240).all(), "outside every box stays blank"
+    assert box_layout("0,0,2,1") is None and box_layout("") is None
+
+
 def test_tara_shows_the_token_positions(served):
     _, _, status, concepts = generate(served.client(), served, TWO_LORAS, "tara", prompt="a cat")
     assert "Token positions: character: tokens [" in status and concepts == []

@@ -245,7 +245,18 @@ def per_lora_lines_control(placeholder: str, info: str, blank: Any) -> ControlFa
 
 
 
+def box_preview(panel: MethodPanel) -> None:
+    """A live drawing of the typed boxes under the Composer panel (LoRA k is box k)."""
+    from .method_views import box_layout
+
+    boxes = next(control.component for control in panel.controls if control.field_name == "boxes")
+    preview = gr.Image(label="Box layout (numbers: ticked LoRAs in table order)", interactive=False, height=200,
+                       elem_id=f"{panel.name}-box-layout")
+    boxes.change(box_layout, boxes, preview, api_name="box_layout", concurrency_limit=None)
+
+
 FIELD_CONTROLS[("composer", "boxes")] = box_list_control
+PANEL_EXTRAS["composer"] = box_preview
 FIELD_CONTROLS[("composer", "region_prompts")] = per_lora_lines_control(
     "trigger words", "an empty line uses its trigger words.", None)
 FIELD_CONTROLS[("clora", "prompts")] = per_lora_lines_control(

@@ -42,6 +42,27 @@ def composer_view(method: Any, image: Image.Image) -> View:
     return [(canvas, "boxes: " + ", ".join(lora.name for lora in method.loras))], "Boxes: " + "; ".join(legend)
 
 
+def box_layout(boxes_text: str, size: tuple[int, int] = (256, 256)) -> Image.Image | None:
+    """The Composer panel's live preview: the typed boxes, numbered in LoRA order, on a blank canvas
+    (None while the text does not parse, or is empty: then the LoRAs stand side by side)."""
+    from loracompose.composer import parse_box
+    from loracompose.errors import UserError
+
+    try:
+        boxes = [parse_box(part) for part in str(boxes_text or "").split(";") if part.strip()]
+    except UserError:
+        return None
+    if not boxes:
+        return None
+    canvas = Image.new("RGB", size, (240, 240, 240))
+    draw = ImageDraw.Draw(canvas)
+    for index, box in enumerate(boxes):
+        corners = (box.x0 * size[0], box.y0 * size[1], box.x1 * size[0] - 1, box.y1 * size[1] - 1)
+        draw.rectangle(corners, outline=colour(index), width=3)
+        draw.text((corners[0] + 5, corners[1] + 4), str(index + 1), fill=colour(index))
+    return canvas
+
+
 def clora_view(method: Any, image: Image.Image) -> View:
     """The last step's concept masks: all concepts in one tinted overlay, then one overlay each."""
     history = getattr(method, "mask_history", None)
