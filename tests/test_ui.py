@@ -187,6 +187,23 @@ def test_box_layout_preview_draws_the_typed_boxes(served):
     assert box_layout("0,0,2,1") is None and box_layout("") is None
 
 
+def test_box_editor_layers_become_boxes(served, tmp_path):
+    from loracompose.ui.method_views import boxes_from_drawing
+
+    first, second = np.zeros((256, 256, 4), np.uint8), np.zeros((256, 256, 4), np.uint8)
+    first[10:120, 0:128, 3] = 255  # rows (y) 10..119, columns (x) 0..127
+    second[64:192, 192:256, 3] = 255
+    assert boxes_from_drawing({"layers": [first, np.zeros_like(first), second]}) == \
+        "0,0.039,0.5,0.469; 0.75,0.25,1,0.75"
+    files = []
+    for index, layer in enumerate((np.full((256, 256, 4), 255, np.uint8), first, second)):
+        Image.fromarray(layer, "RGBA").save(tmp_path / f"{index}.png")
+        files.append(handle_file(str(tmp_path / f"{index}.png")))
+    text = served.client().predict({"background": files[0], "layers": files[1:], "composite": None},
+                                   api_name="/boxes_from_drawing")
+    assert text == "0,0.039,0.5,0.469; 0.75,0.25,1,0.75"
+
+
 def test_tara_shows_the_token_positions(served):
     _, _, status, concepts = generate(served.client(), served, TWO_LORAS, "tara", prompt="a cat")
     assert "Token positions: character: tokens [" in status and concepts == []

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import gradio as gr
+import numpy as np
 
 from loracompose.errors import UserError
 from loracompose.method import CompositionMethod
@@ -245,18 +246,27 @@ def per_lora_lines_control(placeholder: str, info: str, blank: Any) -> ControlFa
 
 
 
-def box_preview(panel: MethodPanel) -> None:
-    """A live drawing of the typed boxes under the Composer panel (LoRA k is box k)."""
-    from .method_views import box_layout
+def box_editor(panel: MethodPanel) -> None:
+    """Under the Composer panel: a canvas to draw the boxes on (one layer per LoRA, in table order; a
+    layer's strokes span its box) that fills in the boxes text, and a live drawing of that text."""
+    from .method_views import CONCEPT_COLOURS, box_layout, boxes_from_drawing
 
     boxes = next(control.component for control in panel.controls if control.field_name == "boxes")
+    blank = np.full((256, 256, 4), 255, dtype=np.uint8)
+    editor = gr.ImageEditor(
+        value={"background": blank, "layers": [], "composite": None}, type="numpy", sources=(), height=280,
+        label="Draw the boxes: add one layer per ticked LoRA (table order) and scribble over its area",
+        brush=gr.Brush(colors=["#%02x%02x%02x" % rgb for rgb in CONCEPT_COLOURS], color_mode="fixed"),
+        elem_id=f"{panel.name}-box-editor",
+    )
     preview = gr.Image(label="Box layout (numbers: ticked LoRAs in table order)", interactive=False, height=200,
                        elem_id=f"{panel.name}-box-layout")
+    editor.change(boxes_from_drawing, editor, boxes, api_name="boxes_from_drawing", concurrency_limit=None)
     boxes.change(box_layout, boxes, preview, api_name="box_layout", concurrency_limit=None)
 
 
 FIELD_CONTROLS[("composer", "boxes")] = box_list_control
-PANEL_EXTRAS["composer"] = box_preview
+PANEL_EXTRAS["composer"] = box_editor
 FIELD_CONTROLS[("composer", "region_prompts")] = per_lora_lines_control(
     "trigger words", "an empty line uses its trigger words.", None)
 FIELD_CONTROLS[("clora", "prompts")] = per_lora_lines_control(

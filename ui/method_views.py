@@ -63,6 +63,24 @@ def box_layout(boxes_text: str, size: tuple[int, int] = (256, 256)) -> Image.Ima
     return canvas
 
 
+def boxes_from_drawing(drawing: Any) -> Any:
+    """The boxes text from the Composer box editor: layer k's strokes, by their bounding box, are
+    LoRA k's box (relative coordinates). Nothing drawn: the text is left as it is."""
+    import gradio as gr
+
+    layers = (drawing or {}).get("layers") or []
+    boxes = []
+    for layer in layers:
+        alpha = np.asarray(layer)[..., -1] > 0
+        if not alpha.any():
+            continue
+        height, width = alpha.shape
+        rows, columns = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+        corners = (columns[0] / width, rows[0] / height, (columns[-1] + 1) / width, (rows[-1] + 1) / height)
+        boxes.append(",".join(f"{value:.3f}".rstrip("0").rstrip(".") for value in corners))
+    return "; ".join(boxes) if boxes else gr.update()
+
+
 def clora_view(method: Any, image: Image.Image) -> View:
     """The last step's concept masks: all concepts in one tinted overlay, then one overlay each."""
     history = getattr(method, "mask_history", None)
