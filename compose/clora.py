@@ -44,7 +44,7 @@ are the code's. The reference's optional style LoRA and guidance rescale are not
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -242,10 +242,34 @@ class MapRecorder:
             unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store))
         )
         self._hook = unet.register_forward_hook(self._copy_maps)
+        self._stop_early = False
+        self._layers_seen = 0
+        self._layer_hooks = [unet.get_submodule(layer.name).register_forward_hook(self._count_layer)
+                             for layer in layers]
 
     def _copy_maps(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
         if self._calls is not None:
             self._calls.append(self.store.maps())
+
+    def _count_layer(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        """With ``stop_early``: once every map layer of this UNet call has run, keep the maps and
+        end the call; the rest of the UNet (the costly high-resolution up blocks) does not count
+        for the loss."""
+        self._layers_seen += 1
+        if self._stop_early and self._layers_seen == len(self._layer_hooks):
+            self._copy_maps(_module, _args, _output)
+            raise MapsComplete
+
+    @contextmanager
+    def stopping_after_maps(self) -> Iterator[None]:
+        """UNet calls in the block end after their last map layer (MapsComplete is caught here)."""
+        self._stop_early, self._layers_seen = True, 0
+        try:
+            yield
+        except MapsComplete:
+            pass
+        finally:
+            self._stop_early = False
 
     @contextmanager
     def recording(self, *, conditional_half: bool, requires_grad: bool) -> Iterator[list[torch.Tensor]]:
@@ -267,7 +291,13 @@ class MapRecorder:
 
     def remove(self) -> None:
         self._hook.remove()
+        for hook in self._layer_hooks:
+            hook.remove()
         self._handle.restore()
+
+
+class MapsComplete(Exception):
+    """Raised inside a UNet call once all its map layers have run (see MapRecorder.stopping_after_maps)."""
 
 
 @contextmanager
@@ -310,6 +340,8 @@ class CLoRA(CompositionMethod):
             replacing the ones found from words.
         map_layers_per_module: map layers kept per 1/32-level module (SDXL stacks 10; None: all).
         batched: run the N + 1 branches as one UNet call with per-row adapters.
+        stop_after_maps: end each optimisation pass after its last map layer (batched only): the
+            loss reads nothing later, so the high-resolution up blocks are skipped; same gradient.
         backend: attention kernel of the map layers ("sdpa", "xformers"; "flex" has no CPU backward).
 
     After a generation: ``mask_history`` holds one :class:`ConceptMasks` per step,
@@ -333,6 +365,7 @@ class CLoRA(CompositionMethod):
     concept_token_indices: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     map_layers_per_module: int | None = 1
     batched: bool = True
+    stop_after_maps: bool = True
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -473,8 +506,10 @@ class CLoRA(CompositionMethod):
 
     def loss(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         """The contrastive loss at ``latents``, summed over images (each image's latent gets its own gradient)."""
+        one_call = run.batching_blocked(self.branches, self.batched, halves=1) is None
         with self._recorder.recording(conditional_half=False, requires_grad=True) as calls:
-            run.predict_conditional(latents, step, self.branches, batch=self.batched)
+            with self._recorder.stopping_after_maps() if one_call and self.stop_after_maps else nullcontext():
+                run.predict_conditional(latents, step, self.branches, batch=self.batched)
         maps = MapRecorder.per_branch(calls, len(self.branches))
         losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature) for image in range(maps.shape[1])]
         return sum(losses)

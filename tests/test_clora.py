@@ -328,3 +328,24 @@ def test_cli_clora_writes_masks_settings_and_counts(tmp_path, tiny_sd15_dir, sd1
     assert main([*args[:-2], "--clora-iterative-steps", "0,x", "--out", str(tmp_path / "bad")]) == 2
     assert "--clora-iterative-steps '0,x'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_stopping_after_the_map_layers_gives_the_same_loss_and_gradient(sd15):
+    """The optimisation pass ends after its last map layer (the last up block never runs in it);
+    latents, loss and counts are those of the full pass."""
+    pipe, specs = sd15
+    results, last_block_calls = {}, []
+    hook = pipe.unet.up_blocks[-1].register_forward_hook(lambda *_: last_block_calls.append(1))
+    try:
+        for stop in (True, False):
+            last_block_calls.clear()
+            method = CLoRA(stop_after_maps=stop, iterative_steps=(), max_update_step=1)
+            result = pipe.generate("a photo", specs, method, steps=2, seed=4, output_type="latent", show_progress=False)
+            results[stop] = (result.latents, method.loss_history, result.stats, len(last_block_calls))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=0)
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
+    assert results[True][2].unet_calls == results[False][2].unet_calls == 3
+    assert results[True][2].backward_passes == results[False][2].backward_passes == 1
+    assert (results[True][3], results[False][3]) == (2, 3), "the optimisation pass skipped the last up block"
