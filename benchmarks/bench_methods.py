@@ -57,7 +57,9 @@ from loracompose import CMLoRA, Composite, CompositionMethod, LoraSpec, Merge, S
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loading import resolve_device, resolve_dtype  # noqa: E402
 from loracompose.pipelines.loop import MemoryMeter  # noqa: E402
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15, tiny_sd15_pipeline  # noqa: E402
+from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
+
+from bench_common import build_mid_sd15  # noqa: E402
 
 PROMPT = "a photo of a cat in a garden"
 SEED = 0
@@ -72,17 +74,6 @@ MIB = 2**20
 # 128 px (SD1.5's 512 px attention length) costs ~10x more per UNet call: too slow for a 5-minute CPU run.
 DEFAULT_MID_SIZE = 64
 
-# A mid-size random UNet of SD1.5's architecture (cross-attention width = tiny text encoder's 32).
-MID_UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": (64, 128, 256),
-    "layers_per_block": 1,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-}
 
 
 # --- what is benchmarked -------------------------------------------------------------------------
@@ -115,17 +106,6 @@ METHOD_CASES: tuple[MethodCase, ...] = (
     MethodCase("cmlora", lambda: CMLoRA()),  # no profile: classes from categories, default cache schedule
     MethodCase("tara", lambda: Tara()),
 )
-
-
-def build_mid_sd15(out_dir: Path, *, size: int, seed: int = SEED) -> Path:
-    """Save the tiny SD1.5 pipeline with its UNet replaced by a random mid-size one (``MID_UNET_CONFIG``)."""
-    base = tiny_sd15_pipeline(seed=seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=size // base.vae_scale_factor).eval()
-    components = {**base.components, "unet": unet}
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 def model_setups(mid_size: int = DEFAULT_MID_SIZE) -> dict[str, ModelSetup]:

@@ -1,6 +1,6 @@
 """TARA's cost: wall time against plain diffusers for N = 1..4 LoRAs, and TARA training speed.
 
-On the tiny random SD1.5 of :mod:`loracompose.tiny` (64 px, DPM-Solver++, CFG 7.5), in one process,
+On the tiny random SD1.5 of :mod:`loracompose.tiny` (or ``--model mid``, a 12 M-parameter UNet; 64 px, DPM-Solver++, CFG 7.5), in one process,
 with the measurements of each N interleaved (one run of every configuration per round, the best of
 the rounds after one warm-up round: other processes only ever add time), it times:
 
@@ -53,6 +53,8 @@ from loracompose.tara import TaraTrainingSettings, train_tara  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 from loracompose.training import LoraTrainingSettings  # noqa: E402
 
+from bench_common import build_mid_sd15  # noqa: E402
+
 SIZE = 64
 SEED = 0
 GUIDANCE = 7.5
@@ -87,10 +89,12 @@ class Row:
 # --- models --------------------------------------------------------------------------------------
 
 
-def build_models(scratch: Path) -> tuple[Path, list[Path]]:
-    """The tiny SD1.5 folder and MAX_LORAS random LoRAs (UNet + text encoder, rank 4)."""
+def build_models(scratch: Path, size: str = "tiny") -> tuple[Path, list[Path]]:
+    """The model folder (``tiny``: loracompose's tiny SD1.5; ``mid``: its random 12 M-parameter
+    SD1.5-layout UNet of bench_methods) and MAX_LORAS random LoRAs (UNet + text encoder, rank 4)."""
     with quiet_loading():
-        model = build_tiny_sd15(scratch / "tiny-sd15", seed=SEED)
+        model = (build_tiny_sd15(scratch / "tiny-sd15", seed=SEED) if size == "tiny"
+                 else build_mid_sd15(scratch / "mid-sd15", size=SIZE, seed=SEED))
         loras = [build_tiny_lora(model, scratch / f"lora{index}.safetensors", seed=10 + index,
                                  trigger_words=[trigger], init_scale=2.0) for index, trigger in enumerate(TRIGGERS)]
     return model, loras
@@ -218,7 +222,7 @@ def markdown(rows: Sequence[Row], training: dict[str, Any]) -> str:
         + " | ".join(f"{row.ratios[key]:.2f}" for key in RATIO_COLUMNS) + f" | {row.unet_calls} | {row.unet_rows} |"
         for row in rows
     ]
-    train = (f"\nTARA training (tiny SD1.5, CPU, batch 1, {SIZE} px): {training['steps_per_second']:.2f} steps/s "
+    train = (f"\nTARA training (this model, CPU, batch 1, {SIZE} px): {training['steps_per_second']:.2f} steps/s "
              f"({training['steps']} steps in {training['loop_seconds']:.1f} s)")
     return "\n".join([header, rule, *body]) + "\n" + train
 
@@ -235,6 +239,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="denoising steps (default 8; quick 4)")
     parser.add_argument("--rounds", type=int, help="timed rounds after the warm-up (default 5; quick 2)")
     parser.add_argument("--train-steps", type=int, help="training steps timed (default 30; quick 10)")
+    parser.add_argument("--model", choices=("tiny", "mid"), default="tiny",
+                        help="tiny SD1.5 (default) or the 12 M-parameter mid UNet of bench_methods (64 px)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file (atomically)")
     return parser.parse_args(argv)
@@ -248,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(plan.steps, plan.rounds, plan.train_steps) < 1:
         raise SystemExit("--steps, --rounds and --train-steps must be at least 1")
     with tempfile.TemporaryDirectory(prefix="loracompose-bench-tara-") as scratch:
-        model, loras = build_models(Path(scratch))
+        model, loras = build_models(Path(scratch), args.model)
         rows = measure_inference(model, loras, plan)
         training = measure_training(model, Path(scratch), plan)
     table = markdown(rows, training)
@@ -260,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{plan.steps} steps, best of {plan.rounds} rounds, {torch.get_num_threads()} thread(s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"plan": asdict(plan), "prompt": PROMPT, "size": SIZE, "guidance_scale": GUIDANCE,
+        payload = {"model": args.model, "plan": asdict(plan), "prompt": PROMPT, "size": SIZE, "guidance_scale": GUIDANCE,
                    "rows": [asdict(row) for row in rows], "training": training, "machine": machine(),
                    "target_ratio": TARGET_RATIO, "total_seconds": total}
         atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""Pieces the benchmark scripts share (run them as ``python benchmarks/bench_*.py``: this folder is
+then on ``sys.path``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from loracompose.tiny import tiny_sd15_pipeline
+
+# A mid-size random UNet of SD1.5's architecture (cross-attention width = tiny text encoder's 32).
+MID_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": (64, 128, 256),
+    "layers_per_block": 1,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}
+
+
+def build_mid_sd15(out_dir: Path, *, size: int, seed: int = 0) -> Path:
+    """Save the tiny SD1.5 pipeline with its UNet replaced by a random mid-size one (``MID_UNET_CONFIG``)."""
+    base = tiny_sd15_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=size // base.vae_scale_factor).eval()
+    components = {**base.components, "unet": unet}
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
