@@ -22,6 +22,7 @@ from .layers import (
     processors_for,
     resolution_level,
     select_layers,
+    stop_after_layers,
 )
 from .lora_deltas import (
     LoraTokenMasks,
@@ -61,6 +62,7 @@ __all__ = [
     "processors_for",
     "resolution_level",
     "select_layers",
+    "stop_after_layers",
     "token_mask",
     "token_masked_projection",
 ]

@@ -16,8 +16,9 @@ also registers a UNet forward pre-hook that records the latent size of each call
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -210,3 +211,42 @@ def install_processors(unet: torch.nn.Module, processors: Mapping[str, Any]) -> 
         merged[layer.processor_key] = processor
     unet.set_attn_processor(merged)
     return ProcessorHandle(unet, previous, call)
+
+
+class _LayersDone(Exception):
+    """Ends a UNet call from inside once the layers a pass needs have run (see :func:`stop_after_layers`)."""
+
+
+@dataclass
+class EarlyStop:
+    """Whether the UNet call inside :func:`stop_after_layers` ended early (its output was never made)."""
+
+    stopped: bool = False
+
+
+@contextmanager
+def stop_after_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iterator[EarlyStop]:
+    """End the (single) UNet call inside the block as soon as every named layer has run once.
+
+    For passes whose result is read off those layers (attention maps for a loss): the rest of the
+    UNet, often its costliest high-resolution blocks, is skipped and adds nothing to the autograd
+    graph; gradients of anything computed from those layers are unchanged. The call returns nothing
+    (the exception ending it is caught here): check ``stopped`` and read the layers' captures instead.
+    """
+    state, pending = EarlyStop(), set(layer_names)
+
+    def mark_done(name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
+            pending.discard(name)
+            if not pending:
+                raise _LayersDone
+        return hook
+
+    handles = [unet.get_submodule(name).register_forward_hook(mark_done(name)) for name in pending]
+    try:
+        yield state
+    except _LayersDone:
+        state.stopped = True
+    finally:
+        for handle in handles:
+            handle.remove()

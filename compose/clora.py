@@ -44,7 +44,7 @@ are the code's. The reference's optional style LoRA and guidance rescale are not
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .lora import LoadedLora, with_trigger_words
-from .method import CompositionMethod, require_loras
+from .method import CompositionMethod, frozen_parameters, require_loras
 from .tokens import trigger_positions
 from loracompose.attention import (
     AttentionStore,
@@ -62,6 +62,7 @@ from loracompose.attention import (
     attention_map_layers,
     install_processors,
     processors_for,
+    stop_after_layers,
 )
 from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
 
@@ -242,34 +243,11 @@ class MapRecorder:
             unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store))
         )
         self._hook = unet.register_forward_hook(self._copy_maps)
-        self._stop_early = False
-        self._layers_seen = 0
-        self._layer_hooks = [unet.get_submodule(layer.name).register_forward_hook(self._count_layer)
-                             for layer in layers]
+        self.layer_names = [layer.name for layer in layers]
 
     def _copy_maps(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
         if self._calls is not None:
             self._calls.append(self.store.maps())
-
-    def _count_layer(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
-        """With ``stop_early``: once every map layer of this UNet call has run, keep the maps and
-        end the call; the rest of the UNet (the costly high-resolution up blocks) does not count
-        for the loss."""
-        self._layers_seen += 1
-        if self._stop_early and self._layers_seen == len(self._layer_hooks):
-            self._copy_maps(_module, _args, _output)
-            raise MapsComplete
-
-    @contextmanager
-    def stopping_after_maps(self) -> Iterator[None]:
-        """UNet calls in the block end after their last map layer (MapsComplete is caught here)."""
-        self._stop_early, self._layers_seen = True, 0
-        try:
-            yield
-        except MapsComplete:
-            pass
-        finally:
-            self._stop_early = False
 
     @contextmanager
     def recording(self, *, conditional_half: bool, requires_grad: bool) -> Iterator[list[torch.Tensor]]:
@@ -291,27 +269,7 @@ class MapRecorder:
 
     def remove(self) -> None:
         self._hook.remove()
-        for hook in self._layer_hooks:
-            hook.remove()
         self._handle.restore()
-
-
-class MapsComplete(Exception):
-    """Raised inside a UNet call once all its map layers have run (see MapRecorder.stopping_after_maps)."""
-
-
-@contextmanager
-def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """The module's parameters stop requiring grad inside the block: gradients reach the latents
-    only, and autograd keeps nothing for weight gradients."""
-    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -508,7 +466,12 @@ class CLoRA(CompositionMethod):
         """The contrastive loss at ``latents``, summed over images (each image's latent gets its own gradient)."""
         one_call = run.batching_blocked(self.branches, self.batched, halves=1) is None
         with self._recorder.recording(conditional_half=False, requires_grad=True) as calls:
-            with self._recorder.stopping_after_maps() if one_call and self.stop_after_maps else nullcontext():
+            if one_call and self.stop_after_maps:  # the loss reads only the map layers
+                with stop_after_layers(run.unet, self._recorder.layer_names) as early:
+                    run.predict_conditional(latents, step, self.branches, batch=self.batched)
+                if early.stopped:
+                    calls.append(self._recorder.store.maps())
+            else:
                 run.predict_conditional(latents, step, self.branches, batch=self.batched)
         maps = MapRecorder.per_branch(calls, len(self.branches))
         losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature) for image in range(maps.shape[1])]

@@ -68,7 +68,7 @@ from peft.tuners.lora import LoraLayer
 
 from .errors import UserError
 from .lora import LoadedLora
-from .method import CompositionMethod, require_loras
+from .method import CompositionMethod, frozen_parameters, require_loras
 from .tokens import trigger_positions
 from loracompose.attention import (
     AttentionStore,
@@ -82,6 +82,7 @@ from loracompose.attention import (
     check_adapters_loaded,
     install_processors,
     processors_for,
+    stop_after_layers,
 )
 from loracompose.attention.layers import ProcessorHandle
 from loracompose.pipelines.loop import BASE, Branch, Denoiser, Prediction, Step
@@ -461,6 +462,8 @@ class Composer(CompositionMethod):
         self._map_level = map_layers[0].level
         self._map_processors = [(processors[layer.name], self._cross_store) for layer in map_layers]
         self._map_processors += [(processors[_self_attention_of(layer.name)], self._self_store) for layer in map_layers]
+        self._cross_map_layers = [layer.name for layer in map_layers]
+        self._self_map_layers = [_self_attention_of(layer.name) for layer in map_layers]
         self._handle = install_processors(unet, processors)
         self.processors = processors
 
@@ -518,7 +521,9 @@ class Composer(CompositionMethod):
         """One conditional UNet call on ``sample`` (the model input made from ``latents``, default:
         the sample itself) with the concepts' maps read out."""
         conditioning = run.conditioning(BASE).halves(run.num_halves)[-1]
-        with self._capturing(self_attention):
+        # Only the map layers are read: the call ends after them (the finer up blocks never run).
+        layers = self._cross_map_layers + (self._self_map_layers if self_attention else [])
+        with self._capturing(self_attention), stop_after_layers(run.unet, layers):
             run.run_unet(sample, timestep, conditioning,
                          cross_attention_kwargs={"region_attention": self._conditional_regions})
         cross = [smooth_maps(self._cross_store.maps(source=k)[..., tokens])
@@ -555,7 +560,7 @@ class Composer(CompositionMethod):
     def _refine(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         schedule = self.schedule(step.num_steps)
         latent = latents.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with frozen_parameters(run.unet), torch.enable_grad():
             # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
             maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
             losses = self.refinement_losses(maps)

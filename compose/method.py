@@ -17,8 +17,9 @@ returns one Prediction per branch (one batched UNet call where possible), ``run.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -82,3 +83,17 @@ def _jsonable(value: Any) -> Any:
 def require_loras(method: str, loras: Sequence[LoadedLora], minimum: int = 1) -> None:
     if len(loras) < minimum:
         raise UserError(f"method {method} needs at least {minimum} LoRA(s); pass them with --lora PATH[:WEIGHT]")
+
+
+@contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """The module's parameters stop requiring grad inside the block: gradients reach the latents
+    only, and autograd keeps nothing for weight gradients."""
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)

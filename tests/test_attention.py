@@ -30,6 +30,7 @@ from loracompose.attention import (
     install_processors,
     processors_for,
     select_layers,
+    stop_after_layers,
     token_mask,
     token_masked_projection,
 )
@@ -171,6 +172,34 @@ def test_capture_does_not_change_output():
         with install_everywhere(unet, attention_map_layers(unet), store=store):
             ours = run_unet(unet, latents, states, extra)
     assert (ours - stock).abs().max() < TOLERANCE
+
+
+def test_stop_after_layers_keeps_the_maps_and_skips_the_rest():
+    unet = make_unet("sd15")
+    latents, states, extra = make_inputs(unet)
+    layers = attention_map_layers(unet)
+    store = AttentionStore(token_indices=[1, 2], requires_grad=True)
+    later_calls = []
+    hook = unet.conv_out.register_forward_hook(lambda *_: later_calls.append(1))
+    try:
+        with install_everywhere(unet, layers, store=store):
+            full_latents = latents.clone().requires_grad_(True)
+            run_unet(unet, full_latents, states, extra)
+            full_maps = store.maps()
+            (full_gradient,) = torch.autograd.grad(full_maps.square().sum(), full_latents)
+            early_latents = latents.clone().requires_grad_(True)
+            with stop_after_layers(unet, [layer.name for layer in layers]) as early:
+                run_unet(unet, early_latents, states, extra)
+            early_maps = store.maps()
+            (early_gradient,) = torch.autograd.grad(early_maps.square().sum(), early_latents)
+    finally:
+        hook.remove()
+    assert early.stopped and later_calls == [1], "conv_out ran in the full pass only"
+    torch.testing.assert_close(early_maps, full_maps, atol=0, rtol=0)
+    torch.testing.assert_close(early_gradient, full_gradient, atol=1e-6, rtol=1e-5)
+    with stop_after_layers(unet, [layers[0].name]) as never:
+        pass
+    assert not never.stopped
 
 
 def test_backend_errors():
