@@ -67,11 +67,12 @@ def add_retrieve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_retrieve(args: argparse.Namespace) -> int:
     from .library import open_library
-    from .retrieval import auto_lora_specs as pick, format_ranking, parse_category_limits
+    from .retrieval import auto_lora_specs as pick, check_top_k, format_ranking, parse_category_limits
     from loracompose.pipelines import load_pipeline
 
+    check_top_k(args.top)
     library = open_library(args.library)
-    for corrupt in library.corrupt:
+    for corrupt in library.corrupt.values():
         print(f"loracompose: warning: skipped {corrupt.file}: {corrupt.reason}", file=sys.stderr)
     pipe = load_pipeline(_model_or_default(args.model), device=args.device, config=args.config)
     _, ranked = pick(pipe, args.prompt, library, args.top, retriever=args.retriever,

@@ -500,7 +500,13 @@ def test_cli_retrieve_and_generate_with_auto_loras(tiny_sd15_dir, library_dir, t
     record = json.loads((out / "autolora-0.json").read_text())
     assert [lora["path"] for lora in record["loras"]] == [listing[0]["file"]]
     capsys.readouterr()
+    bad_library = tmp_path / "bad-library"
+    bad_library.mkdir()
+    (bad_library / "broken.safetensors").write_bytes(b"junk")
+    assert main(["retrieve", "x", "--library", str(bad_library), *model]) == 0
+    assert "warning: skipped broken.safetensors: " in capsys.readouterr().err
     for args, message in [(["generate", *model, "--prompt", "x", "--auto-loras", "1"], "--auto-loras needs --library"),
+                          (["retrieve", "x", "--library", str(library_dir), "--top", "0", *model], "--top 0"),
                           (["retrieve", "x", "--library", str(tmp_path / "none"), *model], "none")]:
         assert main([*args, "--out", str(tmp_path / "bad")] if args[0] == "generate" else args) == 2
         error = capsys.readouterr().err

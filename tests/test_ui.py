@@ -369,6 +369,14 @@ def test_ui_command_parses_and_serves_with_options(monkeypatch):
     assert (seen[0].port, seen[0].host, seen[0].model, seen[0].max_upload_mb) == (7999, "0.0.0.0", None, 64)
 
 
+@pytest.mark.parametrize("options, message", [(UiOptions(port=70000), "--port 70000"),
+                                              (UiOptions(max_upload_mb=0), "--max-upload-mb 0")])
+def test_bad_ui_options_are_user_errors(options, message):
+    with pytest.raises(UserError, match=message) as error:
+        resolve_settings(options)
+    assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------ browser
 
 

@@ -38,6 +38,8 @@ def ui_home() -> Path:
 
 def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
     """(model to load, app settings); the embedded default when no model is given."""
+    if not 0 <= options.port <= 65535:
+        raise UserError(f"--port {options.port}: give a TCP port from 1 to 65535 (0: any free port)")
     if options.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb {options.max_upload_mb}: give a positive size in MiB")
     model, library, prompt, preselect = options.model, scan_library(options.library), "", False
