@@ -194,7 +194,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt is required with --model; say what the image shows")
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
     check_auto_lora_arguments(args)
-    prepare_output_dir(args.out)
+    if args.out.exists() and not args.out.is_dir():  # the folder itself is made only once there is an image
+        raise UserError(f"--out {args.out} is a file; give a folder for the images")
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
     specs += auto_lora_specs(pipe, prompt, args)
     from .cmlora import FrequencyOrdered
@@ -211,6 +212,7 @@ def run_generate(args: argparse.Namespace) -> int:
         text_encoder_loras=not args.no_text_encoder_loras, max_batch_rows=args.max_batch_rows,
         show_progress=not args.quiet,
     )
+    prepare_output_dir(args.out)
     written = save_result(result, args.out, args.name or f"{method.name}-{args.seed}", model)
     stats = result.stats
     for path in written:

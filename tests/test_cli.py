@@ -132,3 +132,12 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
     assert process.stderr.strip().splitlines()[-1].startswith("loracompose: error: model")
+
+
+def test_an_error_during_generation_leaves_no_output_folder(tmp_path, tiny_sd15_dir, sd15_lora_files, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["generate", "--model", tiny_sd15_dir, "--prompt", "a cat", "--lora", sd15_lora_files[0],
+                            "--lora", sd15_lora_files[1], "--method", "composer", "--region-prompt", "a",
+                            "--out", out, *FAST], capsys)
+    assert code == 2 and "1 region prompts for 2 LoRAs" in err and err.count("\n") == 1
+    assert not out.exists()
