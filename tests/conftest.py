@@ -66,3 +66,19 @@ def sd15_lora_files(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactor
 def sdxl_lora_files(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two SDXL LoRAs: ``character.safetensors`` (trigger "zkx") and ``style.safetensors`` ("qwv")."""
     return _build_loras(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-loras"))
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15_dir):
+    """The tiny SD1.5 model through ``load_pipeline``, one per test module."""
+    from loracompose import load_pipeline
+
+    return load_pipeline(tiny_sd15_dir)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    """The tiny SDXL model through ``load_pipeline``, one per test module."""
+    from loracompose import load_pipeline
+
+    return load_pipeline(tiny_sdxl_dir)

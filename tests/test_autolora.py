@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loracompose import LoraSpec, Merge, UserError, load_pipeline
+from loracompose import LoraSpec, Merge, UserError
 from loracompose.autolora import (
     AutoLoRA,
     GatedFusion,
@@ -80,16 +80,6 @@ class BagOfTokensEmbedder:
     def embed(self, texts):
         ids = [sorted(set(self.tokenizer(text, add_special_tokens=False).input_ids)) for text in texts]
         return torch.stack([self.table[row].sum(0) for row in ids])
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15_dir):
-    return load_pipeline(tiny_sd15_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return load_pipeline(tiny_sdxl_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import UNetCallCounter
 from loracompose import LoraSpec, Merge, UserError, load_pipeline
 from loracompose.clora import CLoRA, ConceptMasks, concept_masks, contrastive_loss
 from loracompose.tiny import build_tiny_lora
@@ -221,16 +222,6 @@ def test_one_lora_with_all_ones_mask_equals_merge(model, tiny_sd15_dir, tiny_sdx
     assert all((masks.owner == 1).all() for masks in method.mask_history)
     assert clora.stats.backward_passes == 0  # one concept: nothing to contrast, no optimisation pass
     np.testing.assert_allclose(clora.images[0], merge.images[0], atol=1e-5)
-
-
-class UNetCallCounter:
-    def __init__(self, unet):
-        self.calls, self.rows = 0, 0
-        self.handle = unet.register_forward_pre_hook(self.count)
-
-    def count(self, _unet, args):
-        self.calls += 1
-        self.rows += args[0].shape[0]
 
 
 @pytest.mark.parametrize("batched", [True, False])

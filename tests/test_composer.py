@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loracompose import LoraSpec, UserError, load_pipeline
+from helpers import UNetCallCounter, plain_diffusers
+from loracompose import LoraSpec, UserError
 from loracompose.attention import Box, LatentGrid
 from loracompose.composer import (
     CellRect,
@@ -38,16 +38,6 @@ COMMON = dict(show_progress=False, append_triggers=False, guidance_scale=6.0)
 LEFT, RIGHT = Box(0.0, 0.0, 0.5, 1.0), Box(0.5, 0.0, 1.0, 1.0)
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15_dir):
-    return load_pipeline(tiny_sd15_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return load_pipeline(tiny_sdxl_dir)
-
-
 def cross_attention_only(source: Path, out: Path, keep_text_encoder: bool) -> Path:
     """A copy of a LoRA whose deltas are exactly zero except on attn2 to_k/to_v/to_out.0 (and the
     text encoders when ``keep_text_encoder``): the only deltas LoRA-Composer uses in the UNet."""
@@ -63,27 +53,6 @@ def cross_attention_only(source: Path, out: Path, keep_text_encoder: bool) -> Pa
                for key, value in load_file(source).items()}
     save_file(tensors, str(out), metadata=metadata)
     return out
-
-
-def plain_pipeline(model_dir: Path, sdxl: bool):
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(model_dir, **extra)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-class UNetCallCounter:
-    """An independent count of UNet forwards, via a hook."""
-
-    def __init__(self, unet):
-        self.calls, self.rows = 0, 0
-        self.handle = unet.register_forward_pre_hook(self.count)
-
-    def count(self, _unet, args):
-        self.calls += 1
-        self.rows += args[0].shape[0]
 
 
 # ------------------------------------------------------------------------------------ oracle: plain run
@@ -106,7 +75,7 @@ def test_full_image_box_equals_plain_run_with_lora_on_cross_attention(model, req
     ours = pipe.generate(global_prompt, [LoraSpec(lora, 0.8)], method, seed=3, steps=2, height=height, width=width,
                          output_type="np", **COMMON).images[0]
 
-    plain = plain_pipeline(model_dir, sdxl)
+    plain = plain_diffusers(model_dir, sdxl)
     kwargs = dict(num_inference_steps=2, guidance_scale=6.0, height=height, width=width, output_type="np")
     base = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
     plain.load_lora_weights(str(lora), adapter_name="ref")

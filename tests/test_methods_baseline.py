@@ -5,22 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from helpers import UNetCallCounter, plain_diffusers
 from loracompose import Composite, LoraSpec, Merge, Switch, load_pipeline
 from loracompose.switch import switch_schedule
 
 STEPS = 4
 COMMON = dict(steps=STEPS, guidance_scale=6.0, output_type="np", show_progress=False, append_triggers=False)
-
-
-def plain_diffusers(model_dir, sdxl: bool):
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(model_dir, **extra)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def plain_image(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
@@ -34,23 +25,6 @@ def setup(request, tiny_sd15_dir, tiny_sdxl_dir, sd15_lora_files, sdxl_lora_file
     model_dir = tiny_sdxl_dir if sdxl else tiny_sd15_dir
     loras = sdxl_lora_files if sdxl else sd15_lora_files
     return {"pipe": load_pipeline(model_dir), "model_dir": model_dir, "loras": loras, "sdxl": sdxl}
-
-
-class UNetCallCounter:
-    """An independent count of UNet forwards (and the active adapters at each), via a hook."""
-
-    def __init__(self, unet):
-        self.calls, self.rows, self.active = 0, 0, []
-        self.handle = unet.register_forward_pre_hook(self.count)
-
-    def count(self, unet, args):
-        self.calls += 1
-        self.rows += args[0].shape[0]
-        probe = next(m for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
-        self.active.append(tuple(probe.active_adapters))
-
-    def close(self):
-        self.handle.remove()
 
 
 def test_merge_one_lora_equals_diffusers_set_adapters(setup):

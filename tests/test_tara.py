@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loracompose import METHODS, LoraSpec, Merge, Tara, UserError, load_pipeline
+from loracompose import METHODS, LoraSpec, Merge, Tara, UserError
 from loracompose.cli import main
 from loracompose.lora import inspect_lora
 from loracompose.pipelines.compose_pipeline import quiet_loading
@@ -34,16 +34,6 @@ BOS = 1  # prompt tokens start after <|startoftext|>
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15_dir):
-    return load_pipeline(tiny_sd15_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return load_pipeline(tiny_sdxl_dir)
 
 
 def only_keys(source: Path, out: Path, keep) -> Path:
