@@ -13,7 +13,6 @@ import warnings
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch

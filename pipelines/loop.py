@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
