@@ -30,46 +30,79 @@ DEFAULT_OUT = Path("loracompose-out")
 
 def build_method(args: argparse.Namespace):
     """The method object named by ``--method`` with its settings from the flags."""
-    from . import CMLoRA, CMLoRASwitch, Composite, Merge, Switch
+    if args.method not in METHOD_BUILDERS:
+        raise UserError(f"--method {args.method}: not available")
+    return METHOD_BUILDERS[args.method](args)
 
-    if args.method == "merge":
-        return Merge(combine=args.merge_combine, fuse=args.fuse)
-    if args.method == "switch":
-        return Switch(period=args.switch_period)
-    if args.method == "composite":
-        return Composite(mixing_weights=tuple(args.mixing_weights) if args.mixing_weights else None,
-                         batched=not args.sequential)
-    if args.method == "cmlora":
-        return CMLoRA(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
-                      phase_fraction=args.cmlora_phase_fraction, cache_interval=args.cmlora_cache_interval,
-                      batched=not args.sequential)
-    if args.method == "cmlora-switch":
-        return CMLoRASwitch(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
-                            phase_fraction=args.cmlora_phase_fraction, period=args.switch_period)
-    if args.method == "tara":
-        from .tara import Tara
 
-        return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
-    if args.method == "autolora":
-        from .autolora import AutoLoRA
+def _merge(args: argparse.Namespace):
+    from .merge import Merge
 
-        return AutoLoRA(gates=str(args.autolora_gates) if args.autolora_gates else None)
-    if args.method == "clora":
-        from .clora import CLoRA
+    return Merge(combine=args.merge_combine, fuse=args.fuse)
 
-        return CLoRA(latent_update=not args.clora_no_update, step_size=args.clora_step_size,
-                     iterative_steps=parse_steps(args.clora_iterative_steps, "--clora-iterative-steps"),
-                     temperature=args.clora_temperature, mask_threshold=args.clora_mask_threshold,
-                     prompts=tuple(args.clora_lora_prompt), subjects=tuple(args.clora_subject),
+
+def _switch(args: argparse.Namespace):
+    from .switch import Switch
+
+    return Switch(period=args.switch_period)
+
+
+def _composite(args: argparse.Namespace):
+    from .composite import Composite
+
+    return Composite(mixing_weights=tuple(args.mixing_weights) if args.mixing_weights else None,
                      batched=not args.sequential)
-    if args.method == "composer":
-        from .composer import Composer, parse_box
 
-        return Composer(boxes=tuple(parse_box(text) for text in args.box),
-                        region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
-                        refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
-                        reinitialise=not args.composer_no_reinit)
-    raise UserError(f"--method {args.method}: not available")
+
+def _cmlora(args: argparse.Namespace):
+    from .cmlora import CMLoRA
+
+    return CMLoRA(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
+                  phase_fraction=args.cmlora_phase_fraction, cache_interval=args.cmlora_cache_interval,
+                  batched=not args.sequential)
+
+
+def _cmlora_switch(args: argparse.Namespace):
+    from .cmlora import CMLoRASwitch
+
+    return CMLoRASwitch(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
+                        phase_fraction=args.cmlora_phase_fraction, period=args.switch_period)
+
+
+def _clora(args: argparse.Namespace):
+    from .clora import CLoRA
+
+    return CLoRA(latent_update=not args.clora_no_update, step_size=args.clora_step_size,
+                 iterative_steps=parse_steps(args.clora_iterative_steps, "--clora-iterative-steps"),
+                 temperature=args.clora_temperature, mask_threshold=args.clora_mask_threshold,
+                 prompts=tuple(args.clora_lora_prompt), subjects=tuple(args.clora_subject), batched=not args.sequential)
+
+
+def _composer(args: argparse.Namespace):
+    from .composer import Composer, parse_box
+
+    return Composer(boxes=tuple(parse_box(text) for text in args.box),
+                    region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
+                    refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
+                    reinitialise=not args.composer_no_reinit)
+
+
+def _tara(args: argparse.Namespace):
+    from .tara import Tara
+
+    return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
+
+
+def _autolora(args: argparse.Namespace):
+    from .autolora import AutoLoRA
+
+    return AutoLoRA(gates=str(args.autolora_gates) if args.autolora_gates else None)
+
+
+METHOD_BUILDERS: dict[str, Callable[[argparse.Namespace], object]] = {
+    "merge": _merge, "switch": _switch, "composite": _composite, "cmlora": _cmlora, "cmlora-switch": _cmlora_switch,
+    "clora": _clora, "composer": _composer, "tara": _tara, "autolora": _autolora,
+}
 
 
 def parse_steps(text: str, flag: str) -> tuple[int, ...]:

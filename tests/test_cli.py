@@ -141,3 +141,13 @@ def test_an_error_during_generation_leaves_no_output_folder(tmp_path, tiny_sd15_
                             "--out", out, *FAST], capsys)
     assert code == 2 and "1 region prompts for 2 LoRAs" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_every_method_has_a_cli_builder_with_default_flags():
+    from loracompose import METHODS
+    from loracompose.cli import METHOD_BUILDERS, build_method, build_parser
+
+    assert set(METHOD_BUILDERS) == set(METHODS)
+    for name, method_class in METHODS.items():
+        args = build_parser().parse_args(["generate", "--method", name])
+        assert type(build_method(args)) is method_class
