@@ -22,6 +22,12 @@ from .cli_autolora import (
     run_train_gates,
     run_train_retriever,
 )
+from .cli_toyworld import (
+    add_export_toyworld_arguments,
+    add_train_toyworld_arguments,
+    run_export_toyworld,
+    run_train_toyworld,
+)
 from .errors import UserError
 from .lora import LoraSpec, inspect_loras
 
@@ -377,6 +383,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "train-retriever": ("train AutoLoRA's weight-encoding LoRA retriever on a library", add_train_retriever_arguments,
                         run_train_retriever),
     "train-gates": ("train AutoLoRA's fusion gates on a LoRA set", add_train_gates_arguments, run_train_gates),
+    "train-toyworld": ("train the toy-world base model (procedural scenes) from scratch, resumable",
+                       add_train_toyworld_arguments, run_train_toyworld),
+    "export-toyworld": ("write a toy-world run's latest checkpoint as a diffusers folder", add_export_toyworld_arguments,
+                        run_export_toyworld),
 }
 
 

@@ -1,0 +1,246 @@
+"""A rule-based detector for toy-world images: objects (shape, colour, position) and background.
+
+It inverts the generator's rules (scenes.py) rather than learning them:
+
+* Objects are saturated, backgrounds are grey, so a pixel's chroma (max - min of RGB) separates
+  them; mixing a colour with grey keeps its hue, so an object's colour is the palette hue nearest
+  to the median hue of its pixels (anti-aliased edges included).
+* Each connected blob of object pixels is one object. Its shape is the generator's shape whose
+  rendered coverage best overlaps (soft IoU) the blob's coverage, searched over a few radii and
+  sub-pixel centres around the blob's bounding box.
+* The background's grey pixels split into two tones; the share of the minority tone and how
+  uniform rows are tell plain, striped, dotted and grid apart.
+
+Works at any image size; accuracy on clean held-out scenes is measured by :func:`measure_accuracy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .scenes import COLORS, POSITIONS, SHAPES, Scene, render_array, scene_from_seed, shape_mask
+
+OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
+MIN_OBJECT_AREA = 0.008  # blobs smaller than this share of the image are noise
+PLAIN_CONTRAST = 0.08  # grey-level spread (0..1) below which the background is plain
+# Bounding-box height / radius and vertical offset (bbox centre - shape centre) / radius per shape.
+_SHAPE_EXTENT = {"circle": (2.0, 0.0), "square": (1.7, 0.0), "triangle": (1.8, -0.1), "star": (1.81, -0.095),
+                 "ring": (2.0, 0.0), "cross": (2.0, 0.0)}
+_RADIUS_FACTORS = (0.88, 1.0, 1.12)
+_CENTRE_SHIFTS = (-0.4, 0.0, 0.4)  # pixels
+_SUPERSAMPLE = 2
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object found in an image; ``center`` and ``area`` are in unit coordinates / image shares."""
+
+    shape: str
+    color: str
+    position: str
+    center: tuple[float, float]
+    area: float
+    shape_score: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What an image shows: its background pattern and its objects from left to right."""
+
+    background: str
+    objects: tuple[DetectedObject, ...]
+
+    def has(self, shape: str | None = None, color: str | None = None, position: str | None = None) -> bool:
+        """Whether some object matches every given attribute."""
+        return any((shape is None or item.shape == shape) and (color is None or item.color == color)
+                   and (position is None or item.position == position) for item in self.objects)
+
+    @property
+    def largest(self) -> DetectedObject | None:
+        return max(self.objects, key=lambda item: item.area, default=None)
+
+
+def detect(image: Image.Image | np.ndarray) -> Detection:
+    """Detect objects and background in an RGB image (PIL or (H, W, 3) uint8 array)."""
+    pixels = _as_unit_array(image)
+    chroma = pixels.max(axis=2) - pixels.min(axis=2)
+    blobs, count = ndimage.label(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
+    hues = _hue(pixels)
+    objects = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
+    objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
+    return Detection(classify_background(pixels, chroma), tuple(objects))
+
+
+def _as_unit_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {array.shape}")
+    return array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0)
+
+
+# ------------------------------------------------------------------------------------ colour
+
+
+def _hue(pixels: np.ndarray) -> np.ndarray:
+    """Hue angle in degrees (0..360) of every pixel."""
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return np.degrees(np.arctan2(np.sqrt(3.0) * (green - blue), 2 * red - green - blue)) % 360.0
+
+
+_PALETTE_HUES = {name: float(_hue(np.array(rgb, dtype=np.float32)[None, None] / 255.0)[0, 0])
+                 for name, rgb in COLORS.items()}
+
+
+def nearest_color(hue: float) -> str:
+    """The palette colour whose hue is nearest (on the circle) to ``hue`` degrees."""
+    return min(_PALETTE_HUES, key=lambda name: abs((hue - _PALETTE_HUES[name] + 180.0) % 360.0 - 180.0))
+
+
+def _mean_hue(hues: np.ndarray, weights: np.ndarray) -> float:
+    """Weighted circular mean of hue angles (an object has one hue; edges only dilute its chroma)."""
+    radians = np.radians(hues)
+    return float(np.degrees(np.arctan2((weights * np.sin(radians)).sum(), (weights * np.cos(radians)).sum())) % 360)
+
+
+# ------------------------------------------------------------------------------------ shapes
+
+
+def _describe_blob(mask: np.ndarray, chroma: np.ndarray, hues: np.ndarray) -> DetectedObject | None:
+    """Colour, shape and place of one blob of object pixels (None for specks)."""
+    area = float(mask.sum()) / mask.size
+    if area < MIN_OBJECT_AREA:
+        return None
+    color = nearest_color(_mean_hue(hues[mask], chroma[mask]))
+    rows, cols = np.nonzero(mask)
+    box = (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1)  # x0, x1, y0, y1 in pixels
+    shape, score = classify_shape(_coverage(mask, chroma), box)
+    height, width = mask.shape
+    center = ((box[0] + box[1]) / 2 / width, (box[2] + box[3]) / 2 / height)
+    return DetectedObject(shape, color, position_of(center[0]), center, area, score)
+
+
+def _coverage(mask: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """How much of each pixel the object covers (0..1): chroma relative to the blob's full chroma,
+    over the blob and its one-pixel rim (anti-aliased edges fall below the core threshold)."""
+    full = max(float(np.percentile(chroma[mask], 90)), 1e-6)
+    return np.where(ndimage.binary_dilation(mask), np.clip(chroma / full, 0.0, 1.0), 0.0)
+
+
+def position_of(x: float) -> str:
+    """left / centre / right third of the image for a unit x coordinate."""
+    return POSITIONS[min(2, max(0, int(x * 3)))]
+
+
+def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, float]:
+    """(shape, soft IoU) of the best-matching rendered shape for a blob's coverage map."""
+    size = coverage.shape[0]
+    x0, x1, y0, y1 = box
+    window = (max(0, y0 - 2), min(size, y1 + 2), max(0, x0 - 2), min(size, x1 + 2))
+    observed = coverage[window[0]:window[1], window[2]:window[3]]
+    scores = {shape: _best_template_iou(shape, observed, window, box, size) for shape in SHAPES}
+    best = max(scores, key=scores.get)
+    return best, scores[best]
+
+
+def _best_template_iou(shape: str, observed: np.ndarray, window: tuple[int, int, int, int],
+                       box: tuple[int, int, int, int], size: int) -> float:
+    """Best soft IoU over a few radii and sub-pixel centres, all templates rendered in one batch."""
+    height_factor, offset = _SHAPE_EXTENT[shape]
+    x0, x1, y0, y1 = box
+    radius = max(x1 - x0, y1 - y0) / height_factor / size
+    radii, shift_x, shift_y = (array.ravel() for array in
+                               np.meshgrid(radius * np.array(_RADIUS_FACTORS), _CENTRE_SHIFTS, _CENTRE_SHIFTS,
+                                           indexing="ij"))
+    centre_x = ((x0 + x1) / 2 + shift_x) / size
+    centre_y = ((y0 + y1) / 2 + shift_y) / size - offset * radii
+    xs, ys = _window_samples(window, size)
+    samples = shape_mask(shape, (centre_x[:, None, None], centre_y[:, None, None]), radii[:, None, None],
+                         xs[None], ys[None])
+    templates = samples.reshape(len(radii), observed.shape[0], _SUPERSAMPLE, observed.shape[1],
+                                _SUPERSAMPLE).mean(axis=(2, 4))
+    overlap = np.minimum(templates, observed[None]).sum(axis=(1, 2))
+    union = np.maximum(templates, observed[None]).sum(axis=(1, 2))
+    return float((overlap / np.maximum(union, 1e-6)).max())
+
+
+def _window_samples(window: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    top, bottom, left, right = window
+    ys = (top * _SUPERSAMPLE + np.arange((bottom - top) * _SUPERSAMPLE) + 0.5) / (size * _SUPERSAMPLE)
+    xs = (left * _SUPERSAMPLE + np.arange((right - left) * _SUPERSAMPLE) + 0.5) / (size * _SUPERSAMPLE)
+    return np.meshgrid(xs, ys)
+
+
+# ------------------------------------------------------------------------------------ background
+
+
+def classify_background(pixels: np.ndarray, chroma: np.ndarray) -> str:
+    """plain / striped / dotted / grid from the grey pixels away from objects."""
+    known = ~ndimage.binary_dilation(chroma > OBJECT_CHROMA / 2, iterations=2)
+    if known.sum() < 0.2 * known.size:
+        known = np.ones_like(known)
+    grey = pixels.mean(axis=2)
+    low, high = np.percentile(grey[known], [5, 95])
+    if high - low < PLAIN_CONTRAST:
+        return "plain"
+    tone = grey > (low + high) / 2
+    if tone[known].mean() > 0.5:
+        tone = ~tone  # the minority tone is the pattern
+    share = float(tone[known].mean())
+    if _row_uniformity(tone, known) > 0.85 and share > 0.3:
+        return "striped"
+    return "grid" if share > 0.18 else "dotted"
+
+
+def _row_uniformity(tone: np.ndarray, known: np.ndarray) -> float:
+    """Average over rows of the share of the row's majority tone (1.0 for horizontal stripes)."""
+    counts = known.sum(axis=1)
+    rows = counts >= 4
+    ones = (tone & known).sum(axis=1)[rows] / counts[rows]
+    return float(np.maximum(ones, 1 - ones).mean()) if rows.any() else 0.0
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+@dataclass(frozen=True)
+class DetectorAccuracy:
+    """Accuracy on clean rendered scenes: per object (shape + colour in its third) and per background."""
+
+    scenes: int
+    objects: int
+    object_accuracy: float
+    shape_accuracy: float
+    color_accuracy: float
+    background_accuracy: float
+    extra_objects: int
+
+
+def measure_accuracy(seeds: Iterable[int], size: int = 32) -> DetectorAccuracy:
+    """Render each seed's scene, detect, and compare with the ground truth."""
+    totals = {"scenes": 0, "objects": 0, "both": 0, "shape": 0, "color": 0, "background": 0, "extra": 0}
+    for seed in seeds:
+        scene = scene_from_seed(seed)
+        _add_scene(totals, scene, detect(render_array(scene, size)))
+    objects = max(totals["objects"], 1)
+    return DetectorAccuracy(totals["scenes"], totals["objects"], totals["both"] / objects, totals["shape"] / objects,
+                            totals["color"] / objects, totals["background"] / max(totals["scenes"], 1), totals["extra"])
+
+
+def _add_scene(totals: dict[str, int], scene: Scene, detection: Detection) -> None:
+    totals["scenes"] += 1
+    totals["background"] += detection.background == scene.background
+    found = {item.position: item for item in detection.objects}
+    totals["extra"] += max(0, len(detection.objects) - len(scene.objects))
+    for truth in scene.objects:
+        totals["objects"] += 1
+        item = found.get(truth.position)
+        if item is None:
+            continue
+        totals["shape"] += item.shape == truth.shape
+        totals["color"] += item.color == truth.color
+        totals["both"] += item.shape == truth.shape and item.color == truth.color

@@ -1,0 +1,191 @@
+"""The toy world: scene generator, detector, the diffusers model folder and its trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loracompose.errors import UserError
+from loracompose.pipelines import load_pipeline
+from loracompose.toyworld.detector import detect, measure_accuracy
+from loracompose.toyworld.model import TINY, build_pipeline, fold
+from loracompose.toyworld.scenes import Scene, SceneObject, caption, make_scene, render_array, scene_from_seed
+from loracompose.toyworld.train import (ToyWorldTrainingSettings, build_trainer, generator, latest_checkpoint,
+                                        train_toyworld, training_batch)
+
+HELD_OUT_SEEDS = range(10_000, 10_500)  # never drawn for training (train.TRAIN_SEED_START = 1e6)
+
+
+# ------------------------------------------------------------------------------------ generator
+
+
+def test_same_seed_gives_the_same_scene_and_other_seeds_differ() -> None:
+    image, text, truth = make_scene(7)
+    again, text_again, truth_again = make_scene(7)
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+    assert (text, truth) == (text_again, truth_again)
+    others = [make_scene(seed) for seed in range(8, 12)]
+    assert all(not np.array_equal(np.asarray(image), np.asarray(other[0])) for other in others)
+    assert len({other[1] for other in others}) > 1
+
+
+def test_captions_describe_the_ground_truth() -> None:
+    for seed in range(40):
+        scene = scene_from_seed(seed)
+        text = scene.caption
+        assert text.endswith(f"on a {scene.background} background")
+        where = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+        cursor = 0
+        for item in scene.objects:  # objects are named left to right
+            found = text.index(f"{item.color} {item.shape} {where[item.position]}", cursor)
+            cursor = found + 1
+        assert 1 <= len(scene.objects) <= 3
+        assert len({item.position for item in scene.objects}) == len(scene.objects)
+
+
+def test_scenes_render_at_any_size() -> None:
+    scene = scene_from_seed(3)
+    assert render_array(scene, 32).shape == (32, 32, 3)
+    assert render_array(scene, 96).shape == (96, 96, 3)
+
+
+# ------------------------------------------------------------------------------------ detector
+
+
+KNOWN = Scene("striped", (225, 150), (
+    SceneObject("circle", "red", "left", "large", (0.165, 0.5)),
+    SceneObject("star", "yellow", "centre", "large", (0.5, 0.45)),
+    SceneObject("square", "blue", "right", "small", (0.835, 0.6)),
+))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detector_reads_a_known_render(size: int) -> None:
+    assert caption(KNOWN) == ("a red circle on the left, a yellow star in the centre and a blue square on the "
+                              "right on a striped background")
+    detection = detect(render_array(KNOWN, size))
+    assert detection.background == "striped"
+    found = [(item.shape, item.color, item.position) for item in detection.objects]
+    assert found == [("circle", "red", "left"), ("star", "yellow", "centre"), ("square", "blue", "right")]
+
+
+def test_detector_backgrounds_and_empty_image() -> None:
+    for background in ("plain", "dotted", "grid"):
+        scene = Scene(background, (60, 130), (SceneObject("ring", "green", "centre", "large", (0.5, 0.5)),))
+        detection = detect(render_array(scene))
+        assert detection.background == background
+        assert [(o.shape, o.color) for o in detection.objects] == [("ring", "green")]
+    assert detect(np.full((32, 32, 3), 128, dtype=np.uint8)).objects == ()
+
+
+def test_detector_accuracy_on_held_out_scenes() -> None:
+    accuracy = measure_accuracy(HELD_OUT_SEEDS)
+    assert accuracy.scenes == 500 and accuracy.objects >= 900
+    assert accuracy.object_accuracy >= 0.95  # shape and colour of each object in its third
+    assert accuracy.background_accuracy >= 0.95
+    assert accuracy.extra_objects <= 5
+
+
+# ------------------------------------------------------------------------------------ model folder
+
+
+def test_vae_encoder_is_the_exact_fold() -> None:
+    pipe = build_pipeline(TINY, seed=0)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels).latent_dist
+    assert torch.allclose(posterior.mean, fold(pixels), atol=1e-4)
+    assert float(posterior.std.max()) < 1e-5
+
+
+def test_toyworld_folder_loads_through_load_pipeline_and_generates(tmp_path: Path) -> None:
+    build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "model", safe_serialization=True)
+    pipe = load_pipeline(tmp_path / "model", device="cpu")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.in_channels == 12
+    result = pipe.generate("a red circle on the left", seed=1, steps=2, guidance_scale=1.5, show_progress=False)
+    assert result.images[0].size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _settings(run_dir: Path, steps: int, **extra) -> ToyWorldTrainingSettings:
+    options = dict(steps=steps, batch_size=4, decoder_batch_size=2, architecture="tiny", checkpoint_every=1,
+                   keep_checkpoints=5, warmup_steps=1, show_progress=False, export=False)
+    return ToyWorldTrainingSettings(run_dir, **{**options, **extra})
+
+
+def test_one_training_step_lowers_the_loss_on_its_batch(tmp_path: Path) -> None:
+    trainer = build_trainer(_settings(tmp_path, 1))
+    pixels, captions = training_batch(trainer.settings, 0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(trainer.diffusion_loss(pixels, captions, generator(0, "noise", 0)))
+
+    before = loss()
+    trainer.step(0)
+    assert loss() < before
+
+
+def test_resumed_training_continues_identically(tmp_path: Path) -> None:
+    straight = train_toyworld(_settings(tmp_path / "straight", 3))
+    train_toyworld(_settings(tmp_path / "resumed", 2))
+    resumed = train_toyworld(_settings(tmp_path / "resumed", 3, resume=True, export=True))
+    assert resumed.resumed_from == 2 and resumed.steps == 3
+    assert [row["loss"] for row in resumed.history] == [row["loss"] for row in straight.history]
+    for name in ("weights.safetensors", "ema.safetensors", "optimizer-model.safetensors"):
+        a, b = load_file(straight.checkpoint / name), load_file(resumed.checkpoint / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
+    assert load_pipeline(resumed.model_dir, device="cpu").unet.config.in_channels == 12
+
+
+def test_training_refuses_to_overwrite_or_resume_nothing(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_toyworld(_settings(tmp_path / "empty", 1, resume=True))
+    train_toyworld(_settings(tmp_path / "run", 1))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train_toyworld(_settings(tmp_path / "run", 2))
+    with pytest.raises(UserError, match="architecture"):
+        train_toyworld(_settings(tmp_path / "other", 1, architecture="huge"))
+
+
+def test_project_lora_trainer_runs_on_the_toyworld_model(tmp_path: Path) -> None:
+    """Concept LoRAs will be trained with compose/training.py; it encodes images through the fold VAE."""
+    from loracompose import LoraSpec
+    from loracompose.training import LoraTrainingSettings, train_lora
+
+    build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "model", safe_serialization=True)
+    (tmp_path / "images").mkdir()
+    for seed in range(2):
+        make_scene(seed)[0].save(tmp_path / "images" / f"{seed}.png")
+    settings = LoraTrainingSettings(model=str(tmp_path / "model"), images=tmp_path / "images",
+                                    out=tmp_path / "glyph.safetensors", prompt="a zqx glyph", steps=1, device="cpu",
+                                    probe_timesteps=0, show_progress=False, trigger_words=("zqx",))
+    train_lora(settings)
+    pipe = load_pipeline(tmp_path / "model", device="cpu")
+    result = pipe.generate("a zqx glyph", [LoraSpec(str(tmp_path / "glyph.safetensors"))], steps=2, show_progress=False)
+    assert result.images[0].size == (32, 32)
+
+
+def test_cli_trains_resumes_and_exports_a_tiny_toyworld(tmp_path, capsys) -> None:
+    from loracompose.cli import main
+
+    run = tmp_path / "run"
+    args = ["train-toyworld", "--run-dir", str(run), "--architecture", "tiny", "--batch-size", "2",
+            "--checkpoint-every", "1", "--threads", "1", "--quiet"]
+    assert main([*args, "--steps", "1"]) == 0
+    assert main([*args, "--steps", "2"]) == 2  # checkpoints exist: continuing must be asked for
+    assert "resume" in capsys.readouterr().err
+    assert main([*args, "--steps", "2", "--resume"]) == 0
+    assert latest_checkpoint(run).name.endswith("2")
+    capsys.readouterr()
+    assert main(["export-toyworld", str(run), "--out", str(tmp_path / "model")]) == 0
+    pipe = load_pipeline(capsys.readouterr().out.strip())
+    assert pipe.unet.config.in_channels == 12
+    assert main(["export-toyworld", str(tmp_path / "empty"), "--out", str(tmp_path / "m2")]) == 2
