@@ -8,13 +8,12 @@ The folder name carries a version tag so a later, better toy model can sit besid
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
+from .outputs import staged_directory
 from .tiny import build_tiny_lora, build_tiny_sd15
 
 EMBEDDED_VERSION = "tiny-sd15-v1"
@@ -101,17 +100,12 @@ def _build_and_publish(root: Path) -> None:
     If another process published ``root`` first (the lock can be unavailable, e.g. on some network
     file systems), the rename fails and its copy is kept.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
     try:
-        _build(staging)
-        staging.chmod(0o755)
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not root.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_directory(root) as staging:
+            _build(staging)
+    except OSError:
+        if not root.is_dir():
+            raise
 
 
 def _build(root: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
@@ -37,6 +39,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def staged_directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty folder beside ``final`` that is renamed to ``final`` when the block succeeds
+    (an existing ``final`` is removed first when ``replace``); on failure nothing is left behind."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp makes 0700 folders; outputs are ordinary folders
+        if replace and final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -16,7 +16,6 @@ import functools
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .outputs import staged_directory
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS_ID = 49406
@@ -219,14 +220,8 @@ def _require_free(out_dir: Path) -> None:
 def _staged_directory(out_dir: Path) -> Iterator[Path]:
     """Yield an empty folder beside ``out_dir`` that becomes ``out_dir`` when the block succeeds."""
     _require_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         yield staging
-        staging.chmod(0o755)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_pipeline(build: Callable[[], DiffusionPipeline], out_dir: str | Path) -> Path:

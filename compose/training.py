@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .lora import SD15, SDXL
-from .outputs import atomic_write
+from .outputs import atomic_write, staged_directory
 from .tokens import pipeline_tokenizers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -561,10 +560,8 @@ def checkpoint_dirs(work_dir: Path) -> list[Path]:
 def save_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
                     work_dir: Path, step: int, history: list, probes: dict, keep: int) -> Path:
     """Write ``step-NNNNNN/`` (staged, then renamed into place) and drop all but the last ``keep``."""
-    work_dir.mkdir(parents=True, exist_ok=True)
     final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=work_dir))
-    try:
+    with staged_directory(final, replace=True) as staging:
         names = list(model.trainable)
         save_file({name: p.detach().cpu().contiguous() for name, p in model.trainable.items()}, staging / ADAPTER_FILE)
         tensors, metadata = flatten_optimizer_state(optimizer, names)
@@ -572,15 +569,14 @@ def save_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, reso
         state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": resolved.to_json(), "history": history,
                  "probe_losses": {str(k): v for k, v in probes.items()}}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        staging.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    prune_checkpoints(work_dir, keep)
+    return final
+
+
+def prune_checkpoints(work_dir: Path, keep: int) -> None:
+    """Drop all but the last ``keep`` (at least one) complete checkpoints of ``work_dir``."""
     for old in checkpoint_dirs(work_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,

@@ -17,9 +17,6 @@ Checkpoints are safetensors only; optimizer state goes through ``training.flatte
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..outputs import staged_directory
 from ..training import (CHECKPOINT_PREFIX, STATE_FILE, checkpoint_dirs, derived_seed, flatten_optimizer_state,
-                        generator, unflatten_optimizer_state)
+                        generator, prune_checkpoints, unflatten_optimizer_state)
 from .model import ARCHITECTURES, ToyWorldArchitecture, build_pipeline, fold
 from .scenes import render_array, scene_from_seed, training_caption
 
@@ -232,22 +230,13 @@ def build_trainer(settings: ToyWorldTrainingSettings) -> ToyWorldTrainer:
 def save_checkpoint(trainer: ToyWorldTrainer, step: int, history: list, train_seconds: float) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically and keep only the newest few."""
     work_dir = trainer.settings.run_dir / "checkpoints"
-    work_dir.mkdir(parents=True, exist_ok=True)
     final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=work_dir))
-    try:
+    with staged_directory(final, replace=True) as staging:
         _write_checkpoint_files(trainer, staging)
         state = {"step": step, "recipe": trainer.settings.recipe(), "train_seconds": train_seconds,
                  "history": history[-2000:]}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        staging.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in checkpoint_dirs(work_dir)[: -max(1, trainer.settings.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(work_dir, trainer.settings.keep_checkpoints)
     return final
 
 
@@ -297,15 +286,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool =
     load_weights(pipe, checkpoint / WEIGHTS_FILE)
     if use_ema:
         load_weights(pipe, checkpoint / EMA_FILE)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir, replace=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        staging.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
