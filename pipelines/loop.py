@@ -236,21 +236,18 @@ class Denoiser:
         """Noise predictions of the branches' conditional rows only (no unconditional CFG rows), batched
         like :meth:`predict`: for objectives that read the conditional half alone (CLoRA's loss), at
         half the rows. Differentiable with respect to ``latents`` when grad is enabled."""
-        conditionings = [self.conditioning(branch).halves(self.num_halves)[-1] for branch in branches]
         reason = self.batching_blocked(branches, batch, halves=1)
         if reason is None:
             self._note_execution("batched", "")
-            strengths = {name: weight for branch in branches for name, weight in branch.loras}
-            self.adapters.set_weights(strengths, components=["unet"])
-            row_adapters = [branch.single_adapter for branch in branches for _ in range(self.batch_size)]
+            conditioning, row_adapters = self._batched_rows(branches, conditional_only=True)
             with self.adapters.rows("unet", row_adapters):
-                noise = self.run_unet(self.model_input(latents, step, len(branches)), step.timestep,
-                                      Conditioning.cat(conditionings), cross_attention_kwargs=cross_attention_kwargs)
+                noise = self.run_unet(self.model_input(latents, step, len(branches)), step.timestep, conditioning,
+                                      cross_attention_kwargs=cross_attention_kwargs)
             return list(noise.chunk(len(branches)))
         self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
         outputs = []
-        for branch, conditioning in zip(branches, conditionings):
-            self.adapters.activate(branch.weights, components=["unet"])
+        for branch in branches:
+            conditioning = self._single_branch_conditioning(branch).halves(self.num_halves)[-1]
             outputs.append(self.run_unet(self.model_input(latents, step, 1), step.timestep, conditioning,
                                          cross_attention_kwargs=cross_attention_kwargs))
         return outputs
@@ -312,14 +309,15 @@ class Denoiser:
         self.adapters.activate(branch.weights, components=["unet"])
         return self.conditioning(branch)
 
-    def _batched_rows(self, branches: Sequence[Branch]) -> tuple[Conditioning, list[str]]:
+    def _batched_rows(self, branches: Sequence[Branch], conditional_only: bool = False) -> tuple[Conditioning, list[str]]:
         """Set the branches' strengths on the UNet; the conditioning and the adapter of every row,
-        rows laid out [half][branch][image]."""
+        rows laid out [half][branch][image] (only the conditional half with ``conditional_only``)."""
         strengths = {name: weight for branch in branches for name, weight in branch.loras}
         self.adapters.set_weights(strengths, components=["unet"])
         halves = [cond.halves(self.num_halves) for cond in (self.conditioning(b) for b in branches)]
-        conditioning = Conditioning.cat([halves[b][h] for h in range(self.num_halves) for b in range(len(branches))])
-        row_adapters = [b.single_adapter for _ in range(self.num_halves) for b in branches for _ in range(self.batch_size)]
+        used = range(self.num_halves - 1, self.num_halves) if conditional_only else range(self.num_halves)
+        conditioning = Conditioning.cat([halves[b][h] for h in used for b in range(len(branches))])
+        row_adapters = [b.single_adapter for _ in used for b in branches for _ in range(self.batch_size)]
         return conditioning, row_adapters
 
     def _predict_batched(self, latents, step, branches, cross_attention_kwargs) -> list[Prediction]:
