@@ -60,6 +60,7 @@ from .training import (
     check_resolution,
     check_work_dir,
     checkpoint_dirs,
+    checkpoint_folder,
     encode_images,
     encode_prompt,
     generator,
@@ -359,7 +360,7 @@ class GateTrainingSettings:
     def __post_init__(self) -> None:
         self.loras = [Path(path) for path in self.loras]
         self.out = Path(self.out)
-        self.work_dir = Path(self.work_dir) if self.work_dir else self.out.with_name(self.out.stem + ".checkpoints")
+        self.work_dir = checkpoint_folder(self.out, self.work_dir)
 
 
 @dataclass(frozen=True)

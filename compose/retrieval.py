@@ -50,6 +50,7 @@ from .outputs import atomic_write
 from .training import (
     check_work_dir,
     checkpoint_dirs,
+    checkpoint_folder,
     derived_seed,
     generator,
     load_checkpoint,
@@ -649,7 +650,7 @@ class RetrieverTrainingSettings:
 
     def __post_init__(self) -> None:
         self.library, self.out = Path(self.library), Path(self.out)
-        self.work_dir = Path(self.work_dir) if self.work_dir else self.out.with_name(self.out.stem + ".checkpoints")
+        self.work_dir = checkpoint_folder(self.out, self.work_dir)
 
 
 @dataclass(frozen=True)

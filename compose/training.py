@@ -122,7 +122,7 @@ class LoraTrainingSettings:
 
     def __post_init__(self) -> None:
         self.images, self.out = Path(self.images), Path(self.out)
-        self.work_dir = Path(self.work_dir) if self.work_dir else self.out.with_name(self.out.stem + ".checkpoints")
+        self.work_dir = checkpoint_folder(self.out, self.work_dir)
 
 
 @dataclass(frozen=True)
@@ -546,6 +546,11 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], metadata: Map
         name, _, key = target.partition("::")
         state.setdefault(position[name], {})[key] = value
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def checkpoint_folder(out: Path, work_dir: Path | None) -> Path:
+    """Where a trainer keeps its checkpoints: ``work_dir``, else ``OUT_STEM.checkpoints`` beside ``out``."""
+    return Path(work_dir) if work_dir else out.with_name(out.stem + ".checkpoints")
 
 
 def checkpoint_dirs(work_dir: Path) -> list[Path]:
