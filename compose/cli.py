@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .cli_autolora import (
     add_auto_lora_arguments,
@@ -30,6 +30,9 @@ from .cli_toyworld import (
 )
 from .errors import UserError
 from .lora import LoraSpec, inspect_loras
+
+if TYPE_CHECKING:
+    from .training import LoraTrainingSettings, TrainingResult
 
 DEFAULT_OUT = Path("loracompose-out")
 
@@ -261,21 +264,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
+def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) -> None:
+    """The arguments train-lora and train-tara share; ``defaults`` names the recipe's default values."""
     parser.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--images", type=Path, required=True, help="folder of training images of the concept")
-    parser.add_argument("--token", required=True, help="the rare token naming the concept, e.g. sks")
-    parser.add_argument("--class-word", required=True, help="the concept's class word, e.g. dog")
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors LoRA file to write")
-    parser.add_argument("--prompt", help="training prompt (default: 'a photo of TOKEN CLASS')")
-    parser.add_argument("--steps", type=int, help="optimisation steps (default 1000)")
-    parser.add_argument("--rank", type=int, help="LoRA rank (default: SD1.5 8, SDXL 4)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: SD1.5 32, SDXL = rank)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: SD1.5 1e-4, SDXL 5e-5)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default 1)")
+    parser.add_argument("--steps", type=int, help=f"optimisation steps (default: {defaults})")
+    parser.add_argument("--rank", type=int, help=f"LoRA rank (default: {defaults})")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default: {defaults})")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the recipe's)")
     parser.add_argument("--resolution", type=int, help="training size in pixels (default: the model's native size)")
-    parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the key alignment loss (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
     parser.add_argument("--work-dir", type=Path, help="checkpoint folder (default: OUT_STEM.checkpoints beside --out)")
@@ -288,23 +288,58 @@ def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_train_tara(args: argparse.Namespace) -> int:
-    from .tara import TaraTrainingSettings, train_tara
+def lora_training_settings(args: argparse.Namespace, **extra: Any) -> "LoraTrainingSettings":
     from .training import LoraTrainingSettings
 
-    training = LoraTrainingSettings(
+    return LoraTrainingSettings(
         model=args.model, images=args.images, out=args.out, prompt=args.prompt or "", steps=args.steps,
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
         resolution=args.resolution, seed=args.seed, checkpoint_every=args.checkpoint_every, work_dir=args.work_dir,
         resume=args.resume, device=args.device, dtype=args.dtype, config=args.config,
         gradient_checkpointing=args.gradient_checkpointing, probe_timesteps=args.probe_timesteps,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet, **extra,
     )
-    result = train_tara(TaraTrainingSettings(args.token, args.class_word, training, align_weight=args.align_weight))
+
+
+def report_training(command: str, result: "TrainingResult") -> None:
     print(result.path)
     last = result.history[-1] if result.history else {}
-    print(f"train-tara: {result.steps} steps ({result.steps - result.resumed_from} run now), final loss "
+    print(f"{command}: {result.steps} steps ({result.steps - result.resumed_from} run now), final loss "
           f"{last.get('loss', float('nan')):.4f}; checkpoints in {result.work_dir}", file=sys.stderr)
+
+
+def add_train_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    add_lora_training_arguments(parser, "500 steps, rank 4, lr 1e-4")
+    parser.add_argument("--prompt", help="caption of every image without a NAME.txt caption file beside it")
+    parser.add_argument("--trigger", action="append", default=[], metavar="WORDS",
+                        help="trigger words written into the file's metadata (repeat for several)")
+    parser.add_argument("--title", help="the LoRA's title in its metadata (default: the file name)")
+    parser.add_argument("--category", help="the LoRA's category in its metadata (character, style, object, ...)")
+
+
+def run_train_lora(args: argparse.Namespace) -> int:
+    from .training import train_lora
+
+    settings = lora_training_settings(args, trigger_words=tuple(word.strip() for word in args.trigger if word.strip()),
+                                      title=args.title, category=args.category)
+    report_training("train-lora", train_lora(settings))
+    return 0
+
+
+def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
+    add_lora_training_arguments(parser, "1000 steps; SD1.5 rank 8, alpha 32, lr 1e-4; SDXL rank 4, lr 5e-5")
+    parser.add_argument("--token", required=True, help="the rare token naming the concept, e.g. sks")
+    parser.add_argument("--class-word", required=True, help="the concept's class word, e.g. dog")
+    parser.add_argument("--prompt", help="training prompt (default: 'a photo of TOKEN CLASS')")
+    parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the key alignment loss (default 1)")
+
+
+def run_train_tara(args: argparse.Namespace) -> int:
+    from .tara import TaraTrainingSettings, train_tara
+
+    settings = TaraTrainingSettings(args.token, args.class_word, lora_training_settings(args),
+                                    align_weight=args.align_weight)
+    report_training("train-tara", train_tara(settings))
     return 0
 
 
@@ -376,6 +411,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               run_score),
     "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) for a bench run",
                add_report_arguments, run_report),
+    "train-lora": ("train a LoRA on a folder of images (captions: NAME.txt beside each image, or --prompt)",
+                   add_train_lora_arguments, run_train_lora),
     "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
                    run_train_tara),
     "ui": ("serve the web UI (Gradio) for composing LoRAs", add_ui_arguments, run_ui),

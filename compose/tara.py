@@ -413,6 +413,7 @@ def train_tara(settings: TaraTrainingSettings) -> TrainingResult:
         settings.training,
         prompt=settings.training.prompt or settings.prompt_template.format(token=token, class_word=class_word),
         trigger_words=(token,),
+        use_caption_files=False,  # the token masks are found in the one training prompt
     )
     objective = TaraObjective(token, class_word, settings.align_weight)
     return train_lora(training, objective, TARA_DEFAULTS)

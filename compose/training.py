@@ -1,13 +1,15 @@
-"""LoRA training, DreamBooth style: a UNet LoRA learned from a folder of images and one prompt.
+"""LoRA training, DreamBooth style: a UNet LoRA learned from a folder of images and their captions.
 
     images  <- every picture in the folder, short side resized to the resolution, centre-cropped
+    caption <- the image's caption file (``name.txt`` beside ``name.png``, as kohya's scripts read
+               them) where there is one, else the instance prompt
     x0 dist <- VAE posterior (mean, std) of each image, computed once
-    c       <- frozen text encoder(s)(prompt), computed once (no text-encoder LoRA)
+    c_i     <- frozen text encoder(s)(caption of image i), computed once per distinct caption
     LoRA (rank r, alpha α) on to_q/k/v/out.0 of every UNet attention; everything else frozen
     objective.prepare(model)                        # extra parts, e.g. TARA's token-masked K/V (tara.py)
     for step = start .. S-1:                        # every random draw seeded by (seed, step)
         x0 ~ posterior of the step's images;  ε ~ N(0, I);  t ~ U{0 .. T-1}
-        loss <- ‖target(x0, ε, t) − UNet(add_noise(x0, ε, t), t, c)‖² + Σ objective.losses(model)
+        loss <- ‖target(x0, ε, t) − UNet(add_noise(x0, ε, t), t, c_i)‖² + Σ objective.losses(model)
         AdamW step on the LoRA weights
         every K steps and at the end: checkpoint (LoRA and AdamW state as safetensors, state.json)
     write the LoRA as a diffusers-format .safetensors file with its metadata
@@ -45,6 +47,7 @@ from .outputs import atomic_write, staged_directory
 from .tokens import pipeline_tokenizers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIX = ".txt"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "trained"
 CHECKPOINT_PREFIX = "step-"
@@ -85,7 +88,9 @@ class LoraTrainingSettings:
         model: hub id, diffusers folder or single-file checkpoint (as ``load_pipeline``).
         images: folder of training images (png, jpg, webp, bmp).
         out: the ``.safetensors`` LoRA file to write.
-        prompt: the instance prompt every image is trained with.
+        prompt: the instance prompt: the caption of every image without a caption file.
+        use_caption_files: read ``name.txt`` beside ``name.png`` as that image's caption (TARA
+            turns this off: its token masks are found in one prompt).
         resolution: training size in pixels (default: the model's native size).
         checkpoint_every: steps between checkpoints (a checkpoint is also written at the end).
         work_dir: checkpoint folder (default: ``<out stem>.checkpoints`` beside ``out``).
@@ -100,6 +105,7 @@ class LoraTrainingSettings:
     images: Path
     out: Path
     prompt: str = ""
+    use_caption_files: bool = True
     steps: int | None = None
     rank: int | None = None
     alpha: float | None = None
@@ -117,6 +123,7 @@ class LoraTrainingSettings:
     gradient_checkpointing: bool = False
     trigger_words: tuple[str, ...] = ()
     title: str | None = None
+    category: str | None = None
     probe_timesteps: int = 8
     show_progress: bool = True
 
@@ -132,6 +139,7 @@ class ResolvedSettings:
     model: str
     images: tuple[str, ...]
     prompt: str
+    captions: tuple[str, ...]  # per image, in ``images`` order
     rank: int
     alpha: float
     learning_rate: float
@@ -221,6 +229,22 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
+def image_captions(files: Sequence[Path], prompt: str, use_caption_files: bool) -> tuple[str, ...]:
+    """Each image's caption: its ``.txt`` file beside it when there is one, else ``prompt``."""
+    captions = []
+    for path in files:
+        sidecar = path.with_suffix(CAPTION_SUFFIX)
+        caption = ""
+        if use_caption_files and sidecar.is_file():
+            caption = " ".join(sidecar.read_text(encoding="utf-8", errors="replace").split())
+        caption = caption or prompt
+        if not caption:
+            raise UserError(f"training image {path.name} has no caption: give --prompt or write {sidecar.name} "
+                            "beside it")
+        captions.append(caption)
+    return tuple(captions)
+
+
 def load_training_image(path: Path, resolution: int) -> TrainingImage:
     """Resize the short side to ``resolution``, centre-crop a square, scale to [-1, 1]."""
     try:
@@ -243,16 +267,27 @@ def load_training_image(path: Path, resolution: int) -> TrainingImage:
 
 @dataclass
 class TrainingConditioning:
-    """Frozen text conditioning of the prompt: (1, tokens, width) states and SDXL's pooled/time ids per image."""
+    """Frozen text conditioning: (captions, tokens, width) states of the distinct captions, which
+    caption each image has, and SDXL's pooled states (per caption) and time ids (per image)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None  # (images, 6)
+    caption_of_image: tuple[int, ...] | None = None  # None: one caption for every image
+
+    def states(self, indices: Sequence[int]) -> torch.Tensor:
+        """The text states of the images at ``indices`` (batch, tokens, width)."""
+        return self.embeds[self._rows(indices)]
 
     def added(self, indices: Sequence[int]) -> dict[str, torch.Tensor] | None:
         if self.pooled is None:
             return None
-        return {"text_embeds": self.pooled.expand(len(indices), -1), "time_ids": self.time_ids[list(indices)]}
+        return {"text_embeds": self.pooled[self._rows(indices)], "time_ids": self.time_ids[list(indices)]}
+
+    def _rows(self, indices: Sequence[int]) -> list[int]:
+        if self.caption_of_image is None:
+            return [0] * len(indices)
+        return [self.caption_of_image[index] for index in indices]
 
 
 @dataclass
@@ -321,6 +356,18 @@ def encode_images(pipe: Any, images: Sequence[TrainingImage],
     return mean * config.scaling_factor, std * config.scaling_factor
 
 
+def encode_captions(pipe: Any, captions: Sequence[str], images: Sequence[TrainingImage], resolution: int,
+                    device: torch.device) -> TrainingConditioning:
+    """Per-image captions encoded once per distinct caption (``captions[i]`` belongs to ``images[i]``)."""
+    distinct = sorted(set(captions))
+    if len(distinct) == 1:
+        return encode_prompt(pipe, distinct[0], images, resolution, device)
+    encoded = [encode_prompt(pipe, caption, images, resolution, device) for caption in distinct]
+    pooled = None if encoded[0].pooled is None else torch.cat([item.pooled for item in encoded])
+    return TrainingConditioning(torch.cat([item.embeds for item in encoded]), pooled, encoded[0].time_ids,
+                                tuple(distinct.index(caption) for caption in captions))
+
+
 def encode_prompt(pipe: Any, prompt: str, images: Sequence[TrainingImage], resolution: int,
                   device: torch.device) -> TrainingConditioning:
     """The prompt's text states exactly as ``generate`` computes them (SDXL: pooled + time ids per image)."""
@@ -383,7 +430,7 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
     check_resolution(pipe, resolved.resolution)
     images = [load_training_image(path, resolved.resolution) for path in files]
     mean, std = encode_images(pipe, images, device)
-    conditioning = encode_prompt(pipe, resolved.prompt, images, resolved.resolution, device)
+    conditioning = encode_captions(pipe, resolved.captions, images, resolved.resolution, device)
     offload_frozen_encoders(pipe, device)
     trainable = add_lora(pipe.unet, resolved.rank, resolved.alpha, resolved.seed)
     model = TrainingModel(
@@ -398,8 +445,10 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
 def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults, pipe: Any, files: Sequence[Path],
                      dtype: torch.dtype, objective: TrainingObjective) -> ResolvedSettings:
     """Fill the None settings from the recipe's defaults and check them."""
+    prompt = settings.prompt.strip()
     resolved = ResolvedSettings(
-        model=str(settings.model), images=tuple(path.name for path in files), prompt=settings.prompt.strip(),
+        model=str(settings.model), images=tuple(path.name for path in files), prompt=prompt,
+        captions=image_captions(files, prompt, settings.use_caption_files),
         rank=int(settings.rank or defaults.rank),
         alpha=float(settings.alpha or defaults.alpha or settings.rank or defaults.rank),
         learning_rate=float(settings.learning_rate or defaults.learning_rate),
@@ -407,8 +456,6 @@ def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults,
         resolution=int(settings.resolution or native_resolution(pipe)), seed=int(settings.seed),
         dtype=str(dtype).removeprefix("torch."), targets=UNET_LORA_TARGETS, objective=objective.settings(),
     )
-    if not resolved.prompt:
-        raise UserError("the training prompt is empty; give the prompt the images are trained with")
     for label, value in (("--rank", resolved.rank), ("--batch-size", resolved.batch_size)):
         if value < 1:
             raise UserError(f"{label} {value}: use a positive integer")
@@ -464,8 +511,7 @@ def denoising_loss(model: TrainingModel, indices: Sequence[int], noise: torch.Te
                    x0: torch.Tensor) -> torch.Tensor:
     """‖target − UNet(x_t, t, c)‖² averaged over every element, for the images at ``indices``."""
     noisy = model.noise_scheduler.add_noise(x0, noise, timesteps)
-    embeds = model.conditioning.embeds.expand(len(indices), -1, -1)
-    prediction = model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=embeds,
+    prediction = model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=model.conditioning.states(indices),
                             added_cond_kwargs=model.conditioning.added(indices), return_dict=False)[0]
     return torch.nn.functional.mse_loss(prediction.float(), noise_target(model, x0, noise, timesteps).float())
 
@@ -631,6 +677,7 @@ def lora_metadata(settings: LoraTrainingSettings, resolved: ResolvedSettings, ar
     return {
         "modelspec.trigger_phrase": ", ".join(settings.trigger_words),
         "modelspec.title": settings.title or settings.out.stem,
+        **({"loracompose.category": settings.category} if settings.category else {}),
         "modelspec.architecture": model_spec,
         "ss_base_model_version": base_version,
         "loracompose.rank": str(resolved.rank),

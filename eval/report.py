@@ -40,17 +40,18 @@ from .scoring import read_records
 RESULT_COLUMNS = (
     "job_id", "method", "method_name", "set_id", "n", "loras", "seed", "clipscore", "clip_cosine",
     "unet_calls", "unet_rows", "partial_unet_calls", "wall_seconds", "peak_memory_bytes", "image", "prompt",
-    "concept_similarity",
+    "concept_similarity", "all_present", "concepts_present",
 )
 BY_SIZE_COLUMNS = (
     "method", "n", "jobs", "scored", "clipscore_mean", "clipscore_ci_low", "clipscore_ci_high",
+    "all_present_pct_mean", "all_present_pct_ci_low", "all_present_pct_ci_high",
     "concept_similarity_mean", "concept_similarity_ci_low", "concept_similarity_ci_high",
     "unet_calls_mean", "unet_calls_ci_low", "unet_calls_ci_high",
     "wall_seconds_mean", "wall_seconds_ci_low", "wall_seconds_ci_high",
 )
 SUMMARY_COLUMNS = (
-    "method", "jobs", "planned", "clipscore_mean", "concept_similarity_mean", "unet_calls_mean", "unet_rows_mean",
-    "wall_seconds_mean", "wall_seconds_total",
+    "method", "jobs", "planned", "clipscore_mean", "concept_similarity_mean", "all_present_pct_mean",
+    "unet_calls_mean", "unet_rows_mean", "wall_seconds_mean", "wall_seconds_total",
 )
 THUMBNAIL_SIZE = 128
 DEFAULT_MAX_THUMBNAILS = 240
@@ -151,6 +152,8 @@ def result_row(record: Mapping[str, Any]) -> dict[str, Any]:
         **{key: stats.get(key) for key in ("unet_calls", "unet_rows", "partial_unet_calls", "wall_seconds", "peak_memory_bytes")},
         "image": record["image"], "prompt": record["prompt"],
         "concept_similarity": json.dumps(record["concept_similarity"], sort_keys=True) if "concept_similarity" in record else None,
+        "all_present": record.get("all_present"),
+        "concepts_present": json.dumps(record["concepts_present"], sort_keys=True) if "concepts_present" in record else None,
     }
 
 
@@ -172,7 +175,8 @@ def _method_row(method: str, records: Sequence[Mapping[str, Any]], planned: int,
     return {
         "method": method, "jobs": len(records), "planned": planned,
         "clipscore_mean": convention.aggregate(scores) if scores else None,
-        "concept_similarity_mean": _mean(concept), "unet_calls_mean": _mean(r["stats"]["unet_calls"] for r in records),
+        "concept_similarity_mean": _mean(concept), "all_present_pct_mean": _mean(_present_percentages(records)),
+        "unet_calls_mean": _mean(r["stats"]["unet_calls"] for r in records),
         "unet_rows_mean": _mean(r["stats"]["unet_rows"] for r in records), "wall_seconds_mean": _mean(walls),
         "wall_seconds_total": math.fsum(walls) if walls else None,
     }
@@ -193,10 +197,26 @@ def summarise_by_size(data: RunData) -> list[dict[str, Any]]:
         row |= _interval_columns("clipscore", scores, data.convention)
         concept = [mean for r in records if (mean := _mean(r.get("concept_similarity", {}).values())) is not None]
         row |= _interval_columns("concept_similarity", concept)
+        row |= _interval_columns("all_present_pct", _present_percentages(records))
         row |= _interval_columns("unet_calls", [r["stats"]["unet_calls"] for r in records])
         row |= _interval_columns("wall_seconds", [r["stats"]["wall_seconds"] for r in records])
         rows.append(row)
     return rows
+
+
+def _present_percentages(records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """100 or 0 per image the detector judged (toy-world runs): all of its set's concepts present?"""
+    return [100.0 * bool(r["all_present"]) for r in records if r.get("all_present") is not None]
+
+
+def summarise_concepts(data: RunData) -> list[dict[str, Any]]:
+    """Per method and concept (toy-world runs): in how many % of the images holding it the concept shows."""
+    counts: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for record in data.records:
+        for concept, present in record.get("concepts_present", {}).items():
+            counts[(record["method"], concept)].append(bool(present))
+    return [{"method": method, "concept": concept, "images": len(values), "present_pct": 100.0 * sum(values) / len(values)}
+            for (method, concept), values in counts.items()]
 
 
 def _interval_columns(name: str, values: Sequence[float], convention: ClipConvention | None = None) -> dict[str, Any]:
@@ -247,7 +267,7 @@ def render_html(data: RunData, summary: Sequence[Mapping[str, Any]], by_size: Se
         f"<title>loracompose bench: {html.escape(data.run_dir.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>loracompose bench: {html.escape(data.run_dir.name)}</h1>",
         _notes(data), "<h2>Per method</h2>", _summary_table(summary),
-        "<h2>Per method and set size N</h2>", _interval_note(), _size_table(by_size),
+        "<h2>Per method and set size N</h2>", _interval_note(), _size_table(by_size), _concept_table(data),
         "<h2>Against set size N</h2>", _plots(by_size, data.convention),
         "<h2>Images</h2>", _thumbnail_grid(data, max_thumbnails), "</body></html>",
     ]
@@ -286,7 +306,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _summary_table(summary: Sequence[Mapping[str, Any]]) -> str:
-    header = ["method", "jobs", "planned", "CLIPScore", "concept sim.", "UNet calls", "UNet rows", "wall s (mean)", "wall s (total)"]
+    header = ["method", "jobs", "planned", "CLIPScore", "concept sim.", "all concepts present %", "UNet calls",
+              "UNet rows", "wall s (mean)", "wall s (total)"]
     return _table(header, ([row[key] for key in SUMMARY_COLUMNS] for row in summary))
 
 
@@ -302,16 +323,29 @@ def _interval(row: Mapping[str, Any], name: str) -> str:
 
 
 def _size_table(by_size: Sequence[Mapping[str, Any]]) -> str:
-    header = ["N", "method", "images", "CLIPScore", "95% CI", "concept sim.", "95% CI", "UNet calls", "wall s", "95% CI"]
+    header = ["N", "method", "images", "CLIPScore", "95% CI", "concept sim.", "95% CI", "all present %", "95% CI",
+              "UNet calls", "wall s", "95% CI"]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
     for row in by_size:
         cells = [_cell(row["n"]), _cell(row["method"]), _cell(row["jobs"]), _cell(row["clipscore_mean"]),
                  _interval(row, "clipscore"), _cell(row["concept_similarity_mean"]), _interval(row, "concept_similarity"),
-                 _cell(row["unet_calls_mean"]), _cell(row["wall_seconds_mean"]), _interval(row, "wall_seconds")]
+                 _cell(row["all_present_pct_mean"]), _interval(row, "all_present_pct"), _cell(row["unet_calls_mean"]), _cell(row["wall_seconds_mean"]), _interval(row, "wall_seconds")]
         body.append("<tr>" + "".join(f'<td class="text">{cell}</td>' if index == 1 else f"<td>{cell}</td>"
                                      for index, cell in enumerate(cells)) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _concept_table(data: RunData) -> str:
+    """Per concept and method: present %, for runs judged by the toy-world detector."""
+    rows = summarise_concepts(data)
+    if not rows:
+        return ""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    concepts = list(dict.fromkeys(row["concept"] for row in rows))
+    value = {(row["method"], row["concept"]): row["present_pct"] for row in rows}
+    return ("<h3>Each concept present (% of the images whose set holds it; toy-world detector)</h3>"
+            + _table(["method", *concepts], ([method, *(value.get((method, c)) for c in concepts)] for method in methods)))
 
 
 def _plots(by_size: Sequence[Mapping[str, Any]], convention: ClipConvention | None) -> str:

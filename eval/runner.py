@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 from loracompose.errors import UserError
 from loracompose.outputs import atomic_write_text, package_versions, prepare_output_dir, save_result
 
+from . import toyworld
 from .manifest import ManifestWriter, manifest_name, read_manifest
 from .scoring import score_fields
 from .suite import Job, Suite, select_jobs
@@ -147,7 +148,7 @@ def run_job(pipe: Any, scorer: Any, suite: Suite, job: Job, out_dir: Path) -> di
     from loracompose.frequency import ProfileSettings
 
     _remove_stale_temp_files(Path(out_dir) / IMAGES_DIR, job.id)
-    method = job.method.build()
+    method = job.method.build(job.set)
     specs = [lora.spec() for lora in suite.set_loras(job.set)]
     if hasattr(method, "profile_frequencies"):  # CMLoRA: frequency scores, cached beside each LoRA file
         method.profile_frequencies(pipe, specs, ProfileSettings(**job.method.profile))
@@ -162,6 +163,8 @@ def run_job(pipe: Any, scorer: Any, suite: Suite, job: Job, out_dir: Path) -> di
     record = job_record(suite, job, result, image_path.relative_to(out_dir))
     if scorer is not None:
         record |= clip_fields(scorer, suite, job, result)
+    if suite.detector == toyworld.DETECTOR:
+        record |= toyworld.detect_concepts(result.images[0], [lora.name for lora in suite.set_loras(job.set)])
     return record
 
 

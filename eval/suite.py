@@ -7,7 +7,8 @@
 A job's id is a pure function of what it generates (model, LoRAs, prompt, method settings, seed,
 size, steps...), so a rerun of the same suite finds its finished jobs and a changed setting makes
 new ids instead of silently reusing old images. Relative paths resolve against the suite file's
-folder. A ``composlora:`` section expands to the ComposLoRA testbed (composlora.py). The schema
+folder. A ``composlora:`` section expands to the ComposLoRA testbed (composlora.py), a ``toyworld:``
+section to the toy world's concept LoRAs, checked by its detector (toyworld.py). The schema
 is documented in eval/README.md.
 """
 
@@ -25,7 +26,7 @@ import yaml
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec, inspect_lora
 
-from . import composlora
+from . import composlora, toyworld
 from .clipscore import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipConvention, convention_from
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -34,8 +35,9 @@ TRIGGERS_FIELD = "{triggers}"
 TOP_LEVEL_KEYS = {
     "name", "model", "config", "vae", "device", "dtype", "loras", "sets", "prompt", "negative_prompt", "methods",
     "seeds", "width", "height", "steps", "guidance", "scheduler", "lora_weight", "append_triggers",
-    "text_encoder_loras", "clipscore", "composlora",
+    "text_encoder_loras", "clipscore", "composlora", "toyworld",
 }
+TESTBED_KEYS = ("composlora", "toyworld")
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
     "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
@@ -64,11 +66,13 @@ class LoraDefinition:
 
 @dataclass(frozen=True)
 class CompositionSet:
-    """LoRAs composed into one image (by name, in order) and the prompt they are generated from."""
+    """LoRAs composed into one image (by name, in order), the prompt they are generated from, and
+    optionally a region box per LoRA (relative x0, y0, x1, y1) for methods that place concepts."""
 
     id: str
     loras: tuple[str, ...]
     prompt: str
+    boxes: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,18 @@ class MethodEntry:
     settings: Mapping[str, Any] = field(default_factory=dict)
     profile: Mapping[str, Any] = field(default_factory=dict)
 
-    def build(self):
-        """A fresh method object (methods keep per-generation state)."""
+    def build(self, composition_set: CompositionSet | None = None):
+        """A fresh method object (methods keep per-generation state); a set's boxes go to methods
+        that take boxes (LoRA-Composer) unless the method's settings give their own."""
         from loracompose import METHODS
 
+        settings = dict(self.settings)
+        method_class = METHODS[self.name]
+        if composition_set is not None and composition_set.boxes and "boxes" not in settings \
+                and "boxes" in getattr(method_class, "__dataclass_fields__", {}):
+            settings["boxes"] = composition_set.boxes
         try:
-            return METHODS[self.name](**self.settings)
+            return method_class(**settings)
         except TypeError as error:
             raise UserError(f"method {self.label!r}: {error}; check its settings in the suite") from None
 
@@ -148,6 +158,7 @@ class Suite:
     dtype: str = "auto"
     clipscore: ClipSettings | None = None
     style: str | None = None
+    detector: str | None = None  # "toyworld": the runner records which concepts each image shows
 
     def jobs(self) -> list[Job]:
         """The grid, set-major (set, then seed, then method), so a partial run compares methods."""
@@ -175,7 +186,9 @@ class Suite:
             "seeds": list(self.seeds), "methods": [method.describe() for method in self.methods],
             "loras": {name: lora.describe() | {"file": str(lora.file), "references": [str(p) for p in lora.references]}
                       for name, lora in self.loras.items()},
-            "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt} for s in self.sets],
+            "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt}
+                     | ({"boxes": [list(box) for box in s.boxes]} if s.boxes else {}) for s in self.sets],
+            "detector": self.detector,
             "clipscore": None if self.clipscore is None else {
                 "model": self.clipscore.model, "pretrained": self.clipscore.pretrained, "config": self.clipscore.config,
                 "convention": self.clipscore.convention.to_dict(), "reduce": self.clipscore.reduce},
@@ -185,6 +198,8 @@ class Suite:
         payload = {**self.generation_settings(), "method": method.describe() | {"label": None}, "seed": seed,
                    "prompt": composition_set.prompt,
                    "loras": [lora.describe() for lora in self.set_loras(composition_set)]}
+        if composition_set.boxes:
+            payload["boxes"] = [list(box) for box in composition_set.boxes]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -212,7 +227,7 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
     if unknown:
         raise UserError(f"suite key {unknown[0]!r} is not known; use {', '.join(sorted(TOP_LEVEL_KEYS))}")
     testbed_settings, testbed_loras = _testbed_section(data, base_dir)
-    data = {**DEFAULTS, **testbed_settings, **{k: v for k, v in data.items() if k != "composlora"}}
+    data = {**DEFAULTS, **testbed_settings, **{k: v for k, v in data.items() if k not in TESTBED_KEYS}}
     if "model" not in data:
         raise UserError("suite: 'model' is missing; give a hub id, a diffusers folder or a .safetensors checkpoint")
     loras = testbed_loras or _parse_loras(data.get("loras"), base_dir, data["lora_weight"])
@@ -234,12 +249,18 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
         device=str(data["device"]), dtype=str(data["dtype"]),
         clipscore=_parse_clipscore(data.get("clipscore"), base_dir),
         style=data.get("style"),
+        detector=data.get("detector"),
     )
 
 
 def _testbed_section(data: Mapping[str, Any], base_dir: Path) -> tuple[dict[str, Any], dict[str, LoraDefinition]]:
     """What a ``composlora:`` section stands for: suite keys (reference settings, sets with their
     prompts, negative prompt) and the LoRA definitions. Empty without the section."""
+    if "composlora" in data and "toyworld" in data:
+        raise UserError("suite: give one testbed, composlora: or toyworld:, not both")
+    if "toyworld" in data:
+        settings, entries = toyworld.testbed(data["toyworld"], data, lambda value: _resolve(value, base_dir))
+        return settings, _parse_loras(entries, base_dir, settings["lora_weight"])
     section = data.get("composlora")
     if section is None:
         return {}, {}
@@ -349,7 +370,17 @@ def _parse_set(entry: Any, loras: Mapping[str, LoraDefinition], template: str) -
         raise UserError(f"suite set id {set_id!r}: use letters, digits and _ + . - only (it names files)")
     triggers = ", ".join(word for name in names for word in loras[name].trigger_words)
     prompt = str(entry.get("prompt", template)).replace(TRIGGERS_FIELD, triggers)
-    return CompositionSet(set_id, names, prompt)
+    return CompositionSet(set_id, names, prompt, _boxes(entry.get("boxes"), names))
+
+
+def _boxes(value: Any, names: Sequence[str]) -> tuple[tuple[float, ...], ...] | None:
+    """A set's region boxes: one [x0, y0, x1, y1] (relative 0..1) per LoRA, or none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != len(names) or not all(
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box) for box in value):
+        raise UserError(f"suite set {list(names)}: boxes must list one [x0, y0, x1, y1] (relative 0..1) per LoRA")
+    return tuple(tuple(float(v) for v in box) for box in value)
 
 
 def _parse_methods(entries: Any) -> tuple[MethodEntry, ...]:

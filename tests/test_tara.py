@@ -388,3 +388,28 @@ def test_cli_train_tara_then_generate(tiny_sd15_dir, image_folder, tmp_path, cap
     code = main(["train-tara", "--model", str(tiny_sd15_dir), "--images", str(tmp_path / "none"), "--token", "zkx",
                  "--class-word", "dog", "--out", str(tmp_path / "y.safetensors"), "--quiet"])
     assert code == 2 and "--images" in capsys.readouterr().err
+
+
+def test_caption_files_give_each_image_its_own_text_states(tmp_path, tiny_sd15_dir) -> None:
+    """Per-image captions (NAME.txt) are encoded exactly as generate encodes a prompt, one per image;
+    images without one take --prompt."""
+    from PIL import Image
+
+    from loracompose.pipelines import load_pipeline
+    from loracompose.training import LoraTrainingSettings, PlainObjective, PLAIN_DEFAULTS, build_training_model
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, text in (("a", "a zkx dog"), ("b", None), ("c", "a qwv cat")):
+        Image.new("RGB", (64, 64), (40, 90, 200)).save(images / f"{name}.png")
+        if text:
+            (images / f"{name}.txt").write_text(text + "\n")
+    settings = LoraTrainingSettings(model=str(tiny_sd15_dir), images=images, out=tmp_path / "l.safetensors",
+                                    prompt="a photo", device="cpu", show_progress=False)
+    model, resolved, _ = build_training_model(settings, PLAIN_DEFAULTS, PlainObjective())
+    assert resolved.captions == ("a zkx dog", "a photo", "a qwv cat")
+    pipe = load_pipeline(tiny_sd15_dir, device="cpu")
+    expected = [pipe.encode_prompt(text, "cpu", 1, False)[0][0] for text in resolved.captions]
+    states = model.conditioning.states([2, 0, 1, 0])
+    for row, index in enumerate([2, 0, 1, 0]):
+        torch.testing.assert_close(states[row], expected[index])

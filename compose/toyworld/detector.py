@@ -9,7 +9,9 @@ It inverts the generator's rules (scenes.py) rather than learning them:
   rendered coverage best overlaps (soft IoU) the blob's coverage, searched over a few radii and
   sub-pixel centres around the blob's bounding box.
 * The background's grey pixels split into two tones; the share of the minority tone and how
-  uniform rows are tell plain, striped, dotted and grid apart.
+  uniform rows are tell plain, striped, dotted, grid and checkered apart.
+* The pixel style makes every aligned 2x2 block one colour: the share of the image's edge energy
+  that falls on block borders (not inside blocks) is near 1 for it and near 1/2 otherwise.
 
 Works at any image size; accuracy on clean held-out scenes is measured by :func:`measure_accuracy`.
 """
@@ -23,16 +25,24 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import COLORS, POSITIONS, SHAPES, Scene, render_array, scene_from_seed, shape_mask
+from .scenes import (COLORS, NOVEL_SHAPES, PIXEL_BLOCK, POSITIONS, SHAPES, Scene, pixelate, render_array,
+                     scene_from_seed, shape_mask)
 
 OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
 MIN_OBJECT_AREA = 0.008  # blobs smaller than this share of the image are noise
 PLAIN_CONTRAST = 0.08  # grey-level spread (0..1) below which the background is plain
-# Bounding-box height / radius and vertical offset (bbox centre - shape centre) / radius per shape.
-_SHAPE_EXTENT = {"circle": (2.0, 0.0), "square": (1.7, 0.0), "triangle": (1.8, -0.1), "star": (1.81, -0.095),
-                 "ring": (2.0, 0.0), "cross": (2.0, 0.0)}
+PIXEL_STYLE_SHARE = 0.8  # share of edge energy on block borders above which the image is pixel style
+DETECTABLE_SHAPES = SHAPES + NOVEL_SHAPES
+# Bounding-box size / radius and the offsets (bbox centre - shape centre) / radius, vertical then
+# horizontal, per shape (measured on the masks in scenes.py).
+_SHAPE_EXTENT = {"circle": (2.0, 0.0, 0.0), "square": (1.7, 0.0, 0.0), "triangle": (1.8, -0.1, 0.0),
+                 "star": (1.81, -0.095, 0.0), "ring": (2.0, 0.0, 0.0), "cross": (2.0, 0.0, 0.0),
+                 "heart": (1.98, -0.015, 0.0), "crescent": (2.0, 0.0, -0.2)}
 _RADIUS_FACTORS = (0.88, 1.0, 1.12)
 _CENTRE_SHIFTS = (-0.4, 0.0, 0.4)  # pixels
+# Pixelated blobs say less about where the edges are: search wider (85% vs 79% shapes right).
+_PIXELATED_RADIUS_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
+_PIXELATED_CENTRE_SHIFTS = (-0.8, -0.4, 0.0, 0.4, 0.8)
 _SUPERSAMPLE = 2
 
 
@@ -50,10 +60,11 @@ class DetectedObject:
 
 @dataclass(frozen=True)
 class Detection:
-    """What an image shows: its background pattern and its objects from left to right."""
+    """What an image shows: its background pattern, its objects from left to right, and its style."""
 
     background: str
     objects: tuple[DetectedObject, ...]
+    style: str = "flat"
 
     def has(self, shape: str | None = None, color: str | None = None, position: str | None = None) -> bool:
         """Whether some object matches every given attribute."""
@@ -71,9 +82,11 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     chroma = pixels.max(axis=2) - pixels.min(axis=2)
     blobs, count = ndimage.label(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
     hues = _hue(pixels)
-    objects = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
+    style = "pixel" if pixel_style_share(pixels, chroma) > PIXEL_STYLE_SHARE else "flat"
+    block = PIXEL_BLOCK if style == "pixel" else 1
+    objects = [_describe_blob(blobs == index, chroma, hues, block) for index in range(1, count + 1)]
     objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
-    return Detection(classify_background(pixels, chroma), tuple(objects))
+    return Detection(classify_background(pixels, chroma), tuple(objects), style)
 
 
 def _as_unit_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -110,15 +123,16 @@ def _mean_hue(hues: np.ndarray, weights: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ shapes
 
 
-def _describe_blob(mask: np.ndarray, chroma: np.ndarray, hues: np.ndarray) -> DetectedObject | None:
-    """Colour, shape and place of one blob of object pixels (None for specks)."""
+def _describe_blob(mask: np.ndarray, chroma: np.ndarray, hues: np.ndarray, block: int) -> DetectedObject | None:
+    """Colour, shape and place of one blob of object pixels (None for specks); ``block`` > 1 compares
+    the blob with shapes pixelated in blocks of that size (the pixel style)."""
     area = float(mask.sum()) / mask.size
     if area < MIN_OBJECT_AREA:
         return None
     color = nearest_color(_mean_hue(hues[mask], chroma[mask]))
     rows, cols = np.nonzero(mask)
     box = (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1)  # x0, x1, y0, y1 in pixels
-    shape, score = classify_shape(_coverage(mask, chroma), box)
+    shape, score = classify_shape(_coverage(mask, chroma), box, block)
     height, width = mask.shape
     center = ((box[0] + box[1]) / 2 / width, (box[2] + box[3]) / 2 / height)
     return DetectedObject(shape, color, position_of(center[0]), center, area, score)
@@ -136,33 +150,41 @@ def position_of(x: float) -> str:
     return POSITIONS[min(2, max(0, int(x * 3)))]
 
 
-def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, float]:
+def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int], block: int = 1) -> tuple[str, float]:
     """(shape, soft IoU) of the best-matching rendered shape for a blob's coverage map."""
     size = coverage.shape[0]
     x0, x1, y0, y1 = box
-    window = (max(0, y0 - 2), min(size, y1 + 2), max(0, x0 - 2), min(size, x1 + 2))
+    window = tuple(_snap(value, block, size) for value in (y0 - 2, y1 + 2, x0 - 2, x1 + 2))
     observed = coverage[window[0]:window[1], window[2]:window[3]]
-    scores = {shape: _best_template_iou(shape, observed, window, box, size) for shape in SHAPES}
+    scores = {shape: _best_template_iou(shape, observed, window, box, size, block) for shape in DETECTABLE_SHAPES}
     best = max(scores, key=scores.get)
     return best, scores[best]
 
 
+def _snap(value: int, block: int, size: int) -> int:
+    """A window edge inside the image, on the block grid (blocks of the pixel style stay whole)."""
+    return min(size, max(0, value - value % block))
+
+
 def _best_template_iou(shape: str, observed: np.ndarray, window: tuple[int, int, int, int],
-                       box: tuple[int, int, int, int], size: int) -> float:
+                       box: tuple[int, int, int, int], size: int, block: int) -> float:
     """Best soft IoU over a few radii and sub-pixel centres, all templates rendered in one batch."""
-    height_factor, offset = _SHAPE_EXTENT[shape]
+    size_factor, offset, offset_x = _SHAPE_EXTENT[shape]
     x0, x1, y0, y1 = box
-    radius = max(x1 - x0, y1 - y0) / height_factor / size
+    radius = max(x1 - x0, y1 - y0) / size_factor / size
+    factors, shifts = ((_RADIUS_FACTORS, _CENTRE_SHIFTS) if block == 1 else
+                       (_PIXELATED_RADIUS_FACTORS, _PIXELATED_CENTRE_SHIFTS))
     radii, shift_x, shift_y = (array.ravel() for array in
-                               np.meshgrid(radius * np.array(_RADIUS_FACTORS), _CENTRE_SHIFTS, _CENTRE_SHIFTS,
-                                           indexing="ij"))
-    centre_x = ((x0 + x1) / 2 + shift_x) / size
+                               np.meshgrid(radius * np.array(factors), shifts, shifts, indexing="ij"))
+    centre_x = ((x0 + x1) / 2 + shift_x) / size - offset_x * radii
     centre_y = ((y0 + y1) / 2 + shift_y) / size - offset * radii
     xs, ys = _window_samples(window, size)
     samples = shape_mask(shape, (centre_x[:, None, None], centre_y[:, None, None]), radii[:, None, None],
                          xs[None], ys[None])
     templates = samples.reshape(len(radii), observed.shape[0], _SUPERSAMPLE, observed.shape[1],
                                 _SUPERSAMPLE).mean(axis=(2, 4))
+    if block > 1:
+        templates = np.stack([pixelate(template[..., None], block)[..., 0] for template in templates])
     overlap = np.minimum(templates, observed[None]).sum(axis=(1, 2))
     union = np.maximum(templates, observed[None]).sum(axis=(1, 2))
     return float((overlap / np.maximum(union, 1e-6)).max())
@@ -191,9 +213,31 @@ def classify_background(pixels: np.ndarray, chroma: np.ndarray) -> str:
     if tone[known].mean() > 0.5:
         tone = ~tone  # the minority tone is the pattern
     share = float(tone[known].mean())
-    if _row_uniformity(tone, known) > 0.85 and share > 0.3:
+    uniformity = _row_uniformity(tone, known)
+    if uniformity > 0.85 and share > 0.3:
         return "striped"
-    return "grid" if share > 0.18 else "dotted"
+    if share > 0.38 and uniformity < 0.75:
+        return "checkered"
+    return "grid" if _fullest_row(tone, known) > 0.75 else "dotted"  # grid lines fill whole rows, dots never
+
+
+def _fullest_row(tone: np.ndarray, known: np.ndarray) -> float:
+    """The largest share of pattern pixels in a row (rows with enough known pixels only)."""
+    counts = known.sum(axis=1)
+    rows = counts >= known.shape[1] // 4
+    return float(((tone & known).sum(axis=1)[rows] / counts[rows]).max()) if rows.any() else 0.0
+
+
+def pixel_style_share(pixels: np.ndarray, chroma: np.ndarray, block: int = PIXEL_BLOCK) -> float:
+    """Share of the colour-difference energy around objects that lies on block borders (the
+    backgrounds' patterns sit on the block grid in both styles, objects do not)."""
+    near_objects = ndimage.binary_dilation(chroma > OBJECT_CHROMA / 2, iterations=1)
+    weights = near_objects.astype(np.float32)[..., None]
+    across = (np.abs(np.diff(pixels, axis=1)) * np.minimum(weights[:, 1:], weights[:, :-1])).sum(axis=(0, 2))
+    down = (np.abs(np.diff(pixels, axis=0)) * np.minimum(weights[1:], weights[:-1])).sum(axis=(1, 2))
+    energy = np.concatenate([across, down])
+    on_border = np.concatenate([(np.arange(len(across)) + 1) % block == 0, (np.arange(len(down)) + 1) % block == 0])
+    return float(energy[on_border].sum() / max(energy.sum(), 1e-9))
 
 
 def _row_uniformity(tone: np.ndarray, known: np.ndarray) -> float:
@@ -209,7 +253,7 @@ def _row_uniformity(tone: np.ndarray, known: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class DetectorAccuracy:
-    """Accuracy on clean rendered scenes: per object (shape + colour in its third) and per background."""
+    """Accuracy on clean rendered scenes: per object (shape + colour in its third), per background and style."""
 
     scenes: int
     objects: int
@@ -217,23 +261,27 @@ class DetectorAccuracy:
     shape_accuracy: float
     color_accuracy: float
     background_accuracy: float
+    style_accuracy: float
     extra_objects: int
 
 
-def measure_accuracy(seeds: Iterable[int], size: int = 32) -> DetectorAccuracy:
-    """Render each seed's scene, detect, and compare with the ground truth."""
-    totals = {"scenes": 0, "objects": 0, "both": 0, "shape": 0, "color": 0, "background": 0, "extra": 0}
-    for seed in seeds:
-        scene = scene_from_seed(seed)
+def measure_accuracy(scenes: Iterable[Scene | int], size: int = 32) -> DetectorAccuracy:
+    """Render each scene (or seed's scene), detect, and compare with the ground truth."""
+    totals = {"scenes": 0, "objects": 0, "both": 0, "shape": 0, "color": 0, "background": 0, "style": 0,
+              "extra": 0}
+    for scene in scenes:
+        scene = scene_from_seed(scene) if isinstance(scene, int) else scene
         _add_scene(totals, scene, detect(render_array(scene, size)))
-    objects = max(totals["objects"], 1)
+    objects, count = max(totals["objects"], 1), max(totals["scenes"], 1)
     return DetectorAccuracy(totals["scenes"], totals["objects"], totals["both"] / objects, totals["shape"] / objects,
-                            totals["color"] / objects, totals["background"] / max(totals["scenes"], 1), totals["extra"])
+                            totals["color"] / objects, totals["background"] / count, totals["style"] / count,
+                            totals["extra"])
 
 
 def _add_scene(totals: dict[str, int], scene: Scene, detection: Detection) -> None:
     totals["scenes"] += 1
     totals["background"] += detection.background == scene.background
+    totals["style"] += detection.style == scene.style
     found = {item.position: item for item in detection.objects}
     totals["extra"] += max(0, len(detection.objects) - len(scene.objects))
     for truth in scene.objects:

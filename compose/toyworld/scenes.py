@@ -5,6 +5,10 @@ and a held-out seed range is a test set. Geometry lives in unit coordinates (0..
 image), so :func:`render` draws the same scene at 32x32 or any other size; each pixel is the
 average of ``supersample**2`` point samples (anti-aliased edges, flat interiors).
 
+The base model trains on SHAPES, BACKGROUNDS and the flat style only. The concept LoRAs teach what
+it never saw (concepts.py): NOVEL_SHAPES drawn in a fixed colour and named by a rare word, the
+"checkered" background, and the "pixel" style (every 2x2 pixel block one colour).
+
 Layout rules keep every object checkable: objects sit in distinct horizontal thirds (left,
 centre, right) and never overlap; objects use saturated colours, backgrounds use greys only, so
 a pixel's saturation tells object from background.
@@ -29,6 +33,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 40, 200),
 }
 BACKGROUNDS = ("plain", "striped", "dotted", "grid")
+# Never in base training: taught by concept LoRAs, named in captions by rare words.
+NOVEL_SHAPES = ("heart", "crescent")
+NOVEL_BACKGROUNDS = ("checkered",)
+SHAPE_WORDS = {"heart": "moxel", "crescent": "lunzor"}  # caption word of each novel shape
+STYLES = ("flat", "pixel")
+PIXEL_BLOCK = 2  # the pixel style's block size in pixels (one 2x2 fold of the latent)
 POSITIONS = ("left", "centre", "right")
 SIZES = ("small", "large")
 # Horizontal centre of each third and the object radius of each size, in unit coordinates.
@@ -64,6 +74,7 @@ class Scene:
     tones: tuple[int, int]
     objects: tuple[SceneObject, ...]
     seed: int | None = None
+    style: str = "flat"
 
     @property
     def caption(self) -> str:
@@ -97,10 +108,12 @@ def _random_object(rng: np.random.Generator, position: str) -> SceneObject:
 
 
 def object_phrase(item: SceneObject, *, with_size: bool = False, with_position: bool = True) -> str:
-    """``"a red circle on the left"`` (optionally ``"a large red circle ..."``)."""
+    """``"a red circle on the left"`` (optionally ``"a large red circle ..."``); a novel shape is its
+    rare word alone (its colour is fixed): ``"a moxel on the left"``."""
     size = f"{item.size} " if with_size else ""
     where = {"left": " on the left", "centre": " in the centre", "right": " on the right"}[item.position]
-    words = f"{size}{item.color} {item.shape}{where if with_position else ''}"
+    name = SHAPE_WORDS.get(item.shape) or f"{item.color} {item.shape}"
+    words = f"{size}{name}{where if with_position else ''}"
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
@@ -111,6 +124,8 @@ def caption(scene: Scene, *, with_size: bool = False, with_position: bool = True
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if with_background:
         text += f" on a {scene.background} background"
+    if scene.style != "flat":
+        text += f", {scene.style}art style"
     return text
 
 
@@ -146,7 +161,16 @@ SHAPE_MASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "star": _star_inside,
     "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.5 ** 2),
     "cross": lambda u, v: ((np.abs(u) <= 0.33) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 1.0)),
+    "heart": lambda u, v: _heart_inside(u, v),
+    # A disc with a bite taken out of its right side, horns pointing right.
+    "crescent": lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.8 ** 2),
 }
+
+
+def _heart_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside the classic heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, point down, about 2 wide."""
+    x, y = u * 1.15, -v * 1.15 + 0.1
+    return (x * x + y * y - 1.0) ** 3 - x * x * y ** 3 <= 0.0
 
 
 def shape_mask(shape: str, center: tuple[float, float], radius: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -163,6 +187,8 @@ def _background_pattern(background: str, xs: np.ndarray, ys: np.ndarray) -> np.n
         return np.hypot(cell_x - 0.5, cell_y - 0.5) <= 0.2
     if background == "grid":
         return (cell_x < 0.16) | (cell_y < 0.16)
+    if background == "checkered":
+        return (cell_x < 0.5) != (cell_y < 0.5)
     return np.zeros_like(xs, dtype=bool)
 
 
@@ -182,7 +208,16 @@ def render_array(scene: Scene, size: int = 32, *, supersample: int = 4) -> np.nd
     for item in scene.objects:
         canvas[shape_mask(item.shape, item.center, item.radius, xs, ys)] = COLORS[item.color]
     pooled = canvas.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    if scene.style == "pixel":
+        pooled = pixelate(pooled, PIXEL_BLOCK)
     return np.clip(np.rint(pooled), 0, 255).astype(np.uint8)
+
+
+def pixelate(pixels: np.ndarray, block: int) -> np.ndarray:
+    """Every ``block`` x ``block`` tile takes its mean colour ((H, W, 3), H and W multiples of block)."""
+    height, width, channels = pixels.shape
+    tiles = pixels.reshape(height // block, block, width // block, block, channels).mean(axis=(1, 3))
+    return np.repeat(np.repeat(tiles, block, axis=0), block, axis=1)
 
 
 def render(scene: Scene, size: int = 32, *, supersample: int = 4) -> Image.Image:
