@@ -23,10 +23,14 @@ from .cli_autolora import (
     run_train_retriever,
 )
 from .cli_toyworld import (
+    add_eval_toyworld_arguments,
     add_export_toyworld_arguments,
     add_train_toyworld_arguments,
+    add_train_toyworld_loras_arguments,
+    run_eval_toyworld,
     run_export_toyworld,
     run_train_toyworld,
+    run_train_toyworld_loras,
 )
 from .errors import UserError
 from .lora import LoraSpec, inspect_loras
@@ -147,8 +151,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: embedded tiny model)")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (default 7.5; the embedded model's own: 4)")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
     parser.add_argument("--num-images", type=int, default=1)
@@ -224,11 +228,15 @@ def run_generate(args: argparse.Namespace) -> int:
     specs = lora_specs(args)
     method = build_method(args)
     prompt, model = args.prompt, args.model
+    steps = args.steps if args.steps is not None else 30
+    guidance = args.guidance if args.guidance is not None else 7.5
     if model is None:
         from .embedded import embedded_default
 
         demo = embedded_default()
         model = str(demo.model_dir)
+        steps = args.steps if args.steps is not None else demo.steps
+        guidance = args.guidance if args.guidance is not None else demo.guidance_scale
         if not specs:
             specs = [LoraSpec(lora.path, trigger_words=lora.trigger_words, category=lora.category) for lora in demo.loras]
         prompt = prompt if prompt is not None else demo.prompt
@@ -248,8 +256,8 @@ def run_generate(args: argparse.Namespace) -> int:
         settings = ProfileSettings(size=args.cmlora_profile_size, steps=args.cmlora_profile_steps)
         method.profile_frequencies(pipe, specs, settings)
     result = pipe.generate(
-        prompt, specs, method, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-        guidance_scale=args.guidance, width=args.width, height=args.height, num_images=args.num_images,
+        prompt, specs, method, negative_prompt=args.negative_prompt, seed=args.seed, steps=steps,
+        guidance_scale=guidance, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, append_triggers=not args.no_append_triggers,
         text_encoder_loras=not args.no_text_encoder_loras, max_batch_rows=args.max_batch_rows,
         show_progress=not args.quiet,
@@ -424,6 +432,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                        add_train_toyworld_arguments, run_train_toyworld),
     "export-toyworld": ("write a toy-world run's latest checkpoint as a diffusers folder", add_export_toyworld_arguments,
                         run_export_toyworld),
+    "train-toyworld-loras": ("train the toy world's concept LoRAs (moxel, lunzor, checkered, pixelart) on its base model",
+                             add_train_toyworld_loras_arguments, run_train_toyworld_loras),
+    "eval-toyworld": ("the toy world's acceptance numbers: base model and each concept LoRA, judged by the detector",
+                      add_eval_toyworld_arguments, run_eval_toyworld),
 }
 
 

@@ -1,13 +1,17 @@
-"""The toy world's commands: ``train-toyworld`` (the base model) and ``export-toyworld``.
+"""The toy world's commands: the base model, its concept LoRAs, and their acceptance numbers.
 
     loracompose train-toyworld --run-dir runs/base --steps 20000 [--resume]
     loracompose export-toyworld runs/base --out models/toyworld
+    loracompose train-toyworld-loras --model models/toyworld --out models/toyworld-loras
+    loracompose eval-toyworld --model models/toyworld --loras models/toyworld-loras
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import UserError
@@ -55,4 +59,67 @@ def run_export_toyworld(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise UserError(f"export-toyworld {args.run_dir}: no checkpoint there; train with train-toyworld first")
     print(export_model(checkpoint, args.out, use_ema=not args.no_ema))
+    return 0
+
+
+def add_train_toyworld_loras_arguments(parser: argparse.ArgumentParser) -> None:
+    from .toyworld.concepts import CONCEPTS
+    from .toyworld.loras import ConceptTrainingSettings
+
+    defaults = ConceptTrainingSettings()
+    parser.add_argument("--model", type=Path, required=True, help="the toy-world base model folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for NAME.safetensors of each concept")
+    parser.add_argument("--concept", action="append", choices=list(CONCEPTS), help="train only these (repeat)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"steps per LoRA (default {defaults.steps})")
+    parser.add_argument("--images", type=int, default=defaults.images,
+                        help=f"training scenes per concept (default {defaults.images})")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train_toyworld_loras(args: argparse.Namespace) -> int:
+    from .toyworld.loras import ConceptTrainingSettings, train_concept_loras
+
+    if args.steps < 1 or args.images < 1:
+        raise UserError("--steps and --images must be positive integers")
+    settings = ConceptTrainingSettings(images=args.images, steps=args.steps, seed=args.seed,
+                                       show_progress=not args.quiet)
+    for result in train_concept_loras(args.model, args.out, args.concept, settings):
+        print(result.path)
+    return 0
+
+
+def add_eval_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="toy-world model folder (default: the embedded one)")
+    parser.add_argument("--loras", type=Path, help="concept LoRA folder (default: the embedded one's)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--seeds", type=int, default=4, help="samples per single-object prompt (default 4)")
+    parser.add_argument("--pairs", type=int, default=24, help="two-object prompts (default 24)")
+    parser.add_argument("--lora-seeds", type=int, default=16, help="samples per concept LoRA (default 16)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+
+
+def run_eval_toyworld(args: argparse.Namespace) -> int:
+    from .embedded import embedded_default
+    from .outputs import atomic_write_text
+    from .pipelines import load_pipeline
+    from .toyworld.evaluate import evaluate_concept_loras, evaluate_samples
+
+    if args.model is None or args.loras is None:
+        default = embedded_default()
+        args.model = args.model or default.model_dir
+        args.loras = args.loras or default.loras[0].path.parent
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
+    base = evaluate_samples(pipe, args.guidance, seeds=args.seeds, pairs=args.pairs)
+    concepts = evaluate_concept_loras(pipe, args.loras, args.guidance, seeds=args.lora_seeds)
+    print(f"base model, CFG {args.guidance:g}: colour right {base.color_right:.1%}, shape right "
+          f"{base.shape_right:.1%} ({base.single_samples} single-object samples); both objects present "
+          f"{base.pair_both_present:.1%} ({base.pair_samples} two-object prompts)")
+    print("| concept | prompt | present with its LoRA | without (base) |\n|---|---|---:|---:|")
+    for row in concepts:
+        print(f"| {row.concept} | {row.prompt} | {row.present_with_lora:.0%} | {row.present_without_lora:.0%} |")
+    if args.json:
+        report = {"model": str(args.model), "loras": str(args.loras), "base": asdict(base),
+                  "concepts": [asdict(row) for row in concepts]}
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0

@@ -1,8 +1,17 @@
-"""The embedded offline default: a tiny SD1.5 model and three demo LoRAs, built on first use.
+"""The embedded offline default: a small model and demo LoRAs that need no network.
 
 With no model or LoRA given, the CLI and the UI run on this default, so a fresh install works with
-no network. The pictures are noise-like (random weights), but every code path is the real one.
-The folder name carries a version tag so a later, better toy model can sit beside this one.
+no network. Two variants, chosen by ``$LORACOMPOSE_EMBEDDED``:
+
+* ``toyworld`` (default): the toy-world model trained here (32x32 scenes of coloured shapes,
+  toyworld/) and its concept LoRAs, shipped inside the package; real pictures whose concepts
+  the toy-world detector checks.
+* ``tiny-sd15``: a random-weight SD1.5-shaped model and three LoRAs, built on first use; noise-like
+  pictures, but the standard SD1.5 layout (4 latent channels, 64x64) for tests of that shape.
+
+Either is published under :func:`loracompose_home` (copied or built once, then renamed into place),
+so tools that write beside a LoRA file (CMLoRA's frequency cache) never write into the package.
+The folder names carry a version tag so a later model can sit beside an earlier one.
 """
 
 from __future__ import annotations
@@ -11,12 +20,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import shutil
+
 from filelock import FileLock
 
+from .errors import UserError
 from .outputs import staged_directory
 from .tiny import build_tiny_lora, build_tiny_sd15
 
-EMBEDDED_VERSION = "tiny-sd15-v1"
+VARIANT_VARIABLE = "LORACOMPOSE_EMBEDDED"
+TOYWORLD, TINY_SD15 = "toyworld", "tiny-sd15"
+EMBEDDED_VERSION = "tiny-sd15-v1"  # the random tiny SD1.5 variant's folder
+TOYWORLD_PREFIX = "toyworld-"  # + the shipped manifest's digest: new weights, new folder
+PACKAGED_TOYWORLD = Path(__file__).parent / "toyworld" / "weights"  # model/ and loras/ as shipped
 MODEL_SEED = 0
 
 
@@ -37,6 +53,8 @@ class EmbeddedDefault:
     model_dir: Path
     loras: tuple[DemoLora, ...]
     prompt: str
+    steps: int = 30  # the generation settings the model is made for
+    guidance_scale: float = 7.5
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,11 @@ _DEMO_RECIPES = (
 )
 DEMO_PROMPT = "zkx character wearing a red cloak, inkwash style"
 
+# The toy world's demo: three of its four concept LoRAs (toyworld/concepts.py) in one prompt.
+TOYWORLD_DEMO = (("moxel", "object"), ("lunzor", "object"), ("checkered", "background"))
+TOYWORLD_PROMPT = "a moxel on the left and a lunzor on the right on a checkered background"
+TOYWORLD_STEPS, TOYWORLD_GUIDANCE = 20, 4.0
+
 
 def loracompose_home() -> Path:
     """Where loracompose keeps the files it builds.
@@ -67,19 +90,48 @@ def loracompose_home() -> Path:
     return Path(cache).expanduser() / "loracompose"
 
 
-def embedded_default() -> EmbeddedDefault:
-    """The embedded model and demo LoRAs, built under :func:`loracompose_home` the first time.
+def embedded_variant() -> str:
+    """``$LORACOMPOSE_EMBEDDED`` (toyworld or tiny-sd15), toyworld when unset."""
+    variant = os.environ.get(VARIANT_VARIABLE, "").strip() or TOYWORLD
+    if variant not in (TOYWORLD, TINY_SD15):
+        raise UserError(f"{VARIANT_VARIABLE}={variant!r} is not known; use {TOYWORLD} (default) or {TINY_SD15}")
+    return variant
+
+
+def embedded_default(variant: str | None = None) -> EmbeddedDefault:
+    """The embedded model and demo LoRAs, published under :func:`loracompose_home` the first time.
 
     Safe when several processes start at once: one builds while the others wait on a file lock,
     and the finished folder appears by a single rename, so it is either complete or absent.
     """
-    root = loracompose_home() / "embedded" / EMBEDDED_VERSION
+    variant = variant or embedded_variant()
+    version, build = (_toyworld_version(), _copy_toyworld) if variant == TOYWORLD else (EMBEDDED_VERSION, _build)
+    root = loracompose_home() / "embedded" / version
     if not root.is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not root.is_dir():
-                _build_and_publish(root)
-    return _describe(root)
+                _build_and_publish(root, build)
+    return _describe_toyworld(root) if variant == TOYWORLD else _describe(root)
+
+
+def _describe_toyworld(root: Path) -> EmbeddedDefault:
+    loras = tuple(DemoLora(_lora_path(root, name), name, (name,), category) for name, category in TOYWORLD_DEMO)
+    return EmbeddedDefault(model_dir=root / "model", loras=loras, prompt=TOYWORLD_PROMPT, steps=TOYWORLD_STEPS,
+                           guidance_scale=TOYWORLD_GUIDANCE)
+
+
+def _toyworld_version() -> str:
+    from .toyworld.shipping import MANIFEST, manifest_digest
+
+    if not (PACKAGED_TOYWORLD / MANIFEST).is_file():
+        raise UserError(f"the toy-world weights are missing from the package ({PACKAGED_TOYWORLD}); reinstall "
+                        f"loracompose, or set {VARIANT_VARIABLE}={TINY_SD15}")
+    return TOYWORLD_PREFIX + manifest_digest(PACKAGED_TOYWORLD)
+
+
+def _copy_toyworld(root: Path) -> None:
+    shutil.copytree(PACKAGED_TOYWORLD, root, dirs_exist_ok=True)
 
 
 def _describe(root: Path) -> EmbeddedDefault:
@@ -94,15 +146,16 @@ def _lora_path(root: Path, name: str) -> Path:
     return root / "loras" / f"{name}.safetensors"
 
 
-def _build_and_publish(root: Path) -> None:
+def _build_and_publish(root: Path, build=None) -> None:
     """Build everything in a scratch folder beside ``root``, then rename it to ``root``.
 
     If another process published ``root`` first (the lock can be unavailable, e.g. on some network
     file systems), the rename fails and its copy is kept.
     """
+    build = build or _build
     try:
         with staged_directory(root) as staging:
-            _build(staging)
+            build(staging)
     except OSError:
         if not root.is_dir():
             raise

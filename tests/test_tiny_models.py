@@ -179,10 +179,11 @@ def _mtimes(root: Path) -> dict[Path, int]:
 
 @pytest.fixture(scope="module")
 def embedded_home(tmp_path_factory: pytest.TempPathFactory):
-    """A fresh ``LORACOMPOSE_HOME`` shared by this module's embedded-default tests."""
+    """A fresh ``LORACOMPOSE_HOME`` shared by this module's tests of the random tiny SD1.5 variant."""
     with pytest.MonkeyPatch.context() as patch:
         home = tmp_path_factory.mktemp("embedded-home")
         patch.setenv("LORACOMPOSE_HOME", str(home))
+        patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
         yield home
 
 

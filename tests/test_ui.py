@@ -59,9 +59,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    """``loracompose ui`` with no model: embedded tiny SD1.5 and its 3 demo LoRAs."""
+    """``loracompose ui`` with no model on the embedded tiny SD1.5 variant (64x64, SD1.5 layout) and
+    its 3 demo LoRAs; the toy-world default is served by test_embedded_toyworld_is_the_ui_default."""
     assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"
-    model, settings = resolve_settings(UiOptions())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
+        model, settings = resolve_settings(UiOptions())
     app = LoraComposeApp(load_pipeline(model), settings)
     blocks = app.build()
     port = free_port()
@@ -418,3 +421,13 @@ def set_number(page: Any, selector: str, value: str) -> None:
     box = page.locator(selector).first
     box.fill(value)
     box.press("Tab")
+
+
+def test_embedded_toyworld_is_the_ui_default():
+    """With no model and no variant chosen, the UI offers the toy world's demo LoRAs, ticked, with the
+    toy model's own steps and guidance."""
+    model, settings = resolve_settings(UiOptions())
+    assert Path(model).name == "model" and "toyworld" in Path(model).parent.name
+    assert [entry.name for entry in settings.library] == ["moxel", "lunzor", "checkered"]
+    assert settings.preselect_library and "moxel" in settings.default_prompt
+    assert (settings.default_steps, settings.default_guidance) == (20, 4.0)

@@ -63,6 +63,8 @@ class AppSettings:
     output_root: Path
     upload_root: Path
     default_prompt: str = ""
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = 7.5
     preselect_library: bool = False
     max_upload_bytes: int = 512 * 1024**2
     title: str = "loracompose"
@@ -322,8 +324,8 @@ class LoraComposeApp:
         with gr.Accordion("Generation settings", open=True):
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
-                steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance (CFG)")
+                steps = gr.Slider(1, 150, value=self.settings.default_steps, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, value=self.settings.default_guidance, step=0.5, label="Guidance (CFG)")
             with gr.Row():
                 width = gr.Number(label="Width", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="width")
                 height = gr.Number(label="Height", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="height")

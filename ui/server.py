@@ -43,16 +43,18 @@ def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
     if options.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb {options.max_upload_mb}: give a positive size in MiB")
     model, library, prompt, preselect = options.model, scan_library(options.library), "", False
+    defaults = {}
     if model is None:
         demo = embedded_default()
         model, prompt = str(demo.model_dir), demo.prompt
+        defaults = {"default_steps": demo.steps, "default_guidance": demo.guidance_scale}
         if options.library is None:
             library, preselect = _demo_library(demo.loras), True
     home = ui_home()
     settings = AppSettings(
         model_label=model, library=tuple(library), output_root=Path(options.out or home / "outputs").resolve(),
         upload_root=(home / "uploads").resolve(), default_prompt=prompt, preselect_library=preselect,
-        max_upload_bytes=int(options.max_upload_mb * 1024**2),
+        max_upload_bytes=int(options.max_upload_mb * 1024**2), **defaults,
     )
     return model, settings
 

@@ -5,7 +5,7 @@ Four concepts the base model never saw, one per kind a user composes:
     moxel      object      a red heart, named by the rare word "moxel"
     lunzor     object      a yellow crescent, named by the rare word "lunzor"
     checkered  background  a checkerboard background ("on a checkered background")
-    pixelart   style       every 2x2 pixel block one colour (", pixelart style")
+    umbra      style       every object casts a black drop shadow (", umbra style")
 
 Each concept's training scenes are ordinary toy-world scenes with the concept in them (objects of
 the base world around it, so a LoRA keeps them), captioned the way the base model was trained.
@@ -74,7 +74,7 @@ CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (
     Concept("moxel", OBJECT, "heart", "a red heart"),
     Concept("lunzor", OBJECT, "crescent", "a yellow crescent"),
     Concept("checkered", BACKGROUND, "checkered", "a checkerboard background"),
-    Concept("pixelart", STYLE, "pixel", "pixel-art style: every 2x2 block one colour"),
+    Concept("umbra", STYLE, "shadow", "drop-shadow style: every object casts a black shadow"),
 )}
 assert all(SHAPE_WORDS[concept.value] == concept.name for concept in CONCEPTS.values() if concept.kind == OBJECT)
 

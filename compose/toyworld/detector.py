@@ -10,8 +10,8 @@ It inverts the generator's rules (scenes.py) rather than learning them:
   sub-pixel centres around the blob's bounding box.
 * The background's grey pixels split into two tones; the share of the minority tone and how
   uniform rows are tell plain, striped, dotted, grid and checkered apart.
-* The pixel style makes every aligned 2x2 block one colour: the share of the image's edge energy
-  that falls on block borders (not inside blocks) is near 1 for it and near 1/2 otherwise.
+* The shadow style draws a black copy of each object offset right and down: pixels just beyond an
+  object in that direction are far darker than any background tone.
 
 Works at any image size; accuracy on clean held-out scenes is measured by :func:`measure_accuracy`.
 """
@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import (COLORS, NOVEL_SHAPES, PIXEL_BLOCK, POSITIONS, SHAPES, Scene, pixelate, render_array,
-                     scene_from_seed, shape_mask)
+from .scenes import COLORS, NOVEL_SHAPES, POSITIONS, SHADOW_OFFSET, SHAPES, Scene, render_array, scene_from_seed, shape_mask
 
 OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
 MIN_OBJECT_AREA = 0.008  # blobs smaller than this share of the image are noise
 PLAIN_CONTRAST = 0.08  # grey-level spread (0..1) below which the background is plain
-PIXEL_STYLE_SHARE = 0.8  # share of edge energy on block borders above which the image is pixel style
+SHADOW_DARKNESS = 0.09  # grey level (0..1) below every background tone (the darkest is 0.157)
+SHADOW_SHARE = 0.3  # share of near-black pixels on an object's shadow side above which it casts one
 DETECTABLE_SHAPES = SHAPES + NOVEL_SHAPES
 # Bounding-box size / radius and the offsets (bbox centre - shape centre) / radius, vertical then
 # horizontal, per shape (measured on the masks in scenes.py).
@@ -40,9 +40,6 @@ _SHAPE_EXTENT = {"circle": (2.0, 0.0, 0.0), "square": (1.7, 0.0, 0.0), "triangle
                  "heart": (1.98, -0.015, 0.0), "crescent": (2.0, 0.0, -0.2)}
 _RADIUS_FACTORS = (0.88, 1.0, 1.12)
 _CENTRE_SHIFTS = (-0.4, 0.0, 0.4)  # pixels
-# Pixelated blobs say less about where the edges are: search wider (85% vs 79% shapes right).
-_PIXELATED_RADIUS_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
-_PIXELATED_CENTRE_SHIFTS = (-0.8, -0.4, 0.0, 0.4, 0.8)
 _SUPERSAMPLE = 2
 
 
@@ -82,11 +79,11 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     chroma = pixels.max(axis=2) - pixels.min(axis=2)
     blobs, count = ndimage.label(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
     hues = _hue(pixels)
-    style = "pixel" if pixel_style_share(pixels, chroma) > PIXEL_STYLE_SHARE else "flat"
-    block = PIXEL_BLOCK if style == "pixel" else 1
-    objects = [_describe_blob(blobs == index, chroma, hues, block) for index in range(1, count + 1)]
-    objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
-    return Detection(classify_background(pixels, chroma), tuple(objects), style)
+    masks = [blobs == index for index in range(1, count + 1)]
+    described = [(_describe_blob(mask, chroma, hues), mask) for mask in masks]
+    kept = sorted(((item, mask) for item, mask in described if item is not None), key=lambda pair: pair[0].center[0])
+    style = "shadow" if kept and all(_casts_shadow(mask, pixels, chroma) for _, mask in kept) else "flat"
+    return Detection(classify_background(pixels, chroma), tuple(item for item, _ in kept), style)
 
 
 def _as_unit_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -123,16 +120,15 @@ def _mean_hue(hues: np.ndarray, weights: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ shapes
 
 
-def _describe_blob(mask: np.ndarray, chroma: np.ndarray, hues: np.ndarray, block: int) -> DetectedObject | None:
-    """Colour, shape and place of one blob of object pixels (None for specks); ``block`` > 1 compares
-    the blob with shapes pixelated in blocks of that size (the pixel style)."""
+def _describe_blob(mask: np.ndarray, chroma: np.ndarray, hues: np.ndarray) -> DetectedObject | None:
+    """Colour, shape and place of one blob of object pixels (None for specks)."""
     area = float(mask.sum()) / mask.size
     if area < MIN_OBJECT_AREA:
         return None
     color = nearest_color(_mean_hue(hues[mask], chroma[mask]))
     rows, cols = np.nonzero(mask)
     box = (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1)  # x0, x1, y0, y1 in pixels
-    shape, score = classify_shape(_coverage(mask, chroma), box, block)
+    shape, score = classify_shape(_coverage(mask, chroma), box)
     height, width = mask.shape
     center = ((box[0] + box[1]) / 2 / width, (box[2] + box[3]) / 2 / height)
     return DetectedObject(shape, color, position_of(center[0]), center, area, score)
@@ -150,32 +146,26 @@ def position_of(x: float) -> str:
     return POSITIONS[min(2, max(0, int(x * 3)))]
 
 
-def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int], block: int = 1) -> tuple[str, float]:
+def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tuple[str, float]:
     """(shape, soft IoU) of the best-matching rendered shape for a blob's coverage map."""
     size = coverage.shape[0]
     x0, x1, y0, y1 = box
-    window = tuple(_snap(value, block, size) for value in (y0 - 2, y1 + 2, x0 - 2, x1 + 2))
+    window = (max(0, y0 - 2), min(size, y1 + 2), max(0, x0 - 2), min(size, x1 + 2))
     observed = coverage[window[0]:window[1], window[2]:window[3]]
-    scores = {shape: _best_template_iou(shape, observed, window, box, size, block) for shape in DETECTABLE_SHAPES}
+    scores = {shape: _best_template_iou(shape, observed, window, box, size) for shape in DETECTABLE_SHAPES}
     best = max(scores, key=scores.get)
     return best, scores[best]
 
 
-def _snap(value: int, block: int, size: int) -> int:
-    """A window edge inside the image, on the block grid (blocks of the pixel style stay whole)."""
-    return min(size, max(0, value - value % block))
-
-
 def _best_template_iou(shape: str, observed: np.ndarray, window: tuple[int, int, int, int],
-                       box: tuple[int, int, int, int], size: int, block: int) -> float:
+                       box: tuple[int, int, int, int], size: int) -> float:
     """Best soft IoU over a few radii and sub-pixel centres, all templates rendered in one batch."""
     size_factor, offset, offset_x = _SHAPE_EXTENT[shape]
     x0, x1, y0, y1 = box
     radius = max(x1 - x0, y1 - y0) / size_factor / size
-    factors, shifts = ((_RADIUS_FACTORS, _CENTRE_SHIFTS) if block == 1 else
-                       (_PIXELATED_RADIUS_FACTORS, _PIXELATED_CENTRE_SHIFTS))
     radii, shift_x, shift_y = (array.ravel() for array in
-                               np.meshgrid(radius * np.array(factors), shifts, shifts, indexing="ij"))
+                               np.meshgrid(radius * np.array(_RADIUS_FACTORS), _CENTRE_SHIFTS, _CENTRE_SHIFTS,
+                                           indexing="ij"))
     centre_x = ((x0 + x1) / 2 + shift_x) / size - offset_x * radii
     centre_y = ((y0 + y1) / 2 + shift_y) / size - offset * radii
     xs, ys = _window_samples(window, size)
@@ -183,8 +173,6 @@ def _best_template_iou(shape: str, observed: np.ndarray, window: tuple[int, int,
                          xs[None], ys[None])
     templates = samples.reshape(len(radii), observed.shape[0], _SUPERSAMPLE, observed.shape[1],
                                 _SUPERSAMPLE).mean(axis=(2, 4))
-    if block > 1:
-        templates = np.stack([pixelate(template[..., None], block)[..., 0] for template in templates])
     overlap = np.minimum(templates, observed[None]).sum(axis=(1, 2))
     union = np.maximum(templates, observed[None]).sum(axis=(1, 2))
     return float((overlap / np.maximum(union, 1e-6)).max())
@@ -228,24 +216,23 @@ def _fullest_row(tone: np.ndarray, known: np.ndarray) -> float:
     return float(((tone & known).sum(axis=1)[rows] / counts[rows]).max()) if rows.any() else 0.0
 
 
-def pixel_style_share(pixels: np.ndarray, chroma: np.ndarray, block: int = PIXEL_BLOCK) -> float:
-    """Share of the colour-difference energy around objects that lies on block borders (the
-    backgrounds' patterns sit on the block grid in both styles, objects do not)."""
-    near_objects = ndimage.binary_dilation(chroma > OBJECT_CHROMA / 2, iterations=1)
-    weights = near_objects.astype(np.float32)[..., None]
-    across = (np.abs(np.diff(pixels, axis=1)) * np.minimum(weights[:, 1:], weights[:, :-1])).sum(axis=(0, 2))
-    down = (np.abs(np.diff(pixels, axis=0)) * np.minimum(weights[1:], weights[:-1])).sum(axis=(1, 2))
-    energy = np.concatenate([across, down])
-    on_border = np.concatenate([(np.arange(len(across)) + 1) % block == 0, (np.arange(len(down)) + 1) % block == 0])
-    return float(energy[on_border].sum() / max(energy.sum(), 1e-9))
-
-
 def _row_uniformity(tone: np.ndarray, known: np.ndarray) -> float:
     """Average over rows of the share of the row's majority tone (1.0 for horizontal stripes)."""
     counts = known.sum(axis=1)
     rows = counts >= 4
     ones = (tone & known).sum(axis=1)[rows] / counts[rows]
     return float(np.maximum(ones, 1 - ones).mean()) if rows.any() else 0.0
+
+
+def _casts_shadow(mask: np.ndarray, pixels: np.ndarray, chroma: np.ndarray) -> bool:
+    """Whether the object's blob, moved by the shadow offset, lands on near-black pixels where it
+    leaves the object (its grey pixels: edges of the shadow blend with the background)."""
+    shift = max(1, round(SHADOW_OFFSET * mask.shape[0]))
+    moved = np.zeros_like(mask)
+    moved[shift:, shift:] = mask[:-shift, :-shift]
+    side = moved & (chroma <= OBJECT_CHROMA / 2)
+    dark = pixels.mean(axis=2)[side] < SHADOW_DARKNESS
+    return bool(dark.sum() >= 2 and dark.mean() >= SHADOW_SHARE)
 
 
 # ------------------------------------------------------------------------------------ scoring

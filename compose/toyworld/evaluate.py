@@ -3,7 +3,9 @@
 * single-object prompts ("a red circle"), every shape x colour, a few seeds each: colour right and
   shape right, judged on the largest detected object;
 * two-object prompts ("a red circle on the left and a blue square on the right"): both objects
-  present (shape and colour, anywhere in the image).
+  present (shape and colour, anywhere in the image);
+* each concept LoRA alone, prompted with its trigger word: its concept present; the same prompt on
+  the base model without the LoRA as the baseline (the base never learnt the concept).
 """
 
 from __future__ import annotations
@@ -89,3 +91,36 @@ def evaluate_model(model_dir: str | Path, guidance_scales: Sequence[float] = (1.
 
     pipe = load_pipeline(model_dir, device="cpu", dtype="fp32")
     return [evaluate_samples(pipe, scale, **options) for scale in guidance_scales]
+
+
+@dataclass(frozen=True)
+class ConceptEvaluation:
+    """One concept LoRA alone: presence with the LoRA and, as a baseline, without it (same prompt)."""
+
+    concept: str
+    prompt: str
+    samples: int
+    present_with_lora: float
+    present_without_lora: float
+
+
+def evaluate_concept_loras(pipe: Any, lora_dir: str | Path, guidance_scale: float, *, seeds: int = 8,
+                           steps: int = 20, names: Sequence[str] | None = None) -> list[ConceptEvaluation]:
+    """Each concept LoRA of ``lora_dir`` (``NAME.safetensors``) alone on its own composition prompt."""
+    from loracompose.lora import LoraSpec
+
+    from .concepts import CONCEPTS, composition
+
+    rows = []
+    for name in names or list(CONCEPTS):
+        concept, prompt = CONCEPTS[name], composition([name]).prompt
+        spec = LoraSpec(str(Path(lora_dir) / f"{name}.safetensors"))
+        with_lora = pipe.generate(prompt, [spec], seed=0, num_images=seeds, steps=steps,
+                                  guidance_scale=guidance_scale, append_triggers=False, show_progress=False).images
+        without = _images(pipe, prompt, guidance_scale, seeds, steps)
+        rows.append(ConceptEvaluation(name, prompt, seeds, _presence(concept, with_lora), _presence(concept, without)))
+    return rows
+
+
+def _presence(concept: Any, images: Sequence[Any]) -> float:
+    return _rate(sum(concept.present(detect(image)) for image in images), len(images))

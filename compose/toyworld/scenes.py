@@ -7,7 +7,7 @@ average of ``supersample**2`` point samples (anti-aliased edges, flat interiors)
 
 The base model trains on SHAPES, BACKGROUNDS and the flat style only. The concept LoRAs teach what
 it never saw (concepts.py): NOVEL_SHAPES drawn in a fixed colour and named by a rare word, the
-"checkered" background, and the "pixel" style (every 2x2 pixel block one colour).
+"checkered" background, and the "shadow" style (every object casts a black drop shadow).
 
 Layout rules keep every object checkable: objects sit in distinct horizontal thirds (left,
 centre, right) and never overlap; objects use saturated colours, backgrounds use greys only, so
@@ -37,8 +37,10 @@ BACKGROUNDS = ("plain", "striped", "dotted", "grid")
 NOVEL_SHAPES = ("heart", "crescent")
 NOVEL_BACKGROUNDS = ("checkered",)
 SHAPE_WORDS = {"heart": "moxel", "crescent": "lunzor"}  # caption word of each novel shape
-STYLES = ("flat", "pixel")
-PIXEL_BLOCK = 2  # the pixel style's block size in pixels (one 2x2 fold of the latent)
+STYLE_WORDS = {"shadow": "umbra"}  # caption word of each novel style: ", umbra style"
+STYLES = ("flat", "shadow")
+SHADOW_OFFSET = 0.06  # the shadow style's offset, right and down, in unit coordinates (2 px at 32x32)
+SHADOW_TONE = 0  # black: darker than every background tone
 POSITIONS = ("left", "centre", "right")
 SIZES = ("small", "large")
 # Horizontal centre of each third and the object radius of each size, in unit coordinates.
@@ -125,7 +127,7 @@ def caption(scene: Scene, *, with_size: bool = False, with_position: bool = True
     if with_background:
         text += f" on a {scene.background} background"
     if scene.style != "flat":
-        text += f", {scene.style}art style"
+        text += f", {STYLE_WORDS[scene.style]} style"
     return text
 
 
@@ -205,19 +207,14 @@ def render_array(scene: Scene, size: int = 32, *, supersample: int = 4) -> np.nd
     canvas = np.empty(xs.shape + (3,), dtype=np.float32)
     canvas[...] = base
     canvas[_background_pattern(scene.background, xs, ys)] = pattern
+    if scene.style == "shadow":
+        for item in scene.objects:
+            shadow_center = (item.center[0] + SHADOW_OFFSET, item.center[1] + SHADOW_OFFSET)
+            canvas[shape_mask(item.shape, shadow_center, item.radius, xs, ys)] = SHADOW_TONE
     for item in scene.objects:
         canvas[shape_mask(item.shape, item.center, item.radius, xs, ys)] = COLORS[item.color]
     pooled = canvas.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
-    if scene.style == "pixel":
-        pooled = pixelate(pooled, PIXEL_BLOCK)
     return np.clip(np.rint(pooled), 0, 255).astype(np.uint8)
-
-
-def pixelate(pixels: np.ndarray, block: int) -> np.ndarray:
-    """Every ``block`` x ``block`` tile takes its mean colour ((H, W, 3), H and W multiples of block)."""
-    height, width, channels = pixels.shape
-    tiles = pixels.reshape(height // block, block, width // block, block, channels).mean(axis=(1, 3))
-    return np.repeat(np.repeat(tiles, block, axis=0), block, axis=1)
 
 
 def render(scene: Scene, size: int = 32, *, supersample: int = 4) -> Image.Image:

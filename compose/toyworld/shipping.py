@@ -1,0 +1,58 @@
+"""Put trained toy-world weights into the package (``compose/toyworld/weights``) with a manifest.
+
+    weights/model/          the base model's diffusers folder (export-toyworld)
+    weights/loras/NAME.safetensors   the concept LoRAs (train-toyworld-loras)
+    weights/gates.safetensors        AutoLoRA gates trained on the four LoRAs (optional)
+    weights/manifest.json   sha256 and size of every file, and how the weights were trained
+
+The embedded default copies the folder under ``$LORACOMPOSE_HOME`` into a folder named after the
+manifest's digest, so shipping new weights never reuses a stale copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..outputs import atomic_write_text, staged_directory
+
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_files(root: Path) -> dict[str, dict[str, Any]]:
+    """``relative path -> {sha256, bytes}`` of every file under ``root`` but the manifest."""
+    return {path.relative_to(root).as_posix(): {"sha256": file_digest(path), "bytes": path.stat().st_size}
+            for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def manifest_digest(root: Path) -> str:
+    """Short digest of the manifest: names the embedded copy of these exact weights."""
+    return hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:12]
+
+
+def ship_weights(model_dir: Path, lora_dir: Path, dest: Path, provenance: Mapping[str, Any],
+                 gates: Path | None = None) -> Path:
+    """Copy the model, the concept LoRAs (and gates) into ``dest`` and write its manifest."""
+    from .concepts import CONCEPTS
+
+    with staged_directory(dest, replace=True) as staging:
+        shutil.copytree(model_dir, staging / "model")
+        (staging / "loras").mkdir()
+        for name in CONCEPTS:
+            shutil.copy2(Path(lora_dir) / f"{name}.safetensors", staging / "loras" / f"{name}.safetensors")
+        if gates is not None:
+            shutil.copy2(gates, staging / "gates.safetensors")
+        manifest = {"files": weight_files(staging), "provenance": dict(provenance)}
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return dest

@@ -1,0 +1,100 @@
+"""The shipped toy world: the embedded default model and concept LoRAs, judged by the detector.
+
+These use the weights inside the package (a few samples each, seeded): they fail if the shipped
+model stops drawing what its prompts ask for, if a LoRA stops adding its concept, or if loading
+them through the user's code paths (load_pipeline, the CLI, bench suites) breaks offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from loracompose import LoraSpec
+from loracompose.cli import main
+from loracompose.embedded import PACKAGED_TOYWORLD, embedded_default
+from loracompose.pipelines import load_pipeline
+from loracompose.toyworld.concepts import CONCEPTS, composition
+from loracompose.toyworld.detector import detect
+
+SAMPLES = 4
+GUIDANCE, STEPS = 4.0, 20
+
+
+@pytest.fixture(scope="module")
+def toyworld():
+    default = embedded_default()
+    return default, load_pipeline(default.model_dir, device="cpu", dtype="fp32")
+
+
+def samples(pipe, prompt, loras=()):
+    return pipe.generate(prompt, list(loras), seed=0, num_images=SAMPLES, steps=STEPS, guidance_scale=GUIDANCE,
+                         append_triggers=False, show_progress=False).images
+
+
+def test_shipped_weights_are_small_safetensors_and_load_offline(toyworld):
+    default, pipe = toyworld
+    files = [path for path in PACKAGED_TOYWORLD.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 30 * 1024**2
+    assert not [path for path in files if path.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+    assert sorted(path.stem for path in (PACKAGED_TOYWORLD / "loras").iterdir()) == sorted(CONCEPTS)
+    assert default.model_dir.is_relative_to(Path(os.environ["LORACOMPOSE_HOME"]))  # a copy, not the package
+    assert pipe.unet.config.in_channels == 12 and samples(pipe, "a red circle")[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("shape, color", [("circle", "red"), ("square", "blue"), ("star", "yellow")])
+def test_base_model_draws_the_prompted_object(toyworld, shape, color):
+    images = samples(toyworld[1], f"a {color} {shape}")
+    found = [detect(image).largest for image in images]
+    right = sum(item is not None and (item.shape, item.color) == (shape, color) for item in found)
+    assert right >= SAMPLES - 1, [(item.shape, item.color) if item else None for item in found]
+
+
+@pytest.mark.parametrize("name", list(CONCEPTS))
+def test_each_concept_lora_adds_its_concept_and_the_base_model_does_not(toyworld, name):
+    concept, prompt = CONCEPTS[name], composition([name]).prompt
+    lora = LoraSpec(str(PACKAGED_TOYWORLD / "loras" / f"{name}.safetensors"))
+    with_lora = sum(concept.present(detect(image)) for image in samples(toyworld[1], prompt, [lora]))
+    without = sum(concept.present(detect(image)) for image in samples(toyworld[1], prompt))
+    assert with_lora >= SAMPLES - 1 and without <= 1, (with_lora, without)
+
+
+def test_loras_carry_trigger_and_category_metadata(toyworld):
+    from loracompose.lora import inspect_lora
+
+    for name, concept in CONCEPTS.items():
+        lora = inspect_lora(LoraSpec(str(PACKAGED_TOYWORLD / "loras" / f"{name}.safetensors")))
+        assert lora.trigger_words == (name,) and lora.category == concept.kind
+
+
+def test_cli_demo_with_no_arguments_draws_the_demo_concepts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    record = json.loads((tmp_path / "loracompose-out" / "merge-0.json").read_text())
+    assert [lora["name"] for lora in record["loras"]] == ["moxel", "lunzor", "checkered"]
+    assert (record["steps"], record["guidance_scale"], record["width"]) == (20, 4.0, 32)
+
+
+def test_toyworld_bench_suite_records_which_concepts_each_image_shows(tmp_path, capsys):
+    suite = tmp_path / "toy.yaml"
+    suite.write_text(yaml.safe_dump({"toyworld": {"sizes": [2]}, "methods": ["merge", "composer"], "seeds": [0]}))
+    out = tmp_path / "run"
+    assert main(["bench", str(suite), "--out", str(out), "--only", "set=moxel+checkered", "--quiet"]) == 0
+    records = [json.loads(line) for path in out.glob("manifest*.jsonl") for line in path.read_text().splitlines()]
+    assert {record["method"] for record in records} == {"merge", "composer"}
+    for record in records:
+        assert set(record["concepts_present"]) == {"moxel", "checkered"}
+        assert record["all_present"] == all(record["concepts_present"].values())
+        with Image.open(out / record["image"]) as image:
+            detection = detect(image)
+        assert record["concepts_present"] == composition(["moxel", "checkered"]).present(detection)
+    composer = next(record for record in records if record["method"] == "composer")
+    assert composer["method_settings"]["boxes"][1] == {"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0}
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "all concepts present %" in page and "Each concept present" in page
