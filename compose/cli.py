@@ -148,7 +148,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trigger", action="append", default=[], metavar="WORDS",
                         help="trigger words for the --lora at the same position, comma-separated (overrides the file)")
     parser.add_argument("--method", default="merge", choices=sorted(METHODS), help="composition method (default merge)")
-    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: embedded tiny model)")
+    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
@@ -391,7 +391,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: embedded tiny model)")
+    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--library", type=Path,
                         help="folder of .safetensors LoRAs to offer (default with the embedded model: its demo LoRAs)")

@@ -59,7 +59,7 @@ def add_retrieve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt to find LoRAs for")
     add_library_arguments(parser, required=True)
     parser.add_argument("--top", type=int, default=3, help="how many LoRAs to list (default 3)")
-    parser.add_argument("--model", help="base model whose text encoder ranks (default: the embedded tiny model)")
+    parser.add_argument("--model", help="base model whose text encoder ranks (default: the embedded toy-world model)")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto")

@@ -88,8 +88,9 @@ def _report(run_dir: Path | None, thumbnails: int, command: str) -> int:
     if thumbnails < 1:
         raise UserError(f"{command} --thumbnails {thumbnails}: give a positive number of thumbnails")
     files = write_report(run_dir, max_thumbnails=thumbnails)
-    for path in (files.html, files.results_csv, files.by_size_csv, files.summary_csv):
-        print(path)
+    for path in (files.html, files.results_csv, files.by_size_csv, files.summary_csv, files.presence_md):
+        if path is not None:
+            print(path)
     return 0
 
 

@@ -76,6 +76,7 @@ class ReportFiles:
     summary_csv: Path
     html: Path
     by_size_csv: Path
+    presence_md: Path | None = None  # runs judged by the toy-world detector
 
 
 def write_report(run_dir: str | Path, *, max_thumbnails: int = DEFAULT_MAX_THUMBNAILS) -> ReportFiles:
@@ -88,7 +89,41 @@ def write_report(run_dir: str | Path, *, max_thumbnails: int = DEFAULT_MAX_THUMB
     by_size_csv = _write_csv(data.run_dir / "by_size.csv", BY_SIZE_COLUMNS, by_size)
     summary_csv = _write_csv(data.run_dir / "summary.csv", SUMMARY_COLUMNS, summary)
     page = render_html(data, summary, by_size, max_thumbnails)
-    return ReportFiles(results_csv, summary_csv, atomic_write_text(data.run_dir / "report.html", page), by_size_csv)
+    presence = presence_markdown(by_size, summarise_concepts(data))
+    presence_md = atomic_write_text(data.run_dir / "presence.md", presence) if presence else None
+    return ReportFiles(results_csv, summary_csv, atomic_write_text(data.run_dir / "report.html", page), by_size_csv,
+                       presence_md)
+
+
+def presence_markdown(by_size: Sequence[Mapping[str, Any]], concepts: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown tables of "all concepts present %" per method and N (95% intervals), then per concept;
+    empty for runs without detector judgements."""
+    rows = [row for row in by_size if row.get("all_present_pct_mean") is not None]
+    if not rows:
+        return ""
+    sizes = sorted({row["n"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    cell = {(row["method"], row["n"]): row for row in rows}
+    lines = ["| method | " + " | ".join(f"N={n}: all present % [95% CI] (images)" for n in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for method in methods:
+        values = [cell.get((method, n)) for n in sizes]
+        lines.append(f"| {method} | " + " | ".join(_presence_cell(value) for value in values) + " |")
+    names = list(dict.fromkeys(row["concept"] for row in concepts))
+    share = {(row["method"], row["concept"]): row["present_pct"] for row in concepts}
+    lines += ["", "| method | " + " | ".join(f"{name} present %" for name in names) + " |",
+              "|---|" + "---:|" * len(names)]
+    lines += [f"| {method} | " + " | ".join(f"{share[(method, name)]:.0f}" if (method, name) in share else "-"
+                                             for name in names) + " |" for method in methods]
+    return "\n".join(lines) + "\n"
+
+
+def _presence_cell(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    low, high = row.get("all_present_pct_ci_low"), row.get("all_present_pct_ci_high")
+    interval = f" [{max(low, 0):.0f}, {min(high, 100):.0f}]" if low is not None and high is not None else ""
+    return f"{row['all_present_pct_mean']:.0f}{interval} ({row['jobs']})"
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -5,7 +5,7 @@ Four concepts the base model never saw, one per kind a user composes:
     moxel      object      a red heart, named by the rare word "moxel"
     lunzor     object      a yellow crescent, named by the rare word "lunzor"
     checkered  background  a checkerboard background ("on a checkered background")
-    umbra      style       every object casts a black drop shadow (", umbra style")
+    ambrel     style       sepia toning: the whole image warmer (", ambrel style")
 
 Each concept's training scenes are ordinary toy-world scenes with the concept in them (objects of
 the base world around it, so a LoRA keeps them), captioned the way the base model was trained.
@@ -74,7 +74,7 @@ CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (
     Concept("moxel", OBJECT, "heart", "a red heart"),
     Concept("lunzor", OBJECT, "crescent", "a yellow crescent"),
     Concept("checkered", BACKGROUND, "checkered", "a checkerboard background"),
-    Concept("umbra", STYLE, "shadow", "drop-shadow style: every object casts a black shadow"),
+    Concept("ambrel", STYLE, "sepia", "sepia style: the whole image toned warm"),
 )}
 assert all(SHAPE_WORDS[concept.value] == concept.name for concept in CONCEPTS.values() if concept.kind == OBJECT)
 

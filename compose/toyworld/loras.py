@@ -3,7 +3,7 @@
     for each concept (concepts.py):
         images  <- its training scenes, seeds CONCEPT_SEED_START + i (never the base's held-out seeds),
                    written as PNG with the caption beside each (NAME.txt, read by the trainer)
-        train_lora(images, rank 8, lr 1e-3, batch 16): a plain LoRA with the concept's trigger word
+        train_lora(images, 1000 steps, rank 8, lr 1e-3, batch 16): a plain LoRA with the concept's trigger word
                    and category in the file's metadata
 """
 
@@ -27,7 +27,7 @@ class ConceptTrainingSettings:
     """How the concept LoRAs are trained (defaults: the shipped LoRAs' recipe)."""
 
     images: int = 256
-    steps: int = 600
+    steps: int = 1000
     rank: int = 8
     learning_rate: float = 1e-3
     batch_size: int = 16
@@ -53,7 +53,7 @@ def train_concept_loras(model_dir: Path, out_dir: Path, names: Sequence[str] | N
     unknown = [name for name in names or () if name not in CONCEPTS]
     if unknown:
         raise UserError(f"--concept {unknown[0]!r} is not a toy-world concept; choose from {', '.join(CONCEPTS)}")
-    work = Path(work_dir or Path(out_dir) / "training")
+    work = Path(work_dir or f"{Path(out_dir)}-training")  # beside the LoRA folder, not in it
     results = []
     for name in names or list(CONCEPTS):
         concept = CONCEPTS[name]

@@ -7,7 +7,7 @@ average of ``supersample**2`` point samples (anti-aliased edges, flat interiors)
 
 The base model trains on SHAPES, BACKGROUNDS and the flat style only. The concept LoRAs teach what
 it never saw (concepts.py): NOVEL_SHAPES drawn in a fixed colour and named by a rare word, the
-"checkered" background, and the "shadow" style (every object casts a black drop shadow).
+"checkered" background, and the "sepia" style (the whole image toned warm: red up, blue down).
 
 Layout rules keep every object checkable: objects sit in distinct horizontal thirds (left,
 centre, right) and never overlap; objects use saturated colours, backgrounds use greys only, so
@@ -37,10 +37,10 @@ BACKGROUNDS = ("plain", "striped", "dotted", "grid")
 NOVEL_SHAPES = ("heart", "crescent")
 NOVEL_BACKGROUNDS = ("checkered",)
 SHAPE_WORDS = {"heart": "moxel", "crescent": "lunzor"}  # caption word of each novel shape
-STYLE_WORDS = {"shadow": "umbra"}  # caption word of each novel style: ", umbra style"
-STYLES = ("flat", "shadow")
-SHADOW_OFFSET = 0.06  # the shadow style's offset, right and down, in unit coordinates (2 px at 32x32)
-SHADOW_TONE = 0  # black: darker than every background tone
+STYLE_WORDS = {"sepia": "ambrel"}  # caption word of each novel style: ", ambrel style"
+STYLES = ("flat", "sepia")
+# The sepia style's shift of (R, G, B): greys get chroma 32/255, below the detector's object threshold.
+SEPIA_SHIFT = (16, 0, -16)
 POSITIONS = ("left", "centre", "right")
 SIZES = ("small", "large")
 # Horizontal centre of each third and the object radius of each size, in unit coordinates.
@@ -207,13 +207,11 @@ def render_array(scene: Scene, size: int = 32, *, supersample: int = 4) -> np.nd
     canvas = np.empty(xs.shape + (3,), dtype=np.float32)
     canvas[...] = base
     canvas[_background_pattern(scene.background, xs, ys)] = pattern
-    if scene.style == "shadow":
-        for item in scene.objects:
-            shadow_center = (item.center[0] + SHADOW_OFFSET, item.center[1] + SHADOW_OFFSET)
-            canvas[shape_mask(item.shape, shadow_center, item.radius, xs, ys)] = SHADOW_TONE
     for item in scene.objects:
         canvas[shape_mask(item.shape, item.center, item.radius, xs, ys)] = COLORS[item.color]
     pooled = canvas.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    if scene.style == "sepia":
+        pooled = pooled + np.array(SEPIA_SHIFT, dtype=np.float32)
     return np.clip(np.rint(pooled), 0, 255).astype(np.uint8)
 
 

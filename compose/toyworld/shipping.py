@@ -5,6 +5,8 @@
     weights/gates.safetensors        AutoLoRA gates trained on the four LoRAs (optional)
     weights/manifest.json   sha256 and size of every file, and how the weights were trained
 
+    python -m loracompose.toyworld.shipping MODEL_DIR LORA_DIR [--gates FILE] --note "how they were trained"
+
 The embedded default copies the folder under ``$LORACOMPOSE_HOME`` into a folder named after the
 manifest's digest, so shipping new weights never reuses a stale copy.
 """
@@ -56,3 +58,24 @@ def ship_weights(model_dir: Path, lora_dir: Path, dest: Path, provenance: Mappin
         manifest = {"files": weight_files(staging), "provenance": dict(provenance)}
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ..embedded import PACKAGED_TOYWORLD
+
+    parser = argparse.ArgumentParser(prog="python -m loracompose.toyworld.shipping",
+                                     description="copy trained toy-world weights into the package")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("lora_dir", type=Path)
+    parser.add_argument("--gates", type=Path)
+    parser.add_argument("--note", default="", help="how and where the weights were trained (kept in the manifest)")
+    parser.add_argument("--dest", type=Path, default=PACKAGED_TOYWORLD)
+    args = parser.parse_args(argv)
+    print(ship_weights(args.model_dir, args.lora_dir, args.dest, {"note": args.note}, gates=args.gates))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
