@@ -3,8 +3,8 @@
     for each concept (concepts.py):
         images  <- its training scenes, seeds CONCEPT_SEED_START + i (never the base's held-out seeds),
                    written as PNG with the caption beside each (NAME.txt, read by the trainer)
-        train_lora(images, 1000 steps, rank 8, lr 1e-3, batch 16): a plain LoRA with the concept's trigger word
-                   and category in the file's metadata
+        train_lora(images, 1000 steps, rank 8, lr 1e-3, batch 16): a plain LoRA with the concept's
+                   trigger word and category in the file's metadata
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def train_concept_loras(model_dir: Path, out_dir: Path, names: Sequence[str] | N
             model=str(model_dir), images=images, out=Path(out_dir) / f"{name}.safetensors",
             steps=settings.steps, rank=settings.rank, learning_rate=settings.learning_rate,
             batch_size=settings.batch_size, seed=settings.seed, work_dir=work / f"{name}-checkpoints",
-            checkpoint_every=max(1, settings.steps // 4), trigger_words=concept.trigger_words, title=name,
+            checkpoint_every=250, trigger_words=concept.trigger_words, title=name,
             category=concept.kind, probe_timesteps=0,
             show_progress=settings.show_progress,
         )))
