@@ -178,7 +178,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cmlora: set a LoRA's frequency class by hand instead of profiling it (repeatable)")
     parser.add_argument("--cmlora-threshold", type=float,
                         help="cmlora: profile scores at or above it are high-frequency (default: the mean score)")
-    parser.add_argument("--cmlora-profile-size", type=int, default=512, help="cmlora: profiling image size (default 512)")
+    parser.add_argument("--cmlora-profile-size", type=int,
+                        help="cmlora: profiling image size (default: the model's native size, 512 on SD1.5)")
     parser.add_argument("--cmlora-profile-steps", type=int, default=20, help="cmlora: profiling denoising steps (default 20)")
     parser.add_argument("--tara-self-attention", default="keep", choices=["keep", "cond", "off"],
                         help="tara: self-attention LoRA deltas on every row (keep, default), on the conditional "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +31,7 @@ import torch
 
 from .errors import UserError
 from .lora import LoadedLora, LoraSpec, inspect_lora
-from .outputs import atomic_write_text
+from .outputs import atomic_write_text, file_sha256
 
 REFERENCE_CUTOFF_FRACTION = 72 / math.hypot(256, 256)  # radius 72 of r_max 362 at 512 x 512
 SIDECAR_SUFFIX = ".loracompose.json"
@@ -47,13 +47,13 @@ class ProfileSettings:
     prompt: str = ""  # the LoRA's trigger words are appended
     seed: int = 222
     steps: int = 20
-    size: int = 512
+    size: int | None = None  # None: the model's native size (512 on SD1.5, as in the paper)
     guidance_scale: float = 7.5
     lora_scale: float = 1.0
     cutoff_fraction: float = REFERENCE_CUTOFF_FRACTION
 
     def check(self) -> None:
-        if self.steps < 1 or self.size < 8 or self.size % 8:
+        if self.steps < 1 or (self.size is not None and (self.size < 8 or self.size % 8)):
             raise UserError(
                 f"frequency profiling: steps={self.steps}, size={self.size}: use steps >= 1 and a size divisible by 8"
             )
@@ -104,6 +104,8 @@ def profile_loras(
     """High-frequency score of each LoRA (adapter name -> score) on this pipeline's base model,
     read from the LoRA's sidecar when it holds one for this model and these settings."""
     settings.check()
+    if settings.size is None:
+        settings = replace(settings, size=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
     model = model_fingerprint(pipe)
     return {lora.name: _profile_one(pipe, lora, model, settings) for lora in (_loaded(spec) for spec in loras)}
 
@@ -198,9 +200,3 @@ def _tensor_bytes(tensor: torch.Tensor, sample: int = 4096) -> bytes:
     return str(tuple(tensor.shape)).encode() + values
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -38,6 +38,7 @@ TOP_LEVEL_KEYS = {
     "text_encoder_loras", "clipscore", "composlora", "toyworld",
 }
 TESTBED_KEYS = ("composlora", "toyworld")
+PATH_SETTINGS = {"gates"}  # method settings that name files: relative to the suite file, like every path
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
     "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
@@ -238,7 +239,7 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
         vae=_optional_local(data["vae"], base_dir, "vae"),
         loras=loras,
         sets=_parse_sets(data.get("sets"), loras, str(data["prompt"])),
-        methods=_parse_methods(data.get("methods")),
+        methods=_parse_methods(data.get("methods"), base_dir),
         seeds=_parse_seeds(data["seeds"]),
         negative_prompt=None if data["negative_prompt"] is None else str(data["negative_prompt"]),
         width=_size(data["width"], "width"), height=_size(data["height"], "height"),
@@ -383,10 +384,10 @@ def _boxes(value: Any, names: Sequence[str]) -> tuple[tuple[float, ...], ...] | 
     return tuple(tuple(float(v) for v in box) for box in value)
 
 
-def _parse_methods(entries: Any) -> tuple[MethodEntry, ...]:
+def _parse_methods(entries: Any, base_dir: Path = Path(".")) -> tuple[MethodEntry, ...]:
     if not isinstance(entries, list) or not entries:
         raise UserError("suite: 'methods' must list methods, e.g. [merge, {method: switch, period: 5}]")
-    methods = tuple(_parse_method(entry) for entry in entries)
+    methods = tuple(_parse_method(entry, base_dir) for entry in entries)
     labels = [method.label for method in methods]
     duplicate = next((label for label in labels if labels.count(label) > 1), None)
     if duplicate:
@@ -394,12 +395,15 @@ def _parse_methods(entries: Any) -> tuple[MethodEntry, ...]:
     return methods
 
 
-def _parse_method(entry: Any) -> MethodEntry:
+def _parse_method(entry: Any, base_dir: Path = Path(".")) -> MethodEntry:
     from loracompose import METHODS
 
     settings = {"method": entry} if isinstance(entry, str) else dict(entry) if isinstance(entry, Mapping) else None
     if settings is None or "method" not in settings:
         raise UserError(f"suite method {entry!r}: give a name or {{method: NAME, label: ..., SETTING: VALUE}}")
+    for key in PATH_SETTINGS.intersection(settings):
+        if settings[key] is not None:
+            settings[key] = str(_resolve(settings[key], base_dir))
     name = str(settings.pop("method"))
     if name not in METHODS:
         raise UserError(f"suite method {name!r} is not known; use one of {', '.join(sorted(METHODS))}")

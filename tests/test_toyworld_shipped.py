@@ -128,3 +128,19 @@ def test_toyworld_bench_suite_records_which_concepts_each_image_shows(tmp_path, 
     merge_row = next(line for line in table if line.startswith("| merge |"))
     expected = 100.0 * next(r["all_present"] for r in records if r["method"] == "merge")
     assert merge_row.startswith(f"| merge | {expected:.0f} ") and merge_row.endswith("(1) |")
+
+
+def test_suite_method_file_settings_resolve_against_the_suite_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from loracompose.eval.suite import load_suite
+
+    (tmp_path / "suites").mkdir()
+    shutil.copy(PACKAGED_TOYWORLD / "gates.safetensors", tmp_path / "gates.safetensors")
+    suite_file = tmp_path / "suites" / "toy.yaml"
+    suite_file.write_text(yaml.safe_dump({"toyworld": {"sizes": [2]}, "seeds": [0],
+                                          "methods": [{"method": "autolora", "gates": "../gates.safetensors"}]}))
+    monkeypatch.chdir("/")  # from here "../gates.safetensors" names nothing
+    (method,) = load_suite(suite_file).methods
+    assert Path(method.settings["gates"]) == tmp_path / "suites" / ".." / "gates.safetensors"
+    assert method.build().gates is not None

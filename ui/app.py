@@ -127,16 +127,17 @@ def prepare_method(pipe: Any, method: CompositionMethod, request: GenerationRequ
     profiles (one generation per LoRA and model, then read from the LoRA's sidecar)."""
     profile = getattr(method, "profile_frequencies", None)
     if profile is not None and request.loras:
-        profile(pipe, list(request.loras), profile_settings(request))
+        profile(pipe, list(request.loras), profile_settings(request, pipe))
 
 
-def profile_settings(request: GenerationRequest) -> Any:
-    """The CLI's profiling settings (512 px, 20 steps), made no larger than the request itself, so
-    a quick look on the tiny default model stays quick; real models profile exactly as the CLI."""
+def profile_settings(request: GenerationRequest, pipe: Any) -> Any:
+    """The CLI's profiling settings (the model's native size, 20 steps), made no larger than the
+    request itself, so a quick look stays quick; full-size requests profile exactly as the CLI."""
     from loracompose.frequency import ProfileSettings
 
     defaults = ProfileSettings()
-    size = min(defaults.size, request.width, request.height) // SIZE_STEP * SIZE_STEP
+    native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    size = min(native, request.width, request.height) // SIZE_STEP * SIZE_STEP
     return ProfileSettings(size=max(size, SIZE_STEP), steps=min(defaults.steps, request.steps))
 
 

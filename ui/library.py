@@ -7,7 +7,6 @@ the browser, so a client cannot make the server read a file it was not offered.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import ARCHITECTURE_NAMES, LoraSpec, adapter_name_for, inspect_lora
+from loracompose.outputs import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ TABLE_HEADERS = ["use", "LoRA", "weight", "trigger words", "category", "base mod
 TABLE_TYPES = ["bool", "str", "number", "str", "str", "str", "str"]
 READ_ONLY_COLUMNS = [1, 4, 5, 6]
 METADATA_VALUE_CHARS = 200
-_HASH_CHUNK = 1024**2
 
 
 @dataclass(frozen=True)
@@ -231,9 +230,3 @@ class UploadStore:
             staging.unlink(missing_ok=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -19,22 +19,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..outputs import atomic_write_text, staged_directory
+from ..outputs import atomic_write_text, file_sha256, staged_directory
 
 MANIFEST = "manifest.json"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weight_files(root: Path) -> dict[str, dict[str, Any]]:
     """``relative path -> {sha256, bytes}`` of every file under ``root`` but the manifest."""
-    return {path.relative_to(root).as_posix(): {"sha256": file_digest(path), "bytes": path.stat().st_size}
+    return {path.relative_to(root).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
             for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST}
 
 
