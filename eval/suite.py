@@ -68,12 +68,18 @@ class LoraDefinition:
 @dataclass(frozen=True)
 class CompositionSet:
     """LoRAs composed into one image (by name, in order), the prompt they are generated from, and
-    optionally a region box per LoRA (relative x0, y0, x1, y1) for methods that place concepts."""
+    optionally a region box (relative x0, y0, x1, y1) and region prompt per LoRA for methods that
+    place concepts (LoRA-Composer)."""
 
     id: str
     loras: tuple[str, ...]
     prompt: str
     boxes: tuple[tuple[float, ...], ...] | None = None
+    region_prompts: tuple[str, ...] | None = None
+
+    def method_settings(self) -> dict[str, Any]:
+        """The set's own settings for methods that take them (given ones only)."""
+        return {key: value for key, value in (("boxes", self.boxes), ("region_prompts", self.region_prompts)) if value}
 
 
 @dataclass(frozen=True)
@@ -86,19 +92,23 @@ class MethodEntry:
     profile: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self, composition_set: CompositionSet | None = None):
-        """A fresh method object (methods keep per-generation state); a set's boxes go to methods
-        that take boxes (LoRA-Composer) unless the method's settings give their own."""
+        """A fresh method object (methods keep per-generation state); a set's boxes and region
+        prompts go to methods that take them (LoRA-Composer) unless the method's settings give their own."""
         from loracompose import METHODS
 
-        settings = dict(self.settings)
-        method_class = METHODS[self.name]
-        if composition_set is not None and composition_set.boxes and "boxes" not in settings \
-                and "boxes" in getattr(method_class, "__dataclass_fields__", {}):
-            settings["boxes"] = composition_set.boxes
+        settings = {**self.settings, **(self.set_settings(composition_set) if composition_set else {})}
         try:
-            return method_class(**settings)
+            return METHODS[self.name](**settings)
         except TypeError as error:
             raise UserError(f"method {self.label!r}: {error}; check its settings in the suite") from None
+
+    def set_settings(self, composition_set: CompositionSet) -> dict[str, Any]:
+        """The set's own settings (boxes, region prompts) that this method takes and does not set itself."""
+        from loracompose import METHODS
+
+        fields = getattr(METHODS[self.name], "__dataclass_fields__", {})
+        return {key: value for key, value in composition_set.method_settings().items()
+                if key in fields and key not in self.settings}
 
     def describe(self) -> dict[str, Any]:
         described = {"label": self.label, "method": self.name, **self.settings}
@@ -187,8 +197,7 @@ class Suite:
             "seeds": list(self.seeds), "methods": [method.describe() for method in self.methods],
             "loras": {name: lora.describe() | {"file": str(lora.file), "references": [str(p) for p in lora.references]}
                       for name, lora in self.loras.items()},
-            "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt}
-                     | ({"boxes": [list(box) for box in s.boxes]} if s.boxes else {}) for s in self.sets],
+            "sets": [{"id": s.id, "loras": list(s.loras), "prompt": s.prompt} | _set_extras(s) for s in self.sets],
             "detector": self.detector,
             "clipscore": None if self.clipscore is None else {
                 "model": self.clipscore.model, "pretrained": self.clipscore.pretrained, "config": self.clipscore.config,
@@ -199,9 +208,22 @@ class Suite:
         payload = {**self.generation_settings(), "method": method.describe() | {"label": None}, "seed": seed,
                    "prompt": composition_set.prompt,
                    "loras": [lora.describe() for lora in self.set_loras(composition_set)]}
-        if composition_set.boxes:
-            payload["boxes"] = [list(box) for box in composition_set.boxes]
+        payload |= _json_ready(method.set_settings(composition_set))  # only what this method uses
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _set_extras(composition_set: CompositionSet) -> dict[str, Any]:
+    """A set's own method settings, JSON-ready (absent when it gives none)."""
+    return _json_ready(composition_set.method_settings())
+
+
+def _json_ready(extras: dict[str, Any]) -> dict[str, Any]:
+    extras = dict(extras)
+    if "boxes" in extras:
+        extras["boxes"] = [list(box) for box in extras["boxes"]]
+    if "region_prompts" in extras:
+        extras["region_prompts"] = list(extras["region_prompts"])
+    return extras
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -371,7 +393,17 @@ def _parse_set(entry: Any, loras: Mapping[str, LoraDefinition], template: str) -
         raise UserError(f"suite set id {set_id!r}: use letters, digits and _ + . - only (it names files)")
     triggers = ", ".join(word for name in names for word in loras[name].trigger_words)
     prompt = str(entry.get("prompt", template)).replace(TRIGGERS_FIELD, triggers)
-    return CompositionSet(set_id, names, prompt, _boxes(entry.get("boxes"), names))
+    return CompositionSet(set_id, names, prompt, _boxes(entry.get("boxes"), names),
+                          _region_prompts(entry.get("region_prompts"), names))
+
+
+def _region_prompts(value: Any, names: Sequence[str]) -> tuple[str, ...] | None:
+    """A set's region prompts: one text per LoRA ("" for its trigger words), or none."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != len(names) or not all(isinstance(text, str) for text in value):
+        raise UserError(f"suite set {list(names)}: region_prompts must list one text per LoRA ('' = its trigger words)")
+    return tuple(value)
 
 
 def _boxes(value: Any, names: Sequence[str]) -> tuple[tuple[float, ...], ...] | None:

@@ -39,7 +39,7 @@ def composition_sets(names: Sequence[str], size: int) -> list[dict[str, Any]]:
             continue  # two backgrounds or two styles cannot both show
         planned = composition(combo)
         sets.append({"id": "+".join(combo), "loras": list(combo), "prompt": planned.prompt,
-                     "boxes": [list(box) for box in planned.boxes]})
+                     "boxes": [list(box) for box in planned.boxes], "region_prompts": list(planned.region_prompts)})
     return sets
 
 

@@ -129,6 +129,7 @@ def test_compositions_place_objects_left_and_right_with_boxes() -> None:
     planned = composition(["moxel", "lunzor", "checkered"])
     assert planned.prompt == "a moxel on the left and a lunzor on the right on a checkered background"
     assert planned.boxes[0][2] <= 0.5 <= planned.boxes[1][0] and planned.boxes[2] == (0.0, 0.0, 1.0, 1.0)
+    assert planned.region_prompts == ("a moxel on the left", "a lunzor on the right", planned.prompt)
     styled = composition(["checkered", "ambrel"])
     assert styled.prompt == "a blue square in the centre on a checkered background, ambrel style"
     # The prompt's own rendering shows every concept (the detector agrees with the prompt builder).

@@ -121,6 +121,9 @@ def test_toyworld_bench_suite_records_which_concepts_each_image_shows(tmp_path, 
         assert record["concepts_present"] == composition(["moxel", "checkered"]).present(detection)
     composer = next(record for record in records if record["method"] == "composer")
     assert composer["method_settings"]["boxes"][1] == {"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0}
+    assert composer["method_settings"]["region_prompts"] == ["a moxel on the left", composer["prompt"]]
+    merge = next(record for record in records if record["method"] == "merge")
+    assert "boxes" not in merge["method_settings"]  # a set's boxes reach only methods that take them
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "all concepts present %" in page and "Each concept present" in page

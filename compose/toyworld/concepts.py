@@ -23,7 +23,7 @@ import numpy as np
 
 from .detector import Detection
 from .scenes import (BACKGROUND_TONES, BACKGROUNDS, POSITION_X, SHAPE_WORDS, Scene, SceneObject, caption,
-                     scene_from_seed)
+                     object_phrase, scene_from_seed)
 
 OBJECT, BACKGROUND, STYLE = "object", "background", "style"
 GLYPH_COLORS = {"heart": "red", "crescent": "yellow"}
@@ -88,11 +88,15 @@ WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 @dataclass(frozen=True)
 class Composition:
-    """A prompt that asks for several concepts, and a box per concept (in the given order)."""
+    """A prompt that asks for several concepts, and a box and region prompt per concept (in the
+    given order): an object's own phrase ("a moxel on the left"), the whole prompt for a background
+    or style (its box is the whole image). The toy text encoder only saw whole captions, so a bare
+    trigger word as a region prompt is out of its distribution."""
 
     concepts: tuple[Concept, ...]
     prompt: str
     boxes: tuple[tuple[float, float, float, float], ...]
+    region_prompts: tuple[str, ...]
 
     def present(self, detection: Detection) -> dict[str, bool]:
         return {concept.name: concept.present(detection) for concept in self.concepts}
@@ -111,6 +115,7 @@ def composition(names: Sequence[str]) -> Composition:
     style = next((concept.value for concept in concepts if concept.kind == STYLE), "flat")
     scene = Scene(background, BACKGROUND_TONES[0], placed, style=style)
     text = caption(scene, with_background=background != BACKGROUNDS[0])
-    slots = iter(OBJECT_SLOTS)
-    boxes = tuple(SLOT_BOXES[next(slots)] if concept.kind == OBJECT else WHOLE_IMAGE for concept in concepts)
-    return Composition(concepts, text, boxes)
+    placed_by_name = dict(zip((concept.name for concept in objects), placed))
+    boxes = tuple(SLOT_BOXES[placed_by_name[c.name].position] if c.kind == OBJECT else WHOLE_IMAGE for c in concepts)
+    region_prompts = tuple(object_phrase(placed_by_name[c.name]) if c.kind == OBJECT else text for c in concepts)
+    return Composition(concepts, text, boxes, region_prompts)
