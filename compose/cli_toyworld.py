@@ -105,6 +105,8 @@ def run_eval_toyworld(args: argparse.Namespace) -> int:
     from .pipelines import load_pipeline
     from .toyworld.evaluate import evaluate_concept_loras, evaluate_samples
 
+    if min(args.seeds, args.pairs, args.lora_seeds) < 1:
+        raise UserError("--seeds, --pairs and --lora-seeds must be positive integers")
     if args.model is None or args.loras is None:
         default = embedded_default()
         args.model = args.model or default.model_dir

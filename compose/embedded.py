@@ -17,10 +17,10 @@ The folder names carry a version tag so a later model can sit beside an earlier 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import shutil
+from typing import Callable
 
 from filelock import FileLock
 
@@ -146,7 +146,7 @@ def _lora_path(root: Path, name: str) -> Path:
     return root / "loras" / f"{name}.safetensors"
 
 
-def _build_and_publish(root: Path, build=None) -> None:
+def _build_and_publish(root: Path, build: Callable[[Path], None] | None = None) -> None:
     """Build everything in a scratch folder beside ``root``, then rename it to ``root``.
 
     If another process published ``root`` first (the lock can be unavailable, e.g. on some network

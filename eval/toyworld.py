@@ -1,13 +1,13 @@
 """The toy-world testbed: concept LoRAs whose presence in an image is checked exactly.
 
 A ``toyworld:`` section of a suite stands for the toy world's concept LoRAs, every composition
-set of the given sizes (prompts and LoRA-Composer boxes from ``toyworld.concepts``) and the
+set of the given sizes (prompts, LoRA-Composer boxes and region prompts from ``toyworld.concepts``) and the
 toy model's generation settings; the runner then asks the detector, for every image, which of its
 set's concepts are present (``concepts_present``, ``all_present`` in the manifest).
 
     toyworld:
       lora_dir: null        # the concept LoRAs (default: the embedded toy world's)
-      concepts: [moxel, lunzor, checkered, pixelart]
+      concepts: [moxel, lunzor, checkered, ambrel]
       sizes: [2, 3]
 """
 

@@ -147,3 +147,20 @@ def test_suite_method_file_settings_resolve_against_the_suite_folder(tmp_path, m
     (method,) = load_suite(suite_file).methods
     assert Path(method.settings["gates"]) == tmp_path / "suites" / ".." / "gates.safetensors"
     assert method.build().gates is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval-toyworld", "--seeds", "0"], "must be positive"),
+    (["train-toyworld-loras", "--model", "m", "--out", "o", "--steps", "0"], "must be positive"),
+])
+def test_toyworld_commands_refuse_bad_numbers(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_embedded_variant_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setenv("LORACOMPOSE_EMBEDDED", "huge")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "LORACOMPOSE_EMBEDDED='huge' is not known" in err and "\n" not in err
