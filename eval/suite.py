@@ -254,7 +254,7 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
     if "model" not in data:
         raise UserError("suite: 'model' is missing; give a hub id, a diffusers folder or a .safetensors checkpoint")
     loras = testbed_loras or _parse_loras(data.get("loras"), base_dir, data["lora_weight"])
-    return Suite(
+    suite = Suite(
         name=str(data.get("name") or default_name),
         model=_local_or_id(data["model"], base_dir, "model"),
         config=_optional_local(data["config"], base_dir, "config"),
@@ -274,11 +274,24 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
         style=data.get("style"),
         detector=data.get("detector"),
     )
+    _check_set_settings(suite)
+    return suite
+
+
+def _check_set_settings(suite: Suite) -> None:
+    """Build each method that takes a set's boxes or region prompts with them: bad ones fail now."""
+    for method in suite.methods:
+        for composition_set in suite.sets:
+            if method.set_settings(composition_set):
+                try:
+                    method.build(composition_set)
+                except UserError as error:
+                    raise UserError(f"suite set {composition_set.id!r} with method {method.label!r}: {error}") from None
 
 
 def _testbed_section(data: Mapping[str, Any], base_dir: Path) -> tuple[dict[str, Any], dict[str, LoraDefinition]]:
-    """What a ``composlora:`` section stands for: suite keys (reference settings, sets with their
-    prompts, negative prompt) and the LoRA definitions. Empty without the section."""
+    """What a testbed section (``composlora:`` or ``toyworld:``) stands for: suite keys (reference
+    settings, sets with their prompts, negative prompt) and the LoRA definitions. Empty without one."""
     if "composlora" in data and "toyworld" in data:
         raise UserError("suite: give one testbed, composlora: or toyworld:, not both")
     if "toyworld" in data:

@@ -370,6 +370,11 @@ def test_suite_file_is_parsed_with_defaults_and_metadata(tmp_path, tiny_sd15_dir
     ({"colour": "red"}, "'colour' is not known"),
     ({"clipscore": {"convention": {"clamp": "always"}}}, "clamp"),
     ({"composlora": {"lora_dir": "x"}}, "not both"),
+    ({"toyworld": {}}, "not both"),
+    ({"sets": [{"loras": ["girl", "ink"], "boxes": [[0, 0, 0.5, 1]]}]}, "one \\[x0, y0, x1, y1\\]"),
+    ({"sets": [{"loras": ["girl", "ink"], "boxes": [[0, 0, 2, 1], [0, 0, 1, 1]]}], "methods": ["composer"]},
+     "set 'girl\\+ink' with method 'composer'.*not inside the image"),
+    ({"sets": [{"loras": ["girl", "ink"], "region_prompts": ["a girl"]}]}, "one text per LoRA"),
 ])
 def test_bad_suites_are_one_line_user_errors(tmp_path, tiny_sd15_dir, bench_loras, tiny_clip, override, fragment, capsys):
     path = write_suite(tmp_path, tiny_sd15_dir, bench_loras, tiny_clip, **override)
