@@ -326,10 +326,6 @@ def resolve_training_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def native_resolution(pipe: Any) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-
-
 def check_resolution(pipe: Any, resolution: int) -> None:
     """The resolution must map to a latent the UNet can halve at every down block."""
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -453,7 +449,7 @@ def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults,
         alpha=float(settings.alpha or defaults.alpha or settings.rank or defaults.rank),
         learning_rate=float(settings.learning_rate or defaults.learning_rate),
         batch_size=int(settings.batch_size or defaults.batch_size),
-        resolution=int(settings.resolution or native_resolution(pipe)), seed=int(settings.seed),
+        resolution=int(settings.resolution or pipe.native_size), seed=int(settings.seed),
         dtype=str(dtype).removeprefix("torch."), targets=UNET_LORA_TARGETS, objective=objective.settings(),
     )
     for label, value in (("--rank", resolved.rank), ("--batch-size", resolved.batch_size)):
@@ -713,12 +709,13 @@ def train_lora(settings: LoraTrainingSettings, objective: TrainingObjective | No
         objective.close()
 
 
-def check_work_dir(settings: LoraTrainingSettings) -> None:
-    """Resume only from checkpoints, and never start over on top of them."""
+def check_work_dir(settings: Any, folder_option: str = "--work-dir") -> None:
+    """Resume only from checkpoints, and never start over on top of them (``settings`` has
+    ``work_dir`` and ``resume``; ``folder_option`` names the folder's option in the message)."""
     existing = checkpoint_dirs(settings.work_dir)
     if existing and not settings.resume:
         raise UserError(f"{settings.work_dir} already holds checkpoints; pass --resume to continue that run or "
-                        "give a new --work-dir")
+                        f"give a new {folder_option}")
     if settings.resume and not existing:
         raise UserError(f"--resume: no checkpoint in {settings.work_dir}; train without --resume first")
 

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..outputs import staged_directory
-from ..training import (CHECKPOINT_PREFIX, STATE_FILE, checkpoint_dirs, derived_seed, flatten_optimizer_state,
-                        generator, prune_checkpoints, unflatten_optimizer_state)
+from ..training import (CHECKPOINT_PREFIX, STATE_FILE, check_work_dir, checkpoint_dirs, derived_seed,
+                        flatten_optimizer_state, generator, prune_checkpoints, unflatten_optimizer_state)
 from .model import ARCHITECTURES, ToyWorldArchitecture, build_pipeline, fold
 from .scenes import render_array, scene_from_seed, training_caption
 
@@ -39,6 +39,7 @@ TRAIN_SEED_START = 1_000_000  # scene seeds below this are never trained on
 WEIGHTS_FILE, EMA_FILE = "weights.safetensors", "ema.safetensors"
 OPTIMIZER_FILES = {"model": "optimizer-model.safetensors", "decoder": "optimizer-decoder.safetensors"}
 MODEL_FOLDER = "model"
+CHECKPOINTS_FOLDER = "checkpoints"
 
 
 @dataclass
@@ -75,6 +76,11 @@ class ToyWorldTrainingSettings:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+
+    @property
+    def work_dir(self) -> Path:
+        """The run's checkpoint folder."""
+        return self.run_dir / CHECKPOINTS_FOLDER
 
     def recipe(self) -> dict:
         """The settings a checkpoint must share to be resumed (not the run length or bookkeeping)."""
@@ -229,7 +235,7 @@ def build_trainer(settings: ToyWorldTrainingSettings) -> ToyWorldTrainer:
 
 def save_checkpoint(trainer: ToyWorldTrainer, step: int, history: list, train_seconds: float) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically and keep only the newest few."""
-    work_dir = trainer.settings.run_dir / "checkpoints"
+    work_dir = trainer.settings.work_dir
     final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
     with staged_directory(final, replace=True) as staging:
         _write_checkpoint_files(trainer, staging)
@@ -293,7 +299,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool =
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    found = checkpoint_dirs(Path(run_dir) / "checkpoints")
+    found = checkpoint_dirs(Path(run_dir) / CHECKPOINTS_FOLDER)
     return found[-1] if found else None
 
 
@@ -337,9 +343,4 @@ def _check_settings(settings: ToyWorldTrainingSettings) -> None:
     if not 0 <= settings.caption_dropout < 1:
         raise UserError(f"caption dropout {settings.caption_dropout}: use a probability in [0, 1)")
     architecture(settings.architecture, settings.image_size)
-    existing = latest_checkpoint(settings.run_dir)
-    if existing and not settings.resume:
-        raise UserError(f"{settings.run_dir} already holds checkpoints; pass resume=True to continue that run "
-                        "or choose a new run folder")
-    if settings.resume and not existing:
-        raise UserError(f"resume: no checkpoint in {settings.run_dir}/checkpoints; train without resume first")
+    check_work_dir(settings, folder_option="--run-dir")
