@@ -66,7 +66,6 @@ from .training import (
     generator,
     load_checkpoint,
     load_training_image,
-    native_resolution,
     noise_target,
     resolve_training_dtype,
     save_checkpoint,
@@ -478,7 +477,7 @@ def gate_training_data(settings: GateTrainingSettings) -> tuple[GateTrainingData
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False)
-    resolution = int(settings.resolution or native_resolution(pipe))
+    resolution = int(settings.resolution or pipe.native_size)
     check_resolution(pipe, resolution)
     captions = [lora_caption(lora) for lora in loras]
     images = [load_training_image(showcase_image(pipe, lora, caption, settings, resolution), resolution)

@@ -105,7 +105,7 @@ def profile_loras(
     read from the LoRA's sidecar when it holds one for this model and these settings."""
     settings.check()
     if settings.size is None:
-        settings = replace(settings, size=int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
+        settings = replace(settings, size=pipe.native_size)
     model = model_fingerprint(pipe)
     return {lora.name: _profile_one(pipe, lora, model, settings) for lora in (_loaded(spec) for spec in loras)}
 

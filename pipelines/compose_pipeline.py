@@ -221,9 +221,13 @@ class ComposeMixin:
         if output_type not in ("pil", "np", "latent"):
             raise UserError(f"output_type={output_type!r}: use 'pil', 'np' or 'latent'")
 
+    @property
+    def native_size(self) -> int:
+        """The image size (pixels, square) the model was trained at: 512 on SD1.5, 1024 on SDXL."""
+        return int(self.unet.config.sample_size * self.vae_scale_factor)
+
     def _resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default, width or default
+        height, width = height or self.native_size, width or self.native_size
         multiple = 8
         for label, value in (("height", height), ("width", width)):
             if value < multiple or value % multiple:

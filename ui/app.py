@@ -136,8 +136,7 @@ def profile_settings(request: GenerationRequest, pipe: Any) -> Any:
     from loracompose.frequency import ProfileSettings
 
     defaults = ProfileSettings()
-    native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    size = min(native, request.width, request.height) // SIZE_STEP * SIZE_STEP
+    size = min(pipe.native_size, request.width, request.height) // SIZE_STEP * SIZE_STEP
     return ProfileSettings(size=max(size, SIZE_STEP), steps=min(defaults.steps, request.steps))
 
 
@@ -149,7 +148,7 @@ class LoraComposeApp:
         self.settings = settings
         self.methods = dict(methods)
         self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
-        self.default_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        self.default_size = pipe.native_size
 
     # ------------------------------------------------------------------ session
     def new_session(self) -> SessionState:
