@@ -229,20 +229,20 @@ def run_generate(args: argparse.Namespace) -> int:
     specs = lora_specs(args)
     method = build_method(args)
     prompt, model = args.prompt, args.model
-    steps = args.steps if args.steps is not None else 30
-    guidance = args.guidance if args.guidance is not None else 7.5
+    default_steps, default_guidance = 30, 7.5
     if model is None:
         from .embedded import embedded_default
 
         demo = embedded_default()
         model = str(demo.model_dir)
-        steps = args.steps if args.steps is not None else demo.steps
-        guidance = args.guidance if args.guidance is not None else demo.guidance_scale
+        default_steps, default_guidance = demo.steps, demo.guidance_scale
         if not specs:
             specs = [LoraSpec(lora.path, trigger_words=lora.trigger_words, category=lora.category) for lora in demo.loras]
         prompt = prompt if prompt is not None else demo.prompt
     if prompt is None:
         raise UserError("--prompt is required with --model; say what the image shows")
+    steps = args.steps if args.steps is not None else default_steps
+    guidance = args.guidance if args.guidance is not None else default_guidance
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
     check_auto_lora_arguments(args)
     if args.out.exists() and not args.out.is_dir():  # the folder itself is made only once there is an image
