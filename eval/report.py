@@ -88,8 +88,9 @@ def write_report(run_dir: str | Path, *, max_thumbnails: int = DEFAULT_MAX_THUMB
     results_csv = _write_csv(data.run_dir / "results.csv", RESULT_COLUMNS, [result_row(r) for r in data.records])
     by_size_csv = _write_csv(data.run_dir / "by_size.csv", BY_SIZE_COLUMNS, by_size)
     summary_csv = _write_csv(data.run_dir / "summary.csv", SUMMARY_COLUMNS, summary)
-    page = render_html(data, summary, by_size, max_thumbnails)
-    presence = presence_markdown(by_size, summarise_concepts(data))
+    concepts = summarise_concepts(data)
+    page = render_html(data, summary, by_size, max_thumbnails, concepts)
+    presence = presence_markdown(by_size, concepts)
     presence_md = atomic_write_text(data.run_dir / "presence.md", presence) if presence else None
     return ReportFiles(results_csv, summary_csv, atomic_write_text(data.run_dir / "report.html", page), by_size_csv,
                        presence_md)
@@ -295,14 +296,14 @@ td.text { text-align: left; }
 
 
 def render_html(data: RunData, summary: Sequence[Mapping[str, Any]], by_size: Sequence[Mapping[str, Any]],
-                max_thumbnails: int) -> str:
-    """The self-contained HTML report."""
+                max_thumbnails: int, concepts: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The self-contained HTML report (``concepts``: :func:`summarise_concepts` rows, toy-world runs)."""
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>loracompose bench: {html.escape(data.run_dir.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>loracompose bench: {html.escape(data.run_dir.name)}</h1>",
         _notes(data), "<h2>Per method</h2>", _summary_table(summary),
-        "<h2>Per method and set size N</h2>", _interval_note(), _size_table(by_size), _concept_table(data),
+        "<h2>Per method and set size N</h2>", _interval_note(), _size_table(by_size), _concept_table(concepts),
         "<h2>Against set size N</h2>", _plots(by_size, data.convention),
         "<h2>Images</h2>", _thumbnail_grid(data, max_thumbnails), "</body></html>",
     ]
@@ -371,9 +372,8 @@ def _size_table(by_size: Sequence[Mapping[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _concept_table(data: RunData) -> str:
+def _concept_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Per concept and method: present %, for runs judged by the toy-world detector."""
-    rows = summarise_concepts(data)
     if not rows:
         return ""
     methods = list(dict.fromkeys(row["method"] for row in rows))

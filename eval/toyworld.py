@@ -14,6 +14,7 @@ set's concepts are present (``concepts_present``, ``all_present`` in the manifes
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,15 +29,13 @@ REFERENCE_SETTINGS: dict[str, Any] = {"steps": 20, "guidance": 4.0, "scheduler":
 
 def composition_sets(names: Sequence[str], size: int) -> list[dict[str, Any]]:
     """Every set of ``size`` concepts (in the order given) that fits one image, with its prompt and boxes."""
-    from loracompose.toyworld.concepts import OBJECT, OBJECT_SLOTS, CONCEPTS, composition
+    from loracompose.toyworld.concepts import BACKGROUND, CONCEPTS, OBJECT, OBJECT_SLOTS, STYLE, composition
 
     sets = []
     for combo in itertools.combinations(names, size):
-        if sum(CONCEPTS[name].kind == OBJECT for name in combo) > len(OBJECT_SLOTS):
-            continue
-        if len({CONCEPTS[name].kind for name in combo if CONCEPTS[name].kind != OBJECT}) < \
-                sum(CONCEPTS[name].kind != OBJECT for name in combo):
-            continue  # two backgrounds or two styles cannot both show
+        kinds = Counter(CONCEPTS[name].kind for name in combo)
+        if kinds[OBJECT] > len(OBJECT_SLOTS) or kinds[BACKGROUND] > 1 or kinds[STYLE] > 1:
+            continue  # more objects than slots, or two backgrounds or styles, cannot all show
         planned = composition(combo)
         sets.append({"id": "+".join(combo), "loras": list(combo), "prompt": planned.prompt,
                      "boxes": [list(box) for box in planned.boxes], "region_prompts": list(planned.region_prompts)})
@@ -71,13 +70,16 @@ def testbed(section: Any, data: Mapping[str, Any], resolve: Any) -> tuple[dict[s
 
 
 def _model_and_lora_dir(section: Mapping[str, Any], data: Mapping[str, Any], resolve: Any) -> tuple[str, str]:
-    if section.get("lora_dir") is not None and "model" in data:
-        return str(data["model"]), str(resolve(section["lora_dir"]))
-    from loracompose.embedded import embedded_default
+    """The suite's model and ``lora_dir``; the embedded toy world's for what the suite does not give."""
+    model = data.get("model")
+    lora_dir = resolve(section["lora_dir"]) if section.get("lora_dir") is not None else None
+    if model is None or lora_dir is None:
+        from loracompose.embedded import embedded_default
 
-    default = embedded_default()
-    lora_dir = resolve(section["lora_dir"]) if section.get("lora_dir") is not None else default.loras[0].path.parent
-    return str(data.get("model", default.model_dir)), str(lora_dir)
+        default = embedded_default()
+        model = model if model is not None else default.model_dir
+        lora_dir = lora_dir if lora_dir is not None else default.loras[0].path.parent
+    return str(model), str(lora_dir)
 
 
 def detect_concepts(image: Any, loras: Sequence[str]) -> dict[str, Any]:

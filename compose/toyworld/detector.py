@@ -85,8 +85,9 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     hues = _hue(pixels)
     objects = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
     objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
-    style = "sepia" if background_warmth(pixels, chroma) > SEPIA_WARMTH else "flat"
-    return Detection(classify_background(pixels, chroma), tuple(objects), style)
+    background = background_pixels(chroma)
+    style = "sepia" if background_warmth(pixels, background) > SEPIA_WARMTH else "flat"
+    return Detection(classify_background(pixels, background), tuple(objects), style)
 
 
 def _as_unit_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -191,9 +192,9 @@ def _window_samples(window: tuple[int, int, int, int], size: int) -> tuple[np.nd
 # ------------------------------------------------------------------------------------ background
 
 
-def classify_background(pixels: np.ndarray, chroma: np.ndarray) -> str:
-    """plain / striped / dotted / grid from the grey pixels away from objects."""
-    known = _background_pixels(chroma)
+def classify_background(pixels: np.ndarray, known: np.ndarray) -> str:
+    """plain / striped / dotted / grid / checkered from the background pixels ``known``
+    (:func:`background_pixels`)."""
     grey = pixels.mean(axis=2)
     low, high = np.percentile(grey[known], [5, 95])
     if high - low < PLAIN_CONTRAST:
@@ -210,7 +211,7 @@ def classify_background(pixels: np.ndarray, chroma: np.ndarray) -> str:
     return "grid" if _fullest_row(tone, known) > 0.75 else "dotted"  # grid lines fill whole rows, dots never
 
 
-def _background_pixels(chroma: np.ndarray) -> np.ndarray:
+def background_pixels(chroma: np.ndarray) -> np.ndarray:
     """Pixels two or more pixels away from anything coloured (all pixels if that leaves too few)."""
     known = ~ndimage.binary_dilation(chroma > OBJECT_CHROMA / 2, iterations=2)
     return known if known.sum() >= 0.2 * known.size else np.ones_like(known)
@@ -231,9 +232,8 @@ def _row_uniformity(tone: np.ndarray, known: np.ndarray) -> float:
     return float(np.maximum(ones, 1 - ones).mean()) if rows.any() else 0.0
 
 
-def background_warmth(pixels: np.ndarray, chroma: np.ndarray) -> float:
-    """Median of red - blue (0..1) over the background pixels away from objects (0 for greys)."""
-    known = _background_pixels(chroma)
+def background_warmth(pixels: np.ndarray, known: np.ndarray) -> float:
+    """Median of red - blue (0..1) over the background pixels ``known`` (0 for greys)."""
     return float(np.median((pixels[..., 0] - pixels[..., 2])[known]))
 
 

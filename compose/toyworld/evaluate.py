@@ -78,9 +78,10 @@ def _rate(hits: int, count: int) -> float:
     return hits / max(count, 1)
 
 
-def _images(pipe: Any, prompt: str, guidance_scale: float, count: int, steps: int) -> list:
-    result = pipe.generate(prompt, seed=0, num_images=count, steps=steps, guidance_scale=guidance_scale,
-                           show_progress=False)
+def _images(pipe: Any, prompt: str, guidance_scale: float, count: int, steps: int, loras: Sequence[Any] = ()) -> list:
+    """``count`` samples of ``prompt`` (seeded from 0), with ``loras`` merged; the prompt is used as given."""
+    result = pipe.generate(prompt, list(loras), seed=0, num_images=count, steps=steps, guidance_scale=guidance_scale,
+                           append_triggers=False, show_progress=False)
     return result.images
 
 
@@ -115,8 +116,7 @@ def evaluate_concept_loras(pipe: Any, lora_dir: str | Path, guidance_scale: floa
     for name in names or list(CONCEPTS):
         concept, prompt = CONCEPTS[name], composition([name]).prompt
         spec = LoraSpec(str(Path(lora_dir) / f"{name}.safetensors"))
-        with_lora = pipe.generate(prompt, [spec], seed=0, num_images=seeds, steps=steps,
-                                  guidance_scale=guidance_scale, append_triggers=False, show_progress=False).images
+        with_lora = _images(pipe, prompt, guidance_scale, seeds, steps, loras=[spec])
         without = _images(pipe, prompt, guidance_scale, seeds, steps)
         rows.append(ConceptEvaluation(name, prompt, seeds, _presence(concept, with_lora), _presence(concept, without)))
     return rows
