@@ -47,28 +47,19 @@ import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15  # noqa: E402
 from loracompose import CMLoRA, Composite, LoraSpec, load_pipeline  # noqa: E402
 from loracompose.cmlora import refresh_steps  # noqa: E402
 from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.unet_cache import capture_deep_features, shallow_unet_forward  # noqa: E402
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15, tiny_sd15_pipeline  # noqa: E402
+from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 PROMPT = "a photo of a cat in a garden"
 SEED = 0
 GUIDANCE_SCALE = 7.5
 RHO_ROWS = 6  # one CFG pair per LoRA at N = 3
 
-MID_UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": (64, 128, 256),
-    "layers_per_block": 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": (2, 4, 8),  # heads of width 32 (SD1.5: 40); width 8 makes CPU attention memory-bound
-}
 
 # The real UNets, for MAC counts only (built on the meta device: no memory, no weights).
 REAL_UNETS: dict[str, tuple[dict[str, Any], int, int, dict[str, tuple[int, ...]]]] = {
@@ -126,13 +117,7 @@ class Row:
 
 
 def build_mid(out_dir: Path) -> Path:
-    base = tiny_sd15_pipeline(seed=SEED)
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=32).eval()
-    StableDiffusionPipeline(**{**base.components, "unet": unet}, requires_safety_checker=False).save_pretrained(
-        out_dir, safe_serialization=True
-    )
-    return out_dir
+    return build_mid_sd15(out_dir, size=64, seed=SEED, unet_config=DEEP_MID_UNET_CONFIG)  # a 32x32 latent
 
 
 MODEL_BUILDERS: dict[str, tuple[Callable[[Path], Path], int]] = {

@@ -22,13 +22,18 @@ MID_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 32,
     "attention_head_dim": 8,
 }
+# Two layers per block and heads of width 32 (SD1.5: 40; width 8 makes CPU attention memory-bound):
+# the mid model of bench_cmlora.py and bench_composer.py.
+DEEP_MID_UNET_CONFIG: dict[str, Any] = {**MID_UNET_CONFIG, "layers_per_block": 2, "attention_head_dim": (2, 4, 8)}
 
 
-def build_mid_sd15(out_dir: Path, *, size: int, seed: int = 0) -> Path:
-    """Save the tiny SD1.5 pipeline with its UNet replaced by a random mid-size one (``MID_UNET_CONFIG``)."""
+def build_mid_sd15(out_dir: Path, *, size: int, seed: int = 0, unet_config: dict[str, Any] | None = None) -> Path:
+    """Save the tiny SD1.5 pipeline with its UNet replaced by a random mid-size one (``unet_config``,
+    default ``MID_UNET_CONFIG``) for ``size`` x ``size`` images."""
     base = tiny_sd15_pipeline(seed=seed)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=size // base.vae_scale_factor).eval()
+    config = unet_config or MID_UNET_CONFIG
+    unet = UNet2DConditionModel(**config, sample_size=size // base.vae_scale_factor).eval()
     components = {**base.components, "unet": unet}
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -50,29 +50,19 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
+from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15  # noqa: E402
 from loracompose import LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import Box  # noqa: E402
 from loracompose.composer import Composer  # noqa: E402
 from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15, tiny_sd15_pipeline  # noqa: E402
+from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 PROMPT = "a photo of friends in a garden"
 SEED = 0
 GUIDANCE_SCALE = 7.5
 SIZE = 64
 STRIP_OVERLAP = 0.05
-
-MID_UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": (64, 128, 256),
-    "layers_per_block": 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": (2, 4, 8),
-}
 
 
 @dataclass(frozen=True)
@@ -121,13 +111,7 @@ class Row:
 
 
 def build_mid(out_dir: Path) -> Path:
-    base = tiny_sd15_pipeline(seed=SEED)
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**MID_UNET_CONFIG, sample_size=32).eval()
-    StableDiffusionPipeline(**{**base.components, "unet": unet}, requires_safety_checker=False).save_pretrained(
-        out_dir, safe_serialization=True
-    )
-    return out_dir
+    return build_mid_sd15(out_dir, size=64, seed=SEED, unet_config=DEEP_MID_UNET_CONFIG)  # a 32x32 latent
 
 
 MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {"tiny": lambda out: build_tiny_sd15(out, seed=SEED), "mid": build_mid}
