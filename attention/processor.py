@@ -24,6 +24,7 @@ binds each processor to its layer's level and to the UNet call's latent size.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -35,7 +36,12 @@ from .kernels import attention_kernel, dense_bias
 from .layers import AttentionLayer, UNetCall
 from .lora_deltas import LoraTokenMasks, adapter_projection, token_masked_projection
 from .masks import LatentGrid
-from .regions import RegionAttention
+from .regions import Region, RegionAttention
+
+
+# Kernels on which isolation runs as unmasked calls per query group (attention/regions.py); flex keeps
+# its BlockMask, which skips the forbidden tiles itself.
+GROUPED_ISOLATION_KERNELS = ("sdpa", "xformers")
 
 
 class ComposeAttnProcessor:
@@ -91,8 +97,10 @@ class ComposeAttnProcessor:
         if isolation is not None:
             grid, level = self._where()
             codes = isolation.codes(grid, level, x.device)
-        mask = self._mask(bias, codes, isolation, query)
-        hidden = self.kernel.attend(query, key, value, scale=attn.scale, mask=mask)
+        if codes is not None and bias is None and self.kernel.name in GROUPED_ISOLATION_KERNELS:
+            hidden = isolation.isolated_attention(self.kernel, query, key, value, scale=attn.scale, grid=grid, level=level)
+        else:
+            hidden = self.kernel.attend(query, key, value, scale=attn.scale, mask=self._mask(bias, codes, isolation, query))
         if self.store is not None:
             capture_bias = None if bias is None and codes is None else dense_bias(bias, codes, torch.float32)
             self._record(query, key, attn.scale, capture_bias)
@@ -119,8 +127,8 @@ class ComposeAttnProcessor:
         self._record(query, key, attn.scale, None)
 
         for index, region in enumerate(regions.regions):
-            states = _context(attn, x, regions.region_states(region, raw_states))
-            key, value = _key_value(attn, states, adapter=region.adapter)
+            build = functools.partial(_region_key_value, attn, x, raw_states, regions, region)
+            key, value = regions.region_key_value(self.layer.name, index, x, build)
             out = self._add_rows(attn, out, query, key, value, layout.region_rows[index],
                                  weights=layout.region_weights[index], adapter=region.adapter)
             self._record(query, key, attn.scale, None, source=index)
@@ -134,7 +142,7 @@ class ComposeAttnProcessor:
         projected = _project_out(attn, _merge_heads(hidden), adapter)
         if weights is not None:
             projected = projected * weights.to(projected.dtype)[None, :, None]
-        return out.index_add(1, rows, projected)
+        return out.index_add_(1, rows, projected)
 
     # -- shared helpers --------------------------------------------------------------------------
     def _where(self) -> tuple[LatentGrid, int]:
@@ -151,6 +159,13 @@ class ComposeAttnProcessor:
             raise UserError(f"layer {self.layer.name} has {query.shape[2]} queries, not the {size[0]}x{size[1]} "
                             f"expected at level {level} of a {grid.height}x{grid.width} latent; capture maps on UNet layers only")
         self.store.record(self.layer.name, self.call.index, size, query, key, scale, bias, source)
+
+
+def _region_key_value(attn, x: torch.Tensor, raw_states: torch.Tensor, regions: RegionAttention,
+                      region: Region) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of ``region``'s prompt states through its adapter's projections."""
+    states = _context(attn, x, regions.region_states(region, raw_states))
+    return _key_value(attn, states, adapter=region.adapter)
 
 
 def _injects(regions: RegionAttention | None) -> bool:

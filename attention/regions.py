@@ -15,20 +15,27 @@ background queries go through one call against the global keys; results are scat
 attention work is sum(region areas) + background area instead of R x the image, and per-region
 projections are needed anyway (each concept has its own K/V/out deltas, which a single masked call
 over concatenated keys could not express for the out-projection). Extra cost: R+1 small attention
-calls, 2R K/V projections of 77 tokens, R out-projections over the region's queries, and the
-gather/scatter copies. Measured with ``benchmarks/bench_attention.py --quick --threads 1`` (CPU, fp32,
-batch 2, two overlapping boxes with a LoRA each, on a CPU shared with other jobs, so about ±20%):
-1.2-1.6x the stock layer on SD1.5/SDXL cross-attention shapes; most of the extra is the 2R text K/V
-projections, which matter most at low resolution (not yet measured on GPU).
+calls, R out-projections over the region's queries (with the LoRA delta), and the gather/scatter
+copies. The 2R K/V projections of the region prompts (77 tokens each) depend on nothing that changes
+during a generation, so with ``reuse_region_key_values`` (LoRA-Composer sets it) they are computed
+once per layer and kept (2R x 77 x width per layer: about 1 MiB per region and layer on SD1.5 in
+fp32).
 
 **Isolation (self-attention).** A query may attend to a key when either is background or both share a
-region, so a query in region A gets exactly zero weight on keys only in region B. This needs a real
-(queries x keys) mask: on ``sdpa``/``xformers`` an additive −inf mask (1, 1, L, L), stored with its
-key dimension padded to a multiple of 8 (memory-efficient/cuDNN kernel alignment; L² bytes x dtype,
-32 MiB in fp16 at 4096 tokens, built once per level and latent size and cached); on ``flex`` a
-``BlockMask`` from per-token region bitmasks (fully masked 128x128 tiles skipped). Measured as
-above: 0.9-1.4x the stock (unmasked) layer with ``sdpa`` on CPU; eager ``flex`` on CPU is 1.1-3.3x
-and skipped at 4096 tokens (it materialises the scores), so use it compiled on CUDA only.
+region, so a query in region A gets exactly zero weight on keys only in region B.
+
+*Kernel choice: query groups with unmasked attention* (``sdpa``, ``xformers``). Queries are grouped
+by the set of regions they lie in (background; each region alone; each overlap), and each group
+attends, in one plain fused call, to the keys it may see, gathered (every key for background
+queries). That is the masked softmax exactly, but no mask is built, SDPA keeps its fastest kernel
+(flash on GPU), and the work shrinks to Σ_groups |queries| x |allowed keys| (about L²/N for N
+full-height strips instead of L²). Extra cost: one call per group (N regions give at most 2N
+groups for strips) and the gather/scatter copies. Groups are built once per level and latent size
+and cached. A diffusers ``attention_mask`` given on self-attention, or the ``flex`` backend, uses a
+real (queries x keys) mask instead: on ``sdpa``/``xformers`` an additive −inf mask padded to a
+multiple of 8 keys (memory-efficient/cuDNN alignment), on ``flex`` a ``BlockMask`` from per-token
+region bitmasks (fully masked 128x128 tiles skipped; eager on CPU, which materialises the scores,
+so use it compiled on CUDA only).
 """
 
 from __future__ import annotations
@@ -51,7 +58,15 @@ class RegionLayout:
 
     background_rows: torch.Tensor
     region_rows: list[torch.Tensor]
-    region_weights: list[torch.Tensor]  # 1 / (number of regions covering the row): overlaps averaged
+    region_weights: list[torch.Tensor | None]  # 1 / (regions covering the row), None where no row overlaps
+
+
+@dataclass(frozen=True)
+class IsolationGroup:
+    """Queries that lie in the same set of regions, and the keys isolation lets them see."""
+
+    query_rows: torch.Tensor
+    key_rows: torch.Tensor | None  # None: every key (background queries)
 
 
 @dataclass
@@ -71,16 +86,23 @@ class Region:
 
 
 class RegionAttention:
-    """Regions shared by all processors of a generation, with per-level masks cached."""
+    """Regions shared by all processors of a generation, with per-level masks cached.
+
+    ``reuse_region_key_values``: compute each region's cross-attention K/V once per layer and batch
+    size and reuse them on every later call. Region prompts are fixed for a generation, so their K/V
+    are too, as long as the LoRA weights and scalings do not change and the region states need no
+    gradient; call :meth:`set_regions` (which clears the cache) after changing either.
+    """
 
     def __init__(self, regions: Sequence[Region] = (), *, inject_concepts: bool = True,
-                 isolate_self_attention: bool = True) -> None:
+                 isolate_self_attention: bool = True, reuse_region_key_values: bool = False) -> None:
         self.inject_concepts = inject_concepts
         self.isolate_self_attention = isolate_self_attention
+        self.reuse_region_key_values = reuse_region_key_values
         self.set_regions(regions)
 
     def set_regions(self, regions: Sequence[Region]) -> None:
-        """Replace the regions (clears cached masks)."""
+        """Replace the regions (clears cached masks and K/V)."""
         if len(regions) > MAX_REGIONS:
             raise UserError(f"{len(regions)} regions given; at most {MAX_REGIONS} are supported")
         self.regions = list(regions)
@@ -108,7 +130,7 @@ class RegionAttention:
             return RegionLayout(
                 background_rows=(cover == 0).nonzero().squeeze(1),
                 region_rows=rows,
-                region_weights=[1.0 / cover[r].float() for r in rows],
+                region_weights=[None if bool((cover[r] == 1).all()) else 1.0 / cover[r].float() for r in rows],
             )
 
         return self._cached(("layout", grid, level, str(device)), build)
@@ -121,6 +143,19 @@ class RegionAttention:
 
         return self._cached(("codes", grid, level, str(device)), build)
 
+    def isolation_groups(self, grid: LatentGrid, level: int, device: torch.device) -> list[IsolationGroup]:
+        """Self-attention queries at ``level`` grouped by their region code, each with its allowed keys."""
+        def build() -> list[IsolationGroup]:
+            codes = self.codes(grid, level, device)
+            groups = []
+            for code in torch.unique(codes).tolist():
+                query_rows = (codes == code).nonzero().squeeze(1)
+                key_rows = None if code == 0 else ((codes == 0) | ((codes & code) != 0)).nonzero().squeeze(1)
+                groups.append(IsolationGroup(query_rows, key_rows))
+            return groups
+
+        return self._cached(("groups", grid, level, str(device)), build)
+
     def isolation_mask(self, kernel: Any, grid: LatentGrid, level: int, dtype: torch.dtype,
                        device: torch.device) -> Any:
         """The self-attention isolation mask for ``kernel`` at ``level`` (built once, then cached)."""
@@ -128,6 +163,26 @@ class RegionAttention:
             return kernel.build_mask(region_codes=self.codes(grid, level, device), dtype=dtype)
 
         return self._cached(("isolation", kernel.name, grid, level, dtype, str(device)), build)
+
+    def isolated_attention(self, kernel: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                           scale: float, grid: LatentGrid, level: int) -> torch.Tensor:
+        """Self-attention with isolation on ``kernel`` (BHSD in and out), one unmasked call per query group."""
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        for group in self.isolation_groups(grid, level, query.device):
+            keys, values = key, value
+            if group.key_rows is not None:
+                keys, values = key.index_select(2, group.key_rows), value.index_select(2, group.key_rows)
+            hidden = kernel.attend(query.index_select(2, group.query_rows), keys, values, scale=scale)
+            out.index_copy_(2, group.query_rows, hidden)
+        return out
+
+    def region_key_value(self, layer: str, index: int, queries: torch.Tensor,
+                         build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region ``index``'s K/V on ``layer`` for the batch of ``queries``: ``build()``, reused on later
+        calls with the same batch size, dtype and device when ``reuse_region_key_values`` is set."""
+        if not self.reuse_region_key_values:
+            return build()
+        return self._cached(("key_value", layer, index, queries.shape[0], queries.dtype, str(queries.device)), build)
 
     def region_states(self, region: Region, global_states: torch.Tensor) -> torch.Tensor:
         """The region's text states expanded to the batch of ``global_states``."""

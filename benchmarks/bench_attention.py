@@ -4,8 +4,8 @@ For each SD1.5 (512 px) and SDXL (1024 px) attention shape, self and cross, with
 it times the stock processor and ``ComposeAttnProcessor`` per available backend in four modes:
 ``none`` (no extras), ``capture`` (maps of 4 tokens, cond rows; cross only), ``token_mask`` (2 LoRAs
 on K/V with token masks; cross only; the stock baseline then runs the same 2 LoRAs unmasked) and
-``region`` (2 overlapping boxes: concept injection with per-region states and LoRA on cross,
-isolation on self). Prints ratios to stock and writes JSON (``--out``, written atomically).
+``region`` (2 overlapping boxes: concept injection with per-region states and LoRA on cross, the
+region K/V computed once as LoRA-Composer does; isolation on self). Prints ratios to stock and writes JSON (``--out``, written atomically).
 
     python benchmarks/bench_attention.py --quick --out bench_out/attention.json
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import peft
 import torch
@@ -36,6 +35,7 @@ from loracompose.attention import (
     token_mask,
 )
 from loracompose.attention.layers import AttentionLayer, UNetCall
+from loracompose.outputs import atomic_write_text
 
 TEXT_TOKENS = 77
 MODES = ("none", "capture", "token_mask", "region")
@@ -97,7 +97,8 @@ def regions(shape: Shape, context: torch.Tensor) -> RegionAttention:
     left, right = Box(0.0, 0.0, 0.6, 1.0), Box(0.4, 0.2, 1.0, 0.8)
     if shape.kind == "self":
         return RegionAttention([Region(left), Region(right)])
-    return RegionAttention([Region(left, torch.randn_like(context), "a"), Region(right, torch.randn_like(context), "b")])
+    return RegionAttention([Region(left, torch.randn_like(context), "a"), Region(right, torch.randn_like(context), "b")],
+                           reuse_region_key_values=True)  # as LoRA-Composer runs it: region K/V once per generation
 
 
 def processor_for(mode: str, backend: str, shape: Shape, context: torch.Tensor | None) -> ComposeAttnProcessor:
@@ -186,16 +187,6 @@ def print_table(results: list[dict], backends: list[str]) -> None:
         print(f"{label:<32}{plain * 1e3:>9.1f}" + "".join(f"{cell:>13}" for cell in cells))
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 warm-up round and 2 timed rounds (CPU-friendly)")
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "backends": backends,
                 "batch": args.batch, "timed_rounds": rounds, "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine()}
-        write_json_atomically(args.out, {"meta": meta, "results": results})
+        atomic_write_text(Path(args.out), json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     return 0
 
 

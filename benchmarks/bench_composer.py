@@ -1,9 +1,11 @@
 """What LoRA-Composer costs against plain diffusers: wall time, the cost floor, and peak memory, for
 N = 2..4 concepts (one box per LoRA: N vertical strips that overlap a little).
 
-For each model (``tiny``: loracompose's tiny random SD1.5; ``mid``: the same pipeline with a random
-SD1.5-layout UNet, block_out_channels (64, 128, 256), see benchmarks/bench_cmlora.py) it builds the
-folder and random LoRAs in a temporary folder and times, in this process:
+For each model it builds the folder and random LoRAs in a temporary folder: ``tiny`` (loracompose's
+tiny random SD1.5), ``mid`` (the same pipeline with a random SD1.5-layout UNet, block_out_channels
+(64, 128, 256), bench_common.DEEP_MID_UNET_CONFIG), ``sd15`` and ``sd15-512`` (SD1.5's own 860 M
+UNet with random weights and 768-wide text states, on a 32x32 and a 64x64 latent: SD1.5 at 256 and
+512 px; bench_common.build_sd15_unet_model). It times, in this process:
 
 * ``plain``: stock ``diffusers.StableDiffusionPipeline`` with DPM-Solver++, no LoRA (1 CFG call/step);
 * ``composer``: ``generate`` with ``Composer`` at its defaults (refinement, isolation, re-init).
@@ -18,11 +20,16 @@ forward for the re-initialisation, with those two timed on the stock UNet (no re
 (target <= 1.2). Wall times are the best of the repeats, raced in turns (other jobs on a shared CPU
 only ever add time).
 
+The refinement's UNet call ends after the last map layer (the finer up blocks never run), so
+Composer can come in under this floor, which counts full passes as the spec's cost line does.
+
 Peak memory is the peak RSS of a fresh process (``--probe``) that loads the model and runs one
-generation: on CPU the allocator has no peak counter and the process high-water mark would mix runs.
+generation of min(T, 3) steps (every refined step peaks alike, in its backward pass): on CPU the
+allocator has no peak counter and the process high-water mark would mix runs.
 Target: composer <= (plain + LoRA file bytes) x 1.1.
 
     python benchmarks/bench_composer.py --quick
+    python benchmarks/bench_composer.py --models sd15 --steps 8 --repeats 1 --out bench_out/composer-sd15.json
     python benchmarks/bench_composer.py --out bench_out/composer.json
 """
 
@@ -50,7 +57,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
-from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15  # noqa: E402
+from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15, build_sd15_unet_model  # noqa: E402
 from loracompose import LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import Box  # noqa: E402
 from loracompose.composer import Composer  # noqa: E402
@@ -61,8 +68,8 @@ from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 PROMPT = "a photo of friends in a garden"
 SEED = 0
 GUIDANCE_SCALE = 7.5
-SIZE = 64
 STRIP_OVERLAP = 0.05
+PROBE_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Settings:
 @dataclass
 class Row:
     model: str
+    size: int
     num_loras: int
     steps: int
     refined_steps: int
@@ -110,11 +118,18 @@ class Row:
 # ------------------------------------------------------------------------------------ models
 
 
-def build_mid(out_dir: Path) -> Path:
-    return build_mid_sd15(out_dir, size=64, seed=SEED, unet_config=DEEP_MID_UNET_CONFIG)  # a 32x32 latent
+@dataclass(frozen=True)
+class Model:
+    build: Callable[[Path], Path]
+    size: int  # image side in pixels
 
 
-MODEL_BUILDERS: dict[str, Callable[[Path], Path]] = {"tiny": lambda out: build_tiny_sd15(out, seed=SEED), "mid": build_mid}
+MODELS: dict[str, Model] = {
+    "tiny": Model(lambda out: build_tiny_sd15(out, seed=SEED), 64),
+    "mid": Model(lambda out: build_mid_sd15(out, size=64, seed=SEED, unet_config=DEEP_MID_UNET_CONFIG), 64),
+    "sd15": Model(lambda out: build_sd15_unet_model(out, latent_size=32, seed=SEED), 64),
+    "sd15-512": Model(lambda out: build_sd15_unet_model(out, latent_size=64, seed=SEED), 128),
+}  # every model here has the tiny VAE (factor 2): 64 px is a 32x32 latent
 
 
 def build_loras(model_dir: Path, out_dir: Path, count: int) -> list[Path]:
@@ -139,15 +154,15 @@ def plain_pipeline(model_dir: Path) -> StableDiffusionPipeline:
     return pipe
 
 
-def plain_runner(pipe: StableDiffusionPipeline) -> Callable[[int], Any]:
-    return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=SIZE, height=SIZE,
+def plain_runner(pipe: StableDiffusionPipeline, size: int) -> Callable[[int], Any]:
+    return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=size, height=size,
                               generator=torch.Generator().manual_seed(SEED))
 
 
-def composer_runner(pipe: Any, loras: Sequence[Path]) -> Callable[[int], Any]:
+def composer_runner(pipe: Any, loras: Sequence[Path], size: int) -> Callable[[int], Any]:
     specs = [LoraSpec(path) for path in loras]
     return lambda steps: pipe.generate(PROMPT, specs, Composer(boxes=strip_boxes(len(specs))), seed=SEED, steps=steps,
-                                       guidance_scale=GUIDANCE_SCALE, width=SIZE, height=SIZE, show_progress=False)
+                                       guidance_scale=GUIDANCE_SCALE, width=size, height=size, show_progress=False)
 
 
 def race(runners: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
@@ -189,18 +204,19 @@ def conditional_pass_seconds(unet: torch.nn.Module, latent_size: int, context_di
 # ------------------------------------------------------------------------------------ memory probes
 
 
-def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int) -> dict[str, float]:
+def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int) -> dict[str, float]:
     """Run one generation in this (fresh) process; its peak RSS."""
     torch.set_num_threads(1)
     if kind == "plain":
-        plain_runner(plain_pipeline(model_dir))(steps)
+        plain_runner(plain_pipeline(model_dir), size)(steps)
     else:
-        composer_runner(load_pipeline(model_dir, device="cpu"), loras)(steps)
+        composer_runner(load_pipeline(model_dir, device="cpu"), loras, size)(steps)
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int) -> float:
-    command = [sys.executable, __file__, "--probe", kind, "--model-dir", str(model_dir), "--steps", str(steps),
+def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int) -> float:
+    command = [sys.executable, __file__, "--probe", kind, "--model-dir", str(model_dir), "--steps",
+               str(min(steps, PROBE_STEPS)), "--size", str(size),
                *[arg for path in loras for arg in ("--lora-file", str(path))]]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(json.loads(output.strip().splitlines()[-1])["peak_rss_mib"])
@@ -210,42 +226,47 @@ def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: in
 
 
 def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list[Row], dict[str, Any]]:
+    model = MODELS[name]
     with quiet_loading():
-        model_dir = MODEL_BUILDERS[name](work_dir / name)
+        model_dir = model.build(work_dir / name)
         loras = build_loras(model_dir, work_dir / f"{name}-loras", max(settings.num_loras))
     pipe = load_pipeline(model_dir, device="cpu")
-    latent_size = SIZE // pipe.vae_scale_factor
+    latent_size = model.size // pipe.vae_scale_factor
     base_unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
-    passes = conditional_pass_seconds(base_unet, latent_size, pipe.text_encoder.config.hidden_size, 3)
-    plain = {"plain": plain_runner(plain_pipeline(model_dir))}
-    plain_peak = probed_peak_mib("plain", model_dir, [], settings.steps)
+    passes = conditional_pass_seconds(base_unet, latent_size, pipe.text_encoder.config.hidden_size, settings.repeats + 1)
+    unet_parameters = sum(p.numel() for p in base_unet.parameters())
+    del base_unet  # a third copy of the weights on SD1.5 size
+    plain = {"plain": plain_runner(plain_pipeline(model_dir), model.size)}
+    plain_peak = probed_peak_mib("plain", model_dir, [], settings.steps, model.size)
     rows, plain_seconds = [], math.inf
     for num_loras in settings.num_loras:
         chosen = loras[:num_loras]
-        seconds, results = race({**plain, "composer": composer_runner(pipe, chosen)}, settings.steps, settings.repeats)
+        seconds, results = race({**plain, "composer": composer_runner(pipe, chosen, model.size)}, settings.steps,
+                                settings.repeats)
         plain_seconds = min(plain_seconds, seconds.get("plain", math.inf))
         plain = {}  # plain diffusers has no N: timed alongside the first N only
         stats = results["composer"].stats
         floor = plain_seconds + stats.backward_passes * passes["forward_backward"] + passes["forward"]
         rows.append(Row(
-            name, num_loras, settings.steps, stats.backward_passes, stats.unet_calls, plain_seconds, seconds["composer"],
-            floor, passes["forward_backward"], plain_peak, probed_peak_mib("composer", model_dir, chosen, settings.steps),
+            name, model.size, num_loras, settings.steps, stats.backward_passes, stats.unet_calls, plain_seconds, seconds["composer"],
+            floor, passes["forward_backward"], plain_peak,
+            probed_peak_mib("composer", model_dir, chosen, settings.steps, model.size),
             sum(path.stat().st_size for path in chosen) / 2**20,
         ))
         print(f"  {name} N={num_loras}: plain {plain_seconds:.2f} s, composer {seconds['composer']:.2f} s, "
               f"floor {floor:.2f} s", file=sys.stderr, flush=True)
-    return rows, {"latent_size": latent_size, "unet_parameters": sum(p.numel() for p in base_unet.parameters()),
+    return rows, {"latent_size": latent_size, "unet_parameters": unet_parameters,
                   "conditional_pass_seconds": passes}
 
 
-COLUMNS = ("model", "N", "T", "refined", "UNet calls", "plain s", "composer s", "floor s", "composer/plain",
+COLUMNS = ("model", "px", "N", "T", "refined", "UNet calls", "plain s", "composer s", "floor s", "composer/plain",
            "composer/floor", "plain MiB", "composer MiB", "LoRA MiB", "mem/plain", "mem/(plain+LoRA)")
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|:---|" + "---:|" * (len(COLUMNS) - 1)]
     for r in rows:
-        cells = [r.model, r.num_loras, r.steps, r.refined_steps, r.unet_calls, f"{r.plain_seconds:.2f}",
+        cells = [r.model, r.size, r.num_loras, r.steps, r.refined_steps, r.unet_calls, f"{r.plain_seconds:.2f}",
                  f"{r.composer_seconds:.2f}", f"{r.floor_seconds:.2f}", f"{r.wall_ratio:.2f}", f"{r.floor_ratio:.2f}",
                  f"{r.plain_peak_mib:.0f}", f"{r.composer_peak_mib:.0f}", f"{r.lora_mib:.2f}", f"{r.memory_ratio:.3f}",
                  f"{r.memory_vs_target:.3f}"]
@@ -256,30 +277,35 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 steps, one repeat (< 3 min on this CPU)")
-    parser.add_argument("--models", default=None, help="comma-separated: tiny, mid (default: tiny for --quick, both otherwise)")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated: {', '.join(MODELS)} (default: tiny for --quick, tiny,mid otherwise)")
+    parser.add_argument("--steps", type=int, help="denoising steps T (default: 8 with --quick, else 30)")
+    parser.add_argument("--repeats", type=int, help="timed rounds, best kept (default: 1 with --quick, else 2)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (atomically)")
     parser.add_argument("--probe", choices=("plain", "composer"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--lora-file", type=Path, action="append", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
     default = "tiny" if args.quick else "tiny,mid"
     models = tuple(name.strip() for name in (args.models or default).split(",") if name.strip())
-    unknown = sorted(set(models) - set(MODEL_BUILDERS))
+    unknown = sorted(set(models) - set(MODELS))
     if unknown:
-        raise SystemExit(f"--models: unknown model {unknown[0]!r}; use {', '.join(MODEL_BUILDERS)}")
-    if args.quick:
-        return Settings((2, 3, 4), 8, 1, models, True)
-    return Settings((2, 3, 4), 30, 2, models, False)
+        raise SystemExit(f"--models: unknown model {unknown[0]!r}; use {', '.join(MODELS)}")
+    steps = args.steps or (8 if args.quick else 30)
+    repeats = args.repeats or (1 if args.quick else 2)
+    if steps < 1 or repeats < 1:
+        raise SystemExit("--steps and --repeats must be at least 1")
+    return Settings((2, 3, 4), steps, repeats, models, args.quick)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args.probe, args.model_dir, args.lora_file, args.steps)))
+        print(json.dumps(probe(args.probe, args.model_dir, args.lora_file, args.steps, args.size)))
         return 0
     settings = make_settings(args)
     torch.set_num_threads(1)

@@ -446,7 +446,8 @@ class Composer(CompositionMethod):
 
     def _region_attention(self, states: Sequence[torch.Tensor]) -> RegionAttention:
         regions = [Region(box, state, lora.name) for box, state, lora in zip(self.boxes, states, self.loras)]
-        return RegionAttention(regions, isolate_self_attention=self.isolate)
+        # Region prompts and LoRA scalings are fixed for the generation: their K/V are computed once per layer.
+        return RegionAttention(regions, isolate_self_attention=self.isolate, reuse_region_key_values=True)
 
     def _concept_tokens(self, run: Denoiser, index: int) -> list[int]:
         tokenizers = getattr(run, "tokenizers", None)

@@ -34,6 +34,7 @@ from loracompose.attention import (
     token_mask,
     token_masked_projection,
 )
+from loracompose.attention.kernels import dense_bias
 from loracompose.attention.lora_deltas import check_adapters_loaded
 from loracompose.errors import UserError
 
@@ -435,6 +436,36 @@ def test_region_covering_image_equals_plain_attention_with_its_states():
     assert (regional - plain).abs().max() < TOLERANCE
 
 
+def test_reused_region_key_values_equal_fresh_ones_and_are_built_once_per_layer(monkeypatch):
+    import loracompose.attention.processor as processor_module
+
+    unet = make_unet("sd15")
+    add_lora(unet, "cat", seed=11)
+    unet.disable_lora()
+    cat_states = torch.randn(2, 77, 32)
+    builds = []
+    build = processor_module._region_key_value
+    monkeypatch.setattr(processor_module, "_region_key_value", lambda *args: builds.append(1) or build(*args))
+
+    def two_calls(reuse: bool) -> list[torch.Tensor]:
+        regions = RegionAttention([Region(Box(0.0, 0.0, 0.6, 1.0), cat_states, "cat")], reuse_region_key_values=reuse)
+        outputs = []
+        with torch.no_grad(), install_everywhere(unet, select_layers(unet, "cross"), regions=regions):
+            for seed in (1, 2):
+                latents, states, extra = make_inputs(unet, 12, 20, seed=seed)
+                outputs.append(run_unet(unet, latents, states, extra))
+        return outputs
+
+    fresh = two_calls(reuse=False)
+    cross_layers = len(select_layers(unet, "cross"))
+    assert len(builds) == 2 * cross_layers
+    builds.clear()
+    reused = two_calls(reuse=True)
+    assert len(builds) == cross_layers
+    assert all((a - b).abs().max() < TOLERANCE for a, b in zip(fresh, reused))
+    assert (fresh[0] - fresh[1]).abs().max() > 1e-3
+
+
 def test_region_cross_attention_matches_formula_with_overlap_and_adapters():
     unet = make_unet("sd15")
     add_lora(unet, "cat", seed=11)
@@ -488,6 +519,25 @@ def test_isolation_gives_zero_weight_to_other_regions(backend):
     assert torch.all(weights[:, :, in_a][..., in_a | background] > 0)  # own region and background stay open
     assert torch.all(weights[:, :, background] > 0)  # background queries are unrestricted
     assert (weights.sum(-1) - 1).abs().max() < TOLERANCE
+
+
+def test_grouped_isolation_equals_masked_softmax_with_overlaps_forward_and_backward():
+    grid = LatentGrid(12, 20)
+    boxes = [Box(0.0, 0.0, 0.45, 1.0), Box(0.35, 0.0, 0.75, 0.6), Box(0.7, 0.3, 1.0, 1.0)]
+    regions = RegionAttention([Region(box) for box in boxes])
+    kernel = attention_kernel("sdpa")
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 12 * 20, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    codes = regions.codes(grid, 0, torch.device("cpu"))
+    assert len(regions.isolation_groups(grid, 0, torch.device("cpu"))) == len(torch.unique(codes)) >= 6  # overlaps
+    grouped = regions.isolated_attention(kernel, q, k, v, scale=0.3, grid=grid, level=0)
+    masked = ((q @ k.transpose(-1, -2)) * 0.3 + dense_bias(None, codes, torch.float64)).softmax(-1) @ v
+    assert (grouped - masked).abs().max() < TOLERANCE
+    upstream = torch.randn(grouped.shape, generator=generator, dtype=torch.float64)
+    grouped_grads = torch.autograd.grad(grouped, (q, k, v), upstream)
+    masked_grads = torch.autograd.grad(masked, (q, k, v), upstream)
+    assert all((a - b).abs().max() < TOLERANCE for a, b in zip(grouped_grads, masked_grads))
 
 
 def test_isolation_processor_matches_masked_softmax():

@@ -88,30 +88,26 @@ def test_full_image_box_equals_plain_run_with_lora_on_cross_attention(model, req
 # ------------------------------------------------------------------------------------ isolation, measured
 
 
-class WeightSpy:
-    """Wraps a kernel; on every isolated self-attention call also measures the attention weights
-    (the same kernel and mask with an identity as values)."""
-
-    def __init__(self, kernel, records: list, level: int):
-        self.kernel, self.records, self.level, self.name = kernel, records, level, kernel.name
-
-    def build_mask(self, **kwargs):
-        return self.kernel.build_mask(**kwargs)
-
-    def attend(self, q, k, v, *, scale, mask=None):
-        if mask is not None and q.shape[2] == k.shape[2]:
-            identity = torch.eye(k.shape[2], dtype=q.dtype).expand(k.shape[0], k.shape[1], -1, -1).contiguous()
-            self.records.append((self.level, self.kernel.attend(q, k, identity, scale=scale, mask=mask)))
-        return self.kernel.attend(q, k, v, scale=scale, mask=mask)
-
-
 class SpiedComposer(Composer):
+    """Composer whose isolated self-attention calls also measure their attention weights: the same
+    call with an identity as values returns each query's weight on every key."""
+
     def start(self, run):
-        super().start(run)
         self.weights = []
-        for name, processor in self.processors.items():
-            if name.endswith("attn1"):
-                processor.kernel = WeightSpy(processor.kernel, self.weights, processor.layer.level)
+        super().start(run)
+
+    def _region_attention(self, states):
+        regions = super()._region_attention(states)
+        isolated_attention = regions.isolated_attention
+
+        def spy(kernel, query, key, value, *, scale, grid, level):
+            identity = torch.eye(key.shape[2], dtype=query.dtype).expand(key.shape[0], key.shape[1], -1, -1)
+            weights = isolated_attention(kernel, query, key, identity.contiguous(), scale=scale, grid=grid, level=level)
+            self.weights.append((level, weights))
+            return isolated_attention(kernel, query, key, value, scale=scale, grid=grid, level=level)
+
+        regions.isolated_attention = spy
+        return regions
 
 
 def test_isolation_gives_exactly_zero_attention_between_boxes(sd15, sd15_lora_files):
