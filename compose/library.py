@@ -159,7 +159,7 @@ def open_library(folder: str | Path, *, index_path: str | Path | None = None, wr
         index_path: where the JSON index lives; default ``<folder>/.loracompose-index.json``.
         write: rewrite the index file when the scan changed it (False: read-only use).
     """
-    root = _library_root(folder)
+    root = library_root(folder)
     index_file = Path(index_path) if index_path is not None else root / INDEX_FILE
     previous, rebuilt = read_index(index_file)
     current = LibraryIndex(root, index_file)
@@ -180,7 +180,8 @@ def open_library(folder: str | Path, *, index_path: str | Path | None = None, wr
     return current
 
 
-def _library_root(folder: str | Path) -> Path:
+def library_root(folder: str | Path) -> Path:
+    """``folder`` resolved, or UserError when it is missing or a file."""
     root = Path(folder).expanduser()
     if not root.exists():
         raise UserError(f"--library {root}: folder not found; give the folder that holds your LoRA files")

@@ -29,7 +29,8 @@ from loracompose.pipelines import load_pipeline
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER
 from loracompose.ui import UiOptions, resolve_settings
 from loracompose.ui.app import AppSettings, LoraComposeApp, launch_app
-from loracompose.ui.library import TABLE_HEADERS, UploadStore, safe_file_stem
+from loracompose.library import open_library
+from loracompose.ui.library import TABLE_HEADERS, UploadStore, safe_file_stem, scan_library
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -360,6 +361,22 @@ def test_upload_store_sanitises_names_and_checks_size(sd15_lora_files, tmp_path)
     with pytest.raises(UserError, match="upload limit"):
         UploadStore(tmp_path / "small", max_bytes=10).store(sd15_lora_files[0], "big.safetensors")
     assert not (tmp_path / "small").exists() and not (tmp_path / "etc").exists()
+
+
+def test_library_scan_finds_what_the_library_index_finds_and_skips_bad_files(sd15_lora_files, tmp_path, caplog):
+    library = tmp_path / "library"
+    (library / "people").mkdir(parents=True)
+    (library / ".trash").mkdir()
+    shutil.copy(sd15_lora_files[0], library / "people" / "hero.safetensors")
+    shutil.copy(sd15_lora_files[1], library / ".trash" / "old.safetensors")  # hidden: skipped, as by the index
+    (library / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (library / "pickled.ckpt").write_bytes(b"\x80\x04")
+    entries = scan_library(library)
+    assert [(entry.name, entry.path) for entry in entries] == [("hero", library / "people" / "hero.safetensors")]
+    assert "broken.safetensors" in caplog.text and "pickled.ckpt" in caplog.text
+    assert [entry.file for entry in open_library(library, write=False).entries.values()] == ["people/hero.safetensors"]
+    with pytest.raises(UserError, match="--library .*not found"):
+        scan_library(tmp_path / "missing")
 
 
 def test_ui_command_parses_and_serves_with_options(monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from loracompose.errors import UserError
+from loracompose.library import PICKLED_SUFFIXES, library_files, library_root
 from loracompose.lora import ARCHITECTURE_NAMES, LoraSpec, adapter_name_for, inspect_lora
 from loracompose.outputs import file_sha256
 
@@ -107,14 +108,16 @@ class LoraCatalog:
 
 
 def scan_library(folder: Path | None) -> list[LoraEntry]:
-    """The valid ``.safetensors`` LoRAs under ``folder`` (recursively); bad files are logged and skipped."""
+    """The valid ``.safetensors`` LoRAs under ``folder``, found as ``loracompose library`` finds them
+    (recursively, hidden names skipped); bad and pickled files are logged and skipped."""
     if folder is None:
         return []
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"--library {folder} is not a folder; give the folder that holds your .safetensors LoRAs")
+    root = library_root(folder)
     entries = []
-    for path in sorted(folder.rglob(f"*{SAFETENSORS_SUFFIX}")):
+    for path in library_files(root):
+        if path.suffix.lower() in PICKLED_SUFFIXES:
+            log.warning("skipping %s: a pickled format (can run code); convert it to safetensors", path)
+            continue
         try:
             entries.append(describe_lora_file(path, adapter_name_for(path), "library"))
         except UserError as error:
