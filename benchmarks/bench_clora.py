@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -59,6 +58,7 @@ from loracompose.clora import CLoRA, frozen_parameters  # noqa: E402
 from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.adapters import BASE_ROW, AdapterController  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
+from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                "diffusers": diffusers.__version__,
-                               "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                               "process_peak_rss_mb": peak_rss_bytes() / 2**20},
                    "seconds": time.perf_counter() - started}
         atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     return 0

@@ -25,7 +25,9 @@ Composer can come in under this floor, which counts full passes as the spec's co
 
 Peak memory is the peak RSS of a fresh process (``--probe``) that loads the model and runs one
 generation of min(T, 3) steps (every refined step peaks alike, in its backward pass): on CPU the
-allocator has no peak counter and the process high-water mark would mix runs.
+allocator has no peak counter and the process high-water mark would mix runs. It is the memory map's
+high-water mark (``VmHWM``), not ``ru_maxrss``, which a child started by vfork + exec inherits from
+this large parent (an early run read 8230 MiB for a 4.7 GB composer run that way).
 Target: composer <= (plain + LoRA file bytes) x 1.1.
 
     python benchmarks/bench_composer.py --quick
@@ -40,7 +42,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ from loracompose.attention import Box  # noqa: E402
 from loracompose.composer import Composer  # noqa: E402
 from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
+from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 PROMPT = "a photo of friends in a garden"
@@ -211,7 +213,7 @@ def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: i
         plain_runner(plain_pipeline(model_dir), size)(steps)
     else:
         composer_runner(load_pipeline(model_dir, device="cpu"), loras, size)(steps)
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
 def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int) -> float:

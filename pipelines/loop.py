@@ -141,8 +141,25 @@ class MemoryMeter:
     def peak(self) -> tuple[int, str]:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+        return peak_rss_bytes(), "process_peak_rss"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes.
+
+    On Linux the memory map's own high-water mark (``VmHWM``): ``ru_maxrss`` also keeps the peak of the
+    parent's memory when a subprocess was started with vfork + exec, so a small child of a large
+    parent would read the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class Denoiser:

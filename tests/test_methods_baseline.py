@@ -169,3 +169,18 @@ def test_adapters_left_inactive_after_generate(setup):
     pipe.generate("a cat", [LoraSpec(loras[0])], Merge(), seed=0, **COMMON)
     probe = next(m for m in pipe.unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
     assert list(probe.active_adapters) == []
+
+
+def test_peak_rss_is_this_process_not_a_larger_parent():
+    import subprocess
+    import sys
+
+    from loracompose.pipelines.loop import peak_rss_bytes
+
+    ballast = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched: the parent's peak now includes it
+    parent = peak_rss_bytes()
+    assert parent >= ballast.numel() * 4
+    code = "from loracompose.pipelines.loop import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert 0 < child < parent - ballast.numel() * 4 // 2, "the child read its parent's peak"
+    del ballast
