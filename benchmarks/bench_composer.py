@@ -283,6 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"comma-separated: {', '.join(MODELS)} (default: tiny for --quick, tiny,mid otherwise)")
     parser.add_argument("--steps", type=int, help="denoising steps T (default: 8 with --quick, else 30)")
     parser.add_argument("--repeats", type=int, help="timed rounds, best kept (default: 1 with --quick, else 2)")
+    parser.add_argument("--num-loras", default="2,3,4", help="comma-separated concept counts N (default: 2,3,4)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (atomically)")
     parser.add_argument("--probe", choices=("plain", "composer"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -299,9 +300,13 @@ def make_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--models: unknown model {unknown[0]!r}; use {', '.join(MODELS)}")
     steps = args.steps or (8 if args.quick else 30)
     repeats = args.repeats or (1 if args.quick else 2)
-    if steps < 1 or repeats < 1:
-        raise SystemExit("--steps and --repeats must be at least 1")
-    return Settings((2, 3, 4), steps, repeats, models, args.quick)
+    try:
+        num_loras = tuple(int(count) for count in args.num_loras.split(","))
+    except ValueError:
+        raise SystemExit(f"--num-loras {args.num_loras!r}: give comma-separated counts such as 2,3,4") from None
+    if steps < 1 or repeats < 1 or min(num_loras) < 1:
+        raise SystemExit("--steps, --repeats and every --num-loras count must be at least 1")
+    return Settings(num_loras, steps, repeats, models, args.quick)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
