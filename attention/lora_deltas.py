@@ -77,13 +77,17 @@ def adapter_delta(layer: LoraLayer, x: torch.Tensor, adapter: str) -> torch.Tens
 
 
 def adapter_projection(layer: torch.nn.Module, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
-    """The base projection plus only ``adapter``'s delta; the layer's own forward when ``adapter`` is None."""
-    if adapter is None:
+    """The base projection plus only ``adapter``'s delta; the layer's own forward when ``adapter`` is None.
+
+    A LoRA with no weights on this projection has a zero delta here: the base projection alone (check
+    adapter names once with :func:`check_adapters_loaded`; a misspelt name is not caught per layer).
+    """
+    if adapter is None or not isinstance(layer, LoraLayer):
         return layer(x)
-    if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
-        raise UserError(f"LoRA {adapter!r} has no weights on this attention projection; load it on the UNet "
-                        "(to_k, to_v, to_out.0) or leave the region's adapter empty")
-    return layer.get_base_layer()(x) + adapter_delta(layer, x, adapter)
+    base = layer.get_base_layer()(x)
+    if adapter not in layer.lora_A:
+        return base
+    return base + adapter_delta(layer, x, adapter)
 
 
 def token_masked_projection(layer: torch.nn.Module, x: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -77,7 +77,8 @@ class Region:
     ``encoder_hidden_states``: the region prompt's text states (batch|1, tokens, dim), CFG rows like the
     UNet batch; None uses the global prompt's states.
     ``adapter``: the LoRA whose attn2 ``to_k``/``to_v``/``to_out.0`` deltas this region uses (at that
-    adapter's own scaling, whether or not it is active); None uses the layers as they are.
+    adapter's own scaling, whether or not it is active; the base projection where it has no weights);
+    None uses the layers as they are.
     """
 
     area: Box | torch.Tensor

@@ -45,7 +45,9 @@ Departures from the public code (its pitfalls, §8.7) and choices where the spec
   :meth:`Box.from_pixels`. A box that covers no cell of the attention-map level adds no loss term
   and is not re-initialised (it still gets its concept injected at finer levels).
 * Community LoRAs: region prompts are encoded with that LoRA's text-encoder deltas and the
-  generation's negative prompt (the unconditional rows); attn1, FFN and ``to_q`` deltas are unused.
+  generation's negative prompt (the unconditional rows); attn1, FFN and ``to_q`` deltas are unused. A
+  LoRA with weights on only some cross-attention projections (some blocks) is injected where it has
+  them, through the base projection elsewhere; one with none of them is refused.
 * The smoothing kernel is the textbook Gaussian exp(-d²/2σ²) with reflect padding (the reference's
   copy of Attend-and-Excite uses exp(-(d/2σ)²)); G_k uses linspace(-1, 1) over the box's cells.
 * Re-initialisation copies every window from the initial noise (not from a partly rewritten one)
@@ -56,6 +58,7 @@ Departures from the public code (its pitfalls, §8.7) and choices where the spec
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +89,8 @@ from loracompose.attention import (
 )
 from loracompose.attention.layers import ProcessorHandle
 from loracompose.pipelines.loop import BASE, Branch, Denoiser, Prediction, Step
+
+log = logging.getLogger(__name__)
 
 # methods.md §8.7
 BOX_LOSS_WEIGHT = 8.0
@@ -433,7 +438,10 @@ class Composer(CompositionMethod):
         names = [lora.name for lora in self.loras]
         check_adapters_loaded(run.unet, names)
         for name in names:
-            check_cross_attention_coverage(run.unet, name)
+            covered, total = check_cross_attention_coverage(run.unet, name)
+            if covered < total:  # e.g. a LoRA trained on some blocks only: its delta is zero elsewhere
+                log.info("composer: LoRA %s has weights on %d of %d cross-attention projections; on the others "
+                         "its region uses the base projection (a zero delta there)", name, covered, total)
         # The UNet runs the base model; regions add their LoRA's deltas at that LoRA's scaling.
         run.adapters.activate({}, components=["unet"])
         run.adapters.set_weights({lora.name: lora.weight for lora in self.loras}, components=["unet"])
@@ -616,14 +624,16 @@ def concept_token_positions(tokenizers: Sequence[Any], region_prompt: str, trigg
     return list(range(1, last + 1))
 
 
-def check_cross_attention_coverage(unet: torch.nn.Module, adapter: str) -> None:
-    """UserError unless ``adapter`` has LoRA weights on every cross-attention to_k, to_v and to_out.0
-    (the projections LoRA-Composer injects a concept through)."""
+def check_cross_attention_coverage(unet: torch.nn.Module, adapter: str) -> tuple[int, int]:
+    """(covered, total): how many of the UNet's cross-attention to_k, to_v and to_out.0 projections (the
+    ones LoRA-Composer injects a concept through) ``adapter`` has LoRA weights on. UserError when none:
+    such a LoRA could only reach its region through the text encoder."""
     projections = [projection for module in unet.modules()
                    if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
                    for projection in (module.to_k, module.to_v, module.to_out[0])]
-    missing = sum(1 for p in projections if not (isinstance(p, LoraLayer) and adapter in p.lora_A))
-    if missing:
-        raise UserError(f"LoRA {adapter} has no weights on {missing} of the {len(projections)} cross-attention "
+    covered = sum(1 for p in projections if isinstance(p, LoraLayer) and adapter in p.lora_A)
+    if covered == 0:
+        raise UserError(f"LoRA {adapter} has no weights on any of the {len(projections)} cross-attention "
                         "to_k/to_v/to_out.0 projections LoRA-Composer injects concepts through; use a LoRA "
                         "trained on the UNet's attention layers")
+    return covered, len(projections)

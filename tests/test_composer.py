@@ -25,6 +25,7 @@ from loracompose.composer import (
     best_window,
     box_attention_loss,
     box_gaussian,
+    check_cross_attention_coverage,
     fill_loss,
     parse_box,
     region_leakage_loss,
@@ -83,6 +84,45 @@ def test_full_image_box_equals_plain_run_with_lora_on_cross_attention(model, req
     reference = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
     assert np.abs(reference - base).max() > 1e-3, "the LoRA must change the image for this test to mean anything"
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def keys_kept(source: Path, out: Path, keep) -> Path:
+    """A copy of a LoRA file with only the tensors whose key ``keep`` accepts, and no diffusers adapter
+    config (as in a kohya file): PEFT then puts a layer only where the file has weights."""
+    with safe_open(str(source), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata.pop("lora_adapter_metadata", None)
+    save_file({key: value for key, value in load_file(source).items() if keep(key)}, str(out), metadata=metadata)
+    return out
+
+
+def test_lora_on_some_cross_attention_blocks_is_injected_where_it_has_weights(sd15, tiny_sd15_dir, sd15_lora_files,
+                                                                               tmp_path):
+    cross = cross_attention_only(sd15_lora_files[0], tmp_path / "cross.safetensors", keep_text_encoder=True)
+    partial = keys_kept(cross, tmp_path / "up-only.safetensors",
+                        lambda key: key.startswith("text_encoder") or "up_blocks" in key)
+    assert any("down_blocks" in key and "attn2" in key for key in load_file(cross)), "the model must lose layers"
+    region_prompt = "a zkx cat on a rug"
+    method = Composer(boxes=(Box(0, 0, 1, 1),), region_prompts=(region_prompt,), refine=False, isolate=False,
+                      reinitialise=False)
+    ours = sd15.generate("a quiet street", [LoraSpec(partial, 0.8)], method, seed=3, steps=2, height=48, width=80,
+                         output_type="np", **COMMON).images[0]
+
+    plain = plain_diffusers(tiny_sd15_dir, False)
+    kwargs = dict(num_inference_steps=2, guidance_scale=6.0, height=48, width=80, output_type="np")
+    full = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    plain.load_lora_weights(str(partial), adapter_name="ref")
+    plain.set_adapters(["ref"], [0.8])
+    reference = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    assert np.abs(reference - full).max() > 1e-3, "the partial LoRA must change the image for this test to mean anything"
+    covered, total = check_cross_attention_coverage(plain.unet, "ref")
+    assert 0 < covered < total
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+    self_attention_only = keys_kept(sd15_lora_files[0], tmp_path / "attn1.safetensors", lambda key: "attn1" in key)
+    with pytest.raises(UserError, match="no weights on any of the .* cross-attention") as error:
+        sd15.generate("a cat", [LoraSpec(self_attention_only)], Composer(), steps=1, output_type="latent", **COMMON)
+    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------ isolation, measured
