@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from loracompose.errors import UserError
 
@@ -250,3 +251,40 @@ def stop_after_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def checkpoint_outside_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iterator[None]:
+    """Gradient checkpointing, inside the block, on every UNet unit (resnet, transformer block) that
+    holds none of the named layers.
+
+    For a pass whose loss reads those layers' captures and whose gradient goes back to the input
+    (LoRA-Composer's refinement): the units in between keep only their inputs for the backward and run
+    their forward again during it (non-reentrant ``torch.utils.checkpoint``), so the pass's activation
+    memory is little more than the named layers' own; the units holding the named layers run once,
+    as before, so what they capture is recorded once and an early stop raised there (see
+    :func:`stop_after_layers`) never leaves a checkpointed unit half-run. Nothing changes while
+    gradients are off (diffusers checkpoints only under grad). The recomputation in the backward
+    replays the units' own forward and needs nothing from this block, so the backward may run after
+    it; it must run before the UNet is called again (the processors' per-call state is replayed).
+    """
+    keep = {unet.get_submodule(".".join(parts[:depth]))
+            for parts in (name.split(".") for name in layer_names) for depth in range(1, len(parts) + 1)}
+    # A unit that checkpoints units of its own runs as it is: those are checkpointed one by one.
+    keep |= {module for module in unet.modules()
+             if any(hasattr(inner, "gradient_checkpointing") for inner in module.modules() if inner is not module)}
+
+    def run_unit(unit: torch.nn.Module, *args: Any) -> Any:
+        if unit in keep:
+            return unit(*args)
+        return torch.utils.checkpoint.checkpoint(unit.__call__, *args, use_reentrant=False)
+
+    was_checkpointing = unet.is_gradient_checkpointing
+    unet.enable_gradient_checkpointing(run_unit)
+    try:
+        yield
+    finally:
+        if was_checkpointing:
+            unet.enable_gradient_checkpointing()  # diffusers' own function
+        else:
+            unet.disable_gradient_checkpointing()

@@ -97,7 +97,7 @@ def _composer(args: argparse.Namespace):
     return Composer(boxes=tuple(parse_box(text) for text in args.box),
                     region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
                     refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
-                    reinitialise=not args.composer_no_reinit)
+                    reinitialise=not args.composer_no_reinit, checkpoint_refinement=not args.composer_no_checkpointing)
 
 
 def _tara(args: argparse.Namespace):
@@ -206,6 +206,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--composer-no-refine", action="store_true", help="composer: no test-time latent refinement")
     parser.add_argument("--composer-no-isolate", action="store_true", help="composer: no self-attention isolation")
     parser.add_argument("--composer-no-reinit", action="store_true", help="composer: no latent re-initialisation")
+    parser.add_argument("--composer-no-checkpointing", action="store_true",
+                        help="composer: keep every activation of the refinement pass (faster, more memory)")
     add_auto_lora_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,7 @@ from loracompose.attention import (
     attention_layers,
     attention_map_layers,
     check_adapters_loaded,
+    checkpoint_outside_layers,
     install_processors,
     processors_for,
     stop_after_layers,
@@ -348,6 +349,10 @@ class Composer(CompositionMethod):
         reinitialise: copy the best window of the initial noise into each box (§8.6).
         box_weight, fill_weight, region_weight, top_k_ratio: the losses' weights and top-k share.
         step_size, final_step_fraction, last_refined_step, patience_step: φ_i and the stop rule.
+        checkpoint_refinement: gradient checkpointing on the refinement pass's units outside the map
+            blocks (attention.checkpoint_outside_layers): its activations then stay near the map
+            blocks' own (SD1.5 at 512 px: peak within plain + 3% instead of + 18%) for one more
+            forward of those units per refined step; False keeps every activation and skips it.
         backend: attention kernel (``"sdpa"``; ``"flex"`` has no CPU backward, so no refinement there).
     """
 
@@ -365,6 +370,7 @@ class Composer(CompositionMethod):
     final_step_fraction: float = 0.5
     last_refined_step: int = 25
     patience_step: int = 5
+    checkpoint_refinement: bool = True
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -569,7 +575,7 @@ class Composer(CompositionMethod):
     def _refine(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         schedule = self.schedule(step.num_steps)
         latent = latents.detach().requires_grad_(True)
-        with frozen_parameters(run.unet), torch.enable_grad():
+        with frozen_parameters(run.unet), torch.enable_grad(), self._checkpointing(run.unet):
             # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
             maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
             losses = self.refinement_losses(maps)
@@ -584,6 +590,11 @@ class Composer(CompositionMethod):
         self._refining = self._refining & ~schedule.stops_after(step.index, values, self._previous_loss)
         self._previous_loss = values
         return latents.detach()
+
+    def _checkpointing(self, unet: torch.nn.Module) -> ContextManager[None]:
+        if not self.checkpoint_refinement:
+            return nullcontext()
+        return checkpoint_outside_layers(unet, self._cross_map_layers + self._self_map_layers)
 
     # -- re-initialisation (§8.6) ----------------------------------------------------------------
     def _reinitialise(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:

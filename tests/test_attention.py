@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -26,6 +27,7 @@ from loracompose.attention import (
     attention_layers,
     attention_map_layers,
     available_backends,
+    checkpoint_outside_layers,
     deepest_attention_level,
     install_processors,
     processors_for,
@@ -201,6 +203,39 @@ def test_stop_after_layers_keeps_the_maps_and_skips_the_rest():
     with stop_after_layers(unet, [layers[0].name]) as never:
         pass
     assert not never.stopped
+
+
+def test_checkpoint_outside_layers_recomputes_the_other_units_and_keeps_the_gradient():
+    unet = make_unet("sd15")
+    latents, states, extra = make_inputs(unet, batch=1)
+    layers = attention_map_layers(unet)
+    names = [layer.name for layer in layers] + [layer.name.removesuffix("attn2") + "attn1" for layer in layers]
+    store = AttentionStore(token_indices=[1, 2], requires_grad=True)
+    units = {"outside": unet.down_blocks[0].resnets[0], "map block": unet.get_submodule(layers[0].name.removesuffix(".attn2"))}
+    calls = dict.fromkeys(units, 0)
+    hooks = [unit.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, unit in units.items()]
+
+    def gradient(checkpointed: bool) -> tuple[torch.Tensor, dict[str, int]]:
+        calls.update(dict.fromkeys(units, 0))
+        x = latents.clone().requires_grad_(True)
+        with checkpoint_outside_layers(unet, names) if checkpointed else contextlib.nullcontext():
+            with stop_after_layers(unet, names):
+                run_unet(unet, x, states, extra)
+        (grad,) = torch.autograd.grad(store.maps().square().sum(), x)  # the backward runs after the block
+        return grad, dict(calls)
+
+    try:
+        with install_everywhere(unet, layers, store=store):
+            stored, stored_calls = gradient(checkpointed=False)
+            recomputed, recomputed_calls = gradient(checkpointed=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert stored_calls == {"outside": 1, "map block": 1}
+    assert recomputed_calls == {"outside": 2, "map block": 1}, "units outside the map blocks run again in the backward"
+    torch.testing.assert_close(recomputed, stored, atol=1e-6, rtol=1e-5)
+    assert not unet.is_gradient_checkpointing, "the UNet's own setting is restored"
 
 
 def test_backend_errors():

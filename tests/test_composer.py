@@ -152,7 +152,8 @@ class SpiedComposer(Composer):
 
 def test_isolation_gives_exactly_zero_attention_between_boxes(sd15, sd15_lora_files):
     a, b = Box(0.0, 0.0, 0.4, 1.0), Box(0.6, 0.0, 1.0, 1.0)
-    method = SpiedComposer(boxes=(a, b), reinitialise=False)
+    # checkpoint_refinement=False: the backward recomputes no self-attention, so each call is measured once
+    method = SpiedComposer(boxes=(a, b), reinitialise=False, checkpoint_refinement=False)
     sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files], method, seed=0, steps=1, height=48,
                   width=80, output_type="latent", **COMMON)
     grid = LatentGrid(24, 40)
@@ -309,6 +310,28 @@ def test_refinement_trace_follows_step_sizes_and_stop_rule(sd15, sd15_lora_files
     assert (counter.calls, counter.rows) == (steps + 6, 2 * steps + 6)
 
 
+def test_checkpointed_refinement_equals_the_stored_one_and_recomputes_once_per_backward(sd15, sd15_lora_files):
+    resnet = sd15.unet.down_blocks[0].resnets[0]  # outside every map block
+    runs = {}
+    for checkpointed in (False, True):
+        calls = []
+        hook = resnet.register_forward_pre_hook(lambda *_: calls.append(1))
+        method = Composer(boxes=(LEFT, RIGHT), checkpoint_refinement=checkpointed)
+        try:
+            result = sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files], method, seed=0, steps=4,
+                                   output_type="latent", **COMMON)
+        finally:
+            hook.remove()
+        runs[checkpointed] = (result, method.refinement_trace, len(calls))
+    (stored, stored_trace, stored_calls), (recomputed, recomputed_trace, recomputed_calls) = runs[False], runs[True]
+    assert stored.stats.backward_passes == 4
+    assert recomputed_calls == stored_calls + recomputed.stats.backward_passes
+    torch.testing.assert_close(torch.tensor([r.losses for r in recomputed_trace]),
+                               torch.tensor([r.losses for r in stored_trace]), atol=0, rtol=1e-5)
+    torch.testing.assert_close(recomputed.images, stored.images, atol=1e-5, rtol=1e-5)
+    assert not sd15.unet.is_gradient_checkpointing
+
+
 # ------------------------------------------------------------------------------------ re-initialisation
 
 
@@ -428,6 +451,10 @@ def test_cli_composer_with_boxes_and_region_prompts(tmp_path, tiny_sd15_dir, sd1
     record = json.loads((out / "composer-0.json").read_text())
     assert [list(box.values()) for box in record["method_settings"]["boxes"]] == [[0, 0, 0.5, 1], [0.5, 0.2, 1, 0.8]]
     assert record["method_settings"]["region_prompts"] == ["a zkx cat", ""]
+    assert record["method_settings"]["checkpoint_refinement"] is True
+    assert main([*args[:-2], "--composer-no-checkpointing", "--out", str(tmp_path / "stored")]) == 0
+    stored = json.loads((tmp_path / "stored" / "composer-0.json").read_text())
+    assert stored["method_settings"]["checkpoint_refinement"] is False
     capsys.readouterr()
     assert main([*args[:-2], "--box", "0,0,2,1", "--out", str(tmp_path / "bad")]) == 2
     assert "--box '0,0,2,1' is outside the image" in capsys.readouterr().err
