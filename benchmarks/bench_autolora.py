@@ -31,9 +31,7 @@ LoRA), ``diffusers+N`` (stock, N LoRAs active), ``merge`` (``generate`` + Merge)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,16 +47,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers sleep (read when torch loads)
 
-import diffusers  # noqa: E402
-import peft  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from loracompose import LoraSpec, Merge, load_pipeline  # noqa: E402
 from loracompose.autolora import AutoLoRA, GateSet, lora_layer_channels, save_gates  # noqa: E402
 from loracompose.library import open_library  # noqa: E402
-from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.retrieval import (  # noqa: E402
     EmbeddingCache,
@@ -72,6 +67,8 @@ from loracompose.retrieval import (  # noqa: E402
     read_unet_factors,
 )
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
+
+from bench_common import interleaved, machine_info, stock_pipeline, write_json  # noqa: E402
 
 SIZE = 64
 SEED = 0
@@ -175,16 +172,6 @@ def measure_retrieval(model: Path, template: Path, scratch: Path, plan: Plan) ->
 # --- gated fusion --------------------------------------------------------------------------------
 
 
-def stock_pipeline(model: Path, loras: Sequence[Path] = ()) -> StableDiffusionPipeline:
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-        for index, path in enumerate(loras):
-            pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def stock_runner(pipe: StableDiffusionPipeline, plan: Plan, num_loras: int) -> Callable[[], None]:
     def run() -> None:
         if num_loras:
@@ -212,24 +199,6 @@ def random_gate_file(pipe: Any, specs: Sequence[LoraSpec], out: Path) -> Path:
         for parameter in gates.parameters():
             parameter.normal_()
     return save_gates(gates, out)
-
-
-Times = dict[str, list[float]]
-
-
-def interleaved(runners: dict[str, Callable[[], None]], rounds: int) -> tuple[Times, Times]:
-    """One warm-up round, then ``rounds`` rounds running every configuration once: wall and CPU seconds."""
-    for run in runners.values():
-        run()
-    wall: Times = {name: [] for name in runners}
-    cpu: Times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            started, started_cpu = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(time.perf_counter() - started)
-            cpu[name].append(time.process_time() - started_cpu)
-    return wall, cpu
 
 
 def measure_fusion(model: Path, loras: Sequence[Path], scratch: Path, plan: Plan) -> list[FusionRow]:
@@ -286,12 +255,6 @@ def fusion_table(rows: Sequence[FusionRow]) -> str:
     return "\n".join([header, rule, *body])
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "device": "cpu", "dtype": "float32"}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 steps, 2 rounds, 5 query repeats (< 3 min)")
@@ -336,12 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntotal {total:.1f} s; {plan.steps} steps, best of {plan.rounds} rounds, "
           f"median of {plan.query_repeats} queries, {torch.get_num_threads()} thread(s)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"plan": asdict(plan), "prompt": PROMPT, "size": SIZE, "guidance_scale": GUIDANCE,
                    "retrieval": [asdict(row) for row in retrieval], "fusion": [asdict(row) for row in fusion],
                    "retrieval_markdown": retrieval_table(retrieval), "fusion_markdown": fusion_table(fusion),
-                   "machine": machine(), "total_seconds": total}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+                   "machine": machine_info(), "total_seconds": total}
+        write_json(args.out, payload)
     return 0
 
 

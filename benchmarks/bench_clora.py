@@ -32,10 +32,8 @@ run (Linux ``/proc/self/clear_refs`` resets the peak), so each run is measured o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -48,20 +46,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers must not spin on a shared CPU
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
 
 from loracompose import Composite, LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import attention_map_layers  # noqa: E402
 from loracompose.clora import CLoRA, frozen_parameters  # noqa: E402
-from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.adapters import BASE_ROW, AdapterController  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import machine_info, stock_pipeline, write_json  # noqa: E402
 from bench_cmlora import build_mid  # noqa: E402  (the same "mid" model as the CMLoRA benchmark)
 
 PROMPT = "a photo of a cat and a dog in a garden"
@@ -248,10 +244,7 @@ def optimisation_graph_mb(pipe: Any, specs: Sequence[LoraSpec], batched: bool) -
 
 
 def plain_runner(model_dir: Path) -> Callable[[int], Any]:
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(model_dir)
     return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=SIZE, height=SIZE,
                               generator=torch.Generator().manual_seed(SEED))
 
@@ -377,18 +370,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTimes: {args.clock} clock, {args.threads} torch thread(s). CLoRA settings: defaults"
           f"{' + ' + str(settings.clora) if settings.clora else ''}; total {time.perf_counter() - started:.0f} s wall")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"settings": asdict(settings), "clock": args.clock,
                    "rows": [{**asdict(row), "clora_vs_plain": row.clora_vs_plain,
                              "clora_vs_composite": row.clora_vs_composite, "clora_vs_floor": row.clora_vs_floor,
                              "composite_vs_floor": row.composite_vs_floor} for row in rows],
                    "models": models, "table_markdown": table,
-                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "diffusers": diffusers.__version__,
-                               "process_peak_rss_mb": peak_rss_bytes() / 2**20},
+                   "machine": {**machine_info(), "process_peak_rss_mb": peak_rss_bytes() / 2**20},
                    "seconds": time.perf_counter() - started}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
     return 0
 
 

@@ -27,10 +27,8 @@ a 64-channel UNet is dominated by attention, which the shallow path keeps, and c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,15 +40,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers must not spin on a shared CPU
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15  # noqa: E402
+from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15, machine_info, race, stock_pipeline, write_json  # noqa: E402
 from loracompose import CMLoRA, Composite, LoraSpec, load_pipeline  # noqa: E402
 from loracompose.cmlora import refresh_steps  # noqa: E402
-from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.unet_cache import capture_deep_features, shallow_unet_forward  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
@@ -185,10 +181,7 @@ def mac_rho(name: str) -> dict[str, float]:
 
 def plain_runner(model_dir: Path, size: int) -> Callable[[int], Any]:
     """Stock diffusers, DPM-Solver++, no LoRA: one UNet call per step."""
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(model_dir)
     return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=size, height=size,
                               generator=torch.Generator().manual_seed(SEED))
 
@@ -196,19 +189,6 @@ def plain_runner(model_dir: Path, size: int) -> Callable[[int], Any]:
 def generate_runner(pipe: Any, specs: Sequence[LoraSpec], make_method: Callable[[], Any], size: int) -> Callable[[int], Any]:
     return lambda steps: pipe.generate(PROMPT, specs, make_method(), seed=SEED, steps=steps, guidance_scale=GUIDANCE_SCALE,
                                        width=size, height=size, show_progress=False)
-
-
-def race(runners: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Best wall time of each runner over ``repeats`` rounds that run them in turn (after a one-step
-    warm-up that loads LoRAs), so a burst of load from other jobs hits all of them alike."""
-    results = {name: run(1) for name, run in runners.items()}
-    best = {name: math.inf for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            results[name] = run(steps)
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best, results
 
 
 def benchmark_model(name: str, settings: Settings, work_dir: Path, mac_rhos: dict[str, float]) -> tuple[list[Row], dict]:
@@ -319,14 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(projection_table(mac))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"settings": asdict(settings), "rows": [asdict(row) for row in rows], "models": models, "mac_rho": mac,
-                   "projection_markdown": projection_table(mac),
-                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "diffusers": diffusers.__version__},
+                   "projection_markdown": projection_table(mac), "machine": machine_info(),
                    "seconds": time.perf_counter() - started}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
     return 0
 
 

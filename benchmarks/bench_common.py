@@ -3,13 +3,22 @@ then on ``sys.path``)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import platform
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import diffusers
+import peft
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from loracompose.outputs import atomic_write_text
+from loracompose.pipelines.compose_pipeline import quiet_loading
 from loracompose.tiny import tiny_sd15_pipeline
 
 # A mid-size random UNet of SD1.5's architecture (cross-attention width = tiny text encoder's 32).
@@ -68,3 +77,89 @@ def build_sd15_unet_model(out_dir: Path, *, latent_size: int, seed: int = 0) -> 
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------ the plain baseline
+
+
+def stock_pipeline(model_dir: Path, loras: Sequence[Path] = (), *, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """Stock diffusers of a model folder with DPM-Solver++ (loracompose's default sampler), the
+    progress bar off, and ``loras`` loaded as adapters ``lora0``, ``lora1``, ... (none active until
+    ``set_adapters``): the plain run every ratio is taken against."""
+    with quiet_loading():
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, use_safetensors=True,
+                                                       safety_checker=None, requires_safety_checker=False)
+        for index, path in enumerate(loras):
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def race(runners: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best wall time of each runner (called with a step count) over ``repeats`` rounds that run them
+    in turn, after a one-step warm-up that loads LoRAs, so a burst of load from other jobs hits all of
+    them alike; and each runner's last result."""
+    results = {name: run(1) for name, run in runners.items()}
+    best = dict.fromkeys(runners, math.inf)
+    for _ in range(repeats):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            results[name] = run(steps)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best, results
+
+
+Times = dict[str, list[float]]
+
+
+def interleaved(runners: dict[str, Callable[[], None]], rounds: int) -> tuple[Times, Times]:
+    """One warm-up round, then ``rounds`` rounds running every configuration once each: wall and
+    process CPU seconds of every run."""
+    for run in runners.values():
+        run()
+    wall: Times = {name: [] for name in runners}
+    cpu: Times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
+    return wall, cpu
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def machine_info(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Where the numbers were taken: platform, CPUs, torch threads, library versions, device and dtype."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON at ``path``, written atomically (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

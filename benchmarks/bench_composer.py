@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -58,15 +57,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers must not spin on a shared CPU
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
-from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15, build_sd15_unet_model  # noqa: E402
+from bench_common import (  # noqa: E402
+    DEEP_MID_UNET_CONFIG, build_mid_sd15, build_sd15_unet_model, machine_info, race, stock_pipeline, write_json,
+)
 from loracompose import LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import Box, attention_map_layers, stop_after_layers  # noqa: E402
 from loracompose.composer import Composer  # noqa: E402
-from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
@@ -158,14 +157,6 @@ def strip_boxes(count: int) -> tuple[Box, ...]:
 # ------------------------------------------------------------------------------------ runners
 
 
-def plain_pipeline(model_dir: Path) -> StableDiffusionPipeline:
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def plain_runner(pipe: StableDiffusionPipeline, size: int) -> Callable[[int], Any]:
     return lambda steps: pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, width=size, height=size,
                               generator=torch.Generator().manual_seed(SEED))
@@ -175,18 +166,6 @@ def composer_runner(pipe: Any, loras: Sequence[Path], size: int) -> Callable[[in
     specs = [LoraSpec(path) for path in loras]
     return lambda steps: pipe.generate(PROMPT, specs, Composer(boxes=strip_boxes(len(specs))), seed=SEED, steps=steps,
                                        guidance_scale=GUIDANCE_SCALE, width=size, height=size, show_progress=False)
-
-
-def race(runners: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Best wall time of each runner over ``repeats`` rounds that run them in turn, after a one-step warm-up."""
-    results = {name: run(1) for name, run in runners.items()}
-    best = {name: math.inf for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            results[name] = run(steps)
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best, results
 
 
 def map_layer_names(unet: torch.nn.Module) -> list[str]:
@@ -252,7 +231,7 @@ def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: i
     """Run one generation in this (fresh) process; its peak RSS."""
     torch.set_num_threads(1)
     if kind == "plain":
-        plain_runner(plain_pipeline(model_dir), size)(steps)
+        plain_runner(stock_pipeline(model_dir), size)(steps)
     else:
         composer_runner(load_pipeline(model_dir, device="cpu"), loras, size)(steps)
     return {"peak_rss_mib": peak_rss_bytes() / 2**20}
@@ -280,7 +259,7 @@ def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list
     passes = conditional_pass_seconds(base_unet, latent_size, pipe.text_encoder.config.hidden_size, settings.repeats + 1)
     unet_parameters = sum(p.numel() for p in base_unet.parameters())
     del base_unet  # a third copy of the weights on SD1.5 size
-    plain = {"plain": plain_runner(plain_pipeline(model_dir), model.size)}
+    plain = {"plain": plain_runner(stock_pipeline(model_dir), model.size)}
     plain_peak = probed_peak_mib("plain", model_dir, [], settings.steps, model.size)
     rows, plain_seconds = [], math.inf
     for num_loras in settings.num_loras:
@@ -370,15 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"settings": asdict(settings), "rows": [asdict(row) | {"wall_ratio": row.wall_ratio,
                    "floor_ratio": row.floor_ratio, "tight_floor_ratio": row.tight_floor_ratio, "memory_ratio": row.memory_ratio,
                    "memory_vs_target": row.memory_vs_target} for row in rows], "models": models, "table": table,
-                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "diffusers": diffusers.__version__},
+                   "machine": machine_info(),
                    "seconds": time.perf_counter() - started}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
     return 0
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,10 +46,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # machine spinning workers made a 0.4 s tiny generation take 2-10 s; passive waiting keeps it ~0.5 s.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import diffusers  # noqa: E402
-import peft  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 
 from loracompose import CMLoRA, Composite, CompositionMethod, LoraSpec, Merge, Switch, Tara, load_pipeline  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
@@ -59,7 +55,7 @@ from loracompose.pipelines.loading import resolve_device, resolve_dtype  # noqa:
 from loracompose.pipelines.loop import MemoryMeter  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
-from bench_common import build_mid_sd15  # noqa: E402
+from bench_common import build_mid_sd15, machine_info, stock_pipeline, write_json  # noqa: E402
 
 PROMPT = "a photo of a cat in a garden"
 SEED = 0
@@ -73,7 +69,6 @@ MIB = 2**20
 # The tiny VAE downsamples 2x, so 64 px is a 32x32 latent: the attention length of SD1.5 at 256 px.
 # 128 px (SD1.5's 512 px attention length) costs ~10x more per UNet call: too slow for a 5-minute CPU run.
 DEFAULT_MID_SIZE = 64
-
 
 
 # --- what is benchmarked -------------------------------------------------------------------------
@@ -251,17 +246,6 @@ class UNetCallCounter:
         self.calls = self.rows = 0
 
 
-def load_plain_pipeline(model_dir: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """Stock diffusers SD pipeline with DPM-Solver++ (loracompose's default sampler), no LoRA."""
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
-        )
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def plain_runner(pipe: StableDiffusionPipeline, setup: ModelSetup, settings: RunSettings,
                  device: torch.device) -> Callable[[], RunCost]:
     """A callable running one plain diffusers generation and reporting its cost."""
@@ -327,7 +311,7 @@ def benchmark_model(setup: ModelSetup, settings: RunSettings, device: torch.devi
     info = model_info(setup, model_dir, time.perf_counter() - started)
     print(f"{setup.name}: built in {info['build_seconds']:.1f} s ({info['unet_parameters'] / 1e6:.2f} M UNet "
           f"parameters, {setup.size}x{setup.size} px)", file=sys.stderr, flush=True)
-    plain_pipe = load_plain_pipeline(model_dir, device, dtype)
+    plain_pipe = stock_pipeline(model_dir, dtype=dtype, device=device)
     compose_pipe = load_pipeline(model_dir, device=settings.device, dtype=settings.dtype)
     plain = plain_runner(plain_pipe, setup, settings, device)
     runs = configurations(setup, plain, compose_pipe, loras, settings)
@@ -360,29 +344,7 @@ def model_info(setup: ModelSetup, model_dir: Path, build_seconds: float) -> dict
     }
 
 
-# --- machine and output --------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Where the numbers were taken: platform, CPUs, library versions, device and dtype."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "peft": peft.__version__,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
+# --- output --------------------------------------------------------------------------------------
 
 
 COLUMNS: tuple[tuple[str, int], ...] = (
@@ -419,20 +381,6 @@ def format_markdown(rows: Sequence[Measurement]) -> str:
     rule = "|" + "|".join("---:" if name in NUMERIC_COLUMNS else ":---" for name, _ in COLUMNS) + "|"
     body = ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
     return "\n".join([header, rule, *body])
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2, allow_nan=True)
-            stream.write("\n")
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -515,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         payload = {"machine": machine_info(device, dtype), "settings": asdict(settings), "models": models,
                    "total_seconds": total, "rows": [asdict(row) for row in rows]}
-        write_json_atomically(args.out, payload)
+        write_json(args.out, payload)
         print(f"wrote {args.out}")
     return 0
 

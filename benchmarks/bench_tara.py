@@ -23,9 +23,7 @@ per second on the same model (the optimisation loop alone, probes off), batch 1 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,19 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers sleep (read when torch loads)
 
-import diffusers  # noqa: E402
-import peft  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from loracompose import LoraSpec, Merge, Tara, load_pipeline  # noqa: E402
-from loracompose.outputs import atomic_write_text  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.tara import TaraTrainingSettings, train_tara  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 from loracompose.training import LoraTrainingSettings  # noqa: E402
 
-from bench_common import build_mid_sd15  # noqa: E402
+from bench_common import build_mid_sd15, interleaved, machine_info, stock_pipeline, write_json  # noqa: E402
 
 SIZE = 64
 SEED = 0
@@ -100,17 +95,6 @@ def build_models(scratch: Path, size: str = "tiny") -> tuple[Path, list[Path]]:
     return model, loras
 
 
-def stock_pipeline(model: Path, loras: Sequence[Path] = ()) -> StableDiffusionPipeline:
-    """Plain diffusers with DPM-Solver++ (loracompose's default), optionally with LoRAs loaded."""
-    with quiet_loading():
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-        for index, path in enumerate(loras):
-            pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def stock_runner(pipe: StableDiffusionPipeline, plan: Plan, num_loras: int) -> Callable[[], None]:
     def run() -> None:
         if num_loras:
@@ -134,24 +118,6 @@ def compose_runner(pipe: Any, loras: Sequence[Path], make_method: Callable[[], A
 
 
 # --- timing --------------------------------------------------------------------------------------
-
-
-Times = dict[str, list[float]]
-
-
-def interleaved(runners: dict[str, Callable[[], None]], rounds: int) -> tuple[Times, Times]:
-    """One warm-up round, then ``rounds`` rounds running every configuration once each: wall and CPU seconds."""
-    for run in runners.values():
-        run()
-    wall: Times = {name: [] for name in runners}
-    cpu: Times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            started, started_cpu = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(time.perf_counter() - started)
-            cpu[name].append(time.process_time() - started_cpu)
-    return wall, cpu
 
 
 def measure_inference(model: Path, loras: Sequence[Path], plan: Plan) -> list[Row]:
@@ -227,12 +193,6 @@ def markdown(rows: Sequence[Row], training: dict[str, Any]) -> str:
     return "\n".join([header, rule, *body]) + "\n" + train
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "device": "cpu", "dtype": "float32"}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 steps, 2 rounds, 10 training steps (< 90 s)")
@@ -265,11 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(target <= {TARGET_RATIO:.2f}); total {total:.1f} s, "
           f"{plan.steps} steps, best of {plan.rounds} rounds, {torch.get_num_threads()} thread(s)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": args.model, "plan": asdict(plan), "prompt": PROMPT, "size": SIZE, "guidance_scale": GUIDANCE,
-                   "rows": [asdict(row) for row in rows], "training": training, "machine": machine(),
+                   "rows": [asdict(row) for row in rows], "training": training, "machine": machine_info(),
                    "target_ratio": TARGET_RATIO, "total_seconds": total}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+        write_json(args.out, payload)
     return 0
 
 
