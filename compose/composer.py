@@ -575,16 +575,18 @@ class Composer(CompositionMethod):
     def _refine(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         schedule = self.schedule(step.num_steps)
         latent = latents.detach().requires_grad_(True)
-        with frozen_parameters(run.unet), torch.enable_grad(), self._checkpointing(run.unet):
-            # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
-            maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
-            losses = self.refinement_losses(maps)
-        updated = self._refining & (losses.detach().cpu() != 0)
         step_size = schedule.step_size_at(step.index)
-        if bool(updated.any()) and losses.requires_grad:
-            (gradient,) = torch.autograd.grad((losses * updated.to(losses)).sum(), latent)
-            run.stats.backward_passes += 1
-            latents = latents - step_size * gradient * updated.to(gradient).view(-1, *[1] * (latents.ndim - 1))
+        # The backward runs with the weights frozen as in the forward: checkpointed units replay it there.
+        with frozen_parameters(run.unet):
+            with torch.enable_grad(), self._checkpointing(run.unet):
+                # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
+                maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
+                losses = self.refinement_losses(maps)
+            updated = self._refining & (losses.detach().cpu() != 0)
+            if bool(updated.any()) and losses.requires_grad:
+                (gradient,) = torch.autograd.grad((losses * updated.to(losses)).sum(), latent)
+                run.stats.backward_passes += 1
+                latents = latents - step_size * gradient * updated.to(gradient).view(-1, *[1] * (latents.ndim - 1))
         values = losses.detach().float().cpu()
         self.refinement_trace.append(RefinedStep(step.index, tuple(values.tolist()), tuple(updated.tolist()), step_size))
         self._refining = self._refining & ~schedule.stops_after(step.index, values, self._previous_loss)
