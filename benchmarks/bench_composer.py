@@ -24,7 +24,8 @@ map layers' outputs)::
 
     tight floor = plain + R · t(forward+backward to the map layers) + t(forward to the map layers)
 
-so ``composer / tight`` is what the region attentions, isolation and map capture themselves add. Wall
+so ``composer / tight`` is what the region attentions, isolation, map capture and (by default) the
+refinement's gradient checkpointing add; ``--no-checkpointing`` times Composer without it. Wall
 times are the best of the repeats, raced in turns (other jobs on a shared CPU only ever add time).
 
 Peak memory is the peak RSS of a fresh process (``--probe``) that loads the model and runs one
@@ -35,7 +36,8 @@ this large parent (an early run read 8230 MiB for a 4.7 GB composer run that way
 Target: composer <= (plain + LoRA file bytes) x 1.1.
 
     python benchmarks/bench_composer.py --quick
-    python benchmarks/bench_composer.py --models sd15 --steps 8 --repeats 1 --out bench_out/composer-sd15.json
+    python benchmarks/bench_composer.py --models sd15 --steps 8 --repeats 2 --out bench_out/composer-sd15.json
+    python benchmarks/bench_composer.py --models sd15-512 --steps 8 --repeats 1 --no-checkpointing
     python benchmarks/bench_composer.py --out bench_out/composer.json
 """
 
@@ -84,6 +86,7 @@ class Settings:
     repeats: int
     models: tuple[str, ...]
     quick: bool
+    checkpointing: bool = True  # Composer(checkpoint_refinement=...)
 
 
 @dataclass
@@ -162,10 +165,15 @@ def plain_runner(pipe: StableDiffusionPipeline, size: int) -> Callable[[int], An
                               generator=torch.Generator().manual_seed(SEED))
 
 
-def composer_runner(pipe: Any, loras: Sequence[Path], size: int) -> Callable[[int], Any]:
+def composer_runner(pipe: Any, loras: Sequence[Path], size: int, checkpointing: bool) -> Callable[[int], Any]:
     specs = [LoraSpec(path) for path in loras]
-    return lambda steps: pipe.generate(PROMPT, specs, Composer(boxes=strip_boxes(len(specs))), seed=SEED, steps=steps,
-                                       guidance_scale=GUIDANCE_SCALE, width=size, height=size, show_progress=False)
+
+    def run(steps: int) -> Any:
+        method = Composer(boxes=strip_boxes(len(specs)), checkpoint_refinement=checkpointing)
+        return pipe.generate(PROMPT, specs, method, seed=SEED, steps=steps, guidance_scale=GUIDANCE_SCALE, width=size,
+                             height=size, show_progress=False)
+
+    return run
 
 
 def map_layer_names(unet: torch.nn.Module) -> list[str]:
@@ -227,20 +235,23 @@ def conditional_pass_seconds(unet: torch.nn.Module, latent_size: int, context_di
 # ------------------------------------------------------------------------------------ memory probes
 
 
-def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int) -> dict[str, float]:
+def probe(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int,
+          checkpointing: bool) -> dict[str, float]:
     """Run one generation in this (fresh) process; its peak RSS."""
     torch.set_num_threads(1)
     if kind == "plain":
         plain_runner(stock_pipeline(model_dir), size)(steps)
     else:
-        composer_runner(load_pipeline(model_dir, device="cpu"), loras, size)(steps)
+        composer_runner(load_pipeline(model_dir, device="cpu"), loras, size, checkpointing)(steps)
     return {"peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
-def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int) -> float:
+def probed_peak_mib(kind: str, model_dir: Path, loras: Sequence[Path], steps: int, size: int,
+                    checkpointing: bool = True) -> float:
     command = [sys.executable, __file__, "--probe", kind, "--model-dir", str(model_dir), "--steps",
                str(min(steps, PROBE_STEPS)), "--size", str(size),
-               *[arg for path in loras for arg in ("--lora-file", str(path))]]
+               *[arg for path in loras for arg in ("--lora-file", str(path))],
+               *([] if checkpointing else ["--no-checkpointing"])]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(json.loads(output.strip().splitlines()[-1])["peak_rss_mib"])
 
@@ -264,7 +275,7 @@ def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list
     rows, plain_seconds = [], math.inf
     for num_loras in settings.num_loras:
         chosen = loras[:num_loras]
-        seconds, results = race({**plain, "composer": composer_runner(pipe, chosen, model.size)}, settings.steps,
+        seconds, results = race({**plain, "composer": composer_runner(pipe, chosen, model.size, settings.checkpointing)}, settings.steps,
                                 settings.repeats)
         plain_seconds = min(plain_seconds, seconds.get("plain", math.inf))
         plain = {}  # plain diffusers has no N: timed alongside the first N only
@@ -274,7 +285,7 @@ def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list
         rows.append(Row(
             name, model.size, latent_size, num_loras, settings.steps, stats.backward_passes, stats.unet_calls, plain_seconds,
             seconds["composer"], floor, tight, passes["forward_backward"], plain_peak,
-            probed_peak_mib("composer", model_dir, chosen, settings.steps, model.size),
+            probed_peak_mib("composer", model_dir, chosen, settings.steps, model.size, settings.checkpointing),
             sum(path.stat().st_size for path in chosen) / 2**20,
         ))
         print(f"  {name} N={num_loras}: plain {plain_seconds:.2f} s, composer {seconds['composer']:.2f} s, "
@@ -307,6 +318,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="denoising steps T (default: 8 with --quick, else 30)")
     parser.add_argument("--repeats", type=int, help="timed rounds, best kept (default: 1 with --quick, else 2)")
     parser.add_argument("--num-loras", default="2,3,4", help="comma-separated concept counts N (default: 2,3,4)")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="Composer(checkpoint_refinement=False): keep the refinement pass's activations")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (atomically)")
     parser.add_argument("--probe", choices=("plain", "composer"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -329,13 +342,14 @@ def make_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--num-loras {args.num_loras!r}: give comma-separated counts such as 2,3,4") from None
     if steps < 1 or repeats < 1 or min(num_loras) < 1:
         raise SystemExit("--steps, --repeats and every --num-loras count must be at least 1")
-    return Settings(num_loras, steps, repeats, models, args.quick)
+    return Settings(num_loras, steps, repeats, models, args.quick, checkpointing=not args.no_checkpointing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args.probe, args.model_dir, args.lora_file, args.steps, args.size)))
+        print(json.dumps(probe(args.probe, args.model_dir, args.lora_file, args.steps, args.size,
+                               not args.no_checkpointing)))
         return 0
     settings = make_settings(args)
     torch.set_num_threads(1)
