@@ -67,7 +67,7 @@ from bench_common import (  # noqa: E402
 )
 from loracompose import LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import Box, attention_map_layers, stop_after_layers  # noqa: E402
-from loracompose.composer import Composer  # noqa: E402
+from loracompose.composer import Composer, self_attention_of  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
 from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
@@ -179,7 +179,7 @@ def composer_runner(pipe: Any, loras: Sequence[Path], size: int, checkpointing: 
 def map_layer_names(unet: torch.nn.Module) -> list[str]:
     """The layers Composer's refinement reads: the 1/32-level cross-attentions and their self-attentions."""
     cross = [layer.name for layer in attention_map_layers(unet)]
-    return cross + [name.removesuffix("attn2") + "attn1" for name in cross]
+    return cross + [self_attention_of(name) for name in cross]
 
 
 def truncated_output(unet: torch.nn.Module, latent: torch.Tensor, timestep: torch.Tensor,

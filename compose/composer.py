@@ -476,9 +476,9 @@ class Composer(CompositionMethod):
         map_layers = attention_map_layers(unet)
         self._map_level = map_layers[0].level
         self._map_processors = [(processors[layer.name], self._cross_store) for layer in map_layers]
-        self._map_processors += [(processors[_self_attention_of(layer.name)], self._self_store) for layer in map_layers]
+        self._map_processors += [(processors[self_attention_of(layer.name)], self._self_store) for layer in map_layers]
         self._cross_map_layers = [layer.name for layer in map_layers]
-        self._self_map_layers = [_self_attention_of(layer.name) for layer in map_layers]
+        self._self_map_layers = [self_attention_of(layer.name) for layer in map_layers]
         self._handle = install_processors(unet, processors)
         self.processors = processors
 
@@ -617,7 +617,7 @@ class Composer(CompositionMethod):
         return torch.stack(images) * sigma
 
 
-def _self_attention_of(cross_attention_name: str) -> str:
+def self_attention_of(cross_attention_name: str) -> str:
     """attn1 of the transformer block whose attn2 is ``cross_attention_name``."""
     return cross_attention_name.removesuffix("attn2") + "attn1"
 
