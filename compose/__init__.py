@@ -12,20 +12,12 @@ import os
 # ~50x slower here (196 s instead of 4 s for the 30-step demo).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import UserError  # noqa: E402
-from .lora import LoadedLora, LoraSpec  # noqa: E402
-from .pipelines import GenerationResult, GenerationStats, load_pipeline
-from .composite import Composite
-from .autolora import AutoLoRA
-from .clora import CLoRA
-from .cmlora import CMLoRA, CMLoRASwitch
-from .composer import Composer
-from .merge import Merge
-from .method import CompositionMethod
-from .switch import Switch
-from .tara import Tara
-
-METHODS: dict[str, type[CompositionMethod]] = {m.name: m for m in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA)}
+from loracompose.errors import UserError  # noqa: E402
+from loracompose.lora import LoadedLora, LoraSpec  # noqa: E402
+from loracompose.pipelines import GenerationResult, GenerationStats, load_pipeline  # noqa: E402
+from loracompose.methods import (  # noqa: E402
+    METHODS, AutoLoRA, CLoRA, CMLoRA, CMLoRASwitch, Composer, Composite, CompositionMethod, Merge, Switch, Tara,
+)
 
 __version__ = "0.1.0"
 

@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .lora import LoadedLora, LoraSpec, inspect_lora
-from .outputs import atomic_write_text, file_sha256
+from loracompose.errors import UserError
+from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
+from loracompose.outputs import atomic_write_text, file_sha256
 
 REFERENCE_CUTOFF_FRACTION = 72 / math.hypot(256, 256)  # radius 72 of r_max 362 at 512 x 512
 SIDECAR_SUFFIX = ".loracompose.json"
@@ -123,7 +123,7 @@ def _profile_one(pipe: Any, lora: LoadedLora, model: str, settings: ProfileSetti
 
 def profiling_image(pipe: Any, lora: LoadedLora, settings: ProfileSettings) -> np.ndarray:
     """The LoRA's profiling image: generated with that LoRA alone through the normal pipeline."""
-    from .merge import Merge
+    from loracompose.methods.merge import Merge
 
     spec = LoraSpec(lora.path, settings.lora_scale, lora.name, lora.trigger_words, lora.category)
     result = pipe.generate(

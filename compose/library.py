@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import UserError
-from .lora import ARCHITECTURE_NAMES, TITLE_KEYS, LoadedLora, LoraSpec, adapter_name_for, inspect_lora
-from .outputs import atomic_write_text
+from loracompose.errors import UserError
+from loracompose.lora import ARCHITECTURE_NAMES, TITLE_KEYS, LoadedLora, LoraSpec, adapter_name_for, inspect_lora
+from loracompose.outputs import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
+from loracompose.errors import UserError
 
 SD15 = "sd15"
 SDXL = "sdxl"

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import UserError
+from loracompose.errors import UserError
 
 VERSIONED_PACKAGES = ("loracompose", "diffusers", "torch", "transformers", "peft", "accelerate", "safetensors")
 

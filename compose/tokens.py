@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import UserError
+from loracompose.errors import UserError
 
 WORD_END = "</w>"
 

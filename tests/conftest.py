@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15, build_tiny_sdxl  # noqa: E402
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15, build_tiny_sdxl  # noqa: E402
 
 # The tiny models are far too small to gain from threads, and on a busy shared machine torch's
 # OpenMP workers spin-wait: a 0.4 s generation took 5-12 s with 2 threads under load.

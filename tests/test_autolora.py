@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loracompose import LoraSpec, Merge, UserError
-from loracompose.autolora import (
+from loracompose.methods.autolora import (
     AutoLoRA,
     GatedFusion,
     GateSet,
@@ -41,7 +41,7 @@ from loracompose.retrieval import (
     recall_at_k,
     train_retriever,
 )
-from loracompose.tiny import build_tiny_lora
+from loracompose.assets.tiny import build_tiny_lora
 
 COMMON = dict(show_progress=False, output_type="latent", append_triggers=False)
 PROMPT = "a zkx in qwv style"
@@ -293,7 +293,7 @@ def test_retriever_resume_continues_the_same_run(library_dir, embedder, tmp_path
 
 
 def test_lora_factors_carry_alpha_over_rank(sd15_lora_files, tmp_path):
-    from loracompose.tiny import write_kohya_lora
+    from loracompose.assets.tiny import write_kohya_lora
 
     factors = read_unet_factors(sd15_lora_files[0])
     kohya = read_unet_factors(write_kohya_lora(sd15_lora_files[0], tmp_path / "kohya.safetensors"))
@@ -478,7 +478,7 @@ def test_ranked_lora_json(library_dir):
 
 
 def test_cli_retrieve_and_generate_with_auto_loras(tiny_sd15_dir, library_dir, tmp_path, capsys):
-    from loracompose.cli import main
+    from loracompose.cli.main import main
 
     model = ["--model", str(tiny_sd15_dir)]
     assert main(["retrieve", "a photo of trg3 at dusk", "--library", str(library_dir), "--top", "2", "--json", *model]) == 0

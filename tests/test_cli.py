@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from loracompose.cli import main
+from loracompose.cli.main import main
 
 FAST = ["--steps", "2", "--quiet"]
 
@@ -145,7 +145,7 @@ def test_an_error_during_generation_leaves_no_output_folder(tmp_path, tiny_sd15_
 
 def test_every_method_has_a_cli_builder_with_default_flags():
     from loracompose import METHODS
-    from loracompose.cli import METHOD_BUILDERS, build_method, build_parser
+    from loracompose.cli.main import METHOD_BUILDERS, build_method, build_parser
 
     assert set(METHOD_BUILDERS) == set(METHODS)
     for name, method_class in METHODS.items():

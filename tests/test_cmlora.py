@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from loracompose import CMLoRA, CMLoRASwitch, Composite, LoraSpec, UserError, load_pipeline
-from loracompose.cmlora import (
+from loracompose.methods.cmlora import (
     FrequencyOrder,
     dominant_schedule,
     dominant_weights,
@@ -24,9 +24,9 @@ from loracompose.cmlora import (
     switch_active_schedule,
 )
 from loracompose.frequency import ProfileSettings, high_frequency_score, profile_loras, sidecar_path
-from loracompose.method import CompositionMethod
+from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.loop import Prediction
-from loracompose.tiny import build_tiny_lora, tiny_sd15_pipeline
+from loracompose.assets.tiny import build_tiny_lora, tiny_sd15_pipeline
 
 COMMON = dict(guidance_scale=6.0, show_progress=False, append_triggers=False)
 
@@ -400,7 +400,7 @@ def test_bad_settings_raise_user_error(sd15_three, method, message):
 
 
 def test_cli_profiles_then_generates_with_cmlora(sd15_three, tiny_sd15_dir, tmp_path, capsys):
-    from loracompose.cli import main
+    from loracompose.cli.main import main
 
     _, specs = sd15_three
     out = tmp_path / "out"

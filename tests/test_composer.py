@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from helpers import UNetCallCounter, plain_diffusers
 from loracompose import LoraSpec, UserError
 from loracompose.attention import Box, LatentGrid
-from loracompose.composer import (
+from loracompose.methods.composer import (
     CellRect,
     Composer,
     ConceptGeometry,
@@ -440,7 +440,7 @@ def test_without_boxes_the_loras_stand_side_by_side(sd15, sd15_lora_files):
 
 
 def test_cli_composer_with_boxes_and_region_prompts(tmp_path, tiny_sd15_dir, sd15_lora_files, capsys):
-    from loracompose.cli import main
+    from loracompose.cli.main import main
 
     out = tmp_path / "out"
     args = ["generate", "--model", str(tiny_sd15_dir), "--prompt", "a zkx and a qwv", "--method", "composer",

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from loracompose.cli import main
+from loracompose.cli.main import main
 from loracompose.errors import UserError
 from loracompose.eval import CONVENTIONS, ClipConvention, ClipScorer, convention_from, load_suite, parse_suite
 from loracompose.eval import composlora
@@ -32,7 +32,7 @@ from loracompose.eval.manifest import ManifestWriter, read_lines, read_manifest
 from loracompose.eval.runner import Shard
 from loracompose.eval.scoring import read_records
 from loracompose.eval.tiny_clip import build_tiny_clip
-from loracompose.tiny import build_tiny_lora
+from loracompose.assets.tiny import build_tiny_lora
 
 PROMPT = "masterpiece, zkx, qwv"
 TRIGGERS = ["zkx", "qwv"]

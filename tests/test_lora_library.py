@@ -121,7 +121,7 @@ def test_changed_file_is_reloaded(tmp_path, sd15_pipe, sd15_lora_files):
 
 
 def test_kohya_file_gives_same_output_as_diffusers_file(tmp_path, sd15_pipe, sd15_lora_files):
-    from loracompose.tiny import write_kohya_lora
+    from loracompose.assets.tiny import write_kohya_lora
 
     kohya = write_kohya_lora(sd15_lora_files[0], tmp_path / "kohya_style.safetensors")
     kwargs = dict(steps=2, output_type="latent", show_progress=False, append_triggers=False, seed=1)

@@ -8,7 +8,7 @@ import torch
 
 from helpers import UNetCallCounter, plain_diffusers
 from loracompose import Composite, LoraSpec, Merge, Switch, load_pipeline
-from loracompose.switch import switch_schedule
+from loracompose.methods.switch import switch_schedule
 
 STEPS = 4
 COMMON = dict(steps=STEPS, guidance_scale=6.0, output_type="np", show_progress=False, append_triggers=False)
@@ -117,7 +117,7 @@ def test_image_k_equals_single_run_with_seed_plus_k(setup):
 
 @pytest.mark.parametrize("num_loras,period,steps", [(2, 1, 5), (2, 2, 7), (3, 2, 9), (3, 3, 10)])
 def test_switch_trace_follows_schedule(tiny_sd15_dir, sd15_lora_files, tmp_path, num_loras, period, steps):
-    from loracompose.tiny import build_tiny_lora
+    from loracompose.assets.tiny import build_tiny_lora
 
     files = list(sd15_lora_files)
     if num_loras == 3:

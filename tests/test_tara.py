@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loracompose import METHODS, LoraSpec, Merge, Tara, UserError
-from loracompose.cli import main
+from loracompose.cli.main import main
 from loracompose.lora import inspect_lora
 from loracompose.pipelines.compose_pipeline import quiet_loading
-from loracompose.tara import (
+from loracompose.methods.tara import (
     TARA_TOKEN_KEY,
     TaraTrainingSettings,
     cfg_row_masks,
@@ -27,7 +27,7 @@ from loracompose.tara import (
     train_tara,
 )
 from loracompose.tokens import pipeline_tokenizers, trigger_positions
-from loracompose.training import LoraTrainingSettings, flatten_optimizer_state, unflatten_optimizer_state
+from loracompose.training.trainer import LoraTrainingSettings, flatten_optimizer_state, unflatten_optimizer_state
 
 COMMON = dict(show_progress=False, output_type="latent", append_triggers=False)
 BOS = 1  # prompt tokens start after <|startoftext|>
@@ -396,7 +396,7 @@ def test_caption_files_give_each_image_its_own_text_states(tmp_path, tiny_sd15_d
     from PIL import Image
 
     from loracompose.pipelines import load_pipeline
-    from loracompose.training import LoraTrainingSettings, PlainObjective, PLAIN_DEFAULTS, build_training_model
+    from loracompose.training.trainer import LoraTrainingSettings, PlainObjective, PLAIN_DEFAULTS, build_training_model
 
     images = tmp_path / "images"
     images.mkdir()

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from loracompose import embedded
-from loracompose.embedded import embedded_default
-from loracompose.tiny import (
+from loracompose.assets import embedded
+from loracompose.assets.embedded import embedded_default
+from loracompose.assets.tiny import (
     build_clip_tokenizer,
     build_tiny_lora,
     build_tiny_sd15,

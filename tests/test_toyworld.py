@@ -210,7 +210,7 @@ def test_training_refuses_to_overwrite_or_resume_nothing(tmp_path: Path) -> None
 def test_project_lora_trainer_runs_on_the_toyworld_model(tmp_path: Path) -> None:
     """Concept LoRAs will be trained with compose/training.py; it encodes images through the fold VAE."""
     from loracompose import LoraSpec
-    from loracompose.training import LoraTrainingSettings, train_lora
+    from loracompose.training.trainer import LoraTrainingSettings, train_lora
 
     build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "model", safe_serialization=True)
     (tmp_path / "images").mkdir()
@@ -226,7 +226,7 @@ def test_project_lora_trainer_runs_on_the_toyworld_model(tmp_path: Path) -> None
 
 
 def test_concept_images_and_train_lora_cli_with_caption_files(tmp_path: Path, capsys) -> None:
-    from loracompose.cli import main
+    from loracompose.cli.main import main
     from loracompose.lora import LoraSpec, inspect_lora
     from loracompose.toyworld.loras import write_concept_images
 
@@ -252,7 +252,7 @@ def test_concept_images_and_train_lora_cli_with_caption_files(tmp_path: Path, ca
 
 
 def test_cli_trains_resumes_and_exports_a_tiny_toyworld(tmp_path, capsys) -> None:
-    from loracompose.cli import main
+    from loracompose.cli.main import main
 
     run = tmp_path / "run"
     args = ["train-toyworld", "--run-dir", str(run), "--architecture", "tiny", "--batch-size", "2",
@@ -267,3 +267,27 @@ def test_cli_trains_resumes_and_exports_a_tiny_toyworld(tmp_path, capsys) -> Non
     pipe = load_pipeline(capsys.readouterr().out.strip())
     assert pipe.unet.config.in_channels == 12
     assert main(["export-toyworld", str(tmp_path / "empty"), "--out", str(tmp_path / "m2")]) == 2
+
+
+def test_morphology_matches_scipy_ndimage_where_installed():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from loracompose.toyworld.morphology import dilate, label_components
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = rng.random((int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < rng.random()
+        labels, count = label_components(mask)
+        expected_labels, expected_count = ndimage.label(mask)
+        assert count == expected_count and (labels == expected_labels).all()
+        for iterations in (1, 2):
+            assert (dilate(mask, iterations) == ndimage.binary_dilation(mask, iterations=iterations)).all()
+
+
+def test_morphology_on_a_known_mask():
+    from loracompose.toyworld.morphology import dilate, label_components
+
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 1, 1], [0, 1, 0, 0]], dtype=bool)
+    labels, count = label_components(mask)  # diagonal neighbours are separate components
+    assert count == 4
+    assert labels.tolist() == [[1, 1, 0, 0], [0, 0, 0, 2], [3, 0, 2, 2], [0, 4, 0, 0]]
+    assert dilate(np.pad([[True]], 1)).astype(int).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from loracompose import LoraSpec
-from loracompose.cli import main
-from loracompose.embedded import PACKAGED_TOYWORLD, embedded_default
+from loracompose.cli.main import main
+from loracompose.assets.embedded import PACKAGED_TOYWORLD, embedded_default
 from loracompose.pipelines import load_pipeline
 from loracompose.toyworld.concepts import CONCEPTS, composition
 from loracompose.toyworld.detector import detect
@@ -56,7 +56,7 @@ def test_manifest_lists_every_shipped_file_with_its_digest():
 
 
 def test_shipping_writes_a_new_folder_and_the_embedded_copy_follows_the_digest(tmp_path, monkeypatch):
-    from loracompose import embedded
+    from loracompose.assets import embedded
     from loracompose.toyworld.shipping import ship_weights
 
     dest = ship_weights(PACKAGED_TOYWORLD / "model", PACKAGED_TOYWORLD / "loras", tmp_path / "weights",

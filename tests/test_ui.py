@@ -381,7 +381,7 @@ def test_library_scan_finds_what_the_library_index_finds_and_skips_bad_files(sd1
 
 def test_ui_command_parses_and_serves_with_options(monkeypatch):
     from loracompose import ui
-    from loracompose.cli import main
+    from loracompose.cli.main import main
 
     seen = []
     monkeypatch.setattr(ui, "serve", lambda options: seen.append(options))

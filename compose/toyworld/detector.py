@@ -22,8 +22,8 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from .morphology import dilate, label_components
 from .scenes import COLORS, NOVEL_SHAPES, POSITIONS, SEPIA_SHIFT, SHAPES, Scene, render_array, scene_from_seed, shape_mask
 
 OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
@@ -81,7 +81,7 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     """Detect objects and background in an RGB image (PIL or (H, W, 3) uint8 array)."""
     pixels = _as_unit_array(image)
     chroma = pixels.max(axis=2) - pixels.min(axis=2)
-    blobs, count = ndimage.label(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
+    blobs, count = label_components(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
     hues = _hue(pixels)
     objects = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
     objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
@@ -142,7 +142,7 @@ def _coverage(mask: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     """How much of each pixel the object covers (0..1): chroma relative to the blob's full chroma,
     over the blob and its one-pixel rim (anti-aliased edges fall below the core threshold)."""
     full = max(float(np.percentile(chroma[mask], 90)), 1e-6)
-    return np.where(ndimage.binary_dilation(mask), np.clip(chroma / full, 0.0, 1.0), 0.0)
+    return np.where(dilate(mask), np.clip(chroma / full, 0.0, 1.0), 0.0)
 
 
 def position_of(x: float) -> str:
@@ -213,7 +213,7 @@ def classify_background(pixels: np.ndarray, known: np.ndarray) -> str:
 
 def background_pixels(chroma: np.ndarray) -> np.ndarray:
     """Pixels two or more pixels away from anything coloured (all pixels if that leaves too few)."""
-    known = ~ndimage.binary_dilation(chroma > OBJECT_CHROMA / 2, iterations=2)
+    known = ~dilate(chroma > OBJECT_CHROMA / 2, iterations=2)
     return known if known.sum() >= 0.2 * known.size else np.ones_like(known)
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UserError
-from ..outputs import staged_directory
-from ..training import CAPTION_SUFFIX, LoraTrainingSettings, TrainingResult, train_lora
+from loracompose.errors import UserError
+from loracompose.outputs import staged_directory
+from loracompose.training.trainer import CAPTION_SUFFIX, LoraTrainingSettings, TrainingResult, train_lora
 from .concepts import CONCEPTS, Concept
 from .scenes import render
 

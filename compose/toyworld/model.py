@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..tiny import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+from loracompose.assets.tiny import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 FOLD = 2  # 2x2 pixels -> 12 latent channels
 LATENT_CHANNELS = 3 * FOLD * FOLD

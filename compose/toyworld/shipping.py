@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..outputs import atomic_write_text, file_sha256, staged_directory
+from loracompose.outputs import atomic_write_text, file_sha256, staged_directory
 
 MANIFEST = "manifest.json"
 
@@ -55,7 +55,7 @@ def ship_weights(model_dir: Path, lora_dir: Path, dest: Path, provenance: Mappin
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..embedded import PACKAGED_TOYWORLD
+    from loracompose.assets.embedded import PACKAGED_TOYWORLD
 
     parser = argparse.ArgumentParser(prog="python -m loracompose.toyworld.shipping",
                                      description="copy trained toy-world weights into the package")

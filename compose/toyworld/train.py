@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..outputs import staged_directory
-from ..training import (CHECKPOINT_PREFIX, STATE_FILE, check_work_dir, checkpoint_dirs, derived_seed,
+from loracompose.errors import UserError
+from loracompose.outputs import staged_directory
+from loracompose.training.trainer import (CHECKPOINT_PREFIX, STATE_FILE, check_work_dir, checkpoint_dirs, derived_seed,
                         flatten_optimizer_state, generator, prune_checkpoints, unflatten_optimizer_state)
 from .model import ARCHITECTURES, ToyWorldArchitecture, build_pipeline, fold
 from .scenes import render_array, scene_from_seed, training_caption

@@ -49,12 +49,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .library import LibraryEntry, entry_from_lora, open_library
-from .lora import LoadedLora, LoraSpec, with_trigger_words
-from .method import CompositionMethod, require_loras
-from .outputs import atomic_write
-from .training import (
+from loracompose.errors import UserError
+from loracompose.library import LibraryEntry, entry_from_lora, open_library
+from loracompose.lora import LoadedLora, LoraSpec, with_trigger_words
+from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.outputs import atomic_write
+from loracompose.training.trainer import (
     IMAGE_SUFFIXES,
     TrainingConditioning,
     check_resolution,
@@ -523,7 +523,7 @@ def showcase_image(pipe: Any, lora: LoadedLora, caption: str, settings: GateTrai
                 return candidate
     made = settings.work_dir / "showcase" / f"{lora.name}.png"
     if not made.is_file():
-        from .merge import Merge
+        from loracompose.methods.merge import Merge
 
         result = pipe.generate(caption, [lora], Merge(), seed=settings.seed, steps=settings.showcase_steps,
                                width=resolution, height=resolution, show_progress=False)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import UserError
+from loracompose.errors import UserError
 
 
 def add_train_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_train_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_toyworld(args: argparse.Namespace) -> int:
-    from .toyworld.train import ToyWorldTrainingSettings, train_toyworld
+    from loracompose.toyworld.train import ToyWorldTrainingSettings, train_toyworld
 
     result = train_toyworld(ToyWorldTrainingSettings(
         run_dir=args.run_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -53,7 +53,7 @@ def add_export_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export_toyworld(args: argparse.Namespace) -> int:
-    from .toyworld.train import export_model, latest_checkpoint
+    from loracompose.toyworld.train import export_model, latest_checkpoint
 
     checkpoint = latest_checkpoint(args.run_dir)
     if checkpoint is None:
@@ -63,8 +63,8 @@ def run_export_toyworld(args: argparse.Namespace) -> int:
 
 
 def add_train_toyworld_loras_arguments(parser: argparse.ArgumentParser) -> None:
-    from .toyworld.concepts import CONCEPTS
-    from .toyworld.loras import ConceptTrainingSettings
+    from loracompose.toyworld.concepts import CONCEPTS
+    from loracompose.toyworld.loras import ConceptTrainingSettings
 
     defaults = ConceptTrainingSettings()
     parser.add_argument("--model", type=Path, required=True, help="the toy-world base model folder")
@@ -78,7 +78,7 @@ def add_train_toyworld_loras_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_toyworld_loras(args: argparse.Namespace) -> int:
-    from .toyworld.loras import ConceptTrainingSettings, train_concept_loras
+    from loracompose.toyworld.loras import ConceptTrainingSettings, train_concept_loras
 
     if args.steps < 1 or args.images < 1:
         raise UserError("--steps and --images must be positive integers")
@@ -100,10 +100,10 @@ def add_eval_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_toyworld(args: argparse.Namespace) -> int:
-    from .embedded import embedded_default
-    from .outputs import atomic_write_text
-    from .pipelines import load_pipeline
-    from .toyworld.evaluate import evaluate_concept_loras, evaluate_samples
+    from loracompose.assets.embedded import embedded_default
+    from loracompose.outputs import atomic_write_text
+    from loracompose.pipelines import load_pipeline
+    from loracompose.toyworld.evaluate import evaluate_concept_loras, evaluate_samples
 
     if min(args.seeds, args.pairs, args.lora_seeds) < 1:
         raise UserError("--seeds, --pairs and --lora-seeds must be positive integers")

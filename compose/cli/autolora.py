@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .lora import LoraSpec
+from loracompose.errors import UserError
+from loracompose.lora import LoraSpec
 
 
 def add_library_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -47,7 +47,7 @@ def auto_lora_specs(pipe: Any, prompt: str, args: argparse.Namespace) -> list[Lo
     """The LoRAs ``--auto-loras K --library DIR`` picks for the prompt (none without --auto-loras)."""
     if args.auto_loras is None:
         return []
-    from .retrieval import auto_lora_specs as pick, format_ranking, parse_category_limits
+    from loracompose.retrieval import auto_lora_specs as pick, format_ranking, parse_category_limits
 
     specs, ranked = pick(pipe, prompt, args.library, args.auto_loras, retriever=args.retriever,
                          category_limits=parse_category_limits(args.category_limit))
@@ -66,8 +66,8 @@ def add_retrieve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from .library import open_library
-    from .retrieval import auto_lora_specs as pick, check_top_k, format_ranking, parse_category_limits
+    from loracompose.library import open_library
+    from loracompose.retrieval import auto_lora_specs as pick, check_top_k, format_ranking, parse_category_limits
     from loracompose.pipelines import load_pipeline
 
     check_top_k(args.top)
@@ -89,7 +89,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
 def _model_or_default(model: str | None) -> str:
     if model is not None:
         return model
-    from .embedded import embedded_default
+    from loracompose.assets.embedded import embedded_default
 
     return str(embedded_default().model_dir)
 
@@ -110,7 +110,7 @@ def add_train_retriever_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_retriever(args: argparse.Namespace) -> int:
-    from .retrieval import RetrieverTrainingSettings, train_retriever
+    from loracompose.retrieval import RetrieverTrainingSettings, train_retriever
 
     result = train_retriever(RetrieverTrainingSettings(
         library=args.library, out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
@@ -140,7 +140,7 @@ def add_train_gates_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_gates(args: argparse.Namespace) -> int:
-    from .autolora import GateTrainingSettings, train_gates
+    from loracompose.methods.autolora import GateTrainingSettings, train_gates
 
     result = train_gates(GateTrainingSettings(
         model=args.model, loras=args.lora, out=args.out, variant=args.variant, steps=args.steps,

@@ -43,11 +43,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .library import LibraryEntry, LibraryIndex, entry_from_lora, open_library
-from .lora import LoraSpec, inspect_lora
-from .outputs import atomic_write
-from .training import (
+from loracompose.errors import UserError
+from loracompose.library import LibraryEntry, LibraryIndex, entry_from_lora, open_library
+from loracompose.lora import LoraSpec, inspect_lora
+from loracompose.outputs import atomic_write
+from loracompose.training.trainer import (
     check_work_dir,
     checkpoint_dirs,
     checkpoint_folder,

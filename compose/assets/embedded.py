@@ -24,15 +24,15 @@ from typing import Callable
 
 from filelock import FileLock
 
-from .errors import UserError
-from .outputs import staged_directory
-from .tiny import build_tiny_lora, build_tiny_sd15
+from loracompose.errors import UserError
+from loracompose.outputs import staged_directory
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15
 
 VARIANT_VARIABLE = "LORACOMPOSE_EMBEDDED"
 TOYWORLD, TINY_SD15 = "toyworld", "tiny-sd15"
 EMBEDDED_VERSION = "tiny-sd15-v1"  # the random tiny SD1.5 variant's folder
 TOYWORLD_PREFIX = "toyworld-"  # + the shipped manifest's digest: new weights, new folder
-PACKAGED_TOYWORLD = Path(__file__).parent / "toyworld" / "weights"  # model/ and loras/ as shipped
+PACKAGED_TOYWORLD = Path(__file__).parent.parent / "toyworld" / "weights"  # model/ and loras/ as shipped
 MODEL_SEED = 0
 
 
@@ -122,7 +122,7 @@ def _describe_toyworld(root: Path) -> EmbeddedDefault:
 
 
 def _toyworld_version() -> str:
-    from .toyworld.shipping import MANIFEST, manifest_digest
+    from loracompose.toyworld.shipping import MANIFEST, manifest_digest
 
     if not (PACKAGED_TOYWORLD / MANIFEST).is_file():
         raise UserError(f"the toy-world weights are missing from the package ({PACKAGED_TOYWORLD}); reinstall "

@@ -47,11 +47,11 @@ import torch
 from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import LoraLayer
 
-from .errors import UserError
-from .lora import SD15, SDXL, LoadedLora
-from .method import CompositionMethod, require_loras
-from .tokens import WordPositions, trigger_positions
-from .training import LoraTrainingSettings, TrainingDefaults, TrainingModel, TrainingResult, train_lora
+from loracompose.errors import UserError
+from loracompose.lora import SD15, SDXL, LoadedLora
+from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.tokens import WordPositions, trigger_positions
+from loracompose.training.trainer import LoraTrainingSettings, TrainingDefaults, TrainingModel, TrainingResult, train_lora
 from loracompose.attention import ComposeAttnProcessor, LoraTokenMasks
 from loracompose.attention.lora_deltas import active_adapters, adapter_delta
 from loracompose.pipelines.adapters import BASE_ROW

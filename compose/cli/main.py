@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .cli_autolora import (
+from loracompose.cli.autolora import (
     add_auto_lora_arguments,
     add_retrieve_arguments,
     add_train_gates_arguments,
@@ -22,7 +22,7 @@ from .cli_autolora import (
     run_train_gates,
     run_train_retriever,
 )
-from .cli_toyworld import (
+from loracompose.cli.toyworld import (
     add_eval_toyworld_arguments,
     add_export_toyworld_arguments,
     add_train_toyworld_arguments,
@@ -32,11 +32,11 @@ from .cli_toyworld import (
     run_train_toyworld,
     run_train_toyworld_loras,
 )
-from .errors import UserError
-from .lora import LoraSpec, inspect_loras
+from loracompose.errors import UserError
+from loracompose.lora import LoraSpec, inspect_loras
 
 if TYPE_CHECKING:
-    from .training import LoraTrainingSettings, TrainingResult
+    from loracompose.training.trainer import LoraTrainingSettings, TrainingResult
 
 DEFAULT_OUT = Path("loracompose-out")
 
@@ -49,26 +49,26 @@ def build_method(args: argparse.Namespace):
 
 
 def _merge(args: argparse.Namespace):
-    from .merge import Merge
+    from loracompose.methods.merge import Merge
 
     return Merge(combine=args.merge_combine, fuse=args.fuse)
 
 
 def _switch(args: argparse.Namespace):
-    from .switch import Switch
+    from loracompose.methods.switch import Switch
 
     return Switch(period=args.switch_period)
 
 
 def _composite(args: argparse.Namespace):
-    from .composite import Composite
+    from loracompose.methods.composite import Composite
 
     return Composite(mixing_weights=tuple(args.mixing_weights) if args.mixing_weights else None,
                      batched=not args.sequential)
 
 
 def _cmlora(args: argparse.Namespace):
-    from .cmlora import CMLoRA
+    from loracompose.methods.cmlora import CMLoRA
 
     return CMLoRA(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
                   phase_fraction=args.cmlora_phase_fraction, cache_interval=args.cmlora_cache_interval,
@@ -76,14 +76,14 @@ def _cmlora(args: argparse.Namespace):
 
 
 def _cmlora_switch(args: argparse.Namespace):
-    from .cmlora import CMLoRASwitch
+    from loracompose.methods.cmlora import CMLoRASwitch
 
     return CMLoRASwitch(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
                         phase_fraction=args.cmlora_phase_fraction, period=args.switch_period)
 
 
 def _clora(args: argparse.Namespace):
-    from .clora import CLoRA
+    from loracompose.methods.clora import CLoRA
 
     return CLoRA(latent_update=not args.clora_no_update, step_size=args.clora_step_size,
                  iterative_steps=parse_steps(args.clora_iterative_steps, "--clora-iterative-steps"),
@@ -92,7 +92,7 @@ def _clora(args: argparse.Namespace):
 
 
 def _composer(args: argparse.Namespace):
-    from .composer import Composer, parse_box
+    from loracompose.methods.composer import Composer, parse_box
 
     return Composer(boxes=tuple(parse_box(text) for text in args.box),
                     region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
@@ -101,13 +101,13 @@ def _composer(args: argparse.Namespace):
 
 
 def _tara(args: argparse.Namespace):
-    from .tara import Tara
+    from loracompose.methods.tara import Tara
 
     return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
 
 
 def _autolora(args: argparse.Namespace):
-    from .autolora import AutoLoRA
+    from loracompose.methods.autolora import AutoLoRA
 
     return AutoLoRA(gates=str(args.autolora_gates) if args.autolora_gates else None)
 
@@ -138,8 +138,8 @@ def cmlora_classes(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import METHODS
-    from .cmlora import REFERENCE_PHASE_FRACTION
+    from loracompose.methods import METHODS
+    from loracompose.methods.cmlora import REFERENCE_PHASE_FRACTION
     from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser.add_argument("--prompt", help="the prompt (default with the embedded model: its demo prompt)")
@@ -225,7 +225,7 @@ def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .outputs import prepare_output_dir, save_result
+    from loracompose.outputs import prepare_output_dir, save_result
     from loracompose.pipelines import load_pipeline
 
     specs = lora_specs(args)
@@ -233,7 +233,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt, model = args.prompt, args.model
     default_steps, default_guidance = 30, 7.5
     if model is None:
-        from .embedded import embedded_default
+        from loracompose.assets.embedded import embedded_default
 
         demo = embedded_default()
         model = str(demo.model_dir)
@@ -251,10 +251,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file; give a folder for the images")
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
     specs += auto_lora_specs(pipe, prompt, args)
-    from .cmlora import FrequencyOrdered
+    from loracompose.methods.cmlora import FrequencyOrdered
 
     if isinstance(method, FrequencyOrdered):  # one profiling image per LoRA and base model, then its sidecar
-        from .frequency import ProfileSettings
+        from loracompose.frequency import ProfileSettings
 
         settings = ProfileSettings(size=args.cmlora_profile_size, steps=args.cmlora_profile_steps)
         method.profile_frequencies(pipe, specs, settings)
@@ -300,7 +300,7 @@ def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) 
 
 
 def lora_training_settings(args: argparse.Namespace, **extra: Any) -> "LoraTrainingSettings":
-    from .training import LoraTrainingSettings
+    from loracompose.training.trainer import LoraTrainingSettings
 
     return LoraTrainingSettings(
         model=args.model, images=args.images, out=args.out, prompt=args.prompt or "", steps=args.steps,
@@ -329,7 +329,7 @@ def add_train_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_lora(args: argparse.Namespace) -> int:
-    from .training import train_lora
+    from loracompose.training.trainer import train_lora
 
     settings = lora_training_settings(args, trigger_words=tuple(word.strip() for word in args.trigger if word.strip()),
                                       title=args.title, category=args.category)
@@ -346,7 +346,7 @@ def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_tara(args: argparse.Namespace) -> int:
-    from .tara import TaraTrainingSettings, train_tara
+    from loracompose.methods.tara import TaraTrainingSettings, train_tara
 
     settings = TaraTrainingSettings(args.token, args.class_word, lora_training_settings(args),
                                     align_weight=args.align_weight)

@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
-from .errors import UserError
-from .lora import LoadedLora
+from loracompose.errors import UserError
+from loracompose.lora import LoadedLora
 from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
 
 

@@ -51,10 +51,10 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .lora import LoadedLora, with_trigger_words
-from .method import CompositionMethod, frozen_parameters, require_loras
-from .tokens import trigger_positions
+from loracompose.errors import UserError
+from loracompose.lora import LoadedLora, with_trigger_words
+from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
+from loracompose.tokens import trigger_positions
 from loracompose.attention import (
     AttentionStore,
     ComposeAttnProcessor,

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .lora import SD15, SDXL
-from .outputs import atomic_write, staged_directory
-from .tokens import pipeline_tokenizers
+from loracompose.errors import UserError
+from loracompose.lora import SD15, SDXL
+from loracompose.outputs import atomic_write, staged_directory
+from loracompose.tokens import pipeline_tokenizers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"

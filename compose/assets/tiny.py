@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .outputs import staged_directory
+from loracompose.outputs import staged_directory
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS_ID = 49406

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from .errors import UserError
-from .lora import LoadedLora
-from .method import CompositionMethod, require_loras
+from loracompose.errors import UserError
+from loracompose.lora import LoadedLora
+from loracompose.methods.base import CompositionMethod, require_loras
 from loracompose.pipelines.loop import Denoiser, Prediction, Step
 
 

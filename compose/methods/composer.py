@@ -69,10 +69,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import LoraLayer
 
-from .errors import UserError
-from .lora import LoadedLora
-from .method import CompositionMethod, frozen_parameters, require_loras
-from .tokens import trigger_positions
+from loracompose.errors import UserError
+from loracompose.lora import LoadedLora
+from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
+from loracompose.tokens import trigger_positions
 from loracompose.attention import (
     AttentionStore,
     Box,

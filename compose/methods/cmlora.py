@@ -40,10 +40,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Collection, Mapping, Sequence
 
-from .errors import UserError
-from .frequency import ProfileSettings, profile_loras
-from .lora import LoadedLora, LoraSpec, inspect_lora
-from .method import CompositionMethod, require_loras
+from loracompose.errors import UserError
+from loracompose.frequency import ProfileSettings, profile_loras
+from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
+from loracompose.methods.base import CompositionMethod, require_loras
 from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
 from loracompose.pipelines.unet_cache import DeepFeature, check_cacheable
 

@@ -1,0 +1,5 @@
+"""The ``loracompose`` command line (``main``); one module per command group."""
+
+from loracompose.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,3 @@
+from loracompose.cli.main import main
+
+raise SystemExit(main())

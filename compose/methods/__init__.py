@@ -1,0 +1,22 @@
+"""The composition methods, one file per paper, and the registry every front-end reads.
+
+Adding a method: write ``<name>.py`` with a :class:`~loracompose.methods.base.CompositionMethod`
+subclass and add it to :data:`METHODS` below.
+"""
+
+from loracompose.methods.autolora import AutoLoRA
+from loracompose.methods.base import CompositionMethod
+from loracompose.methods.clora import CLoRA
+from loracompose.methods.cmlora import CMLoRA, CMLoRASwitch
+from loracompose.methods.composer import Composer
+from loracompose.methods.composite import Composite
+from loracompose.methods.merge import Merge
+from loracompose.methods.switch import Switch
+from loracompose.methods.tara import Tara
+
+METHODS: dict[str, type[CompositionMethod]] = {
+    method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA)
+}
+
+__all__ = ["METHODS", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite", "CompositionMethod",
+           "Merge", "Switch", "Tara"]
