@@ -52,7 +52,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from loracompose import LoraSpec, Merge, load_pipeline  # noqa: E402
-from loracompose.autolora import AutoLoRA, GateSet, lora_layer_channels, save_gates  # noqa: E402
+from loracompose.methods.autolora import AutoLoRA, GateSet, lora_layer_channels, save_gates  # noqa: E402
 from loracompose.library import open_library  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.retrieval import (  # noqa: E402
@@ -66,7 +66,7 @@ from loracompose.retrieval import (  # noqa: E402
     rank_loras,
     read_unet_factors,
 )
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 from bench_common import interleaved, machine_info, stock_pipeline, write_json  # noqa: E402
 

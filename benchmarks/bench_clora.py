@@ -50,11 +50,11 @@ import torch  # noqa: E402
 
 from loracompose import Composite, LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import attention_map_layers  # noqa: E402
-from loracompose.clora import CLoRA, frozen_parameters  # noqa: E402
+from loracompose.methods.clora import CLoRA, frozen_parameters  # noqa: E402
 from loracompose.pipelines.adapters import BASE_ROW, AdapterController  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine_info, stock_pipeline, write_json  # noqa: E402

@@ -46,10 +46,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench_common import DEEP_MID_UNET_CONFIG, build_mid_sd15, machine_info, race, stock_pipeline, write_json  # noqa: E402
 from loracompose import CMLoRA, Composite, LoraSpec, load_pipeline  # noqa: E402
-from loracompose.cmlora import refresh_steps  # noqa: E402
+from loracompose.methods.cmlora import refresh_steps  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.unet_cache import capture_deep_features, shallow_unet_forward  # noqa: E402
-from loracompose.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 PROMPT = "a photo of a cat in a garden"
 SEED = 0

@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from loracompose.outputs import atomic_write_text
 from loracompose.pipelines.compose_pipeline import quiet_loading
-from loracompose.tiny import tiny_sd15_pipeline
+from loracompose.assets.tiny import tiny_sd15_pipeline
 
 # A mid-size random UNet of SD1.5's architecture (cross-attention width = tiny text encoder's 32).
 MID_UNET_CONFIG: dict[str, Any] = {

@@ -74,7 +74,7 @@ def _model_and_lora_dir(section: Mapping[str, Any], data: Mapping[str, Any], res
     model = data.get("model")
     lora_dir = resolve(section["lora_dir"]) if section.get("lora_dir") is not None else None
     if model is None or lora_dir is None:
-        from loracompose.embedded import embedded_default
+        from loracompose.assets.embedded import embedded_default
 
         default = embedded_default()
         model = model if model is not None else default.model_dir

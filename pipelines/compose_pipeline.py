@@ -147,7 +147,7 @@ class ComposeMixin:
             max_batch_rows: cap on rows per UNet call; branches beyond it run one call each.
             output_type: "pil", "np" or "latent".
         """
-        from loracompose.merge import Merge
+        from loracompose.methods.merge import Merge
 
         method = method if method is not None else Merge()
         self._check_generate_args(prompt, steps, guidance_scale, num_images, seed, output_type)

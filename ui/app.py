@@ -30,7 +30,7 @@ from PIL import Image
 
 from loracompose import METHODS
 from loracompose.errors import UserError
-from loracompose.method import CompositionMethod
+from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 from .library import (

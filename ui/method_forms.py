@@ -31,7 +31,7 @@ import gradio as gr
 import numpy as np
 
 from loracompose.errors import UserError
-from loracompose.method import CompositionMethod
+from loracompose.methods.base import CompositionMethod
 
 
 @dataclass
@@ -209,7 +209,7 @@ FIELD_CONTROLS[("merge", "combine")] = choice_control("sum", "mean")
 def box_list_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
     """LoRA-Composer's boxes: ``x0,y0,x1,y1`` (relative, y down) per ticked LoRA, ``;`` between them;
     the Concepts view draws them on the result."""
-    from loracompose.composer import parse_box
+    from loracompose.methods.composer import parse_box
 
     component = gr.Textbox(
         value="", label="boxes", placeholder="side by side", elem_id=f"{method}-boxes",

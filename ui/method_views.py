@@ -45,7 +45,7 @@ def composer_view(method: Any, image: Image.Image) -> View:
 def box_layout(boxes_text: str, size: tuple[int, int] = (256, 256)) -> Image.Image | None:
     """The Composer panel's live preview: the typed boxes, numbered in LoRA order, on a blank canvas
     (None while the text does not parse, or is empty: then the LoRAs stand side by side)."""
-    from loracompose.composer import parse_box
+    from loracompose.methods.composer import parse_box
     from loracompose.errors import UserError
 
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from loracompose.lora import LoraSpec
-from loracompose.method import CompositionMethod
+from loracompose.methods.base import CompositionMethod
 from loracompose.outputs import save_result
 
 HISTORY_LIMIT = 60

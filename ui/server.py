@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loracompose.embedded import embedded_default, loracompose_home
+from loracompose.assets.embedded import embedded_default, loracompose_home
 from loracompose.errors import UserError
 
 from .app import AppSettings, build_app, launch_app
