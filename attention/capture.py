@@ -1,4 +1,4 @@
-"""Cross-attention maps for CLoRA (methods.md §7.2) and LoRA-Composer (§8.4), computed cheaply.
+"""Cross-attention maps for CLoRA and LoRA-Composer (docs/methods/clora.md, composer.md), computed cheaply.
 
 Only layers whose processor holds an :class:`AttentionStore` pay for maps, and there the layer output
 still comes from the fused kernel; the store recomputes ``softmax(q kᵀ · scale)`` over all keys, keeps

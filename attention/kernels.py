@@ -5,11 +5,11 @@ Masks are built by the kernel that uses them (:meth:`AttentionKernel.build_mask`
 an additive ``bias`` broadcastable to (batch, heads, queries, keys) (diffusers' own attention mask),
 and ``region_codes``: one int64 per token, bit ``r`` set when the token is inside region ``r``
 (0 = background). A query may attend to a key when either is background or they share a region
-(self-attention isolation, LoRA-Composer §8.3).
+(self-attention isolation, LoRA-Composer).
 
 * ``sdpa`` (default, torch only): ``F.scaled_dot_product_attention``. With a mask it stays on the
   memory-efficient or cuDNN kernel (never flash); the dense bias is stored with its key dimension
-  padded to a multiple of 8 and sliced, the alignment those kernels need (platform.md §7.3).
+  padded to a multiple of 8 and sliced, the alignment those kernels need.
 * ``xformers``: ``memory_efficient_attention`` (cutlass op with a dense bias, aligned the same way).
 * ``flex``: FlexAttention with a ``BlockMask`` for region isolation, so 128x128 tiles fully outside
   the allowed set are skipped. Compiled on CUDA; on CPU it runs torch's unfused eager path (which

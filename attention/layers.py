@@ -103,7 +103,7 @@ def deepest_attention_level(unet: torch.nn.Module, blocks: Iterable[BlockKind] =
 
 
 def attention_map_layers(unet: torch.nn.Module, layers_per_module: int | None = 1) -> list[AttentionLayer]:
-    """The cross-attention layers CLoRA and LoRA-Composer read maps from (methods.md §7.2, §8.4).
+    """The cross-attention layers CLoRA and LoRA-Composer read maps from (docs/methods/clora.md, composer.md).
 
     These are the attn2 layers of the down and up blocks at the deepest level with attention, the mid
     block excluded: SD1.5 gives ``down_blocks.2.attentions.{0,1}`` and ``up_blocks.1.attentions.{0,1,2}``

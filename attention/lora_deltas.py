@@ -4,7 +4,7 @@ PEFT wraps ``to_q/to_k/to_v/to_out.0`` in a ``LoraLayer`` with ``base_layer`` an
 ``lora_A[name]``, ``lora_B[name]``, ``lora_dropout[name]`` and ``scaling[name]`` (alpha/r times the
 weight set with ``set_adapters``). Two things need more than the layer's forward:
 
-* **Token-masked deltas (TARA, methods.md §9.1).** On cross-attention ``to_k``/``to_v`` each LoRA's
+* **Token-masked deltas (TARA, docs/methods/tara.md).** On cross-attention ``to_k``/``to_v`` each LoRA's
   delta is multiplied by a 0/1 mask over the text tokens::
 
       k = base(x) + sum_i m_i ⊙ scaling_i · B_i(A_i(x))
@@ -13,7 +13,7 @@ weight set with ``set_adapters``). Two things need more than the layer's forward
   deltas and subtract them again). Masks may differ per batch row, so the unconditional half can be
   masked differently (TARA's own (1, 77, 1) mask leaks into uncond: a pitfall there). Adapters without
   a mask add their delta unmasked, exactly as PEFT would.
-* **One adapter's projection (LoRA-Composer regions, §8.2).** ``base(x) + scaling_a · B_a(A_a(x))``
+* **One adapter's projection (LoRA-Composer regions, docs/methods/composer.md).** ``base(x) + scaling_a · B_a(A_a(x))``
   for one concept, whatever adapters are active.
 
 Because these bypass the PEFT forward, PEFT's per-row ``adapter_names`` (mixed batches) do not reach

@@ -112,7 +112,7 @@ class ComposeAttnProcessor:
             return isolation.isolation_mask(self.kernel, grid, level, query.dtype, query.device)
         return self.kernel.build_mask(bias=bias, region_codes=codes, dtype=query.dtype)
 
-    # -- regions (LoRA-Composer §8.2) -----------------------------------------------------------
+    # -- regions (LoRA-Composer) ----------------------------------------------------------------
     def _region_cross_attention(self, attn, x, context, raw_states, masks, regions: RegionAttention,
                                 bias) -> torch.Tensor:
         if bias is not None:

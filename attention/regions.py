@@ -1,4 +1,4 @@
-"""Regions for LoRA-Composer (methods.md §8.2, §8.3): concept injection and self-attention isolation.
+"""Regions for LoRA-Composer (docs/methods/composer.md): concept injection and self-attention isolation.
 
 A :class:`RegionAttention` controller holds the regions of one generation and is shared by the
 processors of every attention layer; each layer asks it for the region masks at its own level.

@@ -1,6 +1,6 @@
 """Fast adapter switching and per-row (mixed-batch) adapters on PEFT LoRA layers.
 
-diffusers' ``set_adapters`` walks every module of the model on each call (platform.md §3), which is
+diffusers' ``set_adapters`` walks every module of the model on each call, which is
 a real cost when a method switches adapters every step. :class:`AdapterController` finds the PEFT
 tuner layers once and flips active adapters and scales on them directly, doing only what changed.
 """
@@ -53,7 +53,7 @@ class AdapterController:
         """Route batch row i through adapter ``row_adapters[i]`` on every LoRA layer of the component.
 
         PEFT layers accept ``adapter_names`` in forward; diffusers models do not pass it, so a forward
-        pre-hook adds it (platform.md §5). Each adapter runs at the scale set by :meth:`set_weights`.
+        pre-hook adds it. Each adapter runs at the scale set by :meth:`set_weights`.
         """
         names = list(row_adapters)
 

@@ -306,7 +306,7 @@ class LoraComposeSDXLPipeline(ComposeMixin, StableDiffusionXLPipeline):
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """Silence loading chatter: per-adapter load reports of diffusers/transformers/PEFT (harmless,
-    very long: each new adapter is reported as "missing" the other adapters' keys, platform.md §2)
+    very long: each new adapter is reported as "missing" the other adapters' keys)
     and the component-loading progress bars."""
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
     levels = [logger.level for logger in loggers]

@@ -71,7 +71,7 @@ class Prediction:
     @staticmethod
     def mix(predictions: Sequence["Prediction"], weights: Sequence[float] | None = None) -> "Prediction":
         """Weighted average of predictions (equal weights by default). CFG is linear, so mixing
-        before or after guidance is the same (methods.md §4)."""
+        before or after guidance is the same."""
         if weights is None:
             weights = [1.0 / len(predictions)] * len(predictions)
         cond = sum(w * p.cond for w, p in zip(weights, predictions))

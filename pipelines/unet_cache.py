@@ -1,4 +1,4 @@
-"""DeepCache-style feature caching on a diffusers ``UNet2DConditionModel`` (CMLoRA, methods.md §5.5).
+"""DeepCache-style feature caching on a diffusers ``UNet2DConditionModel`` (CMLoRA, docs/methods/cmlora.md).
 
 A full UNet pass goes down through every block and back up. DeepCache (Ma et al. 2024) observes
 that the deep part of that path changes slowly between neighbouring denoising steps, so it keeps
