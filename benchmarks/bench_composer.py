@@ -10,7 +10,7 @@ UNet with random weights and 768-wide text states, on a 32x32 and a 64x64 latent
 * ``plain``: stock ``diffusers.StableDiffusionPipeline`` with DPM-Solver++, no LoRA (1 CFG call/step);
 * ``composer``: ``generate`` with ``Composer`` at its defaults (refinement, isolation, re-init).
 
-The **cost floor** is what any implementation of the algorithm must spend (methods.md §8.7): the
+The **cost floor** is what any implementation of the algorithm must spend (docs/methods/composer.md): the
 plain run plus one conditional forward + backward (batch 1) per refined step plus one conditional
 forward for the re-initialisation, with those two timed on the stock UNet (no regions, no maps)::
 

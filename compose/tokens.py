@@ -1,6 +1,6 @@
 """Where words sit in a tokenised prompt: trigger-token positions and 0/1 token masks.
 
-TARA (methods.md §9.1) routes each LoRA through the text tokens of its rare/trigger word. A word's
+TARA (docs/methods/tara.md) routes each LoRA through the text tokens of its rare/trigger word. A word's
 positions are found the reference's way, on token ids rather than on text::
 
     word_ids   <- tokenizer(" " + word, no special tokens)          # 1 or more BPE tokens

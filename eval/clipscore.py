@@ -5,7 +5,7 @@
     score_i <- scale * max(cos_i, 0)   if clamp == "per-sample"      else  scale * cos_i
     mean    <- max(mean_i score_i, 0)  if clamp == "mean"            else  mean_i score_i
 
-Several incompatible conventions are in use (evaluation.md §1); numbers compare only within one,
+Several incompatible conventions are in use (docs/evaluation.md); numbers compare only within one,
 so the convention and the weights' origin are written into every result. The defaults are
 ComposLoRA's (MLC / CMLoRA): ViT-B/16 with OpenAI weights (open_clip ``ViT-B-16-quickgelu`` with
 ``pretrained="openai"``), trigger words only, joined with ", ", no prefix, 100 * max(cos, 0) per

@@ -1,4 +1,4 @@
-"""The ComposLoRA testbed (Zhong et al. 2024; evaluation.md §2): 22 LoRAs, 5 categories, 480 sets.
+"""The ComposLoRA testbed (Zhong et al. 2024; docs/evaluation.md): 22 LoRAs, 5 categories, 480 sets.
 
     for each style, for N in 2..5:
         for each choice of N-1 categories out of the non-character ones, in the info file's key order:
@@ -47,7 +47,7 @@ NEGATIVE_PROMPT = {
         "many fingers, long neck"
     ),
 }
-# MLC's defaults per style (evaluation.md §2.5). Suite keys; a suite file may override any of them.
+# MLC's defaults per style. Suite keys; a suite file may override any of them.
 REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
     "anime": {"model": "gsdf/Counterfeit-V2.5", "steps": 200, "guidance": 10.0, "width": 512, "height": 512,
               "lora_weight": 0.8, "seeds": [111], "scheduler": "dpmsolver++", "dtype": "fp32"},

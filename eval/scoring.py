@@ -6,7 +6,7 @@
         line <- CLIPScore of its image, cosine, scored text, setup, concept similarity
         append the line to metrics/clipscore.jsonl     # one write + fsync: a kill loses at most this job
 
-Scores are kept beside the manifest, not written into it (evaluation.md §5.2: metrics apart from
+Scores are kept beside the manifest, not written into it (metrics apart from
 generation, so they can be recomputed under another convention, and a running ``bench`` keeps
 appending to its manifest undisturbed). Readers (:func:`read_records`, the report) lay the last
 score line of a job over its manifest record. A line names the generation it scored (a digest of

@@ -1,4 +1,4 @@
-"""A tiny random open_clip model for offline tests (platform.md §8.1): 1.7M parameters, 32 px.
+"""A tiny random open_clip model for offline tests: 1.7M parameters, 32 px.
 
     clip = build_tiny_clip(tmp_dir)
     scorer = ClipScorer.load(clip.name, clip.weights, config=clip.config)

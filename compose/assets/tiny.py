@@ -65,7 +65,7 @@ _NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "s
 
 @functools.lru_cache(maxsize=1)
 def _clip_bpe_files() -> tuple[str, str]:
-    """The contents of ``vocab.json`` and ``merges.txt`` for open_clip's CLIP BPE (platform.md §8.2)."""
+    """The contents of ``vocab.json`` and ``merges.txt`` for open_clip's CLIP BPE."""
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     merges = lines[1 : _CLIP_MERGE_COUNT + 1]
@@ -153,7 +153,7 @@ _UNET_COMMON = {
 
 
 def tiny_sd15_pipeline(*, seed: int = 0) -> StableDiffusionPipeline:
-    """A random-weight SD1.5 pipeline in memory (platform.md §9.2 sizes, 49408-token vocabulary)."""
+    """A random-weight SD1.5 pipeline in memory (49408-token vocabulary)."""
     pipe = StableDiffusionPipeline(
         unet=_seeded(seed, UNet2DConditionModel, **_UNET_COMMON, cross_attention_dim=32),
         vae=_tiny_vae(seed),
@@ -169,7 +169,7 @@ def tiny_sd15_pipeline(*, seed: int = 0) -> StableDiffusionPipeline:
 
 
 def tiny_sdxl_pipeline(*, seed: int = 0) -> StableDiffusionXLPipeline:
-    """A random-weight SDXL pipeline in memory (platform.md §9.3 with the LoRA-test UNet)."""
+    """A random-weight SDXL pipeline in memory (two text encoders, added text and time embeddings)."""
     unet = _seeded(
         seed,
         UNet2DConditionModel,

@@ -121,7 +121,7 @@ def noise_scheduler() -> DDIMScheduler:
 
 
 def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer (open_clip's vocabulary, platform.md section 8.2), built offline."""
+    """The real CLIP BPE tokenizer (open_clip's vocabulary), built offline."""
     with tempfile.TemporaryDirectory(prefix="loracompose-tokenizer-") as scratch:
         return build_clip_tokenizer(scratch)
 
