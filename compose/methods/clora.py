@@ -1,4 +1,4 @@
-"""CLoRA: contrastive test-time composition (Meral et al., ICCV 2025; methods.md §7).
+"""CLoRA: contrastive test-time composition (Meral et al., ICCV 2025; docs/methods/clora.md).
 
 Branch 0 is the base model on the user's prompt; branch p = 1..N is LoRA p on its own prompt::
 
@@ -73,7 +73,7 @@ _TINY = 1e-12  # guards divisions by a flat map's range or peak
 TokenGroups = list[list[list[int]]]  # [concept][branch] -> token positions
 
 
-# ------------------------------------------------------------------------------------ loss (§7.3)
+# ------------------------------------------------------------------------------------ loss
 
 
 def concept_vectors(maps: torch.Tensor, groups: TokenGroups) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +117,7 @@ def contrastive_loss(maps: torch.Tensor, groups: TokenGroups, temperature: float
     return info_nce(vectors, labels, temperature)
 
 
-# ------------------------------------------------------------------------------------ masks (§7.5)
+# ------------------------------------------------------------------------------------ masks
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def relative_attention(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tenso
 
 
 def apply_morphology(claims: torch.Tensor, operations: Sequence[str]) -> torch.Tensor:
-    """3x3 binary morphology on (..., rows, columns) bool masks, in order (methods.md §7.5)."""
+    """3x3 binary morphology on (..., rows, columns) bool masks, in order."""
     def dilate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.float().reshape(-1, 1, *mask.shape[-2:])
         return (F.max_pool2d(flat, 3, stride=1, padding=1) > 0).reshape(mask.shape)
@@ -209,7 +209,7 @@ def concept_masks(
     return upsample_owner(owner_map(scores, threshold, morphology), level, latent_size)
 
 
-# ------------------------------------------------------------------------------------ fusion (§7.6)
+# ------------------------------------------------------------------------------------ fusion
 
 
 def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
@@ -223,7 +223,7 @@ def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
     return Prediction(cond=blend([p.cond for p in predictions]), uncond=uncond)
 
 
-# ------------------------------------------------------------------------------------ map capture (§7.2)
+# ------------------------------------------------------------------------------------ map capture
 
 
 class MapRecorder:

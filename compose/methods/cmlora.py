@@ -1,4 +1,4 @@
-"""CMLoRA: Cached Multi-LoRA composition (Zou et al., ICLR 2025; methods.md §5).
+"""CMLoRA: Cached Multi-LoRA composition (Zou et al., ICLR 2025; docs/methods/cmlora.md).
 
 Composite with one dominant LoRA at a time, chosen by frequency, and a per-LoRA DeepCache::
 
@@ -28,7 +28,7 @@ Unlike the released code: the profiled scores decide the classes (a LoRA's categ
 fallback when it has neither score nor hand-set class: background -> low, as the reference does),
 the phase step scales with T, and late-phase refreshes really refresh.
 
-CMLoRA-Switch (§5.7 Switch-A) keeps one LoRA active at a time in the same frequency order::
+CMLoRA-Switch keeps one LoRA active at a time in the same frequency order::
 
     active(i) <- H[(i // tau) mod |H|]               for i <= S (or when Lo or H is empty: A)
                  Lo[((i - S - 1) // tau) mod |Lo|]   for i > S

@@ -1,5 +1,5 @@
 """LoRA-Composer: box-guided concept injection, concept isolation and latent refinement
-(Yang et al., arXiv 2403.11627; methods.md §8).
+(Yang et al., arXiv 2403.11627; docs/methods/composer.md).
 
 Inputs: a global prompt p; per concept k a LoRA, a region prompt p_k (default: its trigger words) and a
 box b_k. One base UNet, the LoRAs kept as PEFT adapters (no copy of the model per concept)::
@@ -7,13 +7,13 @@ box b_k. One base UNet, the LoRAs kept as PEFT adapters (no copy of the model pe
     e_k <- text encoder(s) with LoRA k's deltas on [negative prompt, p_k]          # region states
     B_k <- b_k at the 1/32 attention level (a cell is in when half of it is covered)
     z   <- N(0, I)
-    # latent re-initialisation (§8.6), one conditional UNet call on z at t_0:
+    # latent re-initialisation, one conditional UNet call on z at t_0:
     for each concept k:
         (r, c) <- argmax over windows the size of B_k of Σ_tok (A_tok ∗ ones(B_k))
         z[b_k] <- z_0[window (r, c), scaled to latent cells]                       # z_0: the initial noise
     z <- (z - mean z) / std z · std z_0 + mean z_0;   z <- z · init_noise_sigma
     for step i = 0 .. T-1:
-        if refining:                                                              # §8.4, §8.5
+        if refining:
             A_k, S <- one conditional UNet call on z with grad: concept k's token maps over the whole
                       image with its own keys, Gaussian-smoothed (3, σ 0.5); S the self-attention at
                       the same level (both averaged over heads and the 5 map layers)
@@ -27,15 +27,15 @@ box b_k. One base UNet, the LoRAs kept as PEFT adapters (no copy of the model pe
         ε <- one CFG UNet call of the base model in which, on every layer,
                cross-attention: queries in b_k attend e_k through LoRA k's to_k/to_v/to_out.0 deltas,
                                 queries in no box attend p with the base projections,
-                                queries in several boxes get the mean                     # §8.2
-               self-attention:  queries in b_k give no weight to keys in b_j, j ≠ k      # §8.3
+                                queries in several boxes get the mean
+               self-attention:  queries in b_k give no weight to keys in b_j, j ≠ k
         z <- scheduler step(ε)
 
 Cost: T CFG calls + one conditional forward and backward per refined step (at most 26) + one
 conditional forward for the re-initialisation; the call count does not grow with N, each
 cross-attention layer adds N region attentions (attention/regions.py).
 
-Departures from the public code (its pitfalls, §8.7) and choices where the spec is open:
+Departures from the public code (its pitfalls) and choices where the spec is open:
 
 * One base model and each concept's LoRA deltas with their α/r scaling and strength (PEFT
   ``scaling``), through attention processors; no pipeline copies, no ``forward`` patching.
@@ -93,7 +93,7 @@ from loracompose.pipelines.loop import BASE, Branch, Denoiser, Prediction, Step
 
 log = logging.getLogger(__name__)
 
-# methods.md §8.7
+# The published loss weights, top-k share and smoothing (docs/methods/composer.md)
 BOX_LOSS_WEIGHT = 8.0
 FILL_LOSS_WEIGHT = 2.0
 REGION_LOSS_WEIGHT = 10.0
@@ -176,7 +176,7 @@ class ConceptGeometry:
         return CellRect.bounding(self.map_mask)
 
 
-# ------------------------------------------------------------------------------------ losses (§8.4)
+# ------------------------------------------------------------------------------------ losses
 
 
 def top_k_count(box_mask: torch.Tensor, ratio: float = TOP_K_RATIO) -> int:
@@ -259,7 +259,7 @@ def region_leakage_loss(self_attention: torch.Tensor, box_cells: torch.Tensor, t
     return weight * torch.clamp(top_k_mean(leaking, top_k), min=0)
 
 
-# ------------------------------------------------------------------------------------ steps (§8.5)
+# ------------------------------------------------------------------------------------ steps
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class RefinedStep:
     step_size: float
 
 
-# ------------------------------------------------------------------------------------ re-initialisation (§8.6)
+# ------------------------------------------------------------------------------------ re-initialisation
 
 
 def best_window(score_map: torch.Tensor, height: int, width: int) -> tuple[int, int]:
@@ -344,9 +344,9 @@ class Composer(CompositionMethod):
             ``Box.from_pixels``) or four relative numbers (x0, y0, x1, y1). Boxes may overlap.
             None or empty: the LoRAs side by side in equal full-height columns, left to right.
         region_prompts: one per LoRA (None or "" for its trigger words); None: trigger words for all.
-        isolate: concept isolation in self-attention (§8.3).
-        refine: test-time latent refinement with the three losses (§8.4, §8.5).
-        reinitialise: copy the best window of the initial noise into each box (§8.6).
+        isolate: concept isolation in self-attention.
+        refine: test-time latent refinement with the three losses.
+        reinitialise: copy the best window of the initial noise into each box.
         box_weight, fill_weight, region_weight, top_k_ratio: the losses' weights and top-k share.
         step_size, final_step_fraction, last_refined_step, patience_step: φ_i and the stop rule.
         checkpoint_refinement: gradient checkpointing on the refinement pass's units outside the map
@@ -549,7 +549,7 @@ class Composer(CompositionMethod):
             attention = maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2], maps.shape[3])
         return ConceptMaps(cross, attention, sample if latents is None else latents)
 
-    # -- refinement (§8.4, §8.5) ----------------------------------------------------------------
+    # -- refinement ------------------------------------------------------------------------------
     def refinement_losses(self, maps: ConceptMaps) -> torch.Tensor:
         """L per image: Σ over concepts of the box, fill and region-leakage losses."""
         per_image = []
@@ -598,7 +598,7 @@ class Composer(CompositionMethod):
             return nullcontext()
         return checkpoint_outside_layers(unet, self._cross_map_layers + self._self_map_layers)
 
-    # -- re-initialisation (§8.6) ----------------------------------------------------------------
+    # -- re-initialisation -----------------------------------------------------------------------
     def _reinitialise(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         sigma = float(run.scheduler.init_noise_sigma)
         noise = latents / sigma

@@ -1,4 +1,4 @@
-"""LoRA Composite (Zhong et al. 2024, baseline; methods.md §4).
+"""LoRA Composite (Zhong et al. 2024, baseline; docs/methods/composite.md).
 
     for each step:
         for each LoRA i: (u_i, c_i) <- UNet with only LoRA i          # one batched call, 2N rows

@@ -1,4 +1,4 @@
-"""LoRA Merge (Zhong et al. 2024, baseline; methods.md §2).
+"""LoRA Merge (Zhong et al. 2024, baseline; docs/methods/merge.md).
 
     activate all LoRAs together, each at its strength
     for each step: one UNet call; CFG; scheduler step

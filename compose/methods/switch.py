@@ -1,4 +1,4 @@
-"""LoRA Switch (Zhong et al. 2024, baseline; methods.md §3).
+"""LoRA Switch (Zhong et al. 2024, baseline; docs/methods/switch.md).
 
     for step j = 0..T-1:
         active LoRA <- order[ floor(j / tau) mod N ]
