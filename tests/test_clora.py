@@ -1,4 +1,4 @@
-"""CLoRA (methods.md §7) on tiny SD1.5 / SDXL: loss, update, masks and fusion against independent oracles."""
+"""CLoRA (docs/methods/clora.md) on tiny SD1.5 / SDXL: loss, update, masks and fusion against independent oracles."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def sd15(tiny_sd15_dir, sd15_lora_files):
 
 
 def explicit_info_nce(maps: torch.Tensor, groups, temperature: float) -> torch.Tensor:
-    """methods.md §7.3 written out pair by pair in float64: maps (branches, rows, columns, tokens)."""
+    """The contrastive loss written out pair by pair in float64: maps (branches, rows, columns, tokens)."""
     entries = []
     for concept, per_branch in enumerate(groups):
         for branch, tokens in enumerate(per_branch):
