@@ -1,4 +1,4 @@
-"""Frequency profiling of a LoRA (CMLoRA, Zou et al. ICLR 2025; methods.md §5.1).
+"""Frequency profiling of a LoRA (CMLoRA, Zou et al. ICLR 2025; docs/methods/cmlora.md).
 
     image   <- generate with the LoRA alone (fixed seed, its trigger words), decoded RGB in [0, 1]
     g       <- mean of R, G, B

@@ -83,7 +83,7 @@ def pipelines():
 
 
 def spec_refresh_steps(num_steps: int) -> list[int]:
-    """methods.md §5.4, written out: step 2 / 3 / 2 between floor(0.375T) and floor(0.875T)."""
+    """The non-uniform refresh schedule, written out: step 2 / 3 / 2 between floor(0.375T) and floor(0.875T)."""
     first, second = math.floor(0.375 * num_steps), math.floor(0.875 * num_steps)
     return [*range(0, first, 2), *range(first, second, 3), *range(second, num_steps, 2)]
 
@@ -319,7 +319,7 @@ def test_interval_one_equals_uncached_weighted_composite(model, pipelines, tiny_
 
 
 def expected_counts(num_steps: int, num_loras: int, rows_per_branch: int = 2, batched: bool = True) -> dict[str, int]:
-    """Passes per the cost table (methods.md summary): step 0 all full, refresh steps 1 full +
+    """Passes per the cost table (docs/methods/cmlora.md): step 0 all full, refresh steps 1 full +
     N-1 shallow, other steps N shallow; one call per kind and step when batched."""
     refresh = set(spec_refresh_steps(num_steps))
     full = [num_loras if i == 0 else (1 if i in refresh else 0) for i in range(num_steps)]

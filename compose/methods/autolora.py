@@ -1,4 +1,4 @@
-"""AutoLoRA gated fusion (Li et al. 2025; methods.md §10.2-10.3), ported from FLUX to SD1.5 / SDXL.
+"""AutoLoRA gated fusion (Li et al. 2025; docs/methods/autolora.md), ported from FLUX to SD1.5 / SDXL.
 
 Inference — one UNet pass per step with every LoRA active, as Merge, but on every adapted UNet layer::
 

@@ -1,4 +1,4 @@
-"""TARA: Token-Aware LoRA (Peng et al., AAAI 2026; methods.md §9).
+"""TARA: Token-Aware LoRA (Peng et al., AAAI 2026; docs/methods/tara.md).
 
 Inference — one UNet pass per step with every LoRA active, as Merge, except on cross-attention K/V::
 
@@ -28,7 +28,7 @@ Training (:func:`train_tara`; the DreamBooth loop itself is :mod:`loracompose.tr
         AdamW step on L_ε + λ·L_align
         focus   <- mean_l mean_{j∉R} (|Δ_K^l·c_j| + |Δ_V^l·c_j|)       (logged, not optimised)
 
-Departures from the reference code (its pitfalls, §9.4): masks are per batch row, so the
+Departures from the reference code (its pitfalls): masks are per batch row, so the
 unconditional half gets no K/V deltas; deltas carry their α/r scaling at inference (PEFT's
 ``scaling``) as in training; multi-token words are explicit: every rare token is pulled to the
 *mean* base key of the class word's tokens; deltas run through PEFT layers and attention processors.
@@ -172,7 +172,7 @@ def cfg_row_masks(token_mask: torch.Tensor, batch_size: int, do_cfg: bool) -> to
     """(rows, tokens): the token mask on the conditional rows, zeros on the unconditional ones.
 
     The reference's (1, 77, 1) mask broadcasts over [uncond, cond], so its unconditional half also
-    gets the K/V deltas (methods.md §9.4); one mask row per batch row keeps them out of it.
+    gets the K/V deltas; one mask row per batch row keeps them out of it.
     """
     return cfg_rows(batch_size, do_cfg)[:, None] * token_mask[None, :]
 
