@@ -13,8 +13,10 @@ same FRACTION of r_max, so small images keep a non-empty high band (a fixed 72 g
 ~150 px, the reference's online-partition bug).
 
 A score depends on the LoRA file, the base model and the profiling settings, and costs one image
-generation, so :func:`profile_loras` stores it in a JSON sidecar beside the LoRA file
-(``<file>.loracompose.json``) keyed by all three, and reuses it on the next call.
+generation, so :func:`profile_loras` caches it under ``$LORACOMPOSE_HOME/frequency-profiles`` in a
+file named by the LoRA file's sha256 and a key of the base model and settings, and reuses it on the
+next call. Nothing is written beside the user's LoRA files (a read-only or shared LoRA folder works,
+and a moved or copied LoRA keeps its profile).
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
 from loracompose.outputs import atomic_write_text, file_sha256
 
 REFERENCE_CUTOFF_FRACTION = 72 / math.hypot(256, 256)  # radius 72 of r_max 362 at 512 x 512
-SIDECAR_SUFFIX = ".loracompose.json"
-SIDECAR_SECTION = "frequency_profiles"
+CACHE_FOLDER = "frequency-profiles"  # under loracompose_home()
 LOG_FLOOR = 1e-8
-SCORER_VERSION = 1  # part of the sidecar key: bump when the score's definition changes
+SCORER_VERSION = 1  # part of the cache key: bump when the score's definition changes
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def profile_loras(
     pipe: Any, loras: Sequence[LoraSpec | LoadedLora], settings: ProfileSettings = ProfileSettings()
 ) -> dict[str, float]:
     """High-frequency score of each LoRA (adapter name -> score) on this pipeline's base model,
-    read from the LoRA's sidecar when it holds one for this model and these settings."""
+    read from the profile cache when it holds one for this LoRA file, model and settings."""
     settings.check()
     if settings.size is None:
         settings = replace(settings, size=pipe.native_size)
@@ -111,13 +112,19 @@ def profile_loras(
 
 
 def _profile_one(pipe: Any, lora: LoadedLora, model: str, settings: ProfileSettings) -> float:
-    key = profile_key(model, settings)
     lora_hash = file_sha256(lora.path)
-    stored = _profiles(read_sidecar(lora.path)).get(key)
-    if isinstance(stored, dict) and stored.get("lora_sha256") == lora_hash and _finite(stored.get("score")):
+    cached = cache_path(lora_hash, profile_key(model, settings))
+    stored = _read_json(cached)
+    if _finite(stored.get("score")):
         return float(stored["score"])
     score = high_frequency_score(profiling_image(pipe, lora, settings), settings.cutoff_fraction)
-    _store(lora.path, key, {"score": score, "lora_sha256": lora_hash, "model": model, "settings": asdict(settings)})
+    entry = {"score": score, "lora_sha256": lora_hash, "model": model, "settings": asdict(settings),
+             "scorer": SCORER_VERSION}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, json.dumps(entry, indent=2, sort_keys=True) + "\n")
+    except OSError:
+        pass  # an unwritable cache only costs a re-profile next time
     return score
 
 
@@ -137,42 +144,42 @@ def _loaded(spec: LoraSpec | LoadedLora) -> LoadedLora:
     return spec if isinstance(spec, LoadedLora) else inspect_lora(spec)
 
 
-# ------------------------------------------------------------------------------------ sidecar
+# ------------------------------------------------------------------------------------ the cache
 
 
-def sidecar_path(lora_file: Path) -> Path:
-    return Path(lora_file).with_name(Path(lora_file).name + SIDECAR_SUFFIX)
+def cache_folder() -> Path:
+    """Where profiles are cached: ``<loracompose_home()>/frequency-profiles``."""
+    from loracompose.assets.embedded import loracompose_home
+
+    return loracompose_home() / CACHE_FOLDER
 
 
-def read_sidecar(lora_file: Path) -> dict[str, Any]:
-    """The LoRA's sidecar contents ({} when missing or unreadable: it is only a cache)."""
+def cache_path(lora_sha256: str, key: str) -> Path:
+    """The cache file of one LoRA file's contents (its sha256) under one (model, settings) key."""
+    return cache_folder() / f"{lora_sha256}-{key}.json"
+
+
+def cached_profiles(lora_file: Path) -> list[dict[str, Any]]:
+    """Every cached profile of this LoRA file's contents (any model and settings), in key order."""
+    files = sorted(cache_folder().glob(f"{file_sha256(lora_file)}-*.json"))
+    return [entry for entry in map(_read_json, files) if entry]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A cache file's contents ({} when missing or unreadable: it is only a cache)."""
     try:
-        data = json.loads(sidecar_path(lora_file).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _profiles(sidecar: dict[str, Any]) -> dict[str, Any]:
-    section = sidecar.get(SIDECAR_SECTION)
-    return section if isinstance(section, dict) else {}
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _store(lora_file: Path, key: str, entry: dict[str, Any]) -> None:
-    data = read_sidecar(lora_file)
-    data[SIDECAR_SECTION] = {**_profiles(data), key: entry}
-    try:
-        atomic_write_text(sidecar_path(lora_file), json.dumps(data, indent=2, sort_keys=True) + "\n")
-    except OSError:
-        pass  # a read-only LoRA folder only costs a re-profile next time
-
-
 def profile_key(model: str, settings: ProfileSettings) -> str:
-    """Sidecar key of a (base model, profiling settings) pair."""
+    """Cache key of a (base model, profiling settings) pair."""
     text = json.dumps({"model": model, "settings": asdict(settings), "scorer": SCORER_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

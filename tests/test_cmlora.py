@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from loracompose import CMLoRA, CMLoRASwitch, Composite, LoraSpec, UserError, load_pipeline
 from loracompose.methods.cmlora import (
@@ -23,7 +25,7 @@ from loracompose.methods.cmlora import (
     refresh_steps,
     switch_active_schedule,
 )
-from loracompose.frequency import ProfileSettings, high_frequency_score, profile_loras, sidecar_path
+from loracompose.frequency import ProfileSettings, cache_folder, cached_profiles, high_frequency_score, profile_loras
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.loop import Prediction
 from loracompose.assets.tiny import build_tiny_lora, tiny_sd15_pipeline
@@ -36,7 +38,7 @@ COMMON = dict(guidance_scale=6.0, show_progress=False, append_triggers=False)
 
 @pytest.fixture(scope="module")
 def sd15_three(pipelines, tiny_sd15_dir, sd15_lora_files, tmp_path_factory):
-    """The tiny SD1.5 pipeline with three LoRA files (copied, so sidecars stay out of the shared fixtures)."""
+    """The tiny SD1.5 pipeline with three LoRA files (copied: the profile tests make folders read-only)."""
     folder = tmp_path_factory.mktemp("cmlora-sd15")
     files = [shutil.copy(path, folder / path.name) for path in sd15_lora_files]
     files.append(build_tiny_lora(tiny_sd15_dir, folder / "park.safetensors", seed=7, trigger_words=["prk"],
@@ -210,7 +212,14 @@ def test_scores_are_finite_at_every_size_and_checkerboard_beats_gradient(size):
     assert math.isfinite(high_frequency_score(np.zeros((size, size, 3)))), "a flat image has no peak to divide by"
 
 
-def test_profiling_generates_once_then_reads_the_sidecar(sd15_three, monkeypatch):
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    """An empty ``$LORACOMPOSE_HOME``, so a profile is cached by this test and no other."""
+    monkeypatch.setenv("LORACOMPOSE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_profiling_generates_once_then_reads_the_cache(sd15_three, fresh_home, monkeypatch):
     pipe, specs = sd15_three
     settings = ProfileSettings(size=64, steps=2)
     calls = []
@@ -218,8 +227,7 @@ def test_profiling_generates_once_then_reads_the_sidecar(sd15_three, monkeypatch
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
     first = profile_loras(pipe, specs[:2], settings)
     assert len(calls) == 2 and all(math.isfinite(score) for score in first.values())
-    record = json.loads(sidecar_path(specs[0].path).read_text())
-    assert [entry["score"] for entry in record["frequency_profiles"].values()] == [first[specs[0].path.stem]]
+    assert [entry["score"] for entry in cached_profiles(specs[0].path)] == [first[specs[0].path.stem]]
     assert profile_loras(pipe, specs[:2], settings) == first and len(calls) == 2
     profile_loras(pipe, specs[:1], ProfileSettings(size=64, steps=3))
     assert len(calls) == 3, "other settings are another key"
@@ -227,6 +235,36 @@ def test_profiling_generates_once_then_reads_the_sidecar(sd15_three, monkeypatch
     method = CMLoRA(frequency_classes={specs[2].path.stem: "low"})
     method.profile_frequencies(pipe, specs, settings)
     assert len(calls) == 3 and set(method.frequency_scores) == {specs[0].path.stem, specs[1].path.stem}
+
+
+def test_profiles_live_under_home_keyed_by_content_and_never_beside_the_lora(sd15_three, fresh_home, tmp_path,
+                                                                               monkeypatch):
+    """A read-only LoRA folder gets no file and still caches; a copy of the same bytes elsewhere
+    reuses the profile; changed bytes are profiled again."""
+    pipe, specs = sd15_three
+    settings = ProfileSettings(size=64, steps=2)
+    calls = []
+    generate = pipe.generate
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    folder = tmp_path / "read-only-loras"
+    folder.mkdir()
+    lora = LoraSpec(shutil.copy(specs[0].path, folder / "mine.safetensors"))
+    folder.chmod(0o555)
+    try:
+        score = profile_loras(pipe, [lora], settings)["mine"]
+    finally:
+        folder.chmod(0o755)
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.safetensors"], "nothing written beside the LoRA"
+    assert cache_folder() == fresh_home / "frequency-profiles" and len(list(cache_folder().iterdir())) == 1
+    assert [entry["score"] for entry in cached_profiles(lora.path)] == [score] and len(calls) == 1
+
+    moved = LoraSpec(shutil.copy(lora.path, tmp_path / "elsewhere.safetensors"), name="mine")
+    assert profile_loras(pipe, [moved], settings) == {"mine": score} and len(calls) == 1, "same bytes, same profile"
+    with safe_open(str(moved.path), framework="pt") as handle:
+        metadata = {**(handle.metadata() or {}), "note": "the same weights in a different file"}
+    save_file(load_file(moved.path), moved.path, metadata=metadata)
+    profile_loras(pipe, [moved], settings)
+    assert len(calls) == 2 and len(list(cache_folder().iterdir())) == 2, "the key is the file's sha256"
 
 
 # ------------------------------------------------------------------------------------ the cache

@@ -551,7 +551,7 @@ TABLE_T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 10: 2.2281, 30: 2.04
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_sd15_dir, bench_loras):
     """A finished unscored run: sets of N = 2, 2, 2, 3 x merge and cmlora (8 jobs), on copies of the
-    LoRAs (CMLoRA's profiles land beside them), run with the progress bar on."""
+    LoRAs, with an empty ``$LORACOMPOSE_HOME`` of its own (CMLoRA's profile cache), progress bar on."""
     import contextlib
     import io
     import shutil
@@ -575,9 +575,11 @@ def finished_run(tmp_path_factory, tiny_sd15_dir, bench_loras):
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
     out = folder / "run"
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stderr(stderr), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORACOMPOSE_HOME", str(folder / "home"))
         assert main(["bench", str(suite_path), "--out", str(out)]) == 0
-    return {"suite": suite_path, "out": out, "loras": copies, "references": references, "stderr": stderr.getvalue()}
+    return {"suite": suite_path, "out": out, "loras": copies, "references": references, "stderr": stderr.getvalue(),
+            "home": folder / "home"}
 
 
 def copy_run(finished_run, tmp_path: Path) -> Path:
@@ -596,17 +598,20 @@ def score_lines(run: Path) -> list[str]:
 
 
 def test_bench_runs_cmlora_and_profiles_its_loras(finished_run):
-    """The runner calls CMLoRA's profile_frequencies: each LoRA gets its profile sidecar, and the
-    order the method used is built from those scores."""
-    from loracompose.frequency import read_sidecar, sidecar_path
+    """The runner calls CMLoRA's profile_frequencies: each LoRA is profiled once into the cache under
+    ``$LORACOMPOSE_HOME`` (nothing beside the LoRAs), and the order the method used is built from those scores."""
+    from loracompose.frequency import cached_profiles
 
     records = read_manifest(finished_run["out"])
     cmlora = [r for r in records.values() if r["method"] == "cmlora"]
     assert len(records) == 8 and len(cmlora) == 4
-    for lora in finished_run["loras"]:
-        assert sidecar_path(lora) == lora.with_name(lora.name + ".loracompose.json") and sidecar_path(lora).is_file()
-        profiles = list(read_sidecar(lora)["frequency_profiles"].values())
-        assert [(p["settings"]["size"], p["settings"]["steps"]) for p in profiles] == [(64, 2)], "profiled once, then read"
+    loras = finished_run["loras"]
+    assert sorted(p.name for p in loras[0].parent.glob("*.safetensors*")) == sorted(p.name for p in loras)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORACOMPOSE_HOME", str(finished_run["home"]))
+        for lora in loras:
+            profiles = cached_profiles(lora)
+            assert [(p["settings"]["size"], p["settings"]["steps"]) for p in profiles] == [(64, 2)], "profiled once"
     for record in cmlora:
         order = record["method_settings"]["frequency_order"]
         assert sorted(order["high"] + order["low"]) == sorted(record["loras"])

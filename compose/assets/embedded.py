@@ -10,7 +10,7 @@ no network. Two variants, chosen by ``$LORACOMPOSE_EMBEDDED``:
   pictures, but the standard SD1.5 layout (4 latent channels, 64x64) for tests of that shape.
 
 Either is published under :func:`loracompose_home` (copied or built once, then renamed into place),
-so tools that write beside a LoRA file (CMLoRA's frequency cache) never write into the package.
+so the package folder is only ever read.
 The folder names carry a version tag so a later model can sit beside an earlier one.
 """
 
