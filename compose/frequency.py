@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
 from loracompose.outputs import atomic_write_text, file_sha256
+from loracompose.provenance import model_fingerprint
 
 REFERENCE_CUTOFF_FRACTION = 72 / math.hypot(256, 256)  # radius 72 of r_max 362 at 512 x 512
 CACHE_FOLDER = "frequency-profiles"  # under loracompose_home()
@@ -182,28 +182,3 @@ def profile_key(model: str, settings: ProfileSettings) -> str:
     """Cache key of a (base model, profiling settings) pair."""
     text = json.dumps({"model": model, "settings": asdict(settings), "scorer": SCORER_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_fingerprint(pipe: Any) -> str:
-    """Identity of the pipeline's base model: a hash of its class and a sample of its UNet, VAE and
-    text encoder weights (the start of the first and last base parameter of each), so a moved
-    folder keeps its profiles and a different checkpoint at the same path does not."""
-    digest = hashlib.sha256(type(pipe).__name__.encode())
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is None:
-            continue
-        # LoRA parameters come and go with loaded adapters; only the base weights identify the model.
-        parameters = [p for n, p in module.named_parameters() if "lora_" not in n]
-        for parameter in (parameters[0], parameters[-1]):
-            digest.update(name.encode())
-            digest.update(_tensor_bytes(parameter))
-    return digest.hexdigest()[:16]
-
-
-def _tensor_bytes(tensor: torch.Tensor, sample: int = 4096) -> bytes:
-    """Shape and first ``sample`` values (a text encoder's first parameter alone holds ~40 M)."""
-    values = tensor.detach().reshape(-1)[:sample].to("cpu", torch.float32).numpy().tobytes()
-    return str(tuple(tensor.shape)).encode() + values
-
-

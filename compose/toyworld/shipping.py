@@ -19,7 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from loracompose.errors import UserError
 from loracompose.outputs import atomic_write_text, file_sha256, staged_directory
+from loracompose.provenance import machine_specific_strings
 
 MANIFEST = "manifest.json"
 
@@ -47,9 +49,27 @@ def ship_weights(model_dir: Path, lora_dir: Path, dest: Path, provenance: Mappin
             shutil.copy2(Path(lora_dir) / f"{name}.safetensors", staging / "loras" / f"{name}.safetensors")
         if gates is not None:
             shutil.copy2(gates, staging / "gates.safetensors")
-        manifest = {"files": weight_files(staging), "provenance": dict(provenance)}
-        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        check_shippable(staging)
+        write_manifest(staging, provenance)
     return dest
+
+
+def write_manifest(root: Path, provenance: Mapping[str, Any]) -> Path:
+    """(Re)write ``root``'s manifest: the digest of every file there and how they were trained."""
+    manifest = {"files": weight_files(root), "provenance": dict(provenance)}
+    return atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def check_shippable(root: Path) -> None:
+    """Refuse weights whose safetensors metadata names the build machine's paths or training images."""
+    from safetensors import safe_open
+
+    for path in sorted(root.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            found = machine_specific_strings(handle.metadata() or {})
+        if found:
+            raise UserError(f"{path.name}: its metadata names {found[0]!r} (a machine path or image name); "
+                            "retrain it with this version's trainer, which records names and digests instead")
 
 
 def main(argv: list[str] | None = None) -> int:

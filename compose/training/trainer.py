@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from loracompose.errors import UserError
 from loracompose.lora import SD15, SDXL
 from loracompose.outputs import atomic_write, staged_directory
+from loracompose.provenance import captions_sha256, model_identity
 from loracompose.tokens import pipeline_tokenizers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -667,8 +668,9 @@ def lora_file_contents(model: TrainingModel,
 
 
 def lora_metadata(settings: LoraTrainingSettings, resolved: ResolvedSettings, architecture: str, steps: int,
-                  objective: TrainingObjective) -> dict[str, str]:
-    """Trigger words, architecture, rank/alpha and the training recipe, as loracompose reads them."""
+                  objective: TrainingObjective, base_model: Mapping[str, str]) -> dict[str, str]:
+    """Trigger words, architecture, rank/alpha and the training recipe, as loracompose reads them
+    (``base_model``: :func:`~loracompose.provenance.model_identity`)."""
     model_spec, base_version = _ARCHITECTURE_TAGS[architecture]
     return {
         "modelspec.trigger_phrase": ", ".join(settings.trigger_words),
@@ -678,9 +680,17 @@ def lora_metadata(settings: LoraTrainingSettings, resolved: ResolvedSettings, ar
         "ss_base_model_version": base_version,
         "loracompose.rank": str(resolved.rank),
         "loracompose.alpha": repr(resolved.alpha),
-        "loracompose.training": json.dumps({**resolved.to_json(), "steps": steps}),
+        "loracompose.training": json.dumps(published_recipe(resolved, base_model, steps)),
         **objective.metadata(),
     }
+
+
+def published_recipe(resolved: ResolvedSettings, base_model: Mapping[str, str], steps: int) -> dict[str, Any]:
+    """The recipe as the LoRA file records it: the base model by name and digest, the images by count
+    and a digest of their captions (a LoRA file travels; the training machine's paths stay home)."""
+    recipe = {key: value for key, value in resolved.to_json().items() if key not in ("images", "captions")}
+    return {**recipe, "model": dict(base_model), "images": len(resolved.images),
+            "captions_sha256": captions_sha256(resolved.captions), "steps": steps}
 
 
 def write_lora_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
@@ -755,7 +765,8 @@ def run_training(model: TrainingModel, objective: TrainingObjective, resolved: R
     bar.close()
     model.unet.eval()
     tensors, metadata = lora_file_contents(model, resolved)
-    metadata |= lora_metadata(settings, resolved, model.architecture, total, objective)
+    metadata |= lora_metadata(settings, resolved, model.architecture, total, objective,
+                              model_identity(settings.model, model.pipe))
     write_lora_file(settings.out, tensors, metadata)
     return TrainingResult(settings.out, total, history, probes, peft_state(model), settings.work_dir, start,
                           train_seconds)
