@@ -11,12 +11,14 @@ from loracompose.methods.cmlora import CMLoRA, CMLoRASwitch
 from loracompose.methods.composer import Composer
 from loracompose.methods.composite import Composite
 from loracompose.methods.merge import Merge
+from loracompose.methods.regional import Regional
 from loracompose.methods.switch import Switch
 from loracompose.methods.tara import Tara
 
 METHODS: dict[str, type[CompositionMethod]] = {
-    method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA)
+    method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA,
+                                  Regional)
 }
 
 __all__ = ["METHODS", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite", "CompositionMethod",
-           "Merge", "Switch", "Tara"]
+           "Merge", "Regional", "Switch", "Tara"]
