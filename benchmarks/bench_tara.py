@@ -44,7 +44,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from loracompose import LoraSpec, Merge, Tara, load_pipeline  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
-from loracompose.methods.tara import TaraTrainingSettings, train_tara  # noqa: E402
+from loracompose.training.tara import TaraTrainingSettings, train_tara  # noqa: E402
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 from loracompose.training.trainer import LoraTrainingSettings  # noqa: E402
 

@@ -8,3 +8,10 @@ the CLI prints it without a traceback and exits with status 2.
 
 class UserError(ValueError):
     """A bad input, reported to the user as one line."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type name if it
+    has none: what a one-line :class:`UserError` quotes of a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -8,12 +8,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15, build_tiny_sdxl  # noqa: E402
+from helpers import CATEGORIES, SUBJECTS, TRAINING_TEMPLATES, BagOfTokensEmbedder, with_metadata  # noqa: E402
 
 # The tiny models are far too small to gain from threads, and on a busy shared machine torch's
 # OpenMP workers spin-wait: a 0.4 s generation took 5-12 s with 2 threads under load.
@@ -82,3 +84,23 @@ def sdxl(tiny_sdxl_dir):
     from loracompose import load_pipeline
 
     return load_pipeline(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="module")
+def library_dir(tiny_sd15_dir, tmp_path_factory) -> Path:
+    """Twelve UNet-only LoRAs, one per subject, with trigger ``trg<k>``, a category, a description and captions."""
+    folder = tmp_path_factory.mktemp("autolora-library")
+    scratch = tmp_path_factory.mktemp("autolora-raw")
+    for index, subject in enumerate(SUBJECTS):
+        raw = build_tiny_lora(tiny_sd15_dir, scratch / f"{index}.safetensors", seed=40 + index, text_encoder=False,
+                              trigger_words=[f"trg{index}"], category=CATEGORIES[index % 4], init_scale=2.0)
+        captions = [template.format(subject) for template in TRAINING_TEMPLATES]
+        with_metadata(raw, folder / f"lora{index:02d}.safetensors",
+                      {"loracompose.description": f"a lora of a {subject}", "loracompose.captions": json.dumps(captions)})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedder(sd15):
+    """A bag-of-tokens text embedder over the tiny SD1.5 tokenizer (texts sharing words are close)."""
+    return BagOfTokensEmbedder(sd15.tokenizer)

@@ -1,11 +1,26 @@
-"""Oracles shared by the test modules: stock diffusers pipelines and an independent UNet call count."""
+"""Oracles shared by the test modules: stock diffusers pipelines, an independent UNet call count, a lexical
+text embedder with known behaviour, LoRA file copies with edited metadata, and the one-line error check."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loracompose.errors import UserError
+
+# A library of twelve LoRAs for retrieval: one subject each, captions from the training templates;
+# held-out prompts use the other templates.
+SUBJECTS = ("red fox", "blue whale", "golden retriever", "snowy mountain", "neon city", "oil painting", "pixel art",
+            "medieval castle", "cherry blossom", "desert dunes", "robot knight", "white cat")
+CATEGORIES = ("character", "style", "background", "object")
+TRAINING_TEMPLATES = ("{}", "a photo of a {}", "{}, detailed illustration")
+HELD_OUT_TEMPLATES = ("a {} standing in the rain", "portrait of a {} at sunset")
 
 
 def plain_diffusers(model_dir: Path, sdxl: bool) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
@@ -34,3 +49,37 @@ class UNetCallCounter:
 
     def close(self) -> None:
         self.handle.remove()
+
+
+def with_metadata(source: Path, out: Path, extra: dict[str, str] | None = None, zero=lambda key: False) -> Path:
+    """A copy of a LoRA file with extra metadata and the lora_B weights of keys where ``zero(key)`` zeroed."""
+    with safe_open(str(source), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = {key: torch.zeros_like(value) if "lora_B" in key and zero(key) else value
+               for key, value in load_file(source).items()}
+    save_file(tensors, str(out), metadata=metadata | (extra or {}))
+    return out
+
+
+class BagOfTokensEmbedder:
+    """A lexical text embedder with known behaviour: the sum of fixed random vectors of a text's distinct
+    CLIP tokens. Texts sharing words are close, so held-out prompts are answerable from the text side and
+    the test measures what the weight encoder learned (the tiny model's random CLIP has no semantics)."""
+
+    fingerprint = "bag-of-tokens-64"
+
+    def __init__(self, tokenizer, dim: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.table = torch.randn(len(tokenizer), dim, generator=torch.Generator().manual_seed(0))
+
+    def embed(self, texts):
+        ids = [sorted(set(self.tokenizer(text, add_special_tokens=False).input_ids)) for text in texts]
+        return torch.stack([self.table[row].sum(0) for row in ids])
+
+
+def assert_one_line_user_errors(cases: Sequence[tuple[Callable[[], Any], str]]) -> None:
+    """Each call raises a :class:`UserError` matching its pattern, in one line."""
+    for call, match in cases:
+        with pytest.raises(UserError, match=match) as caught:
+            call()
+        assert "\n" not in str(caught.value)

@@ -1,4 +1,4 @@
-"""The toy world: scene generator, detector, the diffusers model folder and its trainer."""
+"""The toy world: scene generator, detector and the diffusers model folder (its trainer: tests/training/test_toyworld_training.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from loracompose.errors import UserError
 from loracompose.pipelines import load_pipeline
 from loracompose.toyworld.detector import detect, measure_accuracy
 from loracompose.toyworld.model import TINY, build_pipeline, fold
 from loracompose.toyworld.concepts import CONCEPTS, composition
 from loracompose.toyworld.scenes import (NOVEL_SHAPES, SHAPES, Scene, SceneObject, caption, make_scene, render_array,
                                          scene_from_seed)
-from loracompose.toyworld.train import (ToyWorldTrainingSettings, build_trainer, generator, latest_checkpoint,
-                                        train_toyworld, training_batch)
 
 HELD_OUT_SEEDS = range(10_000, 10_500)  # never drawn for training (train.TRAIN_SEED_START = 1e6)
 
@@ -160,113 +156,6 @@ def test_toyworld_folder_loads_through_load_pipeline_and_generates(tmp_path: Pat
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.in_channels == 12
     result = pipe.generate("a red circle on the left", seed=1, steps=2, guidance_scale=1.5, show_progress=False)
     assert result.images[0].size == (32, 32)
-
-
-# ------------------------------------------------------------------------------------ training
-
-
-def _settings(run_dir: Path, steps: int, **extra) -> ToyWorldTrainingSettings:
-    options = dict(steps=steps, batch_size=4, decoder_batch_size=2, architecture="tiny", checkpoint_every=1,
-                   keep_checkpoints=5, warmup_steps=1, show_progress=False, export=False)
-    return ToyWorldTrainingSettings(run_dir, **{**options, **extra})
-
-
-def test_one_training_step_lowers_the_loss_on_its_batch(tmp_path: Path) -> None:
-    trainer = build_trainer(_settings(tmp_path, 1))
-    pixels, captions = training_batch(trainer.settings, 0)
-
-    def loss() -> float:
-        with torch.no_grad():
-            return float(trainer.diffusion_loss(pixels, captions, generator(0, "noise", 0)))
-
-    before = loss()
-    trainer.step(0)
-    assert loss() < before
-
-
-def test_resumed_training_continues_identically(tmp_path: Path) -> None:
-    straight = train_toyworld(_settings(tmp_path / "straight", 3))
-    train_toyworld(_settings(tmp_path / "resumed", 2))
-    resumed = train_toyworld(_settings(tmp_path / "resumed", 3, resume=True, export=True))
-    assert resumed.resumed_from == 2 and resumed.steps == 3
-    assert [row["loss"] for row in resumed.history] == [row["loss"] for row in straight.history]
-    for name in ("weights.safetensors", "ema.safetensors", "optimizer-model.safetensors"):
-        a, b = load_file(straight.checkpoint / name), load_file(resumed.checkpoint / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
-    assert load_pipeline(resumed.model_dir, device="cpu").unet.config.in_channels == 12
-
-
-def test_training_refuses_to_overwrite_or_resume_nothing(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no checkpoint"):
-        train_toyworld(_settings(tmp_path / "empty", 1, resume=True))
-    train_toyworld(_settings(tmp_path / "run", 1))
-    with pytest.raises(UserError, match="already holds checkpoints"):
-        train_toyworld(_settings(tmp_path / "run", 2))
-    with pytest.raises(UserError, match="architecture"):
-        train_toyworld(_settings(tmp_path / "other", 1, architecture="huge"))
-
-
-def test_project_lora_trainer_runs_on_the_toyworld_model(tmp_path: Path) -> None:
-    """Concept LoRAs will be trained with compose/training.py; it encodes images through the fold VAE."""
-    from loracompose import LoraSpec
-    from loracompose.training.trainer import LoraTrainingSettings, train_lora
-
-    build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "model", safe_serialization=True)
-    (tmp_path / "images").mkdir()
-    for seed in range(2):
-        make_scene(seed)[0].save(tmp_path / "images" / f"{seed}.png")
-    settings = LoraTrainingSettings(model=str(tmp_path / "model"), images=tmp_path / "images",
-                                    out=tmp_path / "glyph.safetensors", prompt="a zqx glyph", steps=1, device="cpu",
-                                    probe_timesteps=0, show_progress=False, trigger_words=("zqx",))
-    train_lora(settings)
-    pipe = load_pipeline(tmp_path / "model", device="cpu")
-    result = pipe.generate("a zqx glyph", [LoraSpec(str(tmp_path / "glyph.safetensors"))], steps=2, show_progress=False)
-    assert result.images[0].size == (32, 32)
-
-
-def test_concept_images_and_train_lora_cli_with_caption_files(tmp_path: Path, capsys) -> None:
-    from loracompose.cli.main import main
-    from loracompose.lora import LoraSpec, inspect_lora
-    from loracompose.toyworld.loras import write_concept_images
-
-    build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "model", safe_serialization=True)
-    images = write_concept_images(CONCEPTS["moxel"], tmp_path / "moxel-images", 3)
-    assert sorted(path.name for path in images.iterdir()) == ["0000.png", "0000.txt", "0001.png", "0001.txt",
-                                                               "0002.png", "0002.txt"]
-    assert "moxel" in (images / "0001.txt").read_text()
-    out = tmp_path / "moxel.safetensors"
-    assert main(["train-lora", "--model", str(tmp_path / "model"), "--images", str(images), "--out", str(out),
-                 "--steps", "2", "--batch-size", "2", "--trigger", "moxel", "--category", "object", "--quiet",
-                 "--probe-timesteps", "0", "--device", "cpu"]) == 0
-    lora = inspect_lora(LoraSpec(out))
-    assert lora.trigger_words == ("moxel",) and lora.category == "object"
-    assert "train-lora: 2 steps" in capsys.readouterr().err
-    # Without captions or a prompt there is nothing to train towards: a one-line error, exit 2.
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    make_scene(0)[0].save(bare / "a.png")
-    assert main(["train-lora", "--model", str(tmp_path / "model"), "--images", str(bare), "--out",
-                 str(tmp_path / "x.safetensors"), "--quiet"]) == 2
-    assert "a.png has no caption" in capsys.readouterr().err
-
-
-def test_cli_trains_resumes_and_exports_a_tiny_toyworld(tmp_path, capsys) -> None:
-    from loracompose.cli.main import main
-
-    run = tmp_path / "run"
-    args = ["train-toyworld", "--run-dir", str(run), "--architecture", "tiny", "--batch-size", "2",
-            "--checkpoint-every", "1", "--threads", "1", "--quiet"]
-    assert main([*args, "--steps", "1"]) == 0
-    assert main([*args, "--steps", "2"]) == 2  # checkpoints exist: continuing must be asked for
-    assert "resume" in capsys.readouterr().err
-    assert main([*args, "--steps", "2", "--resume"]) == 0
-    assert latest_checkpoint(run).name.endswith("2")
-    capsys.readouterr()
-    assert main(["export-toyworld", str(run), "--out", str(tmp_path / "model")]) == 0
-    pipe = load_pipeline(capsys.readouterr().out.strip())
-    assert pipe.unet.config.in_channels == 12
-    assert main(["export-toyworld", str(tmp_path / "empty"), "--out", str(tmp_path / "m2")]) == 2
 
 
 def test_morphology_matches_scipy_ndimage_where_installed():

@@ -110,7 +110,7 @@ def add_train_retriever_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_retriever(args: argparse.Namespace) -> int:
-    from loracompose.retrieval import RetrieverTrainingSettings, train_retriever
+    from loracompose.training.retriever import RetrieverTrainingSettings, train_retriever
 
     result = train_retriever(RetrieverTrainingSettings(
         library=args.library, out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
@@ -140,7 +140,7 @@ def add_train_gates_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_gates(args: argparse.Namespace) -> int:
-    from loracompose.methods.autolora import GateTrainingSettings, train_gates
+    from loracompose.training.gates import GateTrainingSettings, train_gates
 
     result = train_gates(GateTrainingSettings(
         model=args.model, loras=args.lora, out=args.out, variant=args.variant, steps=args.steps,

@@ -346,7 +346,7 @@ def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_tara(args: argparse.Namespace) -> int:
-    from loracompose.methods.tara import TaraTrainingSettings, train_tara
+    from loracompose.training.tara import TaraTrainingSettings, train_tara
 
     settings = TaraTrainingSettings(args.token, args.class_word, lora_training_settings(args),
                                     align_weight=args.align_weight)
