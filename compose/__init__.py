@@ -12,12 +12,26 @@ import os
 # ~50x slower here (196 s instead of 4 s for the 30-step demo).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from loracompose.errors import UserError  # noqa: E402
-from loracompose.lora import LoadedLora, LoraSpec  # noqa: E402
-from loracompose.pipelines import GenerationResult, GenerationStats, load_pipeline  # noqa: E402
-from loracompose.methods import (  # noqa: E402
-    METHODS, AutoLoRA, CLoRA, CMLoRA, CMLoRASwitch, Composer, Composite, CompositionMethod, Merge, Switch, Tara,
-)
+from loracompose.lazy import lazy_exports  # noqa: E402
+
+if TYPE_CHECKING:
+    from loracompose.lora import LoadedLora, LoraSpec
+    from loracompose.methods import (
+        METHODS, AutoLoRA, CLoRA, CMLoRA, CMLoRASwitch, Composer, Composite, CompositionMethod, Merge, Switch, Tara,
+    )
+    from loracompose.pipelines import GenerationResult, GenerationStats, load_pipeline
+
+# Everything but UserError is imported on first use, so `import loracompose` (and `loracompose --help`)
+# loads no model stack.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "LoadedLora": "loracompose.lora", "LoraSpec": "loracompose.lora",
+    **dict.fromkeys(["GenerationResult", "GenerationStats", "load_pipeline"], "loracompose.pipelines"),
+    **dict.fromkeys(["METHODS", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite",
+                     "CompositionMethod", "Merge", "Switch", "Tara"], "loracompose.methods"),
+})
 
 __version__ = "0.1.0"
 

@@ -17,11 +17,12 @@ token, which must be the start-of-text token or end a word itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from loracompose.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 WORD_END = "</w>"
 
@@ -91,6 +92,8 @@ class WordPositions:
 
     def mask(self) -> torch.Tensor:
         """A (length,) float 0/1 mask: 1 at :attr:`positions`."""
+        import torch
+
         mask = torch.zeros(self.length)
         mask[self.positions] = 1.0
         return mask

@@ -143,11 +143,10 @@ def test_an_error_during_generation_leaves_no_output_folder(tmp_path, tiny_sd15_
     assert not out.exists()
 
 
-def test_every_method_has_a_cli_builder_with_default_flags():
+def test_every_method_builds_from_the_cli_with_its_dataclass_defaults():
     from loracompose import METHODS
-    from loracompose.cli.main import METHOD_BUILDERS, build_method, build_parser
+    from loracompose.cli.main import build_method, build_parser
 
-    assert set(METHOD_BUILDERS) == set(METHODS)
     for name, method_class in METHODS.items():
-        args = build_parser().parse_args(["generate", "--method", name])
-        assert type(build_method(args)) is method_class
+        method = build_method(build_parser().parse_args(["generate", "--method", name]))
+        assert type(method) is method_class and method.settings() == method_class().settings()

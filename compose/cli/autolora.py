@@ -18,7 +18,7 @@ from loracompose.errors import UserError
 from loracompose.lora import LoraSpec
 
 
-def add_library_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def add_library_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, required: bool) -> None:
     parser.add_argument("--library", type=Path, required=required, help="folder of .safetensors LoRAs (indexed once)")
     parser.add_argument("--retriever", type=Path,
                         help="a trained weight retriever (train-retriever); default: rank by metadata text")
@@ -26,11 +26,10 @@ def add_library_arguments(parser: argparse.ArgumentParser, *, required: bool) ->
                         help="most LoRAs per category (default: one character, one style, one background)")
 
 
-def add_auto_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    """``generate``'s retrieval flags."""
+def add_auto_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``generate``'s retrieval flags (the autolora method's own are derived from its settings)."""
     parser.add_argument("--auto-loras", type=int, metavar="K", help="add the K LoRAs of --library that best fit the prompt")
     add_library_arguments(parser, required=False)
-    parser.add_argument("--autolora-gates", type=Path, help="autolora: a gate file (train-gates); default: open gates = Merge")
 
 
 def check_auto_lora_arguments(args: argparse.Namespace) -> None:

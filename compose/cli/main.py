@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from loracompose.cli.autolora import (
     add_auto_lora_arguments,
@@ -32,184 +32,57 @@ from loracompose.cli.toyworld import (
     run_train_toyworld,
     run_train_toyworld_loras,
 )
+from loracompose.cli.method_flags import UsageError, add_method_arguments, method_from_args
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec, inspect_loras
 
 if TYPE_CHECKING:
+    from loracompose.methods.base import CompositionMethod
     from loracompose.training.trainer import LoraTrainingSettings, TrainingResult
 
 DEFAULT_OUT = Path("loracompose-out")
 
 
-def build_method(args: argparse.Namespace):
+def build_method(args: argparse.Namespace) -> "CompositionMethod":
     """The method object named by ``--method`` with its settings from the flags."""
-    if args.method not in METHOD_BUILDERS:
-        raise UserError(f"--method {args.method}: not available")
-    return METHOD_BUILDERS[args.method](args)
+    from loracompose.methods import METHODS
 
-
-def _merge(args: argparse.Namespace):
-    from loracompose.methods.merge import Merge
-
-    return Merge(combine=args.merge_combine, fuse=args.fuse)
-
-
-def _switch(args: argparse.Namespace):
-    from loracompose.methods.switch import Switch
-
-    return Switch(period=args.switch_period)
-
-
-def _composite(args: argparse.Namespace):
-    from loracompose.methods.composite import Composite
-
-    return Composite(mixing_weights=tuple(args.mixing_weights) if args.mixing_weights else None,
-                     batched=not args.sequential)
-
-
-def _cmlora(args: argparse.Namespace):
-    from loracompose.methods.cmlora import CMLoRA
-
-    return CMLoRA(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
-                  phase_fraction=args.cmlora_phase_fraction, cache_interval=args.cmlora_cache_interval,
-                  batched=not args.sequential)
-
-
-def _cmlora_switch(args: argparse.Namespace):
-    from loracompose.methods.cmlora import CMLoRASwitch
-
-    return CMLoRASwitch(frequency_classes=cmlora_classes(args), frequency_threshold=args.cmlora_threshold,
-                        phase_fraction=args.cmlora_phase_fraction, period=args.switch_period)
-
-
-def _clora(args: argparse.Namespace):
-    from loracompose.methods.clora import CLoRA
-
-    return CLoRA(latent_update=not args.clora_no_update, step_size=args.clora_step_size,
-                 iterative_steps=parse_steps(args.clora_iterative_steps, "--clora-iterative-steps"),
-                 temperature=args.clora_temperature, mask_threshold=args.clora_mask_threshold,
-                 prompts=tuple(args.clora_lora_prompt), subjects=tuple(args.clora_subject), batched=not args.sequential)
-
-
-def _composer(args: argparse.Namespace):
-    from loracompose.methods.composer import Composer, parse_box
-
-    return Composer(boxes=tuple(parse_box(text) for text in args.box),
-                    region_prompts=tuple(args.region_prompt) if args.region_prompt else None,
-                    refine=not args.composer_no_refine, isolate=not args.composer_no_isolate,
-                    reinitialise=not args.composer_no_reinit, checkpoint_refinement=not args.composer_no_checkpointing)
-
-
-def _tara(args: argparse.Namespace):
-    from loracompose.methods.tara import Tara
-
-    return Tara(self_attention=args.tara_self_attention, missing_trigger=args.tara_missing_trigger, fuse=args.fuse)
-
-
-def _autolora(args: argparse.Namespace):
-    from loracompose.methods.autolora import AutoLoRA
-
-    return AutoLoRA(gates=str(args.autolora_gates) if args.autolora_gates else None)
-
-
-METHOD_BUILDERS: dict[str, Callable[[argparse.Namespace], object]] = {
-    "merge": _merge, "switch": _switch, "composite": _composite, "cmlora": _cmlora, "cmlora-switch": _cmlora_switch,
-    "clora": _clora, "composer": _composer, "tara": _tara, "autolora": _autolora,
-}
-
-
-def parse_steps(text: str, flag: str) -> tuple[int, ...]:
-    """Comma-separated step indices, e.g. ``0,10,20`` ('' for none)."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: give comma-separated step numbers, e.g. 0,10,20 ('' for none)") from None
-
-
-def cmlora_classes(args: argparse.Namespace) -> dict[str, str] | None:
-    """``--cmlora-class NAME=high|low`` flags as a mapping (None when there are none)."""
-    classes = {}
-    for text in args.cmlora_class:
-        name, sep, value = text.partition("=")
-        if not sep or not name or value not in ("high", "low"):
-            raise UserError(f"--cmlora-class {text!r}: use ADAPTER_NAME=high or ADAPTER_NAME=low, e.g. park=low")
-        classes[name] = value
-    return classes or None
+    return method_from_args(args, METHODS)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """generate's own options, the retrieval and profiling options, then one group per method."""
     from loracompose.methods import METHODS
-    from loracompose.methods.cmlora import REFERENCE_PHASE_FRACTION
     from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
-    parser.add_argument("--prompt", help="the prompt (default with the embedded model: its demo prompt)")
-    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+    common = parser.add_argument_group("generation")
+    common.add_argument("--prompt", help="the prompt (default with the embedded model: its demo prompt)")
+    common.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="a .safetensors LoRA and its strength (repeatable, in order)")
-    parser.add_argument("--trigger", action="append", default=[], metavar="WORDS",
+    common.add_argument("--trigger", action="append", default=[], metavar="WORDS",
                         help="trigger words for the --lora at the same position, comma-separated (overrides the file)")
-    parser.add_argument("--method", default="merge", choices=sorted(METHODS), help="composition method (default merge)")
-    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
-    parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
-    parser.add_argument("--guidance", type=float, help="CFG scale (default 7.5; the embedded model's own: 4)")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
-    parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--name", help="file name stem of the outputs (default: METHOD-SEED)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto")
-    parser.add_argument("--no-append-triggers", action="store_true", help="do not append missing trigger words")
-    parser.add_argument("--no-text-encoder-loras", action="store_true", help="keep LoRAs off the text encoder")
-    parser.add_argument("--max-batch-rows", type=int, help="cap on rows per UNet call (memory)")
-    parser.add_argument("--switch-period", type=int, default=5, help="switch: steps per LoRA turn (default 5)")
-    parser.add_argument("--merge-combine", default="sum", choices=["sum", "mean"], help="merge: sum or mean of deltas")
-    parser.add_argument("--fuse", action="store_true", help="merge, tara: fuse the LoRAs (tara: their unmasked deltas) into the weights")
-    parser.add_argument("--mixing-weights", type=float, nargs="+", help="composite: one mixing weight per LoRA")
-    parser.add_argument("--sequential", action="store_true", help="composite, cmlora, clora: one UNet call per branch")
-    parser.add_argument("--cmlora-cache-interval", type=int, default=0,
-                        help="cmlora: refresh every c-th step; 0 = non-uniform schedule (default), 1 = no caching")
-    parser.add_argument("--cmlora-phase-fraction", type=float, default=REFERENCE_PHASE_FRACTION,
-                        help="cmlora: low-frequency LoRAs lead after this fraction of the steps (default 0.545)")
-    parser.add_argument("--cmlora-class", action="append", default=[], metavar="NAME=high|low",
-                        help="cmlora: set a LoRA's frequency class by hand instead of profiling it (repeatable)")
-    parser.add_argument("--cmlora-threshold", type=float,
-                        help="cmlora: profile scores at or above it are high-frequency (default: the mean score)")
-    parser.add_argument("--cmlora-profile-size", type=int,
-                        help="cmlora: profiling image size (default: the model's native size, 512 on SD1.5)")
-    parser.add_argument("--cmlora-profile-steps", type=int, default=20, help="cmlora: profiling denoising steps (default 20)")
-    parser.add_argument("--tara-self-attention", default="keep", choices=["keep", "cond", "off"],
-                        help="tara: self-attention LoRA deltas on every row (keep, default), on the conditional "
-                             "CFG half only (cond) or nowhere (off)")
-    parser.add_argument("--tara-missing-trigger", default="error", choices=["error", "warn"],
-                        help="tara: a LoRA whose trigger is not in the prompt is an error (default) or a warning "
-                             "with its cross-attention K/V deltas off")
-    parser.add_argument("--clora-no-update", action="store_true", help="clora: no contrastive latent updates (masks only)")
-    parser.add_argument("--clora-step-size", type=float, default=20.0, help="clora: latent update step size (default 20)")
-    parser.add_argument("--clora-iterative-steps", default="0,10,20",
-                        help="clora: steps with extra update iterations, comma-separated (default 0,10,20; '' none)")
-    parser.add_argument("--clora-temperature", type=float, default=0.5, help="clora: InfoNCE temperature (default 0.5)")
-    parser.add_argument("--clora-mask-threshold", type=float, default=0.3,
-                        help="clora: a pixel joins a concept's mask above this fraction of its map's max (default 0.3)")
-    parser.add_argument("--clora-lora-prompt", action="append", default=[], metavar="TEXT",
-                        help="clora: the prompt of a LoRA's branch, one per --lora ('' = prompt + its trigger words)")
-    parser.add_argument("--clora-subject", action="append", default=[], metavar="WORDS",
-                        help="clora: words naming a LoRA's concept besides its triggers, one per --lora (comma-separated)")
-    parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
-                        help="composer: the concept's box in relative coordinates (0..1, y down), one per --lora in "
-                             "the same order (default: the LoRAs side by side in equal columns)")
-    parser.add_argument("--region-prompt", action="append", default=[], metavar="TEXT",
-                        help="composer: the concept's region prompt, one per --lora ('' = its trigger words, the default)")
-    parser.add_argument("--composer-no-refine", action="store_true", help="composer: no test-time latent refinement")
-    parser.add_argument("--composer-no-isolate", action="store_true", help="composer: no self-attention isolation")
-    parser.add_argument("--composer-no-reinit", action="store_true", help="composer: no latent re-initialisation")
-    parser.add_argument("--composer-no-checkpointing", action="store_true",
-                        help="composer: keep every activation of the refinement pass (faster, more memory)")
-    add_auto_lora_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--method", default="merge", choices=list(METHODS),
+                        help="composition method; its settings are in its group below")
+    common.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
+    common.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
+    common.add_argument("--seed", type=int, default=0, help="random seed of the first image (image k: seed + k)")
+    common.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
+    common.add_argument("--guidance", type=float, help="CFG scale (default 7.5; the embedded model's own: 4)")
+    common.add_argument("--negative-prompt")
+    common.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS))
+    common.add_argument("--num-images", type=int, default=1)
+    common.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    common.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    common.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    common.add_argument("--name", help="file name stem of the outputs (default: METHOD-SEED)")
+    common.add_argument("--device", default="auto")
+    common.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto")
+    common.add_argument("--no-append-triggers", action="store_true", help="do not append missing trigger words")
+    common.add_argument("--no-text-encoder-loras", action="store_true", help="keep LoRAs off the text encoder")
+    common.add_argument("--max-batch-rows", type=int, help="cap on rows per UNet call (memory)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_auto_lora_arguments(parser.add_argument_group("LoRA retrieval (AutoLoRA)"))
+    add_method_arguments(parser, METHODS)
 
 
 def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
@@ -251,13 +124,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file; give a folder for the images")
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
     specs += auto_lora_specs(pipe, prompt, args)
-    from loracompose.methods.cmlora import FrequencyOrdered
-
-    if isinstance(method, FrequencyOrdered):  # one profiling image per LoRA and base model, then its sidecar
-        from loracompose.frequency import ProfileSettings
-
-        settings = ProfileSettings(size=args.cmlora_profile_size, steps=args.cmlora_profile_steps)
-        method.profile_frequencies(pipe, specs, settings)
     result = pipe.generate(
         prompt, specs, method, negative_prompt=args.negative_prompt, seed=args.seed, steps=steps,
         guidance_scale=guidance, width=args.width, height=args.height, num_images=args.num_images,
@@ -442,10 +308,31 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default where it has a telling one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = (None, False, True, [], argparse.SUPPRESS)
+        if "default" in text or any(action.default is value or action.default == [] for value in quiet) \
+                or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line, ``loracompose generate: error: ... (see --help)``, and exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loracompose", description="Training-free multi-concept LoRA composition for Stable Diffusion."
-    )
+    parser = Parser(prog="loracompose", description="Training-free multi-concept LoRA composition for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))
@@ -459,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv or ["generate"])
     try:
         return COMMANDS[args.command][2](args)
+    except UsageError as error:
+        print(f"loracompose {args.command}: error: {error} (see --help)", file=sys.stderr)
+        return 2
     except UserError as error:
         print(f"loracompose: error: {error}", file=sys.stderr)
         return 2

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from loracompose.errors import UserError
 from loracompose.outputs import staged_directory
-from loracompose.training.trainer import CAPTION_SUFFIX, LoraTrainingSettings, TrainingResult, train_lora
 from .concepts import CONCEPTS, Concept
 from .scenes import render
+
+if TYPE_CHECKING:
+    from loracompose.training.trainer import TrainingResult
 
 CONCEPT_SEED_START = 2_000_000
 
@@ -37,6 +39,8 @@ class ConceptTrainingSettings:
 
 def write_concept_images(concept: Concept, folder: Path, count: int) -> Path:
     """``count`` training scenes of ``concept`` as ``NNNN.png`` + ``NNNN.txt`` (its caption), published whole."""
+    from loracompose.training.trainer import CAPTION_SUFFIX  # the trainer (torch) loads only to train
+
     with staged_directory(folder) as staging:
         for index in range(count):
             seed = CONCEPT_SEED_START + index
@@ -50,6 +54,8 @@ def train_concept_loras(model_dir: Path, out_dir: Path, names: Sequence[str] | N
                         settings: ConceptTrainingSettings = ConceptTrainingSettings(),
                         work_dir: Path | None = None) -> list[TrainingResult]:
     """Train the named concepts' LoRAs (default: all) on ``model_dir``; write ``out_dir/NAME.safetensors``."""
+    from loracompose.training.trainer import LoraTrainingSettings, train_lora
+
     unknown = [name for name in names or () if name not in CONCEPTS]
     if unknown:
         raise UserError(f"--concept {unknown[0]!r} is not a toy-world concept; choose from {', '.join(CONCEPTS)}")
