@@ -105,7 +105,7 @@ def shared_args(served: Served, loras: Mapping[str, float], *, prompt: str = "a 
 def generate(client: Client, served: Served, loras: Mapping[str, float], method: str,
              settings: Mapping[str, Mapping[str, Any]] | None = None, **shared: Any) -> tuple:
     return client.predict(*shared_args(served, loras, **shared), method, *method_values(served, settings),
-                          api_name="/generate")
+                          api_name="/generate_form")
 
 
 def pixels(path: str) -> np.ndarray:
@@ -126,10 +126,62 @@ def test_embedded_default_offers_the_demo_loras_and_all_methods(served):
     assert all(row[0] for row in served.app.initial_table()), "the demo LoRAs start ticked"
     api = served.client().view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/generate", "/compare", "/upload_loras", "/reuse_settings", "/suggest_loras"} <= set(api)
-    generate_params = api["/generate"]["parameters"]
-    method_param = next(p for p in generate_params if p["parameter_name"] == "method_name")
-    assert set(method_param["type"]["enum"]) == set(METHODS)
-    assert len(generate_params) == 13 + len(served.app.forms.components)
+    assert "/generate_form" not in api, "the page's form endpoint (one input per control) is undocumented"
+    generate_params = {p["parameter_name"]: p for p in api["/generate"]["parameters"]}
+    assert list(generate_params) == GENERATE_PARAMETERS
+    assert set(generate_params["method"]["type"]["enum"]) == set(METHODS)
+    assert generate_params["steps"]["parameter_default"] == served.settings.default_steps
+    assert generate_params["width"]["parameter_default"] == 64
+
+
+GENERATE_PARAMETERS = ["prompt", "loras", "method", "method_settings", "negative_prompt", "seed", "steps",
+                       "guidance_scale", "width", "height", "num_images", "scheduler", "append_triggers",
+                       "text_encoder_loras", "trigger_words"]
+
+
+def test_named_generate_equals_the_python_api(served):
+    """``/generate`` called by the parameter names view_api() lists gives the Python API's image and
+    sidecar for the same inputs (and the method settings reach the method)."""
+    client = served.client()
+    names = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"]["/generate"]["parameters"]]
+    chosen = {"prompt": "a cat", "loras": TWO_LORAS, "method": "composite", "method_settings": {"mixing_weights": [0.3, 0.7]},
+              "seed": 4, "steps": 2, "guidance_scale": 6.0, "width": 64, "height": 64, "num_images": 2}
+    assert set(chosen) <= set(names)
+    images = client.predict(**{name: chosen[name] for name in names if name in chosen}, api_name="/generate")
+
+    from loracompose import Composite, LoraSpec
+
+    entries = {entry.name: entry for entry in served.settings.library}
+    specs = [LoraSpec(entries[name].path, weight, name=name, trigger_words=entries[name].trigger_words,
+                      category=entries[name].category) for name, weight in TWO_LORAS.items()]
+    pipe = load_pipeline(served.settings.model_label)  # a pipeline of its own: the served one is the subject
+    kwargs = dict(seed=4, steps=2, guidance_scale=6.0, width=64, height=64, show_progress=False)
+    expected = pipe.generate("a cat", specs, Composite(mixing_weights=(0.3, 0.7)), num_images=2, **kwargs)
+    default = pipe.generate("a cat", specs, Composite(), **kwargs)
+    assert [item["seed"] for item in images] == [4, 5]
+    for item, image in zip(images, expected.images):
+        served_pixels, python_pixels = pixels(item["image"]), np.asarray(image.convert("RGB"), dtype=np.int16)
+        assert np.abs(served_pixels - python_pixels).max() <= 1, "the served image differs from the Python API's"
+        assert json.loads(Path(item["sidecar"]).read_text())["method_settings"]["mixing_weights"] == [0.3, 0.7]
+    assert np.abs(pixels(images[0]["image"]) - np.asarray(default.images[0].convert("RGB"), dtype=np.int16)).max() > 1, \
+        "the mixing weights should change the image"
+    assert item["method_settings"]["mixing_weights"] == [0.3, 0.7] and "UNet calls" in item["caption"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"method": "switch", "method_settings": {"perod": 3}}, "setting 'perod' is not known; use period"),
+    ({"method": "switch", "method_settings": {"period": "3"}}, "method_settings.period: give a number"),
+    ({"method": "composite", "method_settings": {"mixing_weights": [1, "x"]}}, "mixing_weights[1]: give a number"),
+    ({"loras": {"nobody": 1.0}}, "LoRA 'nobody' is not in this server's library; use one of character"),
+    ({"loras": {"character": 1.0}, "trigger_words": {"style": ["x"]}}, "trigger_words: style not in loras"),
+    ({"width": 60}, "multiples of 8"),
+])
+def test_named_generate_refuses_bad_arguments_in_one_line(served, arguments, message):
+    with pytest.raises(AppError) as error:
+        served.client().predict(prompt="a cat", steps=2, **arguments, api_name="/generate")
+    text = str(error.value)
+    assert message in text and "Traceback" not in text and "\n" not in text.strip()
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -219,7 +271,7 @@ def test_concurrent_sessions_match_one_at_a_time(served):
     alone = [generate(served.client(), served, loras, method, seed=seed)[0][0]["image"]
              for loras, method, seed in requests]
     clients = [served.client() for _ in requests]
-    jobs = [client.submit(*shared_args(served, loras, seed=seed), method, *method_values(served), api_name="/generate")
+    jobs = [client.submit(*shared_args(served, loras, seed=seed), method, *method_values(served), api_name="/generate_form")
             for client, (loras, method, seed) in zip(clients, requests)]
     together = [job.result(timeout=120)[0][0]["image"] for job in jobs]
     for single, concurrent in zip(alone, together):
@@ -293,7 +345,7 @@ def test_bad_inputs_give_a_one_line_message(served, change, message):
                  for control in panel.controls].index((method, field))
         values[index] = next(value for key, value in change.items() if key in ("switch_period", "mixing_weights", "boxes"))
     with pytest.raises(AppError) as error:
-        served.client().predict(*args, method, *values, api_name="/generate")
+        served.client().predict(*args, method, *values, api_name="/generate_form")
     text = str(error.value)
     assert message in text and "Traceback" not in text and "\n" not in text.strip()
 

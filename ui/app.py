@@ -1,12 +1,14 @@
 """The Gradio app: LoRA panel, method picker, generate with gallery and downloads, compare tab.
 
-Endpoints (``api_name``; gradio_client names the method settings ``param_N``, in panel order):
+Endpoints (``api_name``):
 
-* ``/generate``: prompt, negative prompt, LoRA table, seed, steps, guidance, width, height,
-  number of images, scheduler, append triggers, LoRAs on the text encoder, method, then every
-  method's settings -> gallery (newest first, settings in captions), downloads, status, and the
-  latest result's concept view (LoRA-Composer boxes, CLoRA masks; ui/method_views.py).
-* ``/compare``: the same shared inputs, the methods to compare, then every method's settings ->
+* ``/generate``: named, typed parameters (ui/api.py): prompt, LoRAs by name -> strength, method, its
+  settings as a JSON object of its dataclass fields, and the generation settings -> one entry per
+  image (PNG, sidecar, caption, seed, cost). Stateless: it sees the server's library, not uploads.
+* ``/generate_form`` (undocumented): the page's Generate button: the shared controls, method, then
+  every method's controls in panel order -> gallery (newest first, settings in captions), downloads,
+  status, and the latest result's concept view (LoRA-Composer boxes, CLoRA masks; ui/method_views.py).
+* ``/compare``: the shared controls, the methods to compare, then every method's controls ->
   one image per method (same seed) with time and UNet calls, and a stats table.
 * ``/upload_loras``: LoRA table and ``.safetensors`` files -> table with the uploads added.
 * ``/reuse_settings``: puts the selected result's settings back into the controls.
@@ -33,6 +35,7 @@ from loracompose.errors import UserError
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
+from .api import GeneratedImage, generate_endpoint, generated_image, method_from_settings
 from .library import (
     READ_ONLY_COLUMNS, TABLE_HEADERS, TABLE_TYPES, LoraCatalog, LoraEntry, UploadStore, describe_lora_file,
     selected_specs, table_rows,
@@ -179,6 +182,24 @@ class LoraComposeApp:
         return state, state.gallery(), self._downloads(state), summary, overlays
 
     @readable_errors
+    def generate_api(self, *, prompt: str, loras: Mapping[str, float], method: str, method_settings: Mapping[str, Any],
+                     negative_prompt: str, seed: int, steps: int, guidance_scale: float, width: int, height: int,
+                     num_images: int, scheduler: str, append_triggers: bool, text_encoder_loras: bool,
+                     trigger_words: Mapping[str, Sequence[str]]) -> list[GeneratedImage]:
+        """The named ``/generate`` endpoint (ui/api.py): LoRAs by name from the server's library."""
+        state = self.new_session()
+        table = self._api_table(state, loras, trigger_words)
+        request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance_scale, width,
+                                      height, num_images, scheduler, append_triggers, text_encoder_loras)
+        if method not in self.methods:
+            raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
+        chosen = method_from_settings(method, self.methods[method], method_settings)
+        prepare_method(self.pipe, chosen, request)
+        items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
+                               self.settings.model_label)
+        return [generated_image(item) for item in items]
+
+    @readable_errors
     def compare(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
                 guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str, append_triggers: bool,
                 text_encoder_loras: bool, method_names: list[str],
@@ -233,8 +254,9 @@ class LoraComposeApp:
                                                                     state.catalog.entries.values()}, top_k)
         chosen = {item.entry.name: item for item in ranked}
         rows = [[str(row[1]) in chosen, *row[1:]] for row in table_rows(table)]
-        message = "suggested: " + ", ".join(f"{name} ({item.score:.2f}{', trigger in prompt' if item.trigger_match else ''})"
-                                            for name, item in chosen.items())
+        message = "suggested: " + ", ".join(
+            f"{name} ({item.score:.2f}{', trigger in prompt' if item.trigger_match else ''})"
+            for name, item in chosen.items())
         return rows, message
 
     @readable_errors
@@ -267,6 +289,28 @@ class LoraComposeApp:
             *self.forms.shown_values(item.method_name, item.method_settings),
         ]
 
+    @staticmethod
+    def _api_table(state: SessionState, loras: Any, trigger_words: Any) -> list[list[Any]]:
+        """LoRA table rows (ticked, in the given order) for ``/generate``'s ``loras`` and ``trigger_words``."""
+        for label, value in (("loras", loras), ("trigger_words", trigger_words)):
+            if not isinstance(value or {}, Mapping):
+                raise UserError(f"{label}: give a JSON object keyed by LoRA name, not {value!r}")
+        loras, trigger_words = loras or {}, trigger_words or {}
+        for name in [*loras, *trigger_words]:
+            if name not in state.catalog.entries:
+                raise UserError(f"LoRA {name!r} is not in this server's library; use one of "
+                                f"{', '.join(state.catalog.entries) or 'none (start the UI with --library)'}")
+        stray = sorted(set(trigger_words) - set(loras))
+        if stray:
+            raise UserError(f"trigger_words: {', '.join(stray)} not in loras; give trigger words only for used LoRAs")
+        rows = []
+        for name, weight in loras.items():
+            words = trigger_words.get(name, state.catalog.get(name).trigger_words)
+            if isinstance(words, str):
+                words = [words]
+            rows.append([True, name, weight, ", ".join(str(word) for word in words)])
+        return rows
+
     def _table_for(self, table: Any, request: GenerationRequest) -> list[list[Any]]:
         used = {spec.name: spec for spec in request.loras}
         rows = []
@@ -295,12 +339,11 @@ class LoraComposeApp:
             with gr.Row():
                 with gr.Column(scale=2):
                     shared = self._shared_controls(state)
-                with gr.Column(scale=3):
-                    with gr.Tabs():
-                        with gr.Tab("Generate"):
-                            generate_outputs, gallery, downloads = self._generate_tab(state, shared)
-                        with gr.Tab("Compare"):
-                            self._compare_tab(state, shared, gallery, downloads)
+                with gr.Column(scale=3), gr.Tabs():
+                    with gr.Tab("Generate"):
+                        generate_outputs, gallery, downloads = self._generate_tab(state, shared)
+                    with gr.Tab("Compare"):
+                        self._compare_tab(state, shared, gallery, downloads)
             self._wire_reuse(state, shared, generate_outputs)
         blocks.queue(default_concurrency_limit=PIPELINE_CONCURRENCY, max_size=QUEUE_SIZE)
         return blocks
@@ -328,7 +371,8 @@ class LoraComposeApp:
                 guidance = gr.Slider(0, 20, value=self.settings.default_guidance, step=0.5, label="Guidance (CFG)")
             with gr.Row():
                 width = gr.Number(label="Width", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="width")
-                height = gr.Number(label="Height", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="height")
+                height = gr.Number(label="Height", value=self.default_size, precision=0, step=SIZE_STEP,
+                                   elem_id="height")
                 num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
             with gr.Row():
                 scheduler = gr.Dropdown(sorted(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
@@ -358,8 +402,12 @@ class LoraComposeApp:
         concepts = gr.Gallery(label="Concepts of the latest result (boxes, masks)", format="png", columns=4,
                               height="auto", elem_id="concept-view")
         button.click(self.generate, [state, *shared, method, *self.forms.components],
-                     [state, gallery, downloads, status, concepts], api_name="generate",
-                     concurrency_id=PIPELINE_EVENTS)
+                     [state, gallery, downloads, status, concepts], api_name="generate_form",
+                     api_visibility="undocumented", concurrency_id=PIPELINE_EVENTS)
+        defaults = {"steps": self.settings.default_steps, "guidance_scale": self.settings.default_guidance,
+                    "width": self.default_size, "height": self.default_size}
+        gr.api(generate_endpoint(self.generate_api, self.methods, defaults), api_name="generate",
+               concurrency_id=PIPELINE_EVENTS)
         gallery.select(self.select_result, [state], [state, downloads], api_visibility="private",
                        concurrency_limit=None)
         self.reuse_button = reuse
@@ -368,7 +416,8 @@ class LoraComposeApp:
     def _compare_tab(self, state: gr.State, shared: list, gallery: gr.Gallery, downloads: gr.File) -> None:
         gr.Markdown("Same prompt, LoRAs and seed for every ticked method, one image each; each method uses "
                     "its settings from the Generate tab.")
-        chosen = gr.CheckboxGroup(list(self.methods), value=list(self.methods), label="Methods", elem_id="compare-methods")
+        chosen = gr.CheckboxGroup(list(self.methods), value=list(self.methods), label="Methods",
+                                  elem_id="compare-methods")
         button = gr.Button("Compare", variant="primary", elem_id="compare")
         side_by_side = gr.Gallery(label="Side by side", format="png", columns=min(len(self.methods), 5),
                                   height="auto", elem_id="compare-gallery")

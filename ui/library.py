@@ -203,10 +203,12 @@ class UploadStore:
         """Copy an uploaded file into the store; raises UserError (and writes nothing) for a bad one."""
         shown = f"upload {safe_file_stem(client_name)!r}"
         if not str(client_name).lower().endswith(SAFETENSORS_SUFFIX):
-            raise UserError(f"{shown}: only .safetensors LoRA files are accepted (pickled .ckpt/.pt/.bin files can run code)")
+            raise UserError(f"{shown}: only .safetensors LoRA files are accepted "
+                            "(pickled .ckpt/.pt/.bin files can run code)")
         size = Path(source).stat().st_size
         if size > self.max_bytes:
-            raise UserError(f"{shown}: the file is {size / 1024**2:.0f} MiB, over the {self.max_bytes / 1024**2:.0f} MiB upload limit")
+            raise UserError(f"{shown}: the file is {size / 1024**2:.0f} MiB, "
+                            f"over the {self.max_bytes / 1024**2:.0f} MiB upload limit")
         target = self._target(source, client_name)
         if not target.exists():
             self._check_and_place(source, target, shown)

@@ -105,7 +105,8 @@ def caption(method_name: str, settings: dict[str, Any], request: GenerationReque
     shown = ", ".join(f"{key}={_short(value)}" for key, value in settings.items()
                       if key != "name" and value is not None and not isinstance(value, dict))
     loras = ", ".join(f"{spec.name}:{spec.weight:g}" for spec in request.loras) or "no LoRA"
-    calls = f"{stats.unet_calls} UNet calls" + (f" + {stats.partial_unet_calls} partial" if stats.partial_unet_calls else "")
+    partial = f" + {stats.partial_unet_calls} partial" if stats.partial_unet_calls else ""
+    calls = f"{stats.unet_calls} UNet calls{partial}"
     return (f"{method_name}" + (f" ({shown})" if shown else "") + f" · {loras} · seed {request.seed} · "
             f"{request.steps} steps · cfg {request.guidance_scale:g} · {request.width}x{request.height} · "
             f"{request.scheduler} · {stats.wall_seconds:.2f} s · {calls}")

@@ -1,0 +1,172 @@
+"""The app's named API: ``/generate`` with keyword parameters a gradio_client user reads from ``view_api()``.
+
+    from gradio_client import Client
+    client = Client("http://127.0.0.1:7860/")
+    images = client.predict(prompt="a cat", loras={"character": 0.8, "outfit": 1.0}, method="composite",
+                            method_settings={"mixing_weights": [0.6, 0.4]}, seed=3, api_name="/generate")
+
+Method settings are a JSON object whose keys are the method's dataclass fields (the same names as in
+the Python API and the sidecars); each value is checked against the field's type. The page's own
+form posts to an undocumented endpoint with one input per control (``ui/app.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any, Callable, Literal, Mapping, Optional, TypedDict
+
+from gradio.data_classes import FileData
+
+from loracompose.errors import UserError
+from loracompose.methods.base import CompositionMethod
+from loracompose.methods.settings import build_method, method_settings, strip_optional
+from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
+from .results import ResultItem
+
+
+class GeneratedImage(TypedDict):
+    """One image of a ``/generate`` call: the PNG, its settings sidecar (JSON) and what made it."""
+
+    image: dict[str, Any]
+    sidecar: dict[str, Any]
+    caption: str
+    seed: int
+    method_settings: dict[str, Any]
+    seconds: float
+    unet_calls: int
+
+
+def generated_image(item: ResultItem) -> GeneratedImage:
+    """A result as the API returns it; the files are FileData, so gradio_client downloads them."""
+    return GeneratedImage(
+        image=FileData(path=str(item.png), orig_name=item.png.name).model_dump(),
+        sidecar=FileData(path=str(item.sidecar), orig_name=item.sidecar.name).model_dump(),
+        caption=item.caption, seed=item.request.seed, method_settings=item.method_settings,
+        seconds=item.seconds, unet_calls=item.unet_calls,
+    )
+
+
+def generate_endpoint(handler: Callable[..., list[GeneratedImage]], methods: Mapping[str, type],
+                      defaults: Mapping[str, Any]) -> Callable[..., list[GeneratedImage]]:
+    """``handler`` (called with keyword arguments) under the signature ``gr.api`` publishes: the
+    parameters of :func:`generate_signature`, choices as enums, the app's defaults."""
+
+    signature = generate_signature(list(methods), defaults)
+
+    def generate(*args: Any, **kwargs: Any) -> list[GeneratedImage]:
+        bound = signature.bind(*args, **kwargs)  # Gradio passes the inputs by position
+        bound.apply_defaults()
+        return handler(**bound.arguments)
+
+    generate.__doc__ = GENERATE_DESCRIPTION
+    generate.__signature__ = signature  # type: ignore[attr-defined]
+    generate.__annotations__ = {name: parameter.annotation for name, parameter in signature.parameters.items()}
+    generate.__annotations__["return"] = signature.return_annotation
+    return generate
+
+
+GENERATE_DESCRIPTION = """Generate images with LoRAs composed by a method; returns one entry per image.
+
+prompt: the prompt. loras: LoRA name -> strength, in composition order (names as in the page's table:
+the server's library). method: the composition method. method_settings: the method's settings by field
+name (e.g. {"period": 3} for switch); missing ones keep their defaults. trigger_words: LoRA name -> its
+trigger words, replacing the library's. seed: image k uses seed + k. The rest as in the page."""
+
+
+def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> inspect.Signature:
+    """The named, typed parameters of ``/generate`` (keyword names as in ``pipe.generate``)."""
+    method_choice = Literal[tuple(method_names)]  # type: ignore[valid-type]
+    scheduler_choice = Literal[tuple(sorted(SCHEDULERS))]  # type: ignore[valid-type]
+    parameters = [
+        ("prompt", str, inspect.Parameter.empty),
+        ("loras", dict[str, float], {}),
+        ("method", method_choice, method_names[0]),
+        ("method_settings", dict[str, Any], {}),
+        ("negative_prompt", str, ""),
+        ("seed", int, 0),
+        ("steps", int, defaults["steps"]),
+        ("guidance_scale", float, defaults["guidance_scale"]),
+        ("width", int, defaults["width"]),
+        ("height", int, defaults["height"]),
+        ("num_images", int, 1),
+        ("scheduler", scheduler_choice, DEFAULT_SCHEDULER),
+        ("append_triggers", bool, True),
+        ("text_encoder_loras", bool, True),
+        ("trigger_words", dict[str, list[str]], {}),
+    ]
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                                annotation=hint) for name, hint, default in parameters],
+                             return_annotation=list[GeneratedImage])
+
+
+# ------------------------------------------------------------------------------------ method settings
+
+
+def method_from_settings(name: str, method_class: type[CompositionMethod], settings: Any) -> CompositionMethod:
+    """The method with ``settings`` (field name -> JSON value), each checked against its field's type."""
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, Mapping):
+        raise UserError(f"method_settings: give a JSON object of {name}'s settings, not {type(settings).__name__}")
+    hints = {setting.name: Optional[setting.hint] if setting.optional else setting.hint  # noqa: UP045 - a runtime type
+             for setting in method_settings(method_class)}
+    values = {key: setting_value(value, hints.get(key, Any), f"method_settings.{key}")
+              for key, value in settings.items()}
+    return build_method(method_class, values, name)  # refuses unknown keys, naming the known ones
+
+
+def setting_value(value: Any, hint: Any, label: str) -> Any:
+    """A JSON value as a value of type ``hint`` (lists become tuples where the field is a tuple, an
+    object the keyword arguments of a class such as Box); other values are left to the method's check."""
+    optional, hint = strip_optional(hint)
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise UserError(f"{label}: null is not allowed here; give a value or leave the setting out")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{label}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        return _sequence_value(value, origin, args, label)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{label}: give an object (name -> value), not {value!r}")
+        value_hint = args[1] if len(args) == 2 else Any
+        return {str(key): setting_value(item, value_hint, f"{label}.{key}") for key, item in value.items()}
+    return _scalar_value(value, hint, label)
+
+
+def _sequence_value(value: Any, origin: type, args: tuple[Any, ...], label: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{label}: give a list, not {value!r}")
+    variable = not args or args[-1] is Ellipsis or origin is list
+    if not variable and len(value) != len(args):
+        raise UserError(f"{label}: give {len(args)} values, got {len(value)}")
+    hints = [args[0] if args else Any] * len(value) if variable else list(args)
+    items = [setting_value(item, hint, f"{label}[{index}]") for index, (item, hint) in enumerate(zip(value, hints))]
+    return tuple(items) if origin is tuple else items
+
+
+def _scalar_value(value: Any, hint: Any, label: str) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{label}: give true or false, not {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{label}: give a number, not {value!r}")
+        if hint is int and value != int(value):
+            raise UserError(f"{label}: {value!r} must be a whole number")
+        return int(value) if hint is int else float(value)
+    if hint is str and not isinstance(value, str):
+        raise UserError(f"{label}: give a string, not {value!r}")
+    if isinstance(value, Mapping) and hint is not Any and typing.get_origin(hint) is None and callable(hint):
+        try:  # a class's keyword arguments, as a sidecar writes a Box
+            return hint(**value)
+        except TypeError as error:
+            raise UserError(f"{label}: {error}") from None
+    return value
