@@ -1,11 +1,12 @@
 """Method picker forms, built from the method registry (``loracompose.METHODS``).
 
-Every method is a dataclass whose fields are its settings, so each field gets a control from its
-type: bool -> checkbox, int/float -> number, str -> text (a dropdown when the field's docstring
-lists its values as ``"a"``, ``"b"``), Literal -> dropdown, tuples/lists -> comma-separated
-numbers, dicts -> ``name=value`` pairs, ``X | None`` -> a text box where empty means "automatic".
-Help texts come from the class docstring's ``Attributes:``/``Args:`` section. A new method
-registered in ``METHODS`` therefore gets its panel with no UI code.
+Every method is a dataclass whose fields are its settings, read by ``loracompose.methods.settings``
+(as the CLI and bench suites read them), so each field gets a control from its type: bool ->
+checkbox, int/float -> number, str -> text, a field with ``choices`` (metadata or Literal) -> dropdown
+(a dropdown that allows other values when the field's docstring quotes its values as ``"a"``,
+``"b"``), tuples/lists -> comma-separated numbers, dicts -> ``name=value`` pairs, ``X | None`` -> a
+text box where empty means "automatic". Help texts are the settings' help (field metadata, else the
+class docstring). A new method registered in ``METHODS`` therefore gets its panel with no UI code.
 
 Extension points, for methods whose settings need more than a typed field:
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 
 from loracompose.errors import UserError
 from loracompose.methods.base import CompositionMethod
+from loracompose.methods.settings import Setting, method_settings, strip_optional
 
 
 @dataclass
@@ -111,73 +111,44 @@ class MethodForms:
     def shown_values(self, name: str, settings: Mapping[str, Any]) -> list[Any]:
         """Updates of ``components`` that show ``settings`` in the named method's panel."""
         return [value for panel_name, panel in self.panels.items()
-                for value in (panel.shown_values(settings) if panel_name == name else [gr.update()] * len(panel.controls))]
+                for value in (panel.shown_values(settings) if panel_name == name
+                              else [gr.update()] * len(panel.controls))]
 
 
 def method_controls(method_name: str, method_class: type[CompositionMethod]) -> list[SettingControl]:
-    """A control for each field of the method's dataclass that the UI can edit."""
-    hints = typing.get_type_hints(method_class)
-    help_texts = field_help(method_class)
+    """A control for each setting of the method (``method_settings``) that the UI can edit."""
+    fields = {field.name: field for field in dataclasses.fields(method_class)}
     controls = []
-    for field in dataclasses.fields(method_class):
-        if not field.init:
-            continue
-        default = _default_of(field)
-        factory = FIELD_CONTROLS.get((method_name, field.name), default_control)
-        control = factory(method_name, field, hints.get(field.name, Any), default, help_texts.get(field.name, ""))
+    for setting in method_settings(method_class):
+        factory = FIELD_CONTROLS.get((method_name, setting.name)) or default_factory(setting)
+        hint = typing.Optional[setting.hint] if setting.optional else setting.hint  # noqa: UP045 - a runtime type
+        control = factory(method_name, fields[setting.name], hint, setting.default, setting.help)
         if control is not None:
             controls.append(control)
     return controls
 
 
-def _default_of(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
-
-
-def field_help(method_class: type) -> dict[str, str]:
-    """Field descriptions from the ``Attributes:``/``Args:`` sections of the class docstrings
-    (base classes first, so a subclass's text wins); ``a / b: text`` describes both fields."""
-    found: dict[str, str] = {}
-    for klass in reversed(method_class.__mro__):
-        section = re.split(r"^\s*(?:Attributes|Args):\s*$", klass.__dict__.get("__doc__") or "", maxsplit=1,
-                           flags=re.MULTILINE)
-        if len(section) < 2:
-            continue
-        for match in re.finditer(r"^( +)([\w /]+?):\s+(.+(?:\n\1 {2,}\S.*)*)", section[1], flags=re.MULTILINE):
-            text = " ".join(match.group(3).split())
-            for name in match.group(2).split("/"):
-                found[name.strip()] = text
-    return found
-
-
-def plain_text(help_text: str) -> str:
-    """A docstring fragment without reST markup: ``"keep"`` -> "keep", :meth:`x` -> x."""
-    return re.sub(r":\w+:`([^`]*)`", r"\1", help_text).replace("``", "")
-
-
-def doc_choices(help_text: str) -> list[str]:
-    """The quoted values a field's description lists (``"keep"``, ``"cond"``...), in order."""
-    return list(dict.fromkeys(re.findall(r'``"([^"`]+)"``', help_text)))
+def default_factory(setting: Setting) -> ControlFactory:
+    """The control by type; a dropdown where the field lists its values (metadata ``choices``, a
+    Literal) or its docstring quotes them (with other values allowed)."""
+    if setting.choices:
+        return choice_control(*setting.choices)
+    if setting.hint is str and setting.default in setting.suggestions and len(setting.suggestions) > 1:
+        return choice_control(*setting.suggestions, allow_custom_value=True)
+    return default_control
 
 
 # ------------------------------------------------------------------------------------ controls by type
 
 
-def default_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl | None:
+def default_control(method: str, field: dataclasses.Field, hint: Any, default: Any,
+                    help_text: str) -> SettingControl | None:
     """The control for a field, chosen by its type hint; None for a type the UI cannot edit."""
-    label, info = field.name.replace("_", " "), plain_text(help_text) or None
-    optional, hint = _strip_optional(hint)
+    label, info = field.name.replace("_", " "), help_text or None
+    optional, hint = strip_optional(hint)
     origin = typing.get_origin(hint)
     if optional or origin in (tuple, list, dict):
         return _text_control(method, field.name, label, hint, default, info or "", optional)
-    if origin is typing.Literal:
-        choices = list(typing.get_args(hint))
-        return SettingControl(field.name, gr.Dropdown(choices, value=default, label=label, info=info),
-                              lambda value: value, lambda value: value)
     if hint is bool:
         return SettingControl(field.name, gr.Checkbox(value=bool(default), label=label, info=info),
                               bool, bool)
@@ -185,25 +156,20 @@ def default_control(method: str, field: dataclasses.Field, hint: Any, default: A
         component = gr.Number(value=default, label=label, info=info, precision=0 if hint is int else None)
         return SettingControl(field.name, component, _number_parser(method, label, hint), lambda value: value)
     if hint is str:
-        choices = doc_choices(help_text)
-        component = (gr.Dropdown(choices, value=default, label=label, info=info, allow_custom_value=True)
-                     if default in choices and len(choices) > 1 else
-                     gr.Textbox(value=default, label=label, info=info))
-        return SettingControl(field.name, component, lambda value: str(value or "").strip(), lambda value: value)
+        return SettingControl(field.name, gr.Textbox(value=default, label=label, info=info),
+                              lambda value: str(value or "").strip(), lambda value: value)
     return None
 
 
-def choice_control(*choices: str) -> ControlFactory:
-    """A factory for a str field with a fixed set of values (the method's own check lists them)."""
+def choice_control(*choices: Any, allow_custom_value: bool = False) -> ControlFactory:
+    """A factory for a field with a set of values (``allow_custom_value``: suggested ones)."""
 
     def factory(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
-        component = gr.Dropdown(list(choices), value=default, label=field.name.replace("_", " "), info=help_text or None)
+        component = gr.Dropdown(list(choices), value=default, label=field.name.replace("_", " "),
+                                info=help_text or None, allow_custom_value=allow_custom_value)
         return SettingControl(field.name, component, lambda value: value, lambda value: value)
 
     return factory
-
-
-FIELD_CONTROLS[("merge", "combine")] = choice_control("sum", "mean")
 
 
 def box_list_control(method: str, field: dataclasses.Field, hint: Any, default: Any, help_text: str) -> SettingControl:
@@ -256,7 +222,7 @@ def box_editor(panel: MethodPanel) -> None:
     editor = gr.ImageEditor(
         value={"background": blank, "layers": [], "composite": None}, type="numpy", sources=(), height=280,
         label="Draw the boxes: add one layer per ticked LoRA (table order) and scribble over its area",
-        brush=gr.Brush(colors=["#%02x%02x%02x" % rgb for rgb in CONCEPT_COLOURS], color_mode="fixed"),
+        brush=gr.Brush(colors=["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in CONCEPT_COLOURS], color_mode="fixed"),
         elem_id=f"{panel.name}-box-editor",
     )
     preview = gr.Image(label="Box layout (numbers: ticked LoRAs in table order)", interactive=False, height=200,
@@ -273,15 +239,6 @@ FIELD_CONTROLS[("clora", "prompts")] = per_lora_lines_control(
     "prompt + trigger words", "an empty line: the prompt with its trigger words.", "")
 FIELD_CONTROLS[("clora", "subjects")] = per_lora_lines_control(
     "none", "words naming its concept besides its trigger words, comma-separated.", "")
-
-
-def _strip_optional(hint: Any) -> tuple[bool, Any]:
-    """(whether None is allowed, the hint without None)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if len(args) < len(typing.get_args(hint)):
-            return True, args[0] if len(args) == 1 else typing.Union[tuple(args)]
-    return False, hint
 
 
 def _number_parser(method: str, label: str, kind: type) -> Callable[[Any], Any]:
@@ -302,8 +259,10 @@ def _text_control(method: str, name: str, label: str, hint: Any, default: Any, h
                   optional: bool) -> SettingControl:
     """A text box for tuples, lists, dicts and optional values; empty means None (automatic)."""
     example = _format_example(hint)
-    info = " ".join(part for part in (help_text, f"Format: {example}.", "Empty = default/automatic." if optional else "") if part)
-    component = gr.Textbox(value=format_setting(default), label=label, info=info, placeholder="automatic" if optional else None)
+    empty = "Empty = default/automatic." if optional else ""
+    info = " ".join(part for part in (help_text, f"Format: {example}.", empty) if part)
+    component = gr.Textbox(value=format_setting(default), label=label, info=info,
+                           placeholder="automatic" if optional else None)
 
     def parse(text: Any) -> Any:
         text = str(text or "").strip()
@@ -319,9 +278,9 @@ def _text_control(method: str, name: str, label: str, hint: Any, default: Any, h
 
 
 def _variable_length(hint: Any) -> bool:
-    """A ``tuple[X, ...]`` or ``list[X]``: empty is a valid value."""
+    """A ``tuple[X, ...]``, ``list[X]`` or ``dict[K, V]``: empty is a valid value."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    return origin is list or (origin is tuple and bool(args) and args[-1] is Ellipsis)
+    return origin in (list, dict) or (origin is tuple and bool(args) and args[-1] is Ellipsis)
 
 
 def _format_example(hint: Any) -> str:
