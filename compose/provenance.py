@@ -52,7 +52,20 @@ def model_name(model: str | Path) -> str:
     """A display name of a base model: a hub id as given; a local folder or file by its own name only."""
     text = str(model)
     path = Path(text).expanduser()
-    return path.resolve().name if path.exists() else text
+    return path.resolve().name if text and path.exists() else text
+
+
+def portable_name(name: str) -> str:
+    """``name`` with any local path in it replaced by the file or folder's own name, plus a digest
+    of a file's bytes (``local-dir:/home/me/clip`` -> ``local-dir:clip``)."""
+    prefix, _, rest = name.rpartition(":") if ":" in name and not Path(name).exists() else ("", "", name)
+    path = Path(rest).expanduser()
+    if not rest or not path.exists():
+        return name
+    from loracompose.outputs import file_sha256
+
+    portable = f"{path.resolve().name}@{file_sha256(path)[:16]}" if path.is_file() else path.resolve().name
+    return f"{prefix}:{portable}" if prefix else portable
 
 
 def model_identity(model: str | Path, pipe: Any) -> dict[str, str]:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from loracompose.assets.embedded import PACKAGED_TOYWORLD
 from loracompose.errors import UserError
 from loracompose.pipelines import load_pipeline
-from loracompose.provenance import machine_specific_strings, model_fingerprint, weights_sha256
+from loracompose.provenance import machine_specific_strings, model_fingerprint, portable_name, weights_sha256
+from loracompose.retrieval.text import PipelineTextEmbedder
 from loracompose.toyworld.model import TINY, build_pipeline
 from loracompose.toyworld.scenes import make_scene
 from loracompose.toyworld.shipping import ship_weights
@@ -104,3 +105,21 @@ def test_weights_digest_ignores_metadata_and_sees_every_tensor(tmp_path: Path) -
     digests = {path.name: weights_sha256(path) for path in sorted(tmp_path.iterdir())}
     assert digests["same.safetensors"] == weights_sha256(source)
     assert len({weights_sha256(source), digests["changed.safetensors"], digests["half.safetensors"]}) == 3
+
+
+def test_text_embedder_fingerprint_names_the_model_not_its_folder(tmp_path: Path) -> None:
+    """Retriever files record their text embedder's fingerprint: the same for a moved copy of the model."""
+    build_pipeline(TINY, seed=0).save_pretrained(tmp_path / "a" / "toy", safe_serialization=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first, moved = (PipelineTextEmbedder(load_pipeline(tmp_path / side / "toy", device="cpu")).fingerprint
+                    for side in ("a", "b"))
+    assert first == moved and first.startswith("pipeline-eos:toy@")
+    assert str(tmp_path) not in first and machine_specific_strings({"fingerprint": first}) == []
+
+
+def test_portable_name_keeps_names_and_replaces_local_paths(tmp_path: Path) -> None:
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"weights")
+    assert portable_name("ViT-B-32") == "ViT-B-32" and portable_name("hf-hub:org/clip") == "hf-hub:org/clip"
+    assert portable_name(f"local-dir:{tmp_path}") == f"local-dir:{tmp_path.name}"
+    assert portable_name(str(weights)).startswith("clip.safetensors@") and str(tmp_path) not in portable_name(str(weights))

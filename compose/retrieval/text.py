@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loracompose.errors import UserError, first_line
+from loracompose.provenance import model_identity, portable_name
 
 
 class TextEmbedder(Protocol):
@@ -29,8 +30,10 @@ class PipelineTextEmbedder:
         if not self.parts:
             raise UserError("the model has no text encoder to embed prompts with; use an SD1.5 or SDXL model")
         self.batch_size = batch_size
+        # Written into trained retriever files: the model's name and weights digest, never its folder.
         source = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
-        self.fingerprint = f"pipeline-eos:{source}"
+        identity = model_identity(source, pipe)
+        self.fingerprint = f"pipeline-eos:{identity['name']}@{identity['digest']}"
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         chunks = [self._embed_batch(list(texts[i:i + self.batch_size])) for i in range(0, len(texts), self.batch_size)]
@@ -70,7 +73,7 @@ class OpenClipTextEmbedder:
             raise UserError(f"open_clip model {model_name!r} ({pretrained or 'random weights'}) cannot be loaded "
                             f"({first_line(error)}); give a known model name and a local weights file") from None
         self.device = torch.device(device)
-        self.fingerprint = f"open_clip:{model_name}:{pretrained or 'random'}"
+        self.fingerprint = f"open_clip:{portable_name(model_name)}:{portable_name(pretrained or 'random')}"
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         with torch.no_grad():
