@@ -107,7 +107,7 @@ def method_from_args(args: argparse.Namespace, methods: Mapping[str, type]) -> A
             owners = ", ".join(dict.fromkeys(use.method for use in uses[flag]))
             raise UsageError(f"{'/'.join(spellings)} is a setting of {owners}, not of --method {name}")
         for use in mine:
-            values.setdefault(use.setting.name, _field_value(flag, use, given))
+            values.setdefault(use.setting.name, _field_value("/".join(spellings), use, given))
     return build_method(methods[name], values)
 
 
@@ -157,27 +157,31 @@ def _add_flag(group: Any, spellings: list[str], uses: list[FlagUse], owners: lis
     if kind == "bool":
         group.add_argument(*spellings, action=argparse.BooleanOptionalAction, help=text, **options)
     elif kind == "scalar":
-        group.add_argument(*spellings, type=_scalar_parser(flag, setting), choices=setting.choices,
-                           metavar=None if setting.choices else metavar, help=text, **options)
+        group.add_argument(*spellings, choices=setting.choices, metavar=None if setting.choices else metavar, help=text,
+                           **options)
     elif kind == "numbers":
-        group.add_argument(*spellings, nargs="+", type=_number_list_parser(flag, setting.item_hint),
-                           metavar=setting.metavar or ("N" if setting.item_hint is int else "X"), help=text, **options)
+        group.add_argument(*spellings, nargs="+", metavar=setting.metavar or ("N" if setting.item_hint is int else "X"), help=text, **options)
     elif kind == "items":
-        group.add_argument(*spellings, action="append", type=_item_parser(flag, setting), metavar=setting.metavar or "TEXT",
+        group.add_argument(*spellings, action="append", metavar=setting.metavar or "TEXT",
                            help=f"{text}; repeat the flag, one value each", **options)
     else:  # pairs
-        group.add_argument(*spellings, action="append", type=_pair_parser(flag, setting),
-                           metavar=setting.metavar or "NAME=VALUE", help=f"{text}; repeatable", **options)
+        group.add_argument(*spellings, action="append", metavar=setting.metavar or "NAME=VALUE", help=f"{text}; repeatable", **options)
 
 
 def _field_value(flag: str, use: FlagUse, given: Any) -> Any:
-    """The field value from what argparse collected for the flag."""
+    """The field value from the text argparse collected for the flag (a bad one is a UsageError)."""
     setting, kind = use.setting, value_kind(use.setting)
-    if not use.takes_value or kind in ("bool", "scalar"):
+    if not use.takes_value or kind == "bool":
         return given
+    if kind == "scalar":
+        return _scalar_parser(flag, setting)(given)
     if kind == "pairs":
-        return dict(given)
-    items = [item for part in given for item in part] if kind == "numbers" else list(given)
+        return dict(map(_pair_parser(flag, setting), given))
+    if kind == "numbers":
+        parse = _number_list_parser(flag, setting.item_hint)
+        items = [number for text in given for number in parse(text)]
+    else:
+        items = list(map(_item_parser(flag, setting), given))
     length = setting.fixed_length
     if length is not None and len(items) != length:
         raise UsageError(f"{flag} takes {length} values, got {len(items)}")
@@ -215,17 +219,16 @@ def _pair_parser(flag: str, setting: Setting) -> Callable[[str], tuple[str, Any]
 
 
 def _argument_type(flag: str, convert: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
-    """``convert`` with its failures as argparse's one-line messages."""
+    """``convert`` with its failures as one-line UsageErrors naming the flag and the text."""
 
     def parse(text: str) -> Any:
         try:
             return convert(text)
-        except UserError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+        except UserError as error:  # the method's own parser names the flag already
+            raise UsageError(str(error)) from None
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r}: give {expected}") from None
+            raise UsageError(f"{flag} {text!r}: give {expected}") from None
 
-    parse.__name__ = getattr(convert, "__name__", "value")
     return parse
 
 
