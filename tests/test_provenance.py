@@ -19,6 +19,7 @@ from loracompose.retrieval.text import PipelineTextEmbedder
 from loracompose.toyworld.model import TINY, build_pipeline
 from loracompose.toyworld.scenes import make_scene
 from loracompose.toyworld.shipping import ship_weights
+from loracompose.training.gates import GateTrainingSettings, train_gates
 from loracompose.training.trainer import LoraTrainingSettings, train_lora
 
 
@@ -83,6 +84,19 @@ def test_trained_lora_records_the_model_name_and_digest_and_an_image_count(tmp_p
     assert training["images"] == 3 and len(training["captions_sha256"]) == 64 and training["steps"] == 1
     assert machine_specific_strings(metadata) == []
     assert not [value for value in metadata.values() if str(tmp_path) in value or "scene0" in value]
+
+
+def test_trained_gates_record_the_model_and_loras_by_name_and_digest(tiny_sd15_dir, sd15_lora_files, tmp_path) -> None:
+    out = tmp_path / "gates.safetensors"
+    train_gates(GateTrainingSettings(str(tiny_sd15_dir), sd15_lora_files, out, steps=1, showcase_steps=1,
+                                     resolution=32, show_progress=False, work_dir=tmp_path / "work"))
+    metadata = metadata_of(out)
+    training = json.loads(metadata["loracompose.training"])
+    digest = model_fingerprint(load_pipeline(tiny_sd15_dir, device="cpu", dtype="fp32"))
+    assert training["model"] == {"name": tiny_sd15_dir.name, "digest": digest}
+    assert training["loras"] == [{"name": path.stem, "weights_sha256": weights_sha256(path)} for path in sd15_lora_files]
+    assert machine_specific_strings(metadata) == []
+    assert not [value for value in metadata.values() if str(tiny_sd15_dir.parent) in value]
 
 
 def test_shipping_refuses_a_lora_whose_metadata_names_a_path(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from loracompose.library import LibraryEntry, entry_from_lora, open_library
 from loracompose.lora import LoadedLora, LoraSpec, with_trigger_words
 from loracompose.methods.autolora import GatedFusion, GateSet, check_variant, lora_layer_channels, save_gates
 from loracompose.outputs import atomic_write
+from loracompose.provenance import lora_identity, model_identity
 from loracompose.pipelines.adapters import AdapterController
 from loracompose.training.trainer import (
     IMAGE_SUFFIXES,
@@ -167,8 +168,10 @@ def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
     finally:
         fusion.restore()
         data.adapters.activate({})
-    metadata = {"loracompose.training": json.dumps({**resolved.to_json(), "steps": settings.steps}),
-                "loracompose.architecture": data.pipe.architecture}
+    # The file travels: the base model and LoRAs by name and digest, not the paths they were trained from.
+    recipe = {**resolved.to_json(), "model": model_identity(settings.model, data.pipe),
+              "loras": [lora_identity(lora.name, lora.path) for lora in data.loras], "steps": settings.steps}
+    metadata = {"loracompose.training": json.dumps(recipe), "loracompose.architecture": data.pipe.architecture}
     save_gates(gates, settings.out, metadata)
     return GateTrainingResult(settings.out, settings.steps, history, gates, settings.work_dir, start, seconds)
 
