@@ -11,27 +11,25 @@
         every K steps and at the end: a checkpoint (weights, EMA, optimizer moments, state.json)
     at the end: export the EMA weights as a diffusers folder (``<run>/model``)
 
-Checkpoints are safetensors only; optimizer state goes through ``training.flatten_optimizer_state``.
+Checkpoints are safetensors only (``loracompose.training.checkpoints``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from loracompose.errors import UserError
 from loracompose.outputs import staged_directory
-from loracompose.training.trainer import (CHECKPOINT_PREFIX, STATE_FILE, check_work_dir, checkpoint_dirs, derived_seed,
-                        flatten_optimizer_state, generator, prune_checkpoints, unflatten_optimizer_state)
+from loracompose.training.checkpoints import (STATE_FILE, CheckpointSettings, checkpoint_dirs, load_optimizer,
+                                              read_state, run_steps, save_optimizer, write_checkpoint)
+from loracompose.training.seeds import derived_seed, generator
 from .model import ARCHITECTURES, ToyWorldArchitecture, build_pipeline, fold
 from .scenes import render_array, scene_from_seed, training_caption
 
@@ -43,15 +41,16 @@ CHECKPOINTS_FOLDER = "checkpoints"
 
 
 @dataclass
-class ToyWorldTrainingSettings:
+class ToyWorldTrainingSettings(CheckpointSettings):
     """One training run of the toy-world base model.
 
     Args:
-        run_dir: folder of the run: ``checkpoints/step-NNNNNN`` and, at the end, ``model/``.
+        run_dir: folder of the run: ``checkpoints/step-NNNNNN`` (the default ``work_dir``) and, at the end, ``model/``.
         steps: optimisation steps in all (a resumed run continues up to this number).
         architecture: "base" (the 1.7M-parameter UNet) or "tiny" (tests).
-        resume: continue from the latest checkpoint in ``run_dir`` (same settings required).
         threads: torch CPU threads (None: leave torch's default).
+
+    Checkpointing: :class:`~loracompose.training.checkpoints.CheckpointSettings`.
     """
 
     run_dir: Path
@@ -67,26 +66,23 @@ class ToyWorldTrainingSettings:
     seed: int = 0
     architecture: str = "base"
     image_size: int = 32
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    resume: bool = False
     export: bool = True
     threads: int | None = None
     show_progress: bool = True
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        super().__post_init__()
 
-    @property
-    def work_dir(self) -> Path:
-        """The run's checkpoint folder."""
+    def default_work_dir(self) -> Path:
+        """``RUN_DIR/checkpoints``."""
         return self.run_dir / CHECKPOINTS_FOLDER
 
     def recipe(self) -> dict:
         """The settings a checkpoint must share to be resumed (not the run length or bookkeeping)."""
-        skip = {"run_dir", "steps", "checkpoint_every", "keep_checkpoints", "resume", "export", "threads",
+        skip = {"run_dir", "steps", "checkpoint_every", "keep_checkpoints", "work_dir", "resume", "export", "threads",
                 "show_progress"}
-        return {key: value for key, value in asdict(self).items() if key not in skip}
+        return json.loads(json.dumps({key: value for key, value in asdict(self).items() if key not in skip}))
 
 
 @dataclass
@@ -235,42 +231,29 @@ def build_trainer(settings: ToyWorldTrainingSettings) -> ToyWorldTrainer:
 
 def save_checkpoint(trainer: ToyWorldTrainer, step: int, history: list, train_seconds: float) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically and keep only the newest few."""
-    work_dir = trainer.settings.work_dir
-    final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    with staged_directory(final, replace=True) as staging:
-        _write_checkpoint_files(trainer, staging)
-        state = {"step": step, "recipe": trainer.settings.recipe(), "train_seconds": train_seconds,
-                 "history": history[-2000:]}
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    prune_checkpoints(work_dir, trainer.settings.keep_checkpoints)
-    return final
+    state = {"recipe": trainer.settings.recipe(), "train_seconds": train_seconds, "history": history[-2000:]}
+    return write_checkpoint(trainer.settings, step, state, lambda folder: _write_checkpoint_files(trainer, folder))
+
+
+def _optimizers(trainer: ToyWorldTrainer) -> list[tuple[str, torch.optim.Optimizer, list[str]]]:
+    return [("model", trainer.model_optimizer, list(trainer.model_parameters())),
+            ("decoder", trainer.decoder_optimizer, list(trainer.decoder_parameters()))]
 
 
 def _write_checkpoint_files(trainer: ToyWorldTrainer, folder: Path) -> None:
     save_file({k: p.detach().contiguous() for k, p in trainer.all_parameters().items()}, folder / WEIGHTS_FILE)
     save_file({k: v.contiguous() for k, v in trainer.ema.items()}, folder / EMA_FILE)
-    for key, optimizer, names in (("model", trainer.model_optimizer, list(trainer.model_parameters())),
-                                  ("decoder", trainer.decoder_optimizer, list(trainer.decoder_parameters()))):
-        tensors, metadata = flatten_optimizer_state(optimizer, names)
-        save_file(tensors, folder / OPTIMIZER_FILES[key], metadata=metadata)
+    for key, optimizer, names in _optimizers(trainer):
+        save_optimizer(optimizer, names, folder / OPTIMIZER_FILES[key])
 
 
 def load_checkpoint(trainer: ToyWorldTrainer, checkpoint: Path) -> dict:
     """Restore weights, EMA and optimizer moments; the checkpoint's recipe must match the settings."""
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    recipe = json.loads(json.dumps(trainer.settings.recipe()))
-    differing = sorted(key for key, value in recipe.items() if state["recipe"].get(key) != value)
-    if differing:
-        raise UserError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differing)}); "
-                        "resume with the same settings or use a new run folder")
+    state = read_state(checkpoint, trainer.settings.recipe(), key="recipe", folder_option="--run-dir")
     load_weights(trainer.pipe, checkpoint / WEIGHTS_FILE)
     trainer.ema = {k: v.clone() for k, v in load_file(checkpoint / EMA_FILE).items()}
-    for key, optimizer, names in (("model", trainer.model_optimizer, list(trainer.model_parameters())),
-                                  ("decoder", trainer.decoder_optimizer, list(trainer.decoder_parameters()))):
-        path = checkpoint / OPTIMIZER_FILES[key]
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        optimizer.load_state_dict(unflatten_optimizer_state(load_file(path), metadata, names))
+    for key, optimizer, names in _optimizers(trainer):
+        load_optimizer(optimizer, names, checkpoint / OPTIMIZER_FILES[key])
     return state
 
 
@@ -312,23 +295,18 @@ def train_toyworld(settings: ToyWorldTrainingSettings) -> ToyWorldTrainingResult
     if settings.threads:
         torch.set_num_threads(settings.threads)
     trainer = build_trainer(settings)
-    start, history, seconds = 0, [], 0.0
+    start, history, earlier = 0, [], 0.0
     if settings.resume:
-        state = load_checkpoint(trainer, latest_checkpoint(settings.run_dir))
-        start, history, seconds = int(state["step"]), list(state["history"]), float(state["train_seconds"])
-    checkpoint, resumed_from = latest_checkpoint(settings.run_dir), start
-    bar = tqdm(total=settings.steps, initial=min(start, settings.steps), desc="toyworld", unit="step",
-               disable=not settings.show_progress)
-    for step in range(start, settings.steps):
-        started = time.perf_counter()
-        history.append(trainer.step(step))
-        seconds += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", decoder=f"{history[-1]['decoder']:.4f}", refresh=False)
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            checkpoint = save_checkpoint(trainer, done, history, seconds)
-    bar.close()
+        state = load_checkpoint(trainer, settings.latest_checkpoint())
+        start, history, earlier = int(state["step"]), list(state["history"]), float(state["train_seconds"])
+    saved = [settings.latest_checkpoint()]
+
+    def checkpoint(done: int, seconds: float) -> None:
+        saved.append(save_checkpoint(trainer, done, history, earlier + seconds))
+
+    seconds = earlier + run_steps(settings, start, settings.steps, history, trainer.step, checkpoint, desc="toyworld",
+                                  show_progress=settings.show_progress)
+    checkpoint, resumed_from = saved[-1], start
     model_dir = None
     if settings.export and checkpoint is not None:
         model_dir = export_model(checkpoint, settings.run_dir / MODEL_FOLDER)
@@ -336,11 +314,10 @@ def train_toyworld(settings: ToyWorldTrainingSettings) -> ToyWorldTrainingResult
 
 
 def _check_settings(settings: ToyWorldTrainingSettings) -> None:
-    for label, value in (("steps", settings.steps), ("batch size", settings.batch_size),
-                         ("checkpoint interval", settings.checkpoint_every)):
+    for label, value in (("steps", settings.steps), ("batch size", settings.batch_size)):
         if value < 1:
             raise UserError(f"{label} {value}: use a positive integer")
     if not 0 <= settings.caption_dropout < 1:
         raise UserError(f"caption dropout {settings.caption_dropout}: use a probability in [0, 1)")
     architecture(settings.architecture, settings.image_size)
-    check_work_dir(settings, folder_option="--run-dir")
+    settings.check_checkpointing(folder_option="--run-dir")

@@ -18,15 +18,13 @@ term (not public).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from loracompose.errors import UserError
 from loracompose.library import LibraryEntry, entry_from_lora, open_library
@@ -35,26 +33,23 @@ from loracompose.methods.autolora import GatedFusion, GateSet, check_variant, lo
 from loracompose.outputs import atomic_write
 from loracompose.provenance import lora_identity, model_identity
 from loracompose.pipelines.adapters import AdapterController
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
+    save_checkpoint
+from loracompose.training.seeds import generator
 from loracompose.training.trainer import (
     IMAGE_SUFFIXES,
     TrainingConditioning,
     check_resolution,
-    check_work_dir,
-    checkpoint_dirs,
-    checkpoint_folder,
     encode_images,
     encode_prompt,
-    generator,
-    load_checkpoint,
     load_training_image,
     noise_target,
     resolve_training_dtype,
-    save_checkpoint,
 )
 
 
 @dataclass
-class GateTrainingSettings:
+class GateTrainingSettings(CheckpointSettings):
     """``train-gates``: the LoRA set and how to train the gates.
 
     Args:
@@ -65,6 +60,8 @@ class GateTrainingSettings:
         margin, caption_dropout: the hinge margin on the other LoRA's caption and the caption drop rate.
         showcase_steps: denoising steps of a generated showcase image (LoRAs without a ``<stem>.png``).
         resolution: training size in pixels (default: the model's native size).
+
+    Checkpointing: :class:`~loracompose.training.checkpoints.CheckpointSettings`.
     """
 
     model: str
@@ -78,10 +75,6 @@ class GateTrainingSettings:
     showcase_steps: int = 30
     resolution: int | None = None
     seed: int = 0
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    work_dir: Path | None = None
-    resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
     show_progress: bool = True
@@ -89,11 +82,11 @@ class GateTrainingSettings:
     def __post_init__(self) -> None:
         self.loras = [Path(path) for path in self.loras]
         self.out = Path(self.out)
-        self.work_dir = checkpoint_folder(self.out, self.work_dir)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class ResolvedGateSettings:
+class ResolvedGateSettings(CheckpointRecipe):
     """What a checkpoint must agree with to be resumed."""
 
     model: str
@@ -105,9 +98,6 @@ class ResolvedGateSettings:
     resolution: int
     seed: int
     dtype: str
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -152,19 +142,18 @@ class GateTrainingData:
 def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
     """Train AutoLoRA gates on a LoRA set with the denoising loss and write them as safetensors."""
     _check_gate_settings(settings)
-    check_work_dir(settings)
+    settings.check_checkpointing()
     data, resolved = gate_training_data(settings)
     channels = lora_layer_channels(data.pipe.unet, [lora.name for lora in data.loras])
     gates = GateSet(channels, settings.variant).to(data.device)
-    holder = SimpleNamespace(trainable=gates.named_tensors())
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.learning_rate)
-    start, history = 0, []
-    if settings.resume:
-        state = load_checkpoint(holder, optimizer, resolved, checkpoint_dirs(settings.work_dir)[-1])
-        start, history = int(state["step"]), list(state["history"])
+    start, history, _ = resume_state(gates.named_tensors(), optimizer, resolved, settings)
     fusion = GatedFusion(data.pipe.unet, lambda layer, _adapters, base, deltas: gates.gate(layer).gates(base, deltas))
     try:
-        seconds = _gate_loop(gates, optimizer, holder, data, settings, resolved, start, history)
+        seconds = run_steps(
+            settings, start, settings.steps, history, lambda step: gate_step(gates, optimizer, data, settings, step),
+            lambda done, _seconds: save_checkpoint(gates.named_tensors(), optimizer, resolved, settings, done, history),
+            desc="train gates", show_progress=settings.show_progress)
     finally:
         fusion.restore()
         data.adapters.activate({})
@@ -180,8 +169,7 @@ def _check_gate_settings(settings: GateTrainingSettings) -> None:
     check_variant(settings.variant)
     if settings.out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {settings.out}: name the gate file .safetensors")
-    for label, value in (("--steps", settings.steps), ("--checkpoint-every", settings.checkpoint_every),
-                         ("--showcase-steps", settings.showcase_steps)):
+    for label, value in (("--steps", settings.steps), ("--showcase-steps", settings.showcase_steps)):
         if int(value) < 1:
             raise UserError(f"{label} {value}: use a positive integer")
     if settings.learning_rate <= 0 or settings.margin < 0 or not 0 <= settings.caption_dropout < 1:
@@ -262,24 +250,6 @@ def showcase_image(pipe: Any, lora: LoadedLora, caption: str, settings: GateTrai
         made.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(made, lambda temp: result.images[0].save(temp, format="PNG"))
     return made
-
-
-def _gate_loop(gates: GateSet, optimizer: torch.optim.Optimizer, holder: Any, data: GateTrainingData,
-               settings: GateTrainingSettings, resolved: ResolvedGateSettings, start: int, history: list) -> float:
-    bar = tqdm(total=settings.steps, initial=start, desc="train gates", disable=not settings.show_progress, unit="step")
-    seconds = 0.0
-    for step in range(start, settings.steps):
-        started = time.perf_counter()
-        history.append(gate_step(gates, optimizer, data, settings, step))
-        seconds += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in history[-1].items() if k != "step"}, refresh=False)
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(holder, optimizer, resolved, settings.work_dir, done, history, {},
-                            settings.keep_checkpoints)
-    bar.close()
-    return seconds
 
 
 def gate_step(gates: GateSet, optimizer: torch.optim.Optimizer, data: GateTrainingData,

@@ -15,14 +15,11 @@ multiplied by 10 as in the released code.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from loracompose.errors import UserError
 from loracompose.library import LibraryEntry, LibraryIndex, open_library
@@ -30,20 +27,13 @@ from loracompose.retrieval.lora_factors import AdaptedLayer, StackedFactors, lay
     stack_factors
 from loracompose.retrieval.retriever import RetrieverConfig, WeightRetriever, save_retriever
 from loracompose.retrieval.text import PipelineTextEmbedder, TextEmbedder
-from loracompose.training.trainer import (
-    check_work_dir,
-    checkpoint_dirs,
-    checkpoint_folder,
-    derived_seed,
-    generator,
-    load_checkpoint,
-    save_checkpoint,
-    seeded_global_rng,
-)
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
+    save_checkpoint
+from loracompose.training.seeds import derived_seed, generator, seeded_global_rng
 
 
 @dataclass
-class RetrieverTrainingSettings:
+class RetrieverTrainingSettings(CheckpointSettings):
     """``train-retriever``: a library of LoRAs with descriptions, and how to train the weight encoder.
 
     Args:
@@ -52,7 +42,7 @@ class RetrieverTrainingSettings:
         model: the base model whose text encoder gives the target embeddings (ignored if an embedder is passed).
         steps, batch_size, learning_rate, temperature: InfoNCE training (AdamW; a batch is that many LoRAs).
         width, depth, heads, mlp: the transformer (reference: 768, 2, 12, 3072).
-        checkpoint_every, keep_checkpoints, work_dir, resume: as the LoRA trainers.
+        checkpoint_every (default 500), keep_checkpoints, work_dir, resume: :class:`CheckpointSettings`.
     """
 
     library: Path
@@ -67,20 +57,17 @@ class RetrieverTrainingSettings:
     heads: int = 12
     mlp: int = 3072
     seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    work_dir: Path | None = None
-    resume: bool = False
     device: str = "auto"
     show_progress: bool = True
+    checkpoint_every: int = field(default=500, kw_only=True)
 
     def __post_init__(self) -> None:
         self.library, self.out = Path(self.library), Path(self.out)
-        self.work_dir = checkpoint_folder(self.out, self.work_dir)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class ResolvedRetrieverSettings:
+class ResolvedRetrieverSettings(CheckpointRecipe):
     """What a checkpoint must agree with to be resumed."""
 
     library_files: tuple[str, ...]
@@ -93,16 +80,6 @@ class ResolvedRetrieverSettings:
     heads: int
     mlp: int
     seed: int
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), sort_keys=True))
-
-
-@dataclass
-class TrainableParameters:
-    """The parameters a shared checkpoint writer (:mod:`loracompose.training`) saves and restores."""
-
-    trainable: dict[str, torch.nn.Parameter]
 
 
 @dataclass
@@ -162,7 +139,7 @@ def train_retriever(settings: RetrieverTrainingSettings,
     ``embedder`` replaces the base model's text encoder (``settings.model``) as the source of targets.
     """
     _check_retriever_settings(settings)
-    check_work_dir(settings)
+    settings.check_checkpointing()
     embedder, architecture = embedder_for(settings.model, embedder)
     data = retrieval_data(open_library(settings.library), embedder, architecture)
     resolved = ResolvedRetrieverSettings(
@@ -173,12 +150,14 @@ def train_retriever(settings: RetrieverTrainingSettings,
     with seeded_global_rng(derived_seed(settings.seed, "retriever-init", 0)):
         retriever = WeightRetriever(config)
     optimizer = torch.optim.AdamW(retriever.parameters(), lr=settings.learning_rate)
-    holder = TrainableParameters(dict(retriever.named_parameters()))
-    start, history = 0, []
-    if settings.resume:
-        state = load_checkpoint(holder, optimizer, resolved, checkpoint_dirs(settings.work_dir)[-1])
-        start, history = int(state["step"]), list(state["history"])
-    seconds = _retriever_loop(retriever, optimizer, holder, data, settings, resolved, start, history)
+    trainable = dict(retriever.named_parameters())
+    start, history, _ = resume_state(trainable, optimizer, resolved, settings)
+    retriever.train()
+    seconds = run_steps(
+        settings, start, settings.steps, history,
+        lambda step: retriever_step(retriever, optimizer, data, settings, step),
+        lambda done, _seconds: save_checkpoint(trainable, optimizer, resolved, settings, done, history),
+        desc="train retriever", show_progress=settings.show_progress)
     retriever.eval()
     training = json.dumps({**resolved.to_json(), "steps": settings.steps}, sort_keys=True)
     save_retriever(retriever, settings.out, {"loracompose.training": training})
@@ -186,37 +165,21 @@ def train_retriever(settings: RetrieverTrainingSettings,
                                    start, seconds)
 
 
-def _retriever_loop(retriever: WeightRetriever, optimizer: torch.optim.Optimizer, holder: TrainableParameters,
-                    data: RetrievalData, settings: RetrieverTrainingSettings, resolved: ResolvedRetrieverSettings,
-                    start: int, history: list) -> float:
-    retriever.train()
-    bar = tqdm(total=settings.steps, initial=start, desc="train retriever", disable=not settings.show_progress,
-               unit="step")
-    seconds = 0.0
-    for step in range(start, settings.steps):
-        started = time.perf_counter()
-        indices, texts = batch_draw(step, data, settings.batch_size, settings.seed)
-        loss = info_nce(retriever(data.factors.select(indices)), texts, settings.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds += time.perf_counter() - started
-        history.append({"step": step + 1, "loss": float(loss.detach())})
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(holder, optimizer, resolved, settings.work_dir, done, history, {},
-                            settings.keep_checkpoints)
-    bar.close()
-    return seconds
+def retriever_step(retriever: WeightRetriever, optimizer: torch.optim.Optimizer, data: RetrievalData,
+                   settings: RetrieverTrainingSettings, step: int) -> dict[str, float]:
+    """One InfoNCE step on the step's seeded batch of LoRAs and captions."""
+    indices, texts = batch_draw(step, data, settings.batch_size, settings.seed)
+    loss = info_nce(retriever(data.factors.select(indices)), texts, settings.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"step": step + 1, "loss": float(loss.detach())}
 
 
 def _check_retriever_settings(settings: RetrieverTrainingSettings) -> None:
     if settings.out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {settings.out}: name the retriever file .safetensors")
-    for label, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size),
-                         ("--checkpoint-every", settings.checkpoint_every)):
+    for label, value in (("--steps", settings.steps), ("--batch-size", settings.batch_size)):
         if int(value) < 1:
             raise UserError(f"{label} {value}: use a positive integer")
     if settings.batch_size < 2:

@@ -23,15 +23,11 @@ file's metadata) and the step. Nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import tempfile
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -39,21 +35,20 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from loracompose.errors import UserError
 from loracompose.lora import SD15, SDXL
-from loracompose.outputs import atomic_write, staged_directory
+from loracompose.outputs import atomic_write
 from loracompose.provenance import captions_sha256, model_identity
 from loracompose.tokens import pipeline_tokenizers
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
+    save_checkpoint
+from loracompose.training.seeds import derived_seed, generator, seeded_global_rng
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "trained"
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE, ADAPTER_FILE, OPTIMIZER_FILE = "state.json", "adapter.safetensors", "optimizer.safetensors"
-CHECKPOINT_FORMAT = 1
 _ARCHITECTURE_TAGS = {  # modelspec.architecture, ss_base_model_version: what loracompose.lora reads back
     SD15: ("stable-diffusion-v1/lora", "sd_v1"),
     SDXL: ("stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"),
@@ -82,7 +77,7 @@ PLAIN_DEFAULTS: dict[str, TrainingDefaults] = {
 
 
 @dataclass
-class LoraTrainingSettings:
+class LoraTrainingSettings(CheckpointSettings):
     """What to train on and how. None means: the recipe's default for the model's architecture.
 
     Args:
@@ -93,13 +88,12 @@ class LoraTrainingSettings:
         use_caption_files: read ``name.txt`` beside ``name.png`` as that image's caption (TARA
             turns this off: its token masks are found in one prompt).
         resolution: training size in pixels (default: the model's native size).
-        checkpoint_every: steps between checkpoints (a checkpoint is also written at the end).
-        work_dir: checkpoint folder (default: ``<out stem>.checkpoints`` beside ``out``).
-        resume: continue from the latest checkpoint in ``work_dir`` (same settings required).
         probe_timesteps: timesteps per image of the fixed-draw probe loss taken before the first
             and after the last step (0: no probe).
         dtype: base weights' dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"; LoRA
             weights always train in fp32.
+
+    Checkpointing (``checkpoint_every``, ``keep_checkpoints``, ``work_dir``, ``resume``): :class:`CheckpointSettings`.
     """
 
     model: str
@@ -114,10 +108,6 @@ class LoraTrainingSettings:
     batch_size: int | None = None
     resolution: int | None = None
     seed: int = 0
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    work_dir: Path | None = None
-    resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
     config: str | None = None
@@ -130,11 +120,11 @@ class LoraTrainingSettings:
 
     def __post_init__(self) -> None:
         self.images, self.out = Path(self.images), Path(self.out)
-        self.work_dir = checkpoint_folder(self.out, self.work_dir)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class ResolvedSettings:
+class ResolvedSettings(CheckpointRecipe):
     """The settings with every default filled in: what a checkpoint must agree with to be resumed."""
 
     model: str
@@ -150,9 +140,6 @@ class ResolvedSettings:
     dtype: str
     targets: tuple[str, ...]
     objective: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
 
 
 class TrainingObjective(Protocol):
@@ -464,24 +451,6 @@ def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults,
 # ------------------------------------------------------------------------------------ one step
 
 
-def derived_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for draw ``index`` of ``stream`` (step, epoch, probe, init) of a run seeded ``seed``."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def generator(seed: int, stream: str, index: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(derived_seed(seed, stream, index))
-
-
-@contextmanager
-def seeded_global_rng(seed: int) -> Iterator[None]:
-    """Seed torch's global RNG inside the block only (PEFT initialises adapters from it)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> list[int]:
     """The images of ``step``: a fresh seeded permutation of the folder every epoch."""
     indices = []
@@ -554,98 +523,6 @@ def probe_loss(model: TrainingModel, objective: TrainingObjective, seed: int, co
     return {"loss": mse + sum(extra.values()), "mse": mse, **extra}
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def flatten_optimizer_state(optimizer: torch.optim.Optimizer,
-                            names: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """An optimizer's state as safetensors tensors ``<param name>::<key>`` plus JSON metadata
-    (hyperparameters and any non-tensor state), keyed by parameter name rather than position."""
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            target = f"{names[index]}::{key}"
-            if torch.is_tensor(value):
-                tensors[target] = value.detach().cpu().contiguous()
-            else:
-                scalars[target] = value
-    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars),
-                "parameters": json.dumps(list(names))}
-    return tensors, metadata
-
-
-def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                              names: Sequence[str]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state` for an optimizer over ``names`` (same order)."""
-    saved_names = json.loads(metadata["parameters"])
-    if list(saved_names) != list(names):
-        raise UserError("the checkpoint's optimizer state belongs to other LoRA layers; resume with the same model "
-                        "and rank, or start a new --work-dir")
-    position = {name: index for index, name in enumerate(names)}
-    state: dict[int, dict[str, Any]] = {}
-    for target, value in [*tensors.items(), *json.loads(metadata["scalars"]).items()]:
-        name, _, key = target.partition("::")
-        state.setdefault(position[name], {})[key] = value
-    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
-
-
-def checkpoint_folder(out: Path, work_dir: Path | None) -> Path:
-    """Where a trainer keeps its checkpoints: ``work_dir``, else ``OUT_STEM.checkpoints`` beside ``out``."""
-    return Path(work_dir) if work_dir else out.with_name(out.stem + ".checkpoints")
-
-
-def checkpoint_dirs(work_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``work_dir``, oldest first."""
-    if not work_dir.is_dir():
-        return []
-    found = [path for path in work_dir.iterdir()
-             if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / STATE_FILE).exists()]
-    return sorted(found, key=lambda path: path.name)
-
-
-def save_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
-                    work_dir: Path, step: int, history: list, probes: dict, keep: int) -> Path:
-    """Write ``step-NNNNNN/`` (staged, then renamed into place) and drop all but the last ``keep``."""
-    final = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    with staged_directory(final, replace=True) as staging:
-        names = list(model.trainable)
-        save_file({name: p.detach().cpu().contiguous() for name, p in model.trainable.items()}, staging / ADAPTER_FILE)
-        tensors, metadata = flatten_optimizer_state(optimizer, names)
-        save_file(tensors, staging / OPTIMIZER_FILE, metadata=metadata)
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": resolved.to_json(), "history": history,
-                 "probe_losses": {str(k): v for k, v in probes.items()}}
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    prune_checkpoints(work_dir, keep)
-    return final
-
-
-def prune_checkpoints(work_dir: Path, keep: int) -> None:
-    """Drop all but the last ``keep`` (at least one) complete checkpoints of ``work_dir``."""
-    for old in checkpoint_dirs(work_dir)[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
-                    checkpoint: Path) -> dict[str, Any]:
-    """Restore LoRA weights and optimizer state from ``checkpoint``; its settings must match."""
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    differing = {key for key, value in resolved.to_json().items() if state["settings"].get(key) != value}
-    if differing:
-        raise UserError(f"checkpoint {checkpoint} was made with other settings ({', '.join(sorted(differing))}); "
-                        "resume with the same settings or use a new --work-dir")
-    weights = load_file(checkpoint / ADAPTER_FILE)
-    with torch.no_grad():
-        for name, parameter in model.trainable.items():
-            parameter.copy_(weights[name].to(parameter.device))
-    with safe_open(str(checkpoint / OPTIMIZER_FILE), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    optimizer.load_state_dict(unflatten_optimizer_state(load_file(checkpoint / OPTIMIZER_FILE), metadata,
-                                                        list(model.trainable)))
-    return state
-
-
 # ------------------------------------------------------------------------------------ the LoRA file
 
 
@@ -707,27 +584,16 @@ def train_lora(settings: LoraTrainingSettings, objective: TrainingObjective | No
     """Train a UNet LoRA on ``settings.images`` and write it to ``settings.out`` (see the module docstring)."""
     objective = objective or PlainObjective()
     check_output_path(settings.out)
-    check_work_dir(settings)
+    settings.check_checkpointing()
     model, resolved, _ = build_training_model(settings, defaults, objective)
     total = int(settings.steps or defaults[model.architecture].steps)
-    if total < 1 or settings.checkpoint_every < 1:
-        raise UserError("--steps and --checkpoint-every must be positive integers")
+    if total < 1:
+        raise UserError(f"--steps {total}: use a positive integer")
     objective.prepare(model)
     try:
         return run_training(model, objective, resolved, settings, total)
     finally:
         objective.close()
-
-
-def check_work_dir(settings: Any, folder_option: str = "--work-dir") -> None:
-    """Resume only from checkpoints, and never start over on top of them (``settings`` has
-    ``work_dir`` and ``resume``; ``folder_option`` names the folder's option in the message)."""
-    existing = checkpoint_dirs(settings.work_dir)
-    if existing and not settings.resume:
-        raise UserError(f"{settings.work_dir} already holds checkpoints; pass --resume to continue that run or "
-                        f"give a new {folder_option}")
-    if settings.resume and not existing:
-        raise UserError(f"--resume: no checkpoint in {settings.work_dir}; train without --resume first")
 
 
 def check_output_path(out: Path) -> None:
@@ -741,28 +607,24 @@ def run_training(model: TrainingModel, objective: TrainingObjective, resolved: R
                  settings: LoraTrainingSettings, total: int) -> TrainingResult:
     """The optimisation loop with progress, checkpoints and resuming; writes the LoRA file."""
     optimizer = torch.optim.AdamW(model.trainable.values(), lr=resolved.learning_rate)
-    start, history, probes = resume_point(model, optimizer, resolved, settings)
+    start, history, state = resume_state(model.trainable, optimizer, resolved, settings)
+    probes = {int(step): losses for step, losses in state.get("probe_losses", {}).items()}
     if start == 0 and settings.probe_timesteps > 0:
         probes[0] = probe_loss(model, objective, resolved.seed, settings.probe_timesteps)
     model.unet.train()
     if settings.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    bar = tqdm(total=total, initial=min(start, total), desc="train", disable=not settings.show_progress, unit="step")
-    train_seconds = 0.0
-    for step in range(start, total):
-        started = time.perf_counter()
-        history.append(training_step(model, objective, optimizer, step, resolved))
-        train_seconds += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix({key: f"{value:.4f}" for key, value in history[-1].items() if key != "step"}, refresh=False)
-        done = step + 1
+
+    def checkpoint(done: int, _seconds: float) -> None:
         if done == total and settings.probe_timesteps > 0:
             model.unet.eval()
             probes[done] = probe_loss(model, objective, resolved.seed, settings.probe_timesteps)
-        if done % settings.checkpoint_every == 0 or done == total:
-            save_checkpoint(model, optimizer, resolved, settings.work_dir, done, history, probes,
-                            settings.keep_checkpoints)
-    bar.close()
+        save_checkpoint(model.trainable, optimizer, resolved, settings, done, history,
+                        {"probe_losses": {str(step): losses for step, losses in probes.items()}})
+
+    train_seconds = run_steps(settings, start, total, history,
+                              lambda step: training_step(model, objective, optimizer, step, resolved), checkpoint,
+                              desc="train", show_progress=settings.show_progress)
     model.unet.eval()
     tensors, metadata = lora_file_contents(model, resolved)
     metadata |= lora_metadata(settings, resolved, model.architecture, total, objective,
@@ -778,12 +640,3 @@ def peft_state(model: TrainingModel) -> dict[str, torch.Tensor]:
 
     return {key: value.detach().cpu().clone()
             for key, value in get_peft_model_state_dict(model.unet, adapter_name=model.adapter).items()}
-
-
-def resume_point(model: TrainingModel, optimizer: torch.optim.Optimizer, resolved: ResolvedSettings,
-                 settings: LoraTrainingSettings) -> tuple[int, list, dict]:
-    """(first step, history, probe losses): from the latest checkpoint when resuming, else a fresh start."""
-    if not settings.resume:
-        return 0, [], {}
-    state = load_checkpoint(model, optimizer, resolved, checkpoint_dirs(settings.work_dir)[-1])
-    return int(state["step"]), list(state["history"]), {int(k): v for k, v in state["probe_losses"].items()}
