@@ -4,6 +4,7 @@ Adding a method: write ``<name>.py`` with a :class:`~loracompose.methods.base.Co
 subclass and add it to :data:`METHODS` below.
 """
 
+from loracompose.methods.auto import Auto
 from loracompose.methods.autolora import AutoLoRA
 from loracompose.methods.base import CompositionMethod
 from loracompose.methods.clora import CLoRA
@@ -17,8 +18,8 @@ from loracompose.methods.tara import Tara
 
 METHODS: dict[str, type[CompositionMethod]] = {
     method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA,
-                                  Regional)
+                                  Regional, Auto)
 }
 
-__all__ = ["METHODS", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite", "CompositionMethod",
+__all__ = ["METHODS", "Auto", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite", "CompositionMethod",
            "Merge", "Regional", "Switch", "Tara"]

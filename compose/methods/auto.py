@@ -1,0 +1,289 @@
+"""``auto``: the kind-aware default. Local concepts get regions found automatically, global ones the image.
+
+    kind_k  <- each LoRA's kind (compose/kinds.py: override, category, library index)
+    local   <- LoRAs of a local kind (object, character, clothing; an unknown kind counts as local)
+               whose trigger words are in the prompt; every other LoRA is global (whole image)
+    if there is one LoRA, or no local one:  Merge, exactly
+    probe   <- the first ``probe_steps`` steps, run on a copy of the scheduler from the initial latents
+               (the model given by ``map_source``), recording each local LoRA's trigger-token maps
+    masks   <- automatic masks from the summed maps (attention/auto_masks.py): per-concept
+               normalised, smoothed, argmax over concepts, background below ``threshold``
+    then the generation runs from the initial latents as regional LoRA: each local LoRA's deltas in its
+    mask on every layer, the global LoRAs everywhere (``mode="delta"``: one UNet pass per step), or
+    as latent couple (``mode="latent"``: a branch per local LoRA plus a background branch, noise
+    predictions joined by the masks). The masks stay fixed after the probe.
+
+Why the maps come from the base model (``map_source="base"``, measured on the toy world, seeds 100-131,
+see benchmarks/toyworld_auto.py): on "a moxel on the left and a lunzor on the right" the trigger tokens'
+maps at the 8x8 level put the moxel left and the lunzor right in 8/8 seeds from step 0 for the base
+model and for each LoRA in its own branch, 6-7/8 with both merged (the merged LoRAs pull both tokens
+onto the same blobs). The base model needs one branch and knows where the prompt puts things; a LoRA's
+own branch costs a branch per LoRA for the same maps.
+
+Why restart: masks from the first steps of a probe, applied from step 0 of the real run, keep the
+layout the prompt asked for; switching from the probe's trajectory to regional mid-way keeps what the
+probe already drew (with Merge: the blended shapes).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from loracompose.errors import UserError
+from loracompose.kinds import BACKGROUND, check_overrides, is_local, lora_kind
+from loracompose.lazy import LazyImport
+from loracompose.lora import LoadedLora
+from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.merge import Merge
+from loracompose.methods.regional import Regional
+from loracompose.pipelines.values import Branch, Prediction, Step
+from loracompose.tokens import trigger_positions
+
+if TYPE_CHECKING:
+    import torch
+
+    from loracompose.attention.auto_masks import (AutoMasks, MaskSettings, TriggerMapRecorder, auto_mask_layers,
+                                                 concept_scores, masks_from_scores)
+    from loracompose.attention.masks import LatentGrid
+    from loracompose.pipelines.denoiser import Denoiser
+else:  # imported on first use: the settings dataclass imports without the model stack
+    torch = LazyImport("torch")
+    AutoMasks, MaskSettings, TriggerMapRecorder, auto_mask_layers, concept_scores, masks_from_scores = (
+        LazyImport("loracompose.attention.auto_masks", name) for name in (
+            "AutoMasks", "MaskSettings", "TriggerMapRecorder", "auto_mask_layers", "concept_scores",
+            "masks_from_scores"))
+    LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
+
+MAP_SOURCES = ("base", "own", "merged")
+MODES = ("delta", "latent")
+
+
+@dataclass
+class Auto(CompositionMethod):
+    """Kind-aware composition: automatic regions for local concepts, the whole image for global ones."""
+
+    name: ClassVar[str] = "auto"
+    kinds: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "a LoRA's kind by name, overriding its metadata: NAME=object|character|clothing|style|background"})
+    mode: str = field(default="delta", metadata={
+        "help": "regional execution: delta (each LoRA's deltas masked on every layer, one UNet pass per step) "
+                "or latent (latent couple: a branch per LoRA, noise predictions joined by the masks)"})
+    map_source: str = field(default="base", metadata={
+        "help": "where the trigger maps come from: base (the base model), own (each LoRA in its branch), merged"})
+    probe_steps: int = field(default=3, metadata={"help": "steps whose trigger maps make the masks"})
+    restart: bool = field(default=True, metadata={
+        "help": "probe on a copy of the scheduler, then generate from the initial latents with the masks "
+                "(off: the probe steps are the generation's first steps)"})
+    threshold: float = field(default=0.3, metadata={
+        "help": "a pixel is background when no concept's normalised trigger map reaches this (0..1)"})
+    smoothing: float = field(default=1.0, metadata={"help": "Gaussian smoothing of the trigger maps, in map cells"})
+    background_outside: bool = field(default=True, metadata={
+        "help": "a background LoRA applies where no local concept is (off: everywhere, like a style)"})
+    min_map_side: int = field(default=8, metadata={
+        "help": "maps come from the deepest level with at least this many cells a side"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.decisions: dict[str, dict[str, Any]] = {}
+        self.local: list[LoadedLora] = []
+        self.global_: list[LoadedLora] = []
+        self.mask_history: list[tuple[int, AutoMasks]] = []
+        self.mask_callback = None
+        self._merge: Merge | None = None
+        self._token_groups: list[list[int]] = []
+        self._masks: torch.Tensor | None = None  # (images, local concepts, height, width)
+        self._recorder: TriggerMapRecorder | None = None
+        self._regional: Regional | None = None
+        self._initial: torch.Tensor | None = None
+
+    # -- settings --------------------------------------------------------------------------
+    def check(self, loras: Sequence[LoadedLora]) -> None:
+        require_loras(self.name, loras)
+        check_overrides(self.kinds, loras)
+        if self.mode not in MODES:
+            raise UserError(f"auto mode={self.mode!r} is not known; use one of {', '.join(MODES)}")
+        if self.map_source not in MAP_SOURCES:
+            raise UserError(f"auto map_source={self.map_source!r} is not known; use one of {', '.join(MAP_SOURCES)}")
+        for label, value, low in (("probe_steps", self.probe_steps, 1), ("min_map_side", self.min_map_side, 1)):
+            if int(value) != value or value < low:
+                raise UserError(f"auto {label}={value} must be an integer >= {low}")
+        MaskSettings(self.threshold, self.smoothing)
+
+    @property
+    def mask_settings(self) -> MaskSettings:
+        return MaskSettings(self.threshold, self.smoothing)
+
+    # -- kinds -----------------------------------------------------------------------------
+    def plan(self, prompt: str, tokenizers: Sequence[Any] | None) -> None:
+        """Split the LoRAs into local (with their trigger tokens) and global, recording why."""
+        self.local, self.global_, self._token_groups, self.decisions = [], [], [], {}
+        for lora in self.loras:
+            kind, source = lora_kind(lora, self.kinds)
+            positions = self._trigger_tokens(lora, prompt, tokenizers) if kind is None or is_local(kind) else []
+            if positions:
+                self.local.append(lora)
+                self._token_groups.append(positions)
+                placement = "region"
+            else:
+                self.global_.append(lora)
+                placement = "whole image"
+            self.decisions[lora.name] = {"kind": kind, "from": source, "placement": placement,
+                                         "why": self._why(kind, lora, positions)}
+
+    @staticmethod
+    def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None) -> list[int]:
+        if not lora.trigger_words or not tokenizers:
+            return []
+        return trigger_positions(tokenizers, prompt, lora.trigger_words).positions
+
+    @staticmethod
+    def _why(kind: str | None, lora: LoadedLora, positions: Sequence[int]) -> str:
+        if kind is not None and not is_local(kind):
+            return f"{kind} is a global kind"
+        if positions:
+            return "local kind, trigger words in the prompt" if kind else "kind unknown, trigger words in the prompt"
+        if not lora.trigger_words:
+            return "no trigger words to place it by"
+        return f"trigger words {', '.join(lora.trigger_words)} are not in the prompt"
+
+    @property
+    def merges(self) -> bool:
+        """Whether this generation runs as plain Merge (one LoRA, or no local LoRA)."""
+        return len(self.loras) == 1 or not self.local
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, run: Denoiser) -> None:
+        self.mask_history, self._masks = [], None
+        self.plan(run.prompt or "", run.tokenizers)
+        if self.merges:
+            self._merge = Merge()
+            self._merge.bind(self.loras)
+            self._merge.start(run)
+            return
+        self._merge = None
+
+    def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        if self._merge is None and step.index == 0:
+            self._initial = latents
+            if self.restart:
+                self._probe(run, latents)
+        return latents
+
+    def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        if self._merge is not None:
+            return self._merge.predict(run, step, latents)
+        if self._masks is None:  # no restart: the probe steps are the generation's own
+            prediction = self._probe_prediction(run, step, latents)
+            if step.index + 1 >= self.probe_steps:
+                self._set_masks(run, step, latents)
+            return prediction
+        return self._regional_prediction(run, step, latents)
+
+    def finish(self, run: Denoiser) -> None:
+        if self._merge is not None:
+            self._merge.finish(run)
+        self._stop_recording()
+        if self._regional is not None:
+            self._regional.finish(run)
+            self._regional = None
+
+    # -- probe and masks -------------------------------------------------------------------
+    def _probe(self, run: Denoiser, latents: torch.Tensor) -> None:
+        scheduler = copy.deepcopy(run.scheduler)
+        probe = latents.clone()
+        for index in range(min(self.probe_steps, len(run.timesteps))):
+            step = Step(index, run.timesteps[index], len(run.timesteps))
+            prediction = self._probe_prediction(run, step, probe)
+            probe = scheduler.step(prediction.guided(run.guidance_scale), step.timestep, probe,
+                                   **run.extra_step_kwargs, return_dict=False)[0]
+        self._set_masks(run, Step(self.probe_steps - 1, run.timesteps[0], len(run.timesteps)), latents)
+
+    def _probe_branches(self) -> list[Branch]:
+        if self.map_source == "base":
+            return [Branch()]
+        if self.map_source == "merged":
+            return [self.branch(*self.loras)]
+        return [self.branch(lora) for lora in self.local]
+
+    def _probe_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        if self._recorder is None:
+            self._start_recording(run, latents)
+        return Prediction.mix(run.predict(latents, step, self._probe_branches()))
+
+    def _start_recording(self, run: Denoiser, latents: torch.Tensor) -> None:
+        self._stop_recording()
+        grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+        layers = auto_mask_layers(run.unet, grid, self.min_map_side)
+        tokens = sorted({token for group in self._token_groups for token in group})
+        self._recorder = TriggerMapRecorder(run.unet, layers, tokens, conditional_rows=run.do_cfg)
+        _undo_on_unwind(run, self._recorder.remove)
+
+    def _stop_recording(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def _concept_scores(self, maps: torch.Tensor, columns: list[list[int]], images: int) -> torch.Tensor:
+        """(images, local concepts, rows, columns) raw scores; with ``map_source="own"`` the rows are
+        [branch][image] and concept c is read from its own branch c."""
+        if maps.shape[0] == images:
+            return concept_scores(maps, columns)
+        per_branch = maps.reshape(-1, images, *maps.shape[1:])
+        return torch.stack([concept_scores(per_branch[c], [columns[c]])[:, 0] for c in range(len(columns))], dim=1)
+
+    def _set_masks(self, run: Denoiser, step: Step, latents: torch.Tensor) -> None:
+        maps = self._recorder.maps()
+        columns = self._recorder.token_columns(self._token_groups)
+        self._stop_recording()
+        found = masks_from_scores(self._concept_scores(maps, columns, latents.shape[0]), self.mask_settings,
+                                  tuple(latents.shape[-2:]))
+        if self.mask_callback is not None:
+            found = self.mask_callback(step.index, found) or found
+        self.mask_history.append((step.index, found))
+        self._masks = found.masks().to(latents.device, latents.dtype)
+
+    # -- regional ----------------------------------------------------------------------------
+    def _regional_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        if latents.shape[0] != 1:
+            raise UserError("auto places concepts per image: generate one image per call (num_images=1)")
+        if self._regional is None:
+            self._regional = self._start_regional(run)
+        return self._regional.predict(run, step, latents)
+
+    def _start_regional(self, run: Denoiser) -> Regional:
+        """The regional method on these LoRAs, its regions the automatic masks (global LoRAs: the image)."""
+        regional = Regional(mode=self.mode)
+        regional.bind(self.loras)
+        regional.start(run)
+        regional.set_masks(self._areas(0))
+        return regional
+
+    def _areas(self, image: int) -> list[torch.Tensor | None]:
+        """Each LoRA's region in image ``image``: its mask (local), the pixels no local concept owns
+        (a background with ``background_outside``), or None (the whole image)."""
+        local = {lora.name: index for index, lora in enumerate(self.local)}
+        outside = (1 - self._masks[image].sum(dim=0)).clamp_min(0)
+
+        def area(lora: LoadedLora) -> torch.Tensor | None:
+            if lora.name in local:
+                return self._masks[image, local[lora.name]]
+            if self.background_outside and self.decisions[lora.name]["kind"] == BACKGROUND:
+                return outside
+            return None
+
+        return [area(lora) for lora in self.loras]
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        if self.decisions:
+            settings["decisions"] = self.decisions
+        return settings
+
+
+def _undo_on_unwind(run: Denoiser, undo: Any) -> None:
+    """Register an idempotent undo on the run's patch stack, where the loop has one."""
+    patches = getattr(run, "patches", None)
+    if patches is not None:
+        patches.on_unwind(undo)
