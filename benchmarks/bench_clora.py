@@ -53,7 +53,7 @@ from loracompose.attention import attention_map_layers  # noqa: E402
 from loracompose.methods.clora import CLoRA, frozen_parameters  # noqa: E402
 from loracompose.pipelines.adapters import BASE_ROW, AdapterController  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
-from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
+from loracompose.pipelines.stats import peak_rss_bytes  # noqa: E402
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -69,7 +69,7 @@ from loracompose import LoraSpec, load_pipeline  # noqa: E402
 from loracompose.attention import Box, attention_map_layers, stop_after_layers  # noqa: E402
 from loracompose.methods.composer import Composer, self_attention_of  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
-from loracompose.pipelines.loop import peak_rss_bytes  # noqa: E402
+from loracompose.pipelines.stats import peak_rss_bytes  # noqa: E402
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 PROMPT = "a photo of friends in a garden"

@@ -52,7 +52,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from loracompose import CMLoRA, Composite, CompositionMethod, LoraSpec, Merge, Switch, Tara, load_pipeline  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.loading import resolve_device, resolve_dtype  # noqa: E402
-from loracompose.pipelines.loop import MemoryMeter  # noqa: E402
+from loracompose.pipelines.stats import MemoryMeter  # noqa: E402
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15  # noqa: E402
 
 from bench_common import build_mid_sd15, machine_info, stock_pipeline, write_json  # noqa: E402

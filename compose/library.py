@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.lora import ARCHITECTURE_NAMES, TITLE_KEYS, LoadedLora, LoraSpec, adapter_name_for, inspect_lora
 from loracompose.outputs import atomic_write_text
 
@@ -217,7 +217,7 @@ def index_file_entry(root: Path, path: Path, size: int, mtime_ns: int) -> Librar
     except UserError as error:
         return CorruptEntry(key, str(error), size, mtime_ns)
     except Exception as error:  # noqa: BLE001 - a library scan must survive any bad file
-        return CorruptEntry(key, f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+        return CorruptEntry(key, f"unreadable ({type(error).__name__}: {first_line(error)})",
                             size, mtime_ns)
     return entry_from_lora(key, lora, size, mtime_ns)
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 from safetensors import SafetensorError, safe_open
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 
 SD15 = "sd15"
 SDXL = "sdxl"
@@ -118,8 +118,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
             metadata = dict(handle.metadata() or {})
             keys = list(handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line}); re-download it") from None
+        raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line(error)}); re-download it") from None
     _check_tensor_data_present(path, keys)
     return metadata, keys
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from PIL import Image
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 
 ImageLike = Union[Image.Image, str, Path]
 
@@ -318,7 +318,7 @@ def _create_model(model: str, weights: str) -> tuple[torch.nn.Module, Any]:
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights or None, **safe)
     except (RuntimeError, AssertionError, KeyError, ValueError) as error:  # mismatched or unreachable weights
-        first = str(error).strip().splitlines()[0][:240] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         hint = "download the weights first and pass the .safetensors file" if "download" in first.lower() else \
             "check that the weights belong to this architecture"
         raise UserError(f"clip model {model} with weights {weights or model!r} could not be loaded ({first}); {hint}") from None

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.outputs import atomic_write_text, package_versions, prepare_output_dir, save_result
 
 from . import toyworld
@@ -145,13 +145,9 @@ def _run_pending(suite: Suite, pending: Sequence[Job], total: int, options: RunO
 
 def run_job(pipe: Any, scorer: Any, suite: Suite, job: Job, out_dir: Path) -> dict[str, Any]:
     """Generate one job's image, write it with its sidecar, and return its manifest record."""
-    from loracompose.frequency import ProfileSettings
-
     _remove_stale_temp_files(Path(out_dir) / IMAGES_DIR, job.id)
     method = job.method.build(job.set)
     specs = [lora.spec() for lora in suite.set_loras(job.set)]
-    if hasattr(method, "profile_frequencies"):  # CMLoRA: frequency scores, cached beside each LoRA file
-        method.profile_frequencies(pipe, specs, ProfileSettings(**job.method.profile))
     result = pipe.generate(
         job.set.prompt, specs, method, negative_prompt=suite.negative_prompt, seed=job.seed, steps=suite.steps,
         guidance_scale=suite.guidance, width=suite.width, height=suite.height, scheduler=suite.scheduler,
@@ -237,6 +233,6 @@ def _load_vae(source: str, pipe: Any) -> Any:
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=pipe.vae.dtype, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as error:
-        first = str(error).strip().splitlines()[0][:240] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise UserError(f"vae {source}: could not load it ({first}); download it first or give a local diffusers VAE folder") from None
     return vae.to(pipe.device)

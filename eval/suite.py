@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.lora import LoraSpec, inspect_lora
 
 from . import composlora, toyworld
@@ -95,12 +95,12 @@ class MethodEntry:
         """A fresh method object (methods keep per-generation state); a set's boxes and region
         prompts go to methods that take them (LoRA-Composer) unless the method's settings give their own."""
         from loracompose import METHODS
+        from loracompose.methods.settings import build_method
 
-        settings = {**self.settings, **(self.set_settings(composition_set) if composition_set else {})}
-        try:
-            return METHODS[self.name](**settings)
-        except TypeError as error:
-            raise UserError(f"method {self.label!r}: {error}; check its settings in the suite") from None
+        # The suite's ``profile: {size, steps}`` are CMLoRA's profile_size and profile_steps settings.
+        profile = {f"profile_{key}": value for key, value in self.profile.items()}
+        settings = {**profile, **self.settings, **(self.set_settings(composition_set) if composition_set else {})}
+        return build_method(METHODS[self.name], settings, label=repr(self.label))
 
     def set_settings(self, composition_set: CompositionSet) -> dict[str, Any]:
         """The set's own settings (boxes, region prompts) that this method takes and does not set itself."""
@@ -237,7 +237,7 @@ def load_suite(path: str | Path) -> Suite:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise UserError(f"suite file {path} is not valid YAML ({first}); fix the file") from None
     return parse_suite(data, base_dir=path.parent, default_name=path.stem)
 

@@ -1,10 +1,32 @@
-"""Our diffusers pipelines (SD1.5, SDXL) and the one denoising loop."""
+"""Our diffusers pipelines (SD1.5, SDXL) and the one denoising loop.
 
-from .compose_pipeline import ComposeMixin, GenerationResult, LoraComposeSDPipeline, LoraComposeSDXLPipeline
-from .loading import load_pipeline
-from .loop import BASE, Branch, Conditioning, Denoiser, GenerationStats, Prediction, Step, denoise
+The names below are imported on first use (PEP 562), so importing a light submodule such as
+``loracompose.pipelines.values`` does not load diffusers.
+"""
+
+from typing import TYPE_CHECKING
+
+from loracompose.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .compose_pipeline import ComposeMixin, GenerationResult, LoraComposeSDPipeline, LoraComposeSDXLPipeline
+    from .loading import load_pipeline
+    from .denoiser import Denoiser
+    from .loop import denoise
+    from .stats import GenerationStats
+    from .values import BASE, Branch, Conditioning, Prediction, Step
 
 __all__ = [
     "BASE", "Branch", "ComposeMixin", "Conditioning", "Denoiser", "GenerationResult", "GenerationStats",
     "LoraComposeSDPipeline", "LoraComposeSDXLPipeline", "Prediction", "Step", "denoise", "load_pipeline",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["ComposeMixin", "GenerationResult", "LoraComposeSDPipeline", "LoraComposeSDXLPipeline"],
+                    f"{__name__}.compose_pipeline"),
+    "load_pipeline": f"{__name__}.loading",
+    **dict.fromkeys(["BASE", "Branch", "Conditioning", "Prediction", "Step"], f"{__name__}.values"),
+    "Denoiser": f"{__name__}.denoiser",
+    "GenerationStats": f"{__name__}.stats",
+    "denoise": f"{__name__}.loop",
+})

@@ -13,7 +13,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from peft.tuners.lora import LoraLayer
 
-BASE_ROW = "__base__"  # PEFT's name for "no adapter on this row"
+from .values import BASE_ROW  # noqa: F401  (re-exported: benchmarks import it from here)
 
 
 class AdapterController:
@@ -73,19 +73,3 @@ class AdapterController:
 
     def any_merged(self) -> bool:
         return any(layer.merged for layers in self.layers.values() for layer in layers)
-
-    def fuse(self, weights: Mapping[str, float], components: Sequence[str]) -> None:
-        """Merge these adapters, at their weights, into the base weights (Merge's fast path)."""
-        self.activate(weights, components)
-        for component in components:
-            for layer in self.layers.get(component, []):
-                layer.merge(adapter_names=[name for name in weights if name in layer.lora_A])
-            self._state[component] = None
-
-    def unfuse(self) -> None:
-        """Undo :meth:`fuse` on every component."""
-        for component, layers in self.layers.items():
-            for layer in layers:
-                while layer.merged:
-                    layer.unmerge()
-            self._state[component] = None

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import warnings
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -21,7 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.lora import (
     SD15,
     SDXL,
@@ -34,10 +35,18 @@ from loracompose.lora import (
 from loracompose.tokens import pipeline_tokenizers
 
 from .adapters import AdapterController
-from .loop import Branch, Conditioning, Denoiser, GenerationStats, MemoryMeter, denoise
+from .denoiser import Denoiser
+from .loop import denoise
+from .patches import assert_unchanged, fingerprint
+from .stats import GenerationStats, MemoryMeter
+from .values import Branch, Conditioning
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 
+if TYPE_CHECKING:
+    from loracompose.methods.base import CompositionMethod
+
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+VERIFY_CLEAN_VARIABLE = "LORACOMPOSE_VERIFY_CLEAN"
 _LOCK_GUARD = threading.Lock()
 
 
@@ -60,6 +69,9 @@ class ComposeMixin:
     """Multi-LoRA composition on top of a diffusers Stable Diffusion pipeline."""
 
     architecture: str = ""
+    # Check after every generation that the model is as it was before (a debug aid: it sums every
+    # weight twice per generation). None: on when LORACOMPOSE_VERIFY_CLEAN=1 (the tests set it).
+    verify_clean: bool | None = None
 
     # ------------------------------------------------------------------ LoRA management
     def _lock(self) -> threading.RLock:
@@ -95,7 +107,7 @@ class ComposeMixin:
         except (ValueError, RuntimeError, KeyError) as error:
             if lora.name in self._adapter_names():
                 self.delete_adapters(lora.name)
-            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            message = first_line(error)
             raise UserError(
                 f"LoRA file {lora.path} does not fit this {self.architecture.upper()} model ({message}); "
                 "use a LoRA trained for this base model"
@@ -119,7 +131,7 @@ class ComposeMixin:
         self,
         prompt: str,
         loras: Sequence[LoraSpec | LoadedLora] = (),
-        method: Any = None,
+        method: CompositionMethod | None = None,
         *,
         negative_prompt: str | None = None,
         seed: int = 0,
@@ -158,16 +170,20 @@ class ComposeMixin:
             meter = MemoryMeter(device)
             loaded = self.prepare_loras(loras)
             method.bind(loaded)
+            method.prepare(self, loaded)
             full_prompt = with_trigger_words(prompt, loaded) if append_triggers else prompt
             adapters = self._adapter_controller()
+            before = self._model_state() if self._verifies_clean() else None
             try:
                 latents, stats = self._denoise(
                     method, adapters, prompt, full_prompt, negative_prompt, seed, steps, guidance_scale,
                     height, width, num_images, scheduler, text_encoder_loras, max_batch_rows, device,
                     show_progress,
                 )
-            finally:
+            finally:  # also when the loop never started (its patch stack resets the adapters itself)
                 adapters.activate({})
+            if before is not None:
+                assert_unchanged(before, self._model_state())
             images = self._decode(latents, output_type)
             stats.wall_seconds = time.perf_counter() - started
             stats.peak_memory_bytes, stats.peak_memory_source = meter.peak()
@@ -178,6 +194,16 @@ class ComposeMixin:
             seeds=[seed + k for k in range(num_images)], loras=loaded, method=method.settings(),
             settings=settings, latents=latents,
         )
+
+    def _verifies_clean(self) -> bool:
+        if self.verify_clean is not None:
+            return self.verify_clean
+        return os.environ.get(VERIFY_CLEAN_VARIABLE) == "1"
+
+    def _model_state(self) -> dict[str, Any]:
+        """What a generation must leave as it found it (see :func:`~loracompose.pipelines.patches.fingerprint`)."""
+        text_encoders = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
+        return {**fingerprint({"unet": self.unet}), **fingerprint(text_encoders, structure=False)}
 
     def _denoise(self, method, adapters, base_prompt, prompt, negative_prompt, seed, steps, guidance_scale, height, width,
                  num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):

@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 
 from .compose_pipeline import ComposeMixin, LoraComposeSDPipeline, LoraComposeSDXLPipeline, quiet_loading
 
@@ -105,7 +105,7 @@ def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -
         with quiet_loading():
             return cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError, EnvironmentError) as error:
-        raise UserError(f"could not load model {source}: {_first_line(error)}") from None
+        raise UserError(f"could not load model {source}: {first_line(error)}") from None
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None) -> ComposeMixin:
@@ -117,7 +117,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
         with safe_open(str(path), framework="pt") as handle:
             is_sdxl = SDXL_CHECKPOINT_KEY in set(handle.keys())
     except (SafetensorError, OSError) as error:
-        raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({_first_line(error)})") from None
+        raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({first_line(error)})") from None
     cls = LoraComposeSDXLPipeline if is_sdxl else LoraComposeSDPipeline
     extra = {"config": str(config)} if config else {}
     try:
@@ -125,9 +125,5 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
             return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
     except Exception as error:  # diffusers raises many types here (missing config offline, bad keys)
         hint = "" if config else "; offline, pass --config with a diffusers folder of the same architecture"
-        raise UserError(f"could not load checkpoint {path}: {_first_line(error)}{hint}") from None
+        raise UserError(f"could not load checkpoint {path}: {first_line(error)}{hint}") from None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

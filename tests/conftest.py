@@ -7,6 +7,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+# Every generate() checks that the shared model is as it was before (pipelines/patches.py).
+os.environ["LORACOMPOSE_VERIFY_CLEAN"] = "1"
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

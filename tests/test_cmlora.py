@@ -22,12 +22,14 @@ from loracompose.methods.cmlora import (
     dominant_weights,
     frequency_order,
     end_of_early_phase,
+    predict_keeping_deep_features,
+    predict_shallow,
     refresh_steps,
     switch_active_schedule,
 )
 from loracompose.frequency import ProfileSettings, cache_folder, cached_profiles, high_frequency_score, profile_loras
 from loracompose.methods.base import CompositionMethod
-from loracompose.pipelines.loop import Prediction
+from loracompose.pipelines.values import Prediction
 from loracompose.assets.tiny import build_tiny_lora, tiny_sd15_pipeline
 
 COMMON = dict(guidance_scale=6.0, show_progress=False, append_triggers=False)
@@ -237,6 +239,19 @@ def test_profiling_generates_once_then_reads_the_cache(sd15_three, fresh_home, m
     assert len(calls) == 3 and set(method.frequency_scores) == {specs[0].path.stem, specs[1].path.stem}
 
 
+def test_generate_profiles_the_loras_through_the_prepare_hook(sd15_three, fresh_home):
+    """generate() calls the method's prepare: LoRAs with neither score nor class are profiled with the
+    method's profile settings before the loop, so the scores decide their classes."""
+    pipe, specs = sd15_three
+    names = [spec.path.stem for spec in specs]
+    method = CMLoRA(frequency_classes={names[2]: "low"}, profile_size=64, profile_steps=2)
+    result = pipe.generate("a cat", specs, method, steps=2, output_type="latent", **COMMON)
+    assert result.method["frequency_order"]["class_sources"] == {names[0]: "score", names[1]: "score", names[2]: "hand"}
+    assert method.frequency_scores == profile_loras(pipe, specs[:2], ProfileSettings(size=64, steps=2))
+    unprofiled = pipe.generate("a cat", specs, CMLoRA(profile=False), steps=2, output_type="latent", **COMMON)
+    assert set(unprofiled.method["frequency_order"]["class_sources"].values()) == {"category"}
+
+
 def test_profiles_live_under_home_keyed_by_content_and_never_beside_the_lora(sd15_three, fresh_home, tmp_path,
                                                                                monkeypatch):
     """A read-only LoRA folder gets no file and still caches; a copy of the same bytes elsewhere
@@ -285,13 +300,14 @@ class ShallowProbe(CompositionMethod):
 
     def predict(self, run, step, latents):
         branches = [self.branch(lora) for lora in self.loras]
-        full, caches = run.predict_full_with_cache(latents, step, branches, batch=self.batched)
+        full, caches = predict_keeping_deep_features(run, latents, step, branches, batch=self.batched)
         plain = run.predict(latents, step, branches, batch=self.batched)
-        shallow = run.predict_shallow(latents, step, branches, caches, batch=self.batched)
+        shallow = predict_shallow(run, latents, step, branches, caches, batch=self.batched)
         self.shallow_vs_full.append(_max_difference(shallow, full))
         self.full_vs_plain.append(_max_difference(full, plain))
         if self.previous is not None:
-            self.stale_vs_full.append(_max_difference(run.predict_shallow(latents, step, branches, self.previous), full))
+            stale = predict_shallow(run, latents, step, branches, self.previous)
+            self.stale_vs_full.append(_max_difference(stale, full))
         self.previous = caches
         return Prediction.mix(full)
 
@@ -373,7 +389,8 @@ def test_stats_count_full_and_partial_passes_exactly(sd15_three, num_loras, num_
     forwards = []
     handle = pipe.unet.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
     try:
-        result = pipe.generate("a cat", specs[:num_loras], CMLoRA(batched=batched), steps=num_steps,
+        # profile=False: the hook counts this generation's forwards only, no profiling image's
+        result = pipe.generate("a cat", specs[:num_loras], CMLoRA(batched=batched, profile=False), steps=num_steps,
                                output_type="latent", **COMMON)
     finally:
         handle.remove()
@@ -393,7 +410,7 @@ def test_cached_batched_equals_sequential(sd15_three):
 
 
 def test_sdxl_default_cmlora_runs_with_cache(pipelines, tiny_sdxl_dir, sdxl_lora_files):
-    result = pipelines(tiny_sdxl_dir).generate("a cat", [LoraSpec(p) for p in sdxl_lora_files], CMLoRA(),
+    result = pipelines(tiny_sdxl_dir).generate("a cat", [LoraSpec(p) for p in sdxl_lora_files], CMLoRA(profile=False),
                                                    steps=6, output_type="np", **COMMON)
     assert result.stats.partial_unet_calls > 0 and np.isfinite(result.images[0]).all()
     assert result.method["frequency_order"]["class_sources"] == {"character": "category", "style": "category"}

@@ -175,12 +175,12 @@ def test_peak_rss_is_this_process_not_a_larger_parent():
     import subprocess
     import sys
 
-    from loracompose.pipelines.loop import peak_rss_bytes
+    from loracompose.pipelines.stats import peak_rss_bytes
 
     ballast = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched: the parent's peak now includes it
     parent = peak_rss_bytes()
     assert parent >= ballast.numel() * 4
-    code = "from loracompose.pipelines.loop import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from loracompose.pipelines.stats import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert 0 < child < parent - ballast.numel() * 4 // 2, "the child read its parent's peak"
     del ballast

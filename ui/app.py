@@ -31,7 +31,7 @@ import gradio as gr
 from PIL import Image
 
 from loracompose import METHODS
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
@@ -86,8 +86,7 @@ def readable_errors(handler: Callable) -> Callable:
             raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:  # a bug, not a bad input: log it, show one line
             log.exception("UI event %s failed", handler.__name__)
-            first_line = (str(error).strip().splitlines() or [""])[0][:300]
-            raise gr.Error(f"internal error ({type(error).__name__}: {first_line}); see the server log",
+            raise gr.Error(f"internal error ({type(error).__name__}: {first_line(error)}); see the server log",
                            print_exception=False) from None
 
     return wrapper
@@ -125,24 +124,6 @@ def _whole(value: Any, label: str, low: int, high: int) -> int:
     return int(number)
 
 
-def prepare_method(pipe: Any, method: CompositionMethod, request: GenerationRequest) -> None:
-    """Work a method needs on the pipeline before it generates, as the CLI does: CMLoRA's frequency
-    profiles (one generation per LoRA and model, then read from the LoRA's sidecar)."""
-    profile = getattr(method, "profile_frequencies", None)
-    if profile is not None and request.loras:
-        profile(pipe, list(request.loras), profile_settings(request, pipe))
-
-
-def profile_settings(request: GenerationRequest, pipe: Any) -> Any:
-    """The CLI's profiling settings (the model's native size, 20 steps), made no larger than the
-    request itself, so a quick look stays quick; full-size requests profile exactly as the CLI."""
-    from loracompose.frequency import ProfileSettings
-
-    defaults = ProfileSettings()
-    size = min(pipe.native_size, request.width, request.height) // SIZE_STEP * SIZE_STEP
-    return ProfileSettings(size=max(size, SIZE_STEP), steps=min(defaults.steps, request.steps))
-
-
 class LoraComposeApp:
     """The event handlers around one pipeline; :meth:`build` lays out the page."""
 
@@ -172,7 +153,6 @@ class LoraComposeApp:
                                       num_images, scheduler, append_triggers, text_encoder_loras)
         method = self.forms.method(method_name, method_values)
         progress(0, desc=f"{method_name}: preparing")
-        prepare_method(self.pipe, method, request)
         items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
                                self.settings.model_label)
         state.remember(items)
@@ -194,7 +174,6 @@ class LoraComposeApp:
         if method not in self.methods:
             raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
         chosen = method_from_settings(method, self.methods[method], method_settings)
-        prepare_method(self.pipe, chosen, request)
         items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
                                self.settings.model_label)
         return [generated_image(item) for item in items]
@@ -213,7 +192,6 @@ class LoraComposeApp:
         items: list[ResultItem] = []
         for index, method in enumerate(methods):
             progress(index / len(methods), desc=f"{method.name} ({index + 1}/{len(methods)})")
-            prepare_method(self.pipe, method, request)
             items += run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
                                     self.settings.model_label)
         state.remember(items)
@@ -312,7 +290,7 @@ class LoraComposeApp:
         return rows
 
     def _table_for(self, table: Any, request: GenerationRequest) -> list[list[Any]]:
-        used = {spec.name: spec for spec in request.loras}
+        used = {str(spec.name): spec for spec in request.loras}  # the UI names every LoRA
         rows = []
         for row in table_rows(table):
             spec = used.get(str(row[1]))

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from loracompose.errors import UserError
+from loracompose.errors import UserError, first_line
 from loracompose.outputs import atomic_write
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def read_gate_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             metadata = dict(handle.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise UserError(f"gate file {path} is damaged ({str(error).splitlines()[0][:200]}); train it again") from None
+        raise UserError(f"gate file {path} is damaged ({first_line(error)}); train it again") from None
     if metadata.get("format") != GATE_FORMAT:
         raise UserError(f"{path} is not a loracompose gate file (format {metadata.get('format')!r}); "
                         "train one with train-gates")

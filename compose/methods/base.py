@@ -1,31 +1,43 @@
 """The method protocol: what the one denoising loop asks a composition method each step.
 
-A method is a small strategy object. The loop (``loracompose.pipelines.loop.denoise``) calls:
+A method is a small strategy object. ``generate`` calls, once per generation:
 
-* ``bind(loras)`` once per generation, with the checked LoRAs in the user's order;
+* ``bind(loras)`` with the checked LoRAs in the user's order;
+* ``prepare(pipe, loras)``: work on the pipeline before generating (CMLoRA profiles its LoRAs);
+
+then the loop (``loracompose.pipelines.loop.denoise``) calls:
+
 * ``start(run)`` before the first step: install attention processors, build caches;
 * ``prepare_latents(run, step, latents)``: optional latent update before the step (with gradients
   if the method asks for them: CLoRA, LoRA-Composer);
 * ``predict(run, step, latents)``: which branches (LoRA sets at strengths) to run and how to combine
   their noise predictions into one :class:`Prediction` (the loop applies CFG);
 * ``end_step(run, step, latents)``: bookkeeping between steps (schedules, caches, masks);
-* ``finish(run)``: restore processors, free caches; runs even if the generation fails.
+* ``finish(run)``: free per-generation state; runs whenever ``start`` was called, even if it or a
+  step failed (so it must cope with a half-done ``start``).
 
-``run`` is a :class:`~loracompose.pipelines.loop.Denoiser`: ``run.predict(latents, step, branches)``
+``run`` is a :class:`~loracompose.pipelines.denoiser.Denoiser`: ``run.predict(latents, step, branches)``
 returns one Prediction per branch (one batched UNet call where possible), ``run.stats`` counts calls.
+Every change a method makes to the model goes through ``run.patches``
+(:class:`~loracompose.pipelines.patches.PatchStack`: processors, hooks, replaced forwards, fused
+weights), which the loop undoes after ``finish`` however the generation ended; methods never
+restore the model by hand.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
-from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+from loracompose.pipelines.values import Branch, Prediction, Step
+
+if TYPE_CHECKING:
+    import torch
+
+    from loracompose.pipelines.denoiser import Denoiser
 
 
 @dataclass
@@ -46,8 +58,12 @@ class CompositionMethod:
     def check(self, loras: Sequence[LoadedLora]) -> None:
         """Raise UserError if the settings do not fit these LoRAs."""
 
+    def prepare(self, pipe: Any, loras: Sequence[LoadedLora]) -> None:
+        """Work on the pipeline before the generation (after :meth:`bind`), e.g. profiling the LoRAs.
+        It may run generations of its own on ``pipe``."""
+
     def start(self, run: Denoiser) -> None:
-        pass
+        """Before the first step: register model patches on ``run.patches``, build caches."""
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -59,7 +75,7 @@ class CompositionMethod:
         pass
 
     def finish(self, run: Denoiser) -> None:
-        pass
+        """After the last step (or a failure): free per-generation state. Patches are undone by the loop."""
 
     # -- helpers ---------------------------------------------------------------------------
     def branch(self, *loras: LoadedLora, weights: Sequence[float] | None = None) -> Branch:

@@ -45,26 +45,37 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Iterator, Sequence
-
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 from loracompose.errors import UserError
+from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, with_trigger_words
 from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
 from loracompose.tokens import trigger_positions
-from loracompose.attention import (
-    AttentionStore,
-    ComposeAttnProcessor,
-    attention_kernel,
-    attention_map_layers,
-    install_processors,
-    processors_for,
-    stop_after_layers,
-)
-from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+from loracompose.pipelines.values import Branch, Prediction, Step
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from loracompose.attention import (
+        AttentionStore,
+        ComposeAttnProcessor,
+        attention_kernel,
+        attention_map_layers,
+        processors_for,
+        stop_after_layers,
+    )
+    from loracompose.pipelines.denoiser import Denoiser
+    from loracompose.pipelines.patches import PatchStack
+else:  # imported on first use: the settings dataclass imports without the model stack
+    torch = LazyImport("torch")
+    F = LazyImport("torch.nn.functional")
+    AttentionStore, ComposeAttnProcessor, attention_kernel, attention_map_layers, \
+        processors_for, stop_after_layers = (LazyImport("loracompose.attention", name) for name in (
+            "AttentionStore", "ComposeAttnProcessor", "attention_kernel", "attention_map_layers",
+            "processors_for", "stop_after_layers"))
 
 BASE_NAME = "base"
 MORPHOLOGY = ("dilate", "erode", "open", "close")
@@ -231,18 +242,17 @@ class MapRecorder:
 
     One :class:`AttentionStore` serves the layers; a UNet forward hook copies its maps (all 77 tokens,
     mean over layers and heads) after each call, so batched and one-call-per-branch runs both yield
-    rows in [branch][image] order.
+    rows in [branch][image] order. The processors and the hook are registered on ``patches``.
     """
 
-    def __init__(self, unet: torch.nn.Module, layers_per_module: int | None, backend: str) -> None:
+    def __init__(self, unet: torch.nn.Module, layers_per_module: int | None, backend: str,
+                 patches: PatchStack) -> None:
         layers = attention_map_layers(unet, layers_per_module)
         self.level = layers[0].level
         self.store = AttentionStore(token_indices=None)
         self._calls: list[torch.Tensor] | None = None
-        self._handle = install_processors(
-            unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store))
-        )
-        self._hook = unet.register_forward_hook(self._copy_maps)
+        patches.processors(unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store)))
+        patches.hook(unet.register_forward_hook(self._copy_maps))
         self.layer_names = [layer.name for layer in layers]
 
     def _copy_maps(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
@@ -266,10 +276,6 @@ class MapRecorder:
         """(branches, images, rows, columns, tokens) from the recorded calls."""
         rows = torch.cat(list(calls))
         return rows.reshape(num_branches, rows.shape[0] // num_branches, *rows.shape[1:])
-
-    def remove(self) -> None:
-        self._hook.remove()
-        self._handle.restore()
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -309,7 +315,7 @@ class CLoRA(CompositionMethod):
     """
 
     name: ClassVar[str] = "clora"
-    latent_update: bool = True
+    latent_update: bool = field(default=True, metadata={"flag_values": {"--clora-no-update": False}})
     step_size: float = 20.0
     max_update_step: int = 30
     iterative_steps: tuple[int, ...] = (0, 10, 20)
@@ -318,11 +324,11 @@ class CLoRA(CompositionMethod):
     mask_threshold: float = 0.3
     masks_from_step: int = 0
     mask_morphology: tuple[str, ...] = ()
-    prompts: tuple[str, ...] = ()
-    subjects: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = field(default=(), metadata={"flags": ("--clora-lora-prompt",)})
+    subjects: tuple[str, ...] = field(default=(), metadata={"flags": ("--clora-subject",), "metavar": "WORDS"})
     concept_token_indices: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     map_layers_per_module: int | None = 1
-    batched: bool = True
+    batched: bool = field(default=True, metadata={"flag_values": {"--sequential": False}})
     stop_after_maps: bool = True
     backend: str = "sdpa"
 
@@ -441,7 +447,7 @@ class CLoRA(CompositionMethod):
         self.branches = [Branch.of({}, self.branch_prompts[0])] + [
             replace(self.branch(lora), prompt=prompt) for lora, prompt in zip(self.loras, self.branch_prompts[1:])
         ]
-        self._recorder = MapRecorder(run.unet, self.map_layers_per_module, self.backend)
+        self._recorder = MapRecorder(run.unet, self.map_layers_per_module, self.backend, run.patches)
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         updates = self.updates_at(step.index) if self.contrasts else 0
@@ -468,11 +474,11 @@ class CLoRA(CompositionMethod):
         with self._recorder.recording(conditional_half=False, requires_grad=True) as calls:
             if one_call and self.stop_after_maps:  # the loss reads only the map layers
                 with stop_after_layers(run.unet, self._recorder.layer_names) as early:
-                    run.predict_conditional(latents, step, self.branches, batch=self.batched)
+                    run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
                 if early.stopped:
                     calls.append(self._recorder.store.maps())
             else:
-                run.predict_conditional(latents, step, self.branches, batch=self.batched)
+                run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
         maps = MapRecorder.per_branch(calls, len(self.branches))
         losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature) for image in range(maps.shape[1])]
         return sum(losses)
@@ -509,9 +515,7 @@ class CLoRA(CompositionMethod):
         return ConceptMasks(computed.step, owner.to(computed.owner.device), computed.names)
 
     def finish(self, run: Denoiser) -> None:
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
+        self._recorder = None
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()

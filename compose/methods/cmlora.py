@@ -37,15 +37,23 @@ CMLoRA-Switch keeps one LoRA active at a time in the same frequency order::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Collection, Mapping, Sequence
 
 from loracompose.errors import UserError
-from loracompose.frequency import ProfileSettings, profile_loras
+from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
 from loracompose.methods.base import CompositionMethod, require_loras
-from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
-from loracompose.pipelines.unet_cache import DeepFeature, check_cacheable
+from loracompose.pipelines.values import Branch, Prediction, Step
+
+if TYPE_CHECKING:
+    from loracompose.frequency import ProfileSettings
+    import torch
+
+    from loracompose.pipelines.denoiser import BranchBatch, Denoiser
+    from loracompose.pipelines.unet_cache import DeepFeature, check_cacheable
+else:
+    check_cacheable = LazyImport("loracompose.pipelines.unet_cache", "check_cacheable")
 
 HIGH, LOW = "high", "low"
 LOW_FREQUENCY_CATEGORIES = frozenset({"background"})
@@ -200,12 +208,21 @@ class FrequencyOrdered(CompositionMethod):
         frequency_classes: adapter name -> "high" or "low", overriding the score.
         frequency_threshold: scores at or above it are high; default: the mean of the set's scores.
         phase_fraction: the late phase starts after step floor(phase_fraction * T).
+        profile: before generating, profile the LoRAs that have neither a score nor a class (one
+            image per LoRA and base model, cached); False: such LoRAs fall back to their category.
+        profile_size: profiling image size (default: the model's native size, 512 on SD1.5).
+        profile_steps: profiling denoising steps.
     """
 
     frequency_scores: dict[str, float] | None = None
-    frequency_classes: dict[str, str] | None = None
-    frequency_threshold: float | None = None
-    phase_fraction: float = REFERENCE_PHASE_FRACTION
+    frequency_classes: dict[str, str] | None = field(default=None, metadata={
+        "flags": ("--cmlora-class",), "choices": ("high", "low"), "metavar": "NAME=high|low",
+        "help": "a LoRA's frequency class set by hand instead of profiling it"})
+    frequency_threshold: float | None = field(default=None, metadata={"flags": ("--cmlora-threshold",)})
+    phase_fraction: float = field(default=REFERENCE_PHASE_FRACTION, metadata={"flags": ("--cmlora-phase-fraction",)})
+    profile: bool = True
+    profile_size: int | None = field(default=None, metadata={"flags": ("--cmlora-profile-size",)})
+    profile_steps: int = field(default=20, metadata={"flags": ("--cmlora-profile-steps",)})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)
@@ -228,19 +245,38 @@ class FrequencyOrdered(CompositionMethod):
                 f"{self.name}: phase fraction {self.phase_fraction} must lie in [0, 1] "
                 f"(default {REFERENCE_PHASE_FRACTION:.3f})"
             )
+        if self.profile:
+            from loracompose.frequency import ProfileSettings
+
+            ProfileSettings(size=self.profile_size, steps=self.profile_steps).check()
 
     def bind(self, loras: Sequence[LoadedLora]) -> None:
         super().bind(loras)
-        self.order = frequency_order(
+        self.order = self._frequency_order()
+
+    def prepare(self, pipe: Any, loras: Sequence[LoadedLora]) -> None:
+        """Profile the LoRAs without score or class (if ``profile``), then order them again."""
+        if self.profile and loras:
+            from loracompose.frequency import ProfileSettings
+
+            self.profile_frequencies(pipe, loras, ProfileSettings(size=self.profile_size, steps=self.profile_steps))
+            self.order = self._frequency_order()
+
+    def _frequency_order(self) -> FrequencyOrder:
+        return frequency_order(
             [lora.name for lora in self.loras], self.frequency_scores or {}, self.frequency_classes or {},
             [lora.category for lora in self.loras], self.frequency_threshold,
         )
 
     def profile_frequencies(
-        self, pipe: Any, loras: Sequence[LoraSpec | LoadedLora], settings: ProfileSettings = ProfileSettings()
+        self, pipe: Any, loras: Sequence[LoraSpec | LoadedLora], settings: ProfileSettings | None = None
     ) -> None:
         """Fill in the frequency scores of the LoRAs that have neither a score nor a hand-set class
-        (one generation per LoRA and base model, then read from the LoRA's sidecar)."""
+        (one generation per LoRA and base model, then read from the LoRA's sidecar); ``settings``
+        default to ``ProfileSettings()``."""
+        from loracompose.frequency import ProfileSettings, profile_loras
+
+        settings = settings or ProfileSettings()
         loaded = [spec if isinstance(spec, LoadedLora) else inspect_lora(spec) for spec in loras]
         known = set(self.frequency_scores or {}) | set(self.frequency_classes or {})
         missing = [lora for lora in loaded if lora.name not in known]
@@ -277,7 +313,7 @@ class CMLoRA(FrequencyOrdered):
     refresh_breakpoints: tuple[float, float] = (0.375, 0.875)
     refresh_intervals: tuple[int, int, int] = (2, 3, 2)
     dominant_factor: float | None = None
-    batched: bool = True
+    batched: bool = field(default=True, metadata={"flag_values": {"--sequential": False}})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         super().check(loras)
@@ -332,7 +368,7 @@ class CMLoRA(FrequencyOrdered):
         branches = self._branches(indices)
         if not self.caching:
             return dict(zip(indices, run.predict(latents, step, branches, batch=self.batched)))
-        outputs, features = run.predict_full_with_cache(latents, step, branches, batch=self.batched)
+        outputs, features = predict_keeping_deep_features(run, latents, step, branches, batch=self.batched)
         self.caches.update(zip(indices, features))
         return dict(zip(indices, outputs))
 
@@ -341,7 +377,7 @@ class CMLoRA(FrequencyOrdered):
         if not indices:
             return {}
         caches = [self.caches[i] for i in indices]
-        return dict(zip(indices, run.predict_shallow(latents, step, self._branches(indices), caches, batch=self.batched)))
+        return dict(zip(indices, predict_shallow(run, latents, step, self._branches(indices), caches, batch=self.batched)))
 
     def finish(self, run: Denoiser) -> None:
         self.caches = {}
@@ -350,12 +386,51 @@ class CMLoRA(FrequencyOrdered):
         return [self.branch(self.loras[i]) for i in indices]
 
 
+def predict_keeping_deep_features(
+    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], *, batch: bool = True
+) -> tuple[list[Prediction], list[DeepFeature]]:
+    """Full UNet passes as ``run.predict`` (counted in ``unet_calls``), plus each branch's deep feature
+    (the hidden state entering the last up block) for later :func:`predict_shallow`."""
+    from loracompose.pipelines.unet_cache import DeepFeature, capture_deep_features
+
+    features: dict[int, torch.Tensor] = {}
+
+    def full_pass(rows: BranchBatch) -> torch.Tensor:
+        with capture_deep_features(run.unet) as captured:
+            noise = run.unet_pass(rows)
+        features.update(zip(rows.branches, rows.split(captured[0])))
+        return noise
+
+    predictions = run.predict(latents, step, branches, batch=batch, unet_pass=full_pass)
+    return predictions, [DeepFeature(features[index], step.index) for index in range(len(branches))]
+
+
+def predict_shallow(
+    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], caches: Sequence[DeepFeature],
+    *, batch: bool = True,
+) -> list[Prediction]:
+    """Noise predictions of each branch from the shallow UNet path around its cached deep feature
+    (counted in ``partial_unet_calls``), batched as ``run.predict``."""
+    from loracompose.pipelines.unet_cache import shallow_unet_forward
+
+    def shallow_pass(rows: BranchBatch) -> torch.Tensor:
+        run.stats.partial_unet_calls += 1
+        run.stats.partial_unet_rows += rows.sample.shape[0]
+        return shallow_unet_forward(
+            run.unet, rows.sample, rows.timestep, rows.conditioning.embeds,
+            rows.rows([caches[index].hidden for index in rows.branches]),
+            added_cond_kwargs=rows.conditioning.added or None, cross_attention_kwargs=rows.cross_attention_kwargs,
+        )
+
+    return run.predict(latents, step, branches, batch=batch, unet_pass=shallow_pass)
+
+
 @dataclass
 class CMLoRASwitch(FrequencyOrdered):
     """Switch in CMLoRA's frequency order: high-frequency LoRAs take turns early, low ones late."""
 
     name: ClassVar[str] = "cmlora-switch"
-    period: int = 5
+    period: int = field(default=5, metadata={"flags": ("--switch-period",), "help": "steps per LoRA turn"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         super().check(loras)

@@ -61,35 +61,49 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, ClassVar, ContextManager, Iterator, Sequence
-
-import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from peft.tuners.lora import LoraLayer
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator, Sequence
 
 from loracompose.errors import UserError
+from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
 from loracompose.tokens import trigger_positions
-from loracompose.attention import (
-    AttentionStore,
-    Box,
-    ComposeAttnProcessor,
-    LatentGrid,
-    Region,
-    RegionAttention,
-    attention_layers,
-    attention_map_layers,
-    check_adapters_loaded,
-    checkpoint_outside_layers,
-    install_processors,
-    processors_for,
-    stop_after_layers,
-)
-from loracompose.attention.layers import ProcessorHandle
-from loracompose.pipelines.loop import BASE, Branch, Denoiser, Prediction, Step
+from loracompose.pipelines.values import BASE, Branch, Prediction, Step
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import Attention
+    from peft.tuners.lora import LoraLayer
+
+    from loracompose.attention import (
+        AttentionStore,
+        Box,
+        ComposeAttnProcessor,
+        LatentGrid,
+        Region,
+        RegionAttention,
+        attention_layers,
+        attention_map_layers,
+        check_adapters_loaded,
+        checkpoint_outside_layers,
+        processors_for,
+        stop_after_layers,
+    )
+    from loracompose.pipelines.denoiser import Denoiser
+    from loracompose.pipelines.patches import PatchStack
+else:  # imported on first use: the settings dataclass imports without the model stack
+    torch = LazyImport("torch")
+    F = LazyImport("torch.nn.functional")
+    Attention = LazyImport("diffusers.models.attention_processor", "Attention")
+    LoraLayer = LazyImport("peft.tuners.lora", "LoraLayer")
+    AttentionStore, Box, ComposeAttnProcessor, LatentGrid, Region, RegionAttention, attention_layers, \
+        attention_map_layers, check_adapters_loaded, checkpoint_outside_layers, processors_for, \
+        stop_after_layers = (LazyImport("loracompose.attention", name) for name in (
+            "AttentionStore", "Box", "ComposeAttnProcessor", "LatentGrid", "Region", "RegionAttention",
+            "attention_layers", "attention_map_layers", "check_adapters_loaded", "checkpoint_outside_layers",
+            "processors_for", "stop_after_layers"))
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +371,15 @@ class Composer(CompositionMethod):
     """
 
     name: ClassVar[str] = "composer"
-    boxes: tuple[Box, ...] | None = None
-    region_prompts: tuple[str | None, ...] | None = None
-    isolate: bool = True
-    refine: bool = True
-    reinitialise: bool = True
+    boxes: tuple[Box, ...] | None = field(default=None, metadata={
+        "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
+        "help": "one box per LoRA in the LoRAs' order, relative x0,y0,x1,y1 (0..1, y down); default: the LoRAs "
+                "side by side in equal columns"})
+    region_prompts: tuple[str | None, ...] | None = field(default=None, metadata={
+        "flags": ("--region-prompt",), "help": "one region prompt per LoRA ('' = its trigger words, the default)"})
+    isolate: bool = field(default=True, metadata={"flag_values": {"--composer-no-isolate": False}})
+    refine: bool = field(default=True, metadata={"flag_values": {"--composer-no-refine": False}})
+    reinitialise: bool = field(default=True, metadata={"flag_values": {"--composer-no-reinit": False}})
     box_weight: float = BOX_LOSS_WEIGHT
     fill_weight: float = FILL_LOSS_WEIGHT
     region_weight: float = REGION_LOSS_WEIGHT
@@ -370,7 +388,7 @@ class Composer(CompositionMethod):
     final_step_fraction: float = 0.5
     last_refined_step: int = 25
     patience_step: int = 5
-    checkpoint_refinement: bool = True
+    checkpoint_refinement: bool = field(default=True, metadata={"flag_values": {"--composer-no-checkpointing": False}})
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -382,7 +400,6 @@ class Composer(CompositionMethod):
         self.processors: dict[str, ComposeAttnProcessor] = {}
         self.refinement_trace: list[RefinedStep] = []
         self.token_positions: list[list[int]] = []
-        self._handle: ProcessorHandle | None = None
         self._map_processors: list[tuple[ComposeAttnProcessor, AttentionStore]] = []
         self._cross_store = AttentionStore(requires_grad=True)
         self._self_store = AttentionStore(requires_grad=True)
@@ -455,7 +472,7 @@ class Composer(CompositionMethod):
         self._regions = self._region_attention(states)
         self._conditional_regions = self._region_attention([s.chunk(run.num_halves)[-1] for s in states])
         self.token_positions = [self._concept_tokens(run, k) for k in range(len(self.loras))]
-        self._install(run.unet)
+        self._install(run.unet, run.patches)
         self.refinement_trace = []
 
     def _region_attention(self, states: Sequence[torch.Tensor]) -> RegionAttention:
@@ -470,7 +487,7 @@ class Composer(CompositionMethod):
                             "pipe.generate(...)")
         return concept_token_positions(tokenizers, self.region_prompt(index), self.loras[index].trigger_words)
 
-    def _install(self, unet: torch.nn.Module) -> None:
+    def _install(self, unet: torch.nn.Module, patches: PatchStack) -> None:
         processors = processors_for(attention_layers(unet),
                                     lambda _: ComposeAttnProcessor(self.backend, regions=self._regions))
         map_layers = attention_map_layers(unet)
@@ -479,7 +496,7 @@ class Composer(CompositionMethod):
         self._map_processors += [(processors[self_attention_of(layer.name)], self._self_store) for layer in map_layers]
         self._cross_map_layers = [layer.name for layer in map_layers]
         self._self_map_layers = [self_attention_of(layer.name) for layer in map_layers]
-        self._handle = install_processors(unet, processors)
+        patches.processors(unet, processors)
         self.processors = processors
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
@@ -497,9 +514,6 @@ class Composer(CompositionMethod):
         return run.predict(latents, step, [BASE])[0]
 
     def finish(self, run: Denoiser) -> None:
-        if self._handle is not None:
-            self._handle.restore()
-            self._handle = None
         for processor, _ in self._map_processors:
             processor.store = None
         self._map_processors = []

@@ -12,13 +12,16 @@ LoRAs, a row cap) and records which ran in ``stats.execution``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
-from loracompose.pipelines.loop import Denoiser, Prediction, Step
+from loracompose.pipelines.values import Prediction, Step
+
+if TYPE_CHECKING:
+    from loracompose.pipelines.denoiser import Denoiser
 
 
 @dataclass
@@ -26,8 +29,10 @@ class Composite(CompositionMethod):
     """Average of the per-LoRA guided noise predictions."""
 
     name: ClassVar[str] = "composite"
-    mixing_weights: tuple[float, ...] | None = None
-    batched: bool = True
+    mixing_weights: tuple[float, ...] | None = field(default=None, metadata={
+        "flags": ("--mixing-weights",), "help": "one mixing weight per LoRA (normalised to sum 1; default: equal)"})
+    batched: bool = field(default=True, metadata={
+        "flag_values": {"--sequential": False}, "help": "run the LoRAs' branches as one batched UNet call"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)

@@ -5,19 +5,23 @@
 
 Per adapted layer y = W·x + Σ_i w_i·(α_i/r_i)·B_i·A_i·x: the deltas are *summed* (the reference's
 choice). ``combine="mean"`` divides each strength by N instead. ``fuse=True`` folds the weighted
-deltas into the UNet weights once (no low-rank products per step) and unfolds them at the end; the
-text encoder always runs unfused (it runs once per generation).
+deltas into the UNet weights once (no low-rank products per step); the weights are copied back from
+a saved copy at the end (``run.patches``). The text encoder always runs unfused (it runs once per
+generation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod
-from loracompose.pipelines.loop import Branch, Denoiser, Prediction, Step
+from loracompose.pipelines.values import Branch, Prediction, Step
+
+if TYPE_CHECKING:
+    from loracompose.pipelines.denoiser import Denoiser
 
 
 @dataclass
@@ -25,8 +29,10 @@ class Merge(CompositionMethod):
     """All LoRAs active at once in a single UNet pass per step."""
 
     name: ClassVar[str] = "merge"
-    combine: str = "sum"
-    fuse: bool = False
+    combine: str = field(default="sum", metadata={
+        "choices": ("sum", "mean"), "help": "sum the LoRAs' deltas, or average them (strengths divided by N)"})
+    fuse: bool = field(default=False, metadata={
+        "flags": ("--fuse",), "help": "fold the weighted deltas into the UNet weights while generating (faster per step)"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         if self.combine not in ("sum", "mean"):
@@ -38,11 +44,9 @@ class Merge(CompositionMethod):
 
     def start(self, run: Denoiser) -> None:
         if self.fuse and self.loras:
-            run.adapters.fuse(self.merged_branch().weights, components=["unet"])
+            weights = self.merged_branch().weights
+            run.adapters.activate(weights, components=["unet"])
+            run.patches.fuse(run.adapters.layers.get("unet", []), list(weights))
 
     def predict(self, run: Denoiser, step: Step, latents) -> Prediction:
         return run.predict(latents, step, [self.merged_branch()])[0]
-
-    def finish(self, run: Denoiser) -> None:
-        if self.fuse:
-            run.adapters.unfuse()

@@ -11,13 +11,16 @@ runs under the active LoRA too (the reference encodes once with the first LoRA o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
-from loracompose.pipelines.loop import Denoiser, Prediction, Step
+from loracompose.pipelines.values import Prediction, Step
+
+if TYPE_CHECKING:
+    from loracompose.pipelines.denoiser import Denoiser
 
 
 def active_index(step: int, num_loras: int, period: int) -> int:
@@ -35,7 +38,7 @@ class Switch(CompositionMethod):
     """One LoRA active at a time, switching every ``period`` steps in the given order."""
 
     name: ClassVar[str] = "switch"
-    period: int = 5
+    period: int = field(default=5, metadata={"help": "steps per LoRA turn"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)

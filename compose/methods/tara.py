@@ -31,21 +31,33 @@ trained with.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
-
-import torch
-from diffusers.models.attention_processor import Attention
-from peft.tuners.lora import LoraLayer
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from loracompose.errors import UserError
+from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
 from loracompose.tokens import WordPositions, trigger_positions
-from loracompose.attention import ComposeAttnProcessor, LoraTokenMasks
-from loracompose.attention.lora_deltas import active_adapters, adapter_delta
-from loracompose.pipelines.adapters import BASE_ROW
-from loracompose.pipelines.loop import Denoiser, Prediction, Step
+from loracompose.pipelines.values import BASE_ROW, Prediction, Step
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from peft.tuners.lora import LoraLayer
+
+    from loracompose.attention import ComposeAttnProcessor, LoraTokenMasks
+    from loracompose.attention.lora_deltas import active_adapters, adapter_delta
+    from loracompose.pipelines.denoiser import Denoiser
+    from loracompose.pipelines.patches import PatchStack
+else:  # imported on first use: the settings dataclass imports without the model stack
+    torch = LazyImport("torch")
+    Attention = LazyImport("diffusers.models.attention_processor", "Attention")
+    LoraLayer = LazyImport("peft.tuners.lora", "LoraLayer")
+    ComposeAttnProcessor = LazyImport("loracompose.attention", "ComposeAttnProcessor")
+    LoraTokenMasks = LazyImport("loracompose.attention", "LoraTokenMasks")
+    active_adapters = LazyImport("loracompose.attention.lora_deltas", "active_adapters")
+    adapter_delta = LazyImport("loracompose.attention.lora_deltas", "adapter_delta")
 
 TARA_TOKEN_KEY = "loracompose.tara_token"
 TARA_CLASS_KEY = "loracompose.tara_class"
@@ -71,17 +83,14 @@ class Tara(CompositionMethod):
     """
 
     name: ClassVar[str] = "tara"
-    self_attention: str = "keep"
-    missing_trigger: str = "error"
-    fuse: bool = False
+    self_attention: str = field(default="keep", metadata={"choices": SELF_ATTENTION_MODES})
+    missing_trigger: str = field(default="error", metadata={"choices": MISSING_TRIGGER_MODES})
+    fuse: bool = field(default=False, metadata={"flags": ("--fuse",)})
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._token_masks = LoraTokenMasks()
-        self._processors: TokenMaskedCrossAttention | None = None
-        self._self_attention: SelfAttentionRows | None = None
-        self._fused: FusedUnmaskedDeltas | None = None
         self.positions: dict[str, WordPositions] = {}
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
@@ -98,13 +107,13 @@ class Tara(CompositionMethod):
         token_masks = self.trigger_masks(prompt, tokenizers)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
                                    for name, mask in token_masks.items()}
-        self._processors = TokenMaskedCrossAttention(run.unet, self._token_masks, self.backend)
+        install_token_masked_cross_attention(run.patches, run.unet, self._token_masks, self.backend)
         if self.self_attention != "keep":
             rows = cfg_rows(run.batch_size, run.do_cfg) if self.self_attention == "cond" else None
-            self._self_attention = SelfAttentionRows(run.unet, rows)
-        if self.fuse:
+            SelfAttentionRows(run.unet, rows, run.patches)
+        if self.fuse:  # the unmasked deltas folded into the weights, restored from a saved copy at the end
             run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])
-            self._fused = FusedUnmaskedDeltas(run.unet, [lora.name for lora in self.loras], self.self_attention)
+            run.patches.fuse(unmasked_lora_layers(run.unet, self.self_attention), [lora.name for lora in self.loras])
 
     def trigger_masks(self, prompt: str, tokenizers: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Each LoRA's (tokens,) 0/1 mask: 1 at its trigger words' tokens in the prompt."""
@@ -126,15 +135,6 @@ class Tara(CompositionMethod):
         return run.predict(latents, step, [self.branch(*self.loras)])[0]
 
     def finish(self, run: Denoiser) -> None:
-        if self._fused is not None:
-            self._fused.restore()
-            self._fused = None
-        if self._processors is not None:
-            self._processors.restore()
-            self._processors = None
-        if self._self_attention is not None:
-            self._self_attention.remove()
-            self._self_attention = None
         self._token_masks.masks = {}
 
 
@@ -182,62 +182,48 @@ def unmasked_lora_layers(unet: torch.nn.Module, self_attention: str) -> list[Lor
     return [layer for layer in unet.modules() if isinstance(layer, LoraLayer) and id(layer) not in kept_ids]
 
 
-class FusedUnmaskedDeltas:
-    """The unmasked deltas of ``adapters`` merged into the UNet weights; :meth:`restore` puts the
-    original weights back exactly (from a CPU copy: merge + unmerge alone would round them)."""
-
-    def __init__(self, unet: torch.nn.Module, adapters: Sequence[str], self_attention: str) -> None:
-        self.saved: list[tuple[LoraLayer, torch.Tensor]] = []
-        for layer in unmasked_lora_layers(unet, self_attention):
-            present = [name for name in adapters if name in layer.lora_A]
-            if present:
-                self.saved.append((layer, layer.get_base_layer().weight.detach().to("cpu", copy=True)))
-                layer.merge(adapter_names=present)
-
-    def restore(self) -> None:
-        for layer, weight in self.saved:
-            while layer.merged:
-                layer.unmerge()
-            with torch.no_grad():
-                layer.get_base_layer().weight.copy_(weight)
-        self.saved = []
-
-
-class TokenMaskedCrossAttention:
-    """Token-masked K/V processors on every cross-attention layer; :meth:`restore` puts the old ones back.
+def install_token_masked_cross_attention(patches: PatchStack, unet: torch.nn.Module, token_masks: LoraTokenMasks,
+                                         backend: str) -> None:
+    """Token-masked K/V processors on every cross-attention layer, registered on ``patches``.
 
     Swaps processors module by module (``Attention.set_processor``): ``install_processors`` walks
     the whole UNet's processor tree five times per install and restore, which on the tiny models
     costs a quarter of a UNet call per generation. Token masks need no layer binding.
     """
+    patches.module_processors(attention_modules(unet, cross=True),
+                              lambda _: ComposeAttnProcessor(backend, token_masks=token_masks))
+
+
+class TokenMaskedCrossAttention:
+    """:func:`install_token_masked_cross_attention` outside a generation (training); :meth:`restore`
+    puts the old processors back."""
 
     def __init__(self, unet: torch.nn.Module, token_masks: LoraTokenMasks, backend: str) -> None:
-        self.previous = {module: module.processor for module in attention_modules(unet, cross=True)}
-        for module in self.previous:
-            module.set_processor(ComposeAttnProcessor(backend, token_masks=token_masks))
+        from loracompose.pipelines.patches import PatchStack
+
+        self.patches = PatchStack()
+        install_token_masked_cross_attention(self.patches, unet, token_masks, backend)
 
     def restore(self) -> None:
-        for module, processor in self.previous.items():
-            module.set_processor(processor)
-        self.previous = {}
+        self.patches.unwind()
 
 
 class SelfAttentionRows:
     """Self-attention (attn1) LoRA deltas on some batch rows only (``rows`` 0/1), or on none (None).
 
     A forward pre-hook routes every row of each attn1 LoRA layer to PEFT's ``"__base__"`` (base
-    projection only); a forward hook then adds ``rows ⊙ delta_i`` of each active adapter.
+    projection only); a forward hook then adds ``rows ⊙ delta_i`` of each active adapter. The hooks
+    are registered on ``patches``.
     """
 
-    def __init__(self, unet: torch.nn.Module, rows: torch.Tensor | None) -> None:
+    def __init__(self, unet: torch.nn.Module, rows: torch.Tensor | None, patches: PatchStack) -> None:
         self.rows = rows
-        self.handles: list[Any] = []
         for attention in attention_modules(unet, cross=False):
             for module in attention.modules():
                 if isinstance(module, LoraLayer):
-                    self.handles.append(module.register_forward_pre_hook(self._base_only, with_kwargs=True))
+                    patches.hook(module.register_forward_pre_hook(self._base_only, with_kwargs=True))
                     if rows is not None:
-                        self.handles.append(module.register_forward_hook(self._add_row_deltas))
+                        patches.hook(module.register_forward_hook(self._add_row_deltas))
 
     @staticmethod
     def _base_only(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -253,11 +239,6 @@ class SelfAttentionRows:
         for adapter in active_adapters(module):
             output = output + rows * adapter_delta(module, x, adapter).to(output.dtype)
         return output
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 def is_tara_trained(lora: LoadedLora) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +37,8 @@ CASES = [
     ("cmlora", "cmlora", {"cache_interval": 2, "frequency_classes": {"character": "high", "style": "high"}}),
     ("cmlora-sequential", "cmlora",
      {"cache_interval": 2, "batched": False, "frequency_classes": {"character": "high", "style": "low"}}),
-    ("cmlora-switch", "cmlora-switch", {"period": 1, "phase_fraction": 0.3, "frequency_scores": {"character": 0.9, "style": 0.1}}),
+    ("cmlora-switch", "cmlora-switch",
+     {"period": 1, "phase_fraction": 0.3, "frequency_scores": {"character": 0.9, "style": 0.1}}),
     ("clora", "clora", {"iterative_steps": (0,), "extra_iterations": 1, "max_update_step": 2}),
     ("clora-sequential", "clora", {"iterative_steps": (), "max_update_step": 1, "batched": False}),
     ("composer", "composer", {}),
@@ -84,7 +84,7 @@ def test_every_method_gives_the_recorded_latents(tiny_sd15_dir, sd15_lora_files,
     assert set(reference) == {case for case, _, _ in CASES}
     for case, latents in outputs.items():
         assert latents.abs().max() > 0.1, case
-        torch.testing.assert_close(latents, reference[case], atol=ATOL, rtol=0, msg=lambda m: f"{case}: {m}")
+        torch.testing.assert_close(latents, reference[case], atol=ATOL, rtol=0, msg=lambda m, case=case: f"{case}: {m}")
     distinct = {case: reference[case] for case in ("merge", "switch", "composite", "clora", "composer", "tara")}
     for case, latents in distinct.items():  # the cases differ, so a method silently running another fails
         others = [other for other in distinct if other != case and torch.allclose(latents, distinct[other], atol=1e-3)]
