@@ -97,6 +97,12 @@ def test_a_global_lora_gets_the_whole_image_and_local_ones_stand_side_by_side(sd
     only_local = Regional(boxes=[LEFT, RIGHT])
     only_local.bind(method.loras)
     assert only_local.areas(method.loras) == [Box(*LEFT), None, Box(*RIGHT)], "boxes for the local LoRAs only"
+    prompts = Regional(region_prompts=["a zkx", "qwv style", ""])
+    prompts.bind(method.loras)
+    assert prompts.group_branch([0, 1]).prompt == "a zkx", "an object's words over a style's where both apply"
+    assert prompts.group_branch([1]).prompt == "qwv style" and prompts.group_branch([1, 2]).prompt == "qwv style"
+    assert prompts.group_branch([2]).prompt is None, "'' keeps the generation's prompt"
+    assert prompts.group_branch([0, 1]).weights == {"character": 1.0, "style": 1.0}
 
 
 # ------------------------------------------------------------------------------------ one layer

@@ -29,7 +29,8 @@ right in LoRA order (automatic masks from trigger-token attention are a separate
 
 Region prompts: by default every region uses the generation's prompt (with its LoRAs' text-encoder
 deltas); ``region_prompts`` gives one per LoRA (None or "" keeps the prompt); where regions overlap the
-given prompts of the LoRAs there are joined with ", ".
+given prompts of the LoRAs there are joined with ", ", those of LoRAs with a region of their own
+(not the whole image) taking precedence over a global LoRA's.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ class Regional(CompositionMethod):
     (``mode="delta"``) or as a latent couple of N+1 branches (``mode="latent"``). See the module text."""
 
     name: ClassVar[str] = "regional"
-    boxes: tuple[Any, ...] | None = field(default=None, metadata={
+    boxes: tuple[Box, ...] | None = field(default=None, metadata={
         "help": "one box per LoRA (or per local LoRA), relative x0,y0,x1,y1 with y down, e.g. 0,0,0.5,1; "
                 "default: local LoRAs side by side, global ones (style, background) the whole image"})
-    masks: tuple[Any, ...] | None = field(default=None, metadata={
+    masks: tuple[str, ...] | None = field(default=None, metadata={
         "help": "one grayscale mask image per LoRA (or per local LoRA), white = its region; any size with "
-                "the image's aspect ratio"})
+                "the image's aspect ratio (the Python API also takes 2-D tensors and PIL images)"})
     region_prompts: tuple[str | None, ...] | None = field(default=None, metadata={
         "help": "one prompt per LoRA for its region ('' = the whole prompt)"})
     mode: str = field(default="delta", metadata={
@@ -144,7 +145,10 @@ class Regional(CompositionMethod):
 
     def group_branch(self, members: Sequence[int]) -> Branch:
         """The branch whose conditioning a position covered by the regions ``members`` attends to."""
-        prompts = list(dict.fromkeys(p for p in (self.region_prompt(k) for k in members) if p))
+        areas = self.region_masks.areas if self.region_masks is not None else self.areas(self.loras)
+        local = [k for k in members if areas[k] is not None]
+        speakers = local if any(self.region_prompt(k) for k in local) else members  # an object's words over a style's
+        prompts = list(dict.fromkeys(p for p in (self.region_prompt(k) for k in speakers) if p))
         loras = [self.loras[k] for k in members]
         return Branch.of({lora.name: lora.weight for lora in loras}, prompt=", ".join(prompts) if prompts else None)
 
