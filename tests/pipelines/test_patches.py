@@ -32,7 +32,14 @@ METHOD_CASES = [
     ("tara", "tara", {}),
     ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond"}),
     ("autolora", "autolora", {}),
+    ("regional", "regional", {}),
+    ("regional-latent", "regional", {"mode": "latent"}),
+    ("auto", "auto", {"kinds": {"character": "character", "style": "character"}}),
 ]
+
+
+def test_every_registered_method_is_covered():
+    assert {name for _, name, _ in METHOD_CASES} == set(METHODS)
 
 
 class Injected(RuntimeError):
