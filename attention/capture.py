@@ -74,7 +74,7 @@ class AttentionStore:
             scores = scores + bias.float()
         probabilities = scores.softmax(dim=-1)
         if self.token_indices is not None:
-            probabilities = probabilities[..., self._checked_indices(key.shape[2])]
+            probabilities = probabilities[..., self._checked_indices(self.token_indices, key.shape[2])]
         maps = probabilities.mean(dim=1)
         if self.rows == "cfg_mean":
             uncond, cond = maps.chunk(2)
@@ -89,11 +89,12 @@ class AttentionStore:
                             "use rows='all' without classifier-free guidance")
         return tensor[tensor.shape[0] // 2:] if self.rows == "cond" else tensor
 
-    def _checked_indices(self, tokens: int) -> list[int]:
-        if max(self.token_indices) >= tokens:
-            raise UserError(f"token_indices {self.token_indices} exceed the {tokens} keys of this layer; "
+    @staticmethod
+    def _checked_indices(indices: list[int], tokens: int) -> list[int]:
+        if max(indices) >= tokens:
+            raise UserError(f"token_indices {indices} exceed the {tokens} keys of this layer; "
                             f"use indices below {tokens}")
-        return self.token_indices
+        return indices
 
     def layer_maps(self, source: str | int = GLOBAL) -> dict[str, torch.Tensor]:
         """{layer name: (batch, rows, columns, tokens)} from the latest call."""

@@ -38,7 +38,7 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if name != "xformers" or importlib.util.find_spec("xformers") is not None]
 
 
-def attention_kernel(backend: str = "sdpa") -> "AttentionKernel":
+def attention_kernel(backend: str = "sdpa") -> AttentionKernel:
     """The kernel for ``backend``; UserError if it is unknown or not installed."""
     if backend == "sdpa":
         return SdpaKernel()
@@ -82,10 +82,12 @@ class AttentionKernel:
         """The kernel's mask object for an additive ``bias`` and/or self-attention ``region_codes``."""
         if bias is None and region_codes is None:
             return None
-        return aligned_bias(dense_bias(bias, region_codes, dtype))
+        dense = dense_bias(bias, region_codes, dtype)
+        return None if dense is None else aligned_bias(dense)
 
 
-def dense_bias(bias: torch.Tensor | None, region_codes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dense_bias(bias: torch.Tensor | None, region_codes: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
     """Additive bias (…, queries, keys): ``bias`` plus −inf where region isolation forbids a key."""
     total = None if bias is None else bias.to(dtype)
     if region_codes is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -26,6 +26,9 @@ import torch.utils.checkpoint
 from loracompose.errors import UserError
 
 from .masks import LatentGrid
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 AttentionKind = Literal["self", "cross", "all"]
 BlockKind = Literal["down", "mid", "up"]
@@ -62,7 +65,7 @@ def resolution_level(name: str, num_levels: int) -> tuple[BlockKind, int]:
     raise UserError(f"attention layer {name!r} is not in down_blocks, mid_block or up_blocks; name a UNet layer")
 
 
-def attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
+def attention_layers(unet: UNet2DConditionModel) -> list[AttentionLayer]:
     """All attention layers of ``unet``, in ``unet.attn_processors`` order."""
     num_levels = len(unet.config.block_out_channels)
     layers = []
@@ -75,7 +78,7 @@ def attention_layers(unet: torch.nn.Module) -> list[AttentionLayer]:
 
 
 def select_layers(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     kind: AttentionKind = "all",
     levels: Iterable[int] | None = None,
     blocks: Iterable[BlockKind] = ("down", "mid", "up"),
@@ -94,7 +97,7 @@ def select_layers(
     ]
 
 
-def deepest_attention_level(unet: torch.nn.Module, blocks: Iterable[BlockKind] = ("down", "up")) -> int:
+def deepest_attention_level(unet: UNet2DConditionModel, blocks: Iterable[BlockKind] = ("down", "up")) -> int:
     """The lowest-resolution level that has attention layers in ``blocks`` (SD1.5, SDXL: 2; 2-block UNets: 1)."""
     levels = [layer.level for layer in select_layers(unet, "all", blocks=blocks)]
     if not levels:
@@ -102,7 +105,7 @@ def deepest_attention_level(unet: torch.nn.Module, blocks: Iterable[BlockKind] =
     return max(levels)
 
 
-def attention_map_layers(unet: torch.nn.Module, layers_per_module: int | None = 1) -> list[AttentionLayer]:
+def attention_map_layers(unet: UNet2DConditionModel, layers_per_module: int | None = 1) -> list[AttentionLayer]:
     """The cross-attention layers CLoRA and LoRA-Composer read maps from (docs/methods/clora.md, composer.md).
 
     These are the attn2 layers of the down and up blocks at the deepest level with attention, the mid
@@ -162,7 +165,7 @@ class UNetCall:
 class ProcessorHandle:
     """Installed processors; ``restore()`` (or leaving the ``with`` block) puts the previous ones back."""
 
-    def __init__(self, unet: torch.nn.Module, previous: dict[str, Any], call: UNetCall) -> None:
+    def __init__(self, unet: UNet2DConditionModel, previous: dict[str, Any], call: UNetCall) -> None:
         self.unet = unet
         self.call = call
         self._previous: dict[str, Any] | None = previous
@@ -180,14 +183,14 @@ class ProcessorHandle:
         self.unet.set_attn_processor(dict(self._previous))
         self._previous = None
 
-    def __enter__(self) -> "ProcessorHandle":
+    def __enter__(self) -> ProcessorHandle:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.restore()
 
 
-def install_processors(unet: torch.nn.Module, processors: Mapping[str, Any]) -> ProcessorHandle:
+def install_processors(unet: UNet2DConditionModel, processors: Mapping[str, Any]) -> ProcessorHandle:
     """Install ``processors`` ({layer name: processor}) on those layers only; the others keep theirs.
 
     Names may be given with or without the ``.processor`` suffix. A processor with a
@@ -226,7 +229,7 @@ class EarlyStop:
 
 
 @contextmanager
-def stop_after_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iterator[EarlyStop]:
+def stop_after_layers(unet: UNet2DConditionModel, layer_names: Sequence[str]) -> Iterator[EarlyStop]:
     """End the (single) UNet call inside the block as soon as every named layer has run once.
 
     For passes whose result is read off those layers (attention maps for a loss): the rest of the
@@ -254,7 +257,7 @@ def stop_after_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iter
 
 
 @contextmanager
-def checkpoint_outside_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> Iterator[None]:
+def checkpoint_outside_layers(unet: UNet2DConditionModel, layer_names: Sequence[str]) -> Iterator[None]:
     """Gradient checkpointing, inside the block, on every UNet unit (resnet, transformer block) that
     holds none of the named layers.
 

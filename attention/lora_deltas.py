@@ -24,7 +24,7 @@ variants such as DoRA cannot be split from the base weight, so they raise :class
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -55,7 +55,8 @@ def check_adapters_loaded(unet: torch.nn.Module, adapters: Sequence[str]) -> Non
 def token_mask(positions: Sequence[int], length: int = 77) -> torch.Tensor:
     """A (length,) 0/1 mask that is 1 at ``positions`` (e.g. a rare word's BPE positions)."""
     if any(not 0 <= p < length for p in positions):
-        raise UserError(f"token positions {list(positions)} must lie in 0..{length - 1}; check the prompt's token indices")
+        raise UserError(f"token positions {list(positions)} must lie in 0..{length - 1}; "
+                        "check the prompt's token indices")
     mask = torch.zeros(length)
     mask[list(positions)] = 1.0
     return mask
@@ -98,7 +99,7 @@ def token_masked_projection(layer: torch.nn.Module, x: torch.Tensor, masks: Mapp
     adapters = active_adapters(layer)
     if not any(name in masks for name in adapters):
         return layer(x)
-    result = layer.get_base_layer()(x)
+    result = cast(LoraLayer, layer).get_base_layer()(x)  # it has adapters
     for name in adapters:
         delta = adapter_delta(layer, x, name)
         if name in masks:

@@ -46,7 +46,7 @@ class Box:
             )
 
     @classmethod
-    def from_pixels(cls, x0: float, y0: float, x1: float, y1: float, *, image_width: int, image_height: int) -> "Box":
+    def from_pixels(cls, x0: float, y0: float, x1: float, y1: float, *, image_width: int, image_height: int) -> Box:
         """A box given in image pixels (``x`` along the width, ``y`` along the height)."""
         if image_width <= 0 or image_height <= 0:
             raise UserError(f"image size {image_width}x{image_height} for a pixel box must be positive")
@@ -68,7 +68,7 @@ class LatentGrid:
             raise UserError(f"latent size {self.height}x{self.width} must be positive")
 
     @classmethod
-    def for_image(cls, image_height: int, image_width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> "LatentGrid":
+    def for_image(cls, image_height: int, image_width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> LatentGrid:
         """The grid of an image of ``image_height`` x ``image_width`` pixels."""
         if image_height % vae_scale_factor or image_width % vae_scale_factor or min(image_height, image_width) <= 0:
             raise UserError(
@@ -103,7 +103,7 @@ class LatentGrid:
             coverage = F.avg_pool2d(coverage, stride, stride, ceil_mode=True)
         return coverage[0, 0] >= COVERAGE_THRESHOLD
 
-    def region_mask(self, region: "Box | torch.Tensor", level: int = 0) -> torch.Tensor:
+    def region_mask(self, region: Box | torch.Tensor, level: int = 0) -> torch.Tensor:
         """Bool mask at ``level`` of a box or a user mask."""
         if isinstance(region, Box):
             return self.box_mask(region, level)
@@ -111,7 +111,7 @@ class LatentGrid:
             return self.user_mask(region, level)
         raise UserError(f"region {region!r} is neither a Box nor a 2-D mask tensor; pass one of those")
 
-    def pyramid(self, region: "Box | torch.Tensor", num_levels: int) -> list[torch.Tensor]:
+    def pyramid(self, region: Box | torch.Tensor, num_levels: int) -> list[torch.Tensor]:
         """Bool masks of ``region`` at levels ``0 .. num_levels - 1``."""
         return [self.region_mask(region, level) for level in range(num_levels)]
 
@@ -126,4 +126,4 @@ def _axis_coverage(start: float, end: float, length: int, stride: int) -> torch.
 
 
 def _round_to(value: int, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, round(value / multiple) * multiple)

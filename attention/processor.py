@@ -81,7 +81,7 @@ class ComposeAttnProcessor:
         bias = _stock_bias(attn, attention_mask, context.shape[1], x.shape[0])
         masks = lora_token_masks if lora_token_masks is not None else getattr(self.token_masks, "masks", None)
         regions = region_attention or self.regions
-        if is_cross and _injects(regions):
+        if is_cross and regions is not None and _injects(regions):
             out = self._region_cross_attention(attn, x, context, encoder_hidden_states, masks, regions, bias)
         elif is_cross:
             out = self._attention(attn, x, context, masks, bias, isolation=None)
@@ -97,10 +97,13 @@ class ComposeAttnProcessor:
         if isolation is not None:
             grid, level = self._where()
             codes = isolation.codes(grid, level, x.device)
-        if codes is not None and bias is None and self.kernel.name in GROUPED_ISOLATION_KERNELS:
-            hidden = isolation.isolated_attention(self.kernel, query, key, value, scale=attn.scale, grid=grid, level=level)
+        grouped = bias is None and self.kernel.name in GROUPED_ISOLATION_KERNELS
+        if isolation is not None and codes is not None and grouped:
+            hidden = isolation.isolated_attention(self.kernel, query, key, value, scale=attn.scale, grid=grid,
+                                                  level=level)
         else:
-            hidden = self.kernel.attend(query, key, value, scale=attn.scale, mask=self._mask(bias, codes, isolation, query))
+            mask = self._mask(bias, codes, isolation, query)
+            hidden = self.kernel.attend(query, key, value, scale=attn.scale, mask=mask)
         if self.store is not None:
             capture_bias = None if bias is None and codes is None else dense_bias(bias, codes, torch.float32)
             self._record(query, key, attn.scale, capture_bias)
@@ -128,7 +131,7 @@ class ComposeAttnProcessor:
 
         for index, region in enumerate(regions.regions):
             build = functools.partial(_region_key_value, attn, x, raw_states, regions, region)
-            key, value = regions.region_key_value(self.layer.name, index, x, build)
+            key, value = regions.region_key_value(self._bound()[0].name, index, x, build)
             out = self._add_rows(attn, out, query, key, value, layout.region_rows[index],
                                  weights=layout.region_weights[index], adapter=region.adapter)
             self._record(query, key, attn.scale, None, source=index)
@@ -145,20 +148,26 @@ class ComposeAttnProcessor:
         return out.index_add_(1, rows, projected)
 
     # -- shared helpers --------------------------------------------------------------------------
-    def _where(self) -> tuple[LatentGrid, int]:
+    def _bound(self) -> tuple[AttentionLayer, UNetCall]:
         if self.layer is None or self.call is None:
             raise UserError("this ComposeAttnProcessor is not bound to a layer; install it with install_processors()")
-        return self.call.grid, self.layer.level
+        return self.layer, self.call
+
+    def _where(self) -> tuple[LatentGrid, int]:
+        layer, call = self._bound()
+        return call.grid, layer.level
 
     def _record(self, query, key, scale, bias, source: str | int = "global") -> None:
         if self.store is None:
             return
         grid, level = self._where()
+        layer, call = self._bound()
         size = grid.level_size(level)
         if size[0] * size[1] != query.shape[2]:
-            raise UserError(f"layer {self.layer.name} has {query.shape[2]} queries, not the {size[0]}x{size[1]} "
-                            f"expected at level {level} of a {grid.height}x{grid.width} latent; capture maps on UNet layers only")
-        self.store.record(self.layer.name, self.call.index, size, query, key, scale, bias, source)
+            raise UserError(f"layer {layer.name} has {query.shape[2]} queries, not the {size[0]}x{size[1]} "
+                            f"expected at level {level} of a {grid.height}x{grid.width} latent; "
+                            "capture maps on UNet layers only")
+        self.store.record(layer.name, call.index, size, query, key, scale, bias, source)
 
 
 def _region_key_value(attn, x: torch.Tensor, raw_states: torch.Tensor, regions: RegionAttention,
@@ -233,7 +242,8 @@ def _key_value(attn, context: torch.Tensor, *, masks: Mapping[str, torch.Tensor]
     if adapter is not None:
         key, value = adapter_projection(attn.to_k, context, adapter), adapter_projection(attn.to_v, context, adapter)
     elif masks:
-        key, value = token_masked_projection(attn.to_k, context, masks), token_masked_projection(attn.to_v, context, masks)
+        key = token_masked_projection(attn.to_k, context, masks)
+        value = token_masked_projection(attn.to_v, context, masks)
     else:
         key, value = attn.to_k(context), attn.to_v(context)
     key, value = _split_heads(key, attn.heads), _split_heads(value, attn.heads)

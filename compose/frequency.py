@@ -134,8 +134,9 @@ def profiling_image(pipe: Any, lora: LoadedLora, settings: ProfileSettings) -> n
 
     spec = LoraSpec(lora.path, settings.lora_scale, lora.name, lora.trigger_words, lora.category)
     result = pipe.generate(
-        settings.prompt, [spec], Merge(), seed=settings.seed, steps=settings.steps, guidance_scale=settings.guidance_scale,
-        width=settings.size, height=settings.size, output_type="np", show_progress=False,
+        settings.prompt, [spec], Merge(), seed=settings.seed, steps=settings.steps,
+        guidance_scale=settings.guidance_scale, width=settings.size, height=settings.size, output_type="np",
+        show_progress=False,
     )
     return np.asarray(result.images[0])
 

@@ -72,7 +72,7 @@ class LibraryEntry:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "LibraryEntry":
+    def from_json(cls, data: Mapping[str, Any]) -> LibraryEntry:
         values = dict(data)
         for key in ("trigger_words", "captions", "tags"):
             values[key] = tuple(values.get(key) or ())
@@ -163,7 +163,8 @@ def open_library(folder: str | Path, *, index_path: str | Path | None = None, wr
     index_file = Path(index_path) if index_path is not None else root / INDEX_FILE
     previous, rebuilt = read_index(index_file)
     current = LibraryIndex(root, index_file)
-    added, updated = [], []
+    added: list[str] = []
+    updated: list[str] = []
     for path in library_files(root):
         key = path.relative_to(root).as_posix()
         stat = path.stat()
@@ -216,7 +217,7 @@ def index_file_entry(root: Path, path: Path, size: int, mtime_ns: int) -> Librar
         lora = inspect_lora(LoraSpec(path))
     except UserError as error:
         return CorruptEntry(key, str(error), size, mtime_ns)
-    except Exception as error:  # noqa: BLE001 - a library scan must survive any bad file
+    except Exception as error:  # a library scan must survive any bad file
         return CorruptEntry(key, f"unreadable ({type(error).__name__}: {first_line(error)})",
                             size, mtime_ns)
     return entry_from_lora(key, lora, size, mtime_ns)

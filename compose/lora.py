@@ -51,13 +51,14 @@ class LoraSpec:
             object.__setattr__(self, "trigger_words", tuple(self.trigger_words))
 
     @classmethod
-    def parse(cls, text: str) -> "LoraSpec":
+    def parse(cls, text: str) -> LoraSpec:
         """Parse the CLI form ``PATH[:WEIGHT]``."""
         path, sep, weight = text.rpartition(":")
         if sep and path and _looks_like_number(weight):
             return cls(Path(path), weight=float(weight))
         if sep and path and not weight.startswith(("\\", "/")) and "/" not in weight:
-            raise UserError(f"--lora {text!r}: weight {weight!r} is not a number; use PATH or PATH:WEIGHT, e.g. style.safetensors:0.8")
+            raise UserError(f"--lora {text!r}: weight {weight!r} is not a number; use PATH or PATH:WEIGHT, "
+                            "e.g. style.safetensors:0.8")
         return cls(Path(text))
 
 
@@ -74,7 +75,7 @@ class LoadedLora:
     has_text_encoder: bool
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
-    def with_weight(self, weight: float) -> "LoadedLora":
+    def with_weight(self, weight: float) -> LoadedLora:
         return replace(self, weight=weight)
 
     def describe(self) -> dict:
@@ -118,7 +119,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
             metadata = dict(handle.metadata() or {})
             keys = list(handle.keys())
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line(error)}); re-download it") from None
+        raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line(error)}); "
+                        "re-download it") from None
     _check_tensor_data_present(path, keys)
     return metadata, keys
 
@@ -130,7 +132,8 @@ def _check_tensor_data_present(path: Path, keys: Sequence[str]) -> None:
         header = json.loads(raw.read(header_size))
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + data_end > path.stat().st_size:
-        raise UserError(f"LoRA file {path} is truncated (its header promises more data than the file holds); re-download it")
+        raise UserError(f"LoRA file {path} is truncated (its header promises more data than the file holds); "
+                        "re-download it")
     if not keys:
         raise UserError(f"LoRA file {path} holds no tensors; it is not a LoRA")
 
@@ -145,8 +148,8 @@ def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        words = parsed if isinstance(parsed, list) else str(parsed).split(",")
-        words = tuple(str(word).strip() for word in words if str(word).strip())
+        items = parsed if isinstance(parsed, list) else str(parsed).split(",")
+        words = tuple(str(word).strip() for word in items if str(word).strip())
         if words:
             return words
     return ()
@@ -174,7 +177,8 @@ def inspect_lora(spec: LoraSpec) -> LoadedLora:
     """Check a LoRA file and read its metadata, without loading any tensors."""
     metadata, keys = read_safetensors_header(spec.path)
     if not any("lora" in key for key in keys):
-        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora'); is it a full model checkpoint?")
+        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora'); "
+                        "is it a full model checkpoint?")
     triggers = spec.trigger_words if spec.trigger_words is not None else trigger_words_from_metadata(metadata)
     return LoadedLora(
         path=spec.path,

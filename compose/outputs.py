@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -99,13 +100,17 @@ def sidecar(result: Any, index: int, model: str) -> dict[str, Any]:
     }
 
 
+def _save_png(image: Any, path: Path) -> None:
+    image.save(path, format="PNG")
+
+
 def save_result(result: Any, out_dir: Path, stem: str, model: str) -> list[Path]:
     """Write ``<stem>.png`` + ``<stem>.json`` per image (``<stem>-<k>`` for several) into out_dir."""
     out_dir = prepare_output_dir(out_dir)
     written = []
     for index, image in enumerate(result.images):
         name = stem if len(result.images) == 1 else f"{stem}-{index}"
-        png = atomic_write(out_dir / f"{name}.png", lambda temp, image=image: image.save(temp, format="PNG"))
+        png = atomic_write(out_dir / f"{name}.png", functools.partial(_save_png, image))
         atomic_write_text(out_dir / f"{name}.json", json.dumps(sidecar(result, index, model), indent=2) + "\n")
         written.append(png)
     return written

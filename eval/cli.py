@@ -59,16 +59,17 @@ def run_bench(args: argparse.Namespace) -> int:
     return _report(out_dir, args.thumbnails, "bench --report") if args.report else 0
 
 
-def parse_only(filters: list[str]) -> dict[str, set[str]]:
+def parse_only(filters: list[str]) -> dict[str, list[str]]:
     """``--only method=merge,switch --only n=2`` as {key: accepted values}."""
     only: dict[str, set[str]] = {}
     for text in filters:
         key, sep, values = text.partition("=")
         accepted = {value.strip() for value in values.split(",") if value.strip()}
         if not sep or not key or not accepted:
-            raise UserError(f"--only {text!r}: use KEY=VALUE[,VALUE...] with KEY method, set, seed or n, e.g. method=merge")
+            raise UserError(f"--only {text!r}: use KEY=VALUE[,VALUE...] with KEY method, set, seed or n, "
+                            "e.g. method=merge")
         only[key.strip()] = only.get(key.strip(), set()) | accepted
-    return only
+    return {key: sorted(values) for key, values in only.items()}
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,10 +99,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", type=Path, metavar="DIR", help="the --out folder of a bench run")
     parser.add_argument("--clip-model", help="open_clip architecture (default: the suite's clipscore: model, else "
                                              "ViT-B-16-quickgelu); a different model does not take the suite's weights")
-    parser.add_argument("--clip-weights", help="pretrained tag or local .safetensors file (default: the suite's, else openai)")
+    parser.add_argument("--clip-weights",
+                        help="pretrained tag or local .safetensors file (default: the suite's, else openai)")
     parser.add_argument("--clip-config", help="open_clip model config JSON for an architecture open_clip does not ship")
     parser.add_argument("--convention", help="composlora, torchmetrics, clip-s, raw, or a mapping such as "
-                                             "'{scale: 100, clamp: mean, prefix: \"\", text: prompt}' (default: the suite's)")
+                                             "'{scale: 100, clamp: mean, prefix: \"\", text: prompt}' "
+                                             "(default: the suite's)")
     parser.add_argument("--rescore", action="store_true",
                         help="also score jobs scored under another CLIP model, weights or convention")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:1, ...")
@@ -113,9 +116,9 @@ def run_score(args: argparse.Namespace) -> int:
 
     if args.run_dir is None:
         raise UserError("score: give the run folder, e.g. loracompose score runs/my-suite")
-    options = ScoreOptions(run_dir=args.run_dir, model=args.clip_model, weights=args.clip_weights, config=args.clip_config,
-                           convention=parse_convention(args.convention), rescore=args.rescore, device=args.device,
-                           progress=not args.quiet)
+    options = ScoreOptions(run_dir=args.run_dir, model=args.clip_model, weights=args.clip_weights,
+                           config=args.clip_config, convention=parse_convention(args.convention),
+                           rescore=args.rescore, device=args.device, progress=not args.quiet)
     summary = score_run(options)
     print(summary.scores_file)
     print(f"score {args.run_dir}: {summary.jobs} finished jobs, {summary.already_scored} already scored, "

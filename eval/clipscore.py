@@ -24,14 +24,14 @@ import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from loracompose.errors import UserError, first_line
 
-ImageLike = Union[Image.Image, str, Path]
+ImageLike = Image.Image | str | Path
 
 DEFAULT_CLIP_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -105,7 +105,8 @@ def convention_from(value: str | Mapping[str, Any] | ClipConvention | None) -> C
         return value
     if isinstance(value, str):
         if value not in CONVENTIONS:
-            raise UserError(f"clipscore convention {value!r} is not known; use one of {', '.join(CONVENTIONS)} or a mapping")
+            raise UserError(f"clipscore convention {value!r} is not known; "
+                            f"use one of {', '.join(CONVENTIONS)} or a mapping")
         return CONVENTIONS[value]
     if not isinstance(value, Mapping):
         raise UserError(f"clipscore convention {value!r}: give a preset name or a mapping of scale/clamp/prefix/text")
@@ -115,7 +116,7 @@ def convention_from(value: str | Mapping[str, Any] | ClipConvention | None) -> C
     known = {f.name for f in fields(ClipConvention)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        accepted = ", ".join(sorted(known - {"text_source"}) + ["text"])
+        accepted = ", ".join([*sorted(known - {"text_source"}), "text"])
         raise UserError(f"clipscore convention key {unknown[0]!r} is not known; use {accepted}")
     return ClipConvention(**settings)
 
@@ -133,7 +134,7 @@ class ClipScores:
 class ClipScorer:
     """An open_clip model with its preprocessing, tokenizer and a CLIPScore convention."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, convention: ClipConvention,
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, convention: ClipConvention,
                  origin: Mapping[str, Any], device: torch.device):
         self.model = model.eval().to(device)
         self.preprocess = preprocess
@@ -152,7 +153,7 @@ class ClipScorer:
         config: str | Path | None = None,
         convention: str | Mapping[str, Any] | ClipConvention | None = None,
         device: str | torch.device = "auto",
-    ) -> "ClipScorer":
+    ) -> ClipScorer:
         """Load an open_clip model by name with a pretrained tag or a local safetensors file.
 
         Args:
@@ -253,7 +254,8 @@ def same_setup(clip: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
     """Whether two results' ``clip`` descriptions compare: same model, same weights (sha256 of a
     file, else the tag) and same convention."""
     def key(described: Mapping[str, Any]) -> tuple[Any, ...]:
-        return described.get("model"), described.get("weights_sha256") or described.get("weights"), described.get("convention")
+        weights = described.get("weights_sha256") or described.get("weights")
+        return described.get("model"), weights, described.get("convention")
 
     return key(clip) == key(other)
 
@@ -314,14 +316,16 @@ def _weights_in_folder(folder: Path) -> Path:
 def _create_model(model: str, weights: str) -> tuple[torch.nn.Module, Any]:
     import open_clip
 
-    safe = {"weights_only": True} if "weights_only" in inspect.signature(open_clip.create_model_and_transforms).parameters else {}
+    create_parameters = inspect.signature(open_clip.create_model_and_transforms).parameters
+    safe = {"weights_only": True} if "weights_only" in create_parameters else {}
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights or None, **safe)
     except (RuntimeError, AssertionError, KeyError, ValueError) as error:  # mismatched or unreachable weights
         first = first_line(error)
         hint = "download the weights first and pass the .safetensors file" if "download" in first.lower() else \
             "check that the weights belong to this architecture"
-        raise UserError(f"clip model {model} with weights {weights or model!r} could not be loaded ({first}); {hint}") from None
+        raise UserError(f"clip model {model} with weights {weights or model!r} could not be loaded ({first}); "
+                        f"{hint}") from None
     return clip_model, preprocess
 
 

@@ -88,12 +88,15 @@ BUILTIN_LORA_INFO: dict[str, dict[str, list[dict[str, Any]]]] = {
     },
     "reality": {
         "character": _entries(
-            ("character_1", "IU (Lee Ji Eun, Korean singer)", ["iu1", "long straight black hair", "hazel eyes", "diamond stud earrings"]),
+            ("character_1", "IU (Lee Ji Eun, Korean singer)",
+             ["iu1", "long straight black hair", "hazel eyes", "diamond stud earrings"]),
             ("character_2", "Scarlett Johansson", ["scarlett", "short red hair", "blue eyes"]),
-            ("character_3", "The Rock (Dwayne Johnson)", ["th3r0ck with no hair", "muscular male", "serious look on his face"]),
+            ("character_3", "The Rock (Dwayne Johnson)",
+             ["th3r0ck with no hair", "muscular male", "serious look on his face"]),
         ),
         "clothing": _entries(
-            ("clothing_1", "Thai University Uniform", ["mahalaiuniform", "white shirt short sleeves", "black pencil skirt"]),
+            ("clothing_1", "Thai University Uniform",
+             ["mahalaiuniform", "white shirt short sleeves", "black pencil skirt"]),
             ("clothing_2", "School Dress", ["school uniform", "white shirt", "red tie", "blue pleated microskirt"]),
         ),
         "style": _entries(
@@ -161,14 +164,15 @@ def read_lora_info(path: str | Path) -> list[TestbedLora]:
         raise UserError(f"composlora info file {path} not found; give the path of MLC's anime_lora_info.json "
                         "or reality_lora_info.json") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"composlora info file {path} is not valid JSON ({error}); use MLC's *_lora_info.json") from None
+        raise UserError(f"composlora info file {path} is not valid JSON ({error}); "
+                        "use MLC's *_lora_info.json") from None
     return parse_lora_info(data, str(path))
 
 
 def parse_lora_info(data: Any, source: str) -> list[TestbedLora]:
     if not isinstance(data, Mapping) or CHARACTER not in data:
         raise UserError(f"composlora info {source}: expected a JSON object of categories including 'character'")
-    loras = []
+    loras: list[TestbedLora] = []
     for category, entries in data.items():
         if not isinstance(entries, list) or not entries:
             raise UserError(f"composlora info {source}: category {category!r} must list at least one LoRA")
@@ -181,7 +185,7 @@ def parse_lora_info(data: Any, source: str) -> list[TestbedLora]:
 
 
 def _parse_entry(entry: Any, category: str, source: str) -> TestbedLora:
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("id"), str) or not isinstance(entry.get("trigger"), list):
+    if not (isinstance(entry, Mapping) and isinstance(entry.get("id"), str) and isinstance(entry.get("trigger"), list)):
         raise UserError(f"composlora info {source}: each {category!r} entry needs an 'id' and a 'trigger' list")
     if not re.match(r"^[A-Za-z0-9_-]+$", entry["id"]):
         raise UserError(f"composlora info {source}: id {entry['id']!r} must use letters, digits, '_' and '-' only")
@@ -207,7 +211,7 @@ def composition_sets(loras: Sequence[TestbedLora], size: int) -> list[TestbedSet
         raise UserError("composlora: the LoRA info has no 'character' category; every set needs one character")
     if not 1 <= size - 1 <= len(others):
         raise UserError(f"composlora size {size}: use 2 to {len(others) + 1} (one character plus other categories)")
-    sets = []
+    sets: list[TestbedSet] = []
     for chosen in itertools.combinations(others, size - 1):
         groups = [by_category[CHARACTER], *(by_category[name] for name in chosen)]
         sets.extend(TestbedSet(tuple(combo)) for combo in itertools.product(*groups))
@@ -222,4 +226,5 @@ def prompt_for(style: str, testbed_set: TestbedSet) -> str:
 def lora_file(lora_dir: Path, style: str, lora_id: str) -> Path:
     """``<lora_dir>/<style>/<id>.safetensors`` (MLC's layout), else ``<lora_dir>/<id>.safetensors``."""
     nested = lora_dir / style / f"{lora_id}.safetensors"
-    return nested if nested.is_file() or not (lora_dir / f"{lora_id}.safetensors").is_file() else lora_dir / f"{lora_id}.safetensors"
+    flat = lora_dir / f"{lora_id}.safetensors"
+    return nested if nested.is_file() or not flat.is_file() else flat

@@ -22,7 +22,7 @@ class Interval(NamedTuple):
     mean: float
     low: float | None
     high: float | None
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, as it may
 
 
 def mean_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval | None:

@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from loracompose.errors import UserError
 
@@ -58,33 +58,40 @@ class ManifestWriter:
     def __init__(self, path: Path, command: str = "bench"):
         self.path = Path(path)
         self.command = command  # who writes the file, for the message when another process holds it
-        self._file = None
+        self._file: BinaryIO | None = None
 
-    def __enter__(self) -> "ManifestWriter":
-        self._file = open(self.path, "ab", buffering=0)
+    @property
+    def _open_file(self) -> BinaryIO:
+        if self._file is None:
+            raise RuntimeError("ManifestWriter used outside its `with` block")
+        return self._file
+
+    def __enter__(self) -> ManifestWriter:
+        self._file = handle = open(self.path, "ab", buffering=0)
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.close()
+            handle.close()
             hint = "or give this one another --shard" if self.command == "bench" else "and rerun"
-            raise UserError(f"another {self.command} process is writing {self.path}; wait for it to finish {hint}") from None
+            raise UserError(f"another {self.command} process is writing {self.path}; "
+                            f"wait for it to finish {hint}") from None
         self._cut_partial_tail()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._file.close()  # closing releases the lock
+        self._open_file.close()  # closing releases the lock
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one record as one line: a single write, then fsync."""
         line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-        written = self._file.write(line)
+        written = self._open_file.write(line)
         if written != len(line):  # a full disk; never leave the half line for the next append
             self._cut_partial_tail()
             raise UserError(f"manifest {self.path}: could not write a whole line (disk full?); free space and rerun")
-        os.fsync(self._file.fileno())
+        os.fsync(self._open_file.fileno())
 
     def _cut_partial_tail(self) -> None:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             os.truncate(self.path, data.rfind(b"\n") + 1)
-            os.fsync(self._file.fileno())
+            os.fsync(self._open_file.fileno())

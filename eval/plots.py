@@ -41,7 +41,8 @@ def size_plot(rows: Sequence[Mapping[str, Any]], metric: str, title: str, ylabel
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for index, method in enumerate(methods):
-        points = sorted(((row["n"], row) for row in rows if row["method"] == method and row.get(f"{metric}_mean") is not None),
+        points = sorted(((row["n"], row) for row in rows
+                         if row["method"] == method and row.get(f"{metric}_mean") is not None),
                         key=lambda point: point[0])
         sizes = [n + (index - (len(methods) - 1) / 2) * DODGE for n, _ in points]
         means = [row[f"{metric}_mean"] for _, row in points]
@@ -49,7 +50,8 @@ def size_plot(rows: Sequence[Mapping[str, Any]], metric: str, title: str, ylabel
                  for mean, (_, row) in zip(means, points)]
         above = [row[f"{metric}_ci_high"] - mean if row.get(f"{metric}_ci_high") is not None else 0.0
                  for mean, (_, row) in zip(means, points)]
-        axes.errorbar(sizes, means, yerr=[below, above], marker="o", markersize=4, capsize=3, linewidth=1.5, label=method)
+        axes.errorbar(sizes, means, yerr=[below, above], marker="o", markersize=4, capsize=3, linewidth=1.5,
+                      label=method)
     axes.set_title(title, fontsize=11)
     axes.set_xlabel("LoRAs composed (N)")
     axes.set_ylabel(ylabel)

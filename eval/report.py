@@ -185,12 +185,17 @@ def result_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "job_id": record["job_id"], "method": record["method"], "method_name": record.get("method_name"),
         "set_id": record["set_id"], "n": record["n"], "loras": "+".join(record["loras"]), "seed": record["seed"],
         "clipscore": record.get("clipscore"), "clip_cosine": record.get("clip_cosine"),
-        **{key: stats.get(key) for key in ("unet_calls", "unet_rows", "partial_unet_calls", "wall_seconds", "peak_memory_bytes")},
+        **{key: stats.get(key)
+           for key in ("unet_calls", "unet_rows", "partial_unet_calls", "wall_seconds", "peak_memory_bytes")},
         "image": record["image"], "prompt": record["prompt"],
-        "concept_similarity": json.dumps(record["concept_similarity"], sort_keys=True) if "concept_similarity" in record else None,
+        "concept_similarity": _json_or_none(record, "concept_similarity"),
         "all_present": record.get("all_present"),
-        "concepts_present": json.dumps(record["concepts_present"], sort_keys=True) if "concepts_present" in record else None,
+        "concepts_present": _json_or_none(record, "concepts_present"),
     }
+
+
+def _json_or_none(record: Mapping[str, Any], key: str) -> str | None:
+    return json.dumps(record[key], sort_keys=True) if key in record else None
 
 
 def summarise(data: RunData) -> list[dict[str, Any]]:
@@ -210,7 +215,7 @@ def _method_row(method: str, records: Sequence[Mapping[str, Any]], planned: int,
     walls = [r["stats"]["wall_seconds"] for r in records]
     return {
         "method": method, "jobs": len(records), "planned": planned,
-        "clipscore_mean": convention.aggregate(scores) if scores else None,
+        "clipscore_mean": convention.aggregate(scores) if scores and convention is not None else None,
         "concept_similarity_mean": _mean(concept), "all_present_pct_mean": _mean(_present_percentages(records)),
         "unet_calls_mean": _mean(r["stats"]["unet_calls"] for r in records),
         "unet_rows_mean": _mean(r["stats"]["unet_rows"] for r in records), "wall_seconds_mean": _mean(walls),
@@ -251,7 +256,8 @@ def summarise_concepts(data: RunData) -> list[dict[str, Any]]:
     for record in data.records:
         for concept, present in record.get("concepts_present", {}).items():
             counts[(record["method"], concept)].append(bool(present))
-    return [{"method": method, "concept": concept, "images": len(values), "present_pct": 100.0 * sum(values) / len(values)}
+    return [{"method": method, "concept": concept, "images": len(values),
+             "present_pct": 100.0 * sum(values) / len(values)}
             for (method, concept), values in counts.items()]
 
 
@@ -261,8 +267,10 @@ def _interval_columns(name: str, values: Sequence[float], convention: ClipConven
     interval = mean_interval(values)
     if interval is None:
         return {f"{name}_mean": None, f"{name}_ci_low": None, f"{name}_ci_high": None}
-    clamp = (lambda v: None if v is None else max(v, 0.0)) if convention and convention.clamp == "mean" else (lambda v: v)
-    return {f"{name}_mean": clamp(interval.mean), f"{name}_ci_low": clamp(interval.low), f"{name}_ci_high": clamp(interval.high)}
+    clamps_mean = convention is not None and convention.clamp == "mean"
+    clamp = (lambda v: None if v is None else max(v, 0.0)) if clamps_mean else (lambda v: v)
+    return {f"{name}_mean": clamp(interval.mean), f"{name}_ci_low": clamp(interval.low),
+            f"{name}_ci_high": clamp(interval.high)}
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -314,8 +322,9 @@ def _notes(data: RunData) -> str:
     notes = [f"{len(data.records)} of {len(data.planned)} planned jobs finished."]
     if data.convention is not None:
         notes.append(f"CLIPScore convention: {html.escape(json.dumps(data.convention.to_dict()))}.")
-        clip = data.clip
-        notes.append(f"CLIP model: {html.escape(str(clip.get('model')))}, weights {html.escape(str(clip.get('weights')))}.")
+        clip = data.clip or {}
+        model, weights = (html.escape(str(clip.get(key))) for key in ("model", "weights"))
+        notes.append(f"CLIP model: {model}, weights {weights}.")
     else:
         notes.append("No CLIPScore in this run: run <code>loracompose score DIR</code> "
                      "(or add a clipscore: section to the suite).")
@@ -365,8 +374,10 @@ def _size_table(by_size: Sequence[Mapping[str, Any]]) -> str:
     body = []
     for row in by_size:
         cells = [_cell(row["n"]), _cell(row["method"]), _cell(row["jobs"]), _cell(row["clipscore_mean"]),
-                 _interval(row, "clipscore"), _cell(row["concept_similarity_mean"]), _interval(row, "concept_similarity"),
-                 _cell(row["all_present_pct_mean"]), _interval(row, "all_present_pct"), _cell(row["unet_calls_mean"]), _cell(row["wall_seconds_mean"]), _interval(row, "wall_seconds")]
+                 _interval(row, "clipscore"), _cell(row["concept_similarity_mean"]),
+                 _interval(row, "concept_similarity"), _cell(row["all_present_pct_mean"]),
+                 _interval(row, "all_present_pct"), _cell(row["unet_calls_mean"]), _cell(row["wall_seconds_mean"]),
+                 _interval(row, "wall_seconds")]
         body.append("<tr>" + "".join(f'<td class="text">{cell}</td>' if index == 1 else f"<td>{cell}</td>"
                                      for index, cell in enumerate(cells)) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -380,7 +391,8 @@ def _concept_table(rows: Sequence[Mapping[str, Any]]) -> str:
     concepts = list(dict.fromkeys(row["concept"] for row in rows))
     value = {(row["method"], row["concept"]): row["present_pct"] for row in rows}
     return ("<h3>Each concept present (% of the images whose set holds it; toy-world detector)</h3>"
-            + _table(["method", *concepts], ([method, *(value.get((method, c)) for c in concepts)] for method in methods)))
+            + _table(["method", *concepts],
+                     ([method, *(value.get((method, c)) for c in concepts)] for method in methods)))
 
 
 def _plots(by_size: Sequence[Mapping[str, Any]], convention: ClipConvention | None) -> str:
@@ -416,7 +428,8 @@ def _thumbnail_grid(data: RunData, max_thumbnails: int) -> str:
     return f"{note}<table><thead><tr><th>set / seed</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _thumbnail_row(key: tuple[str, int], cells: Mapping[str, Mapping[str, Any]], methods: Sequence[str], run_dir: Path) -> str:
+def _thumbnail_row(key: tuple[str, int], cells: Mapping[str, Mapping[str, Any]], methods: Sequence[str],
+                   run_dir: Path) -> str:
     set_id, seed = key
     tds = []
     for method in methods:

@@ -159,7 +159,7 @@ def read_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     if path.is_file():
         digests: dict[str, str] = {}
         for line in read_lines(path):
-            generated = manifest.get(line.get("job_id"))
+            generated = manifest.get(str(line.get("job_id")))
             if generated is None:
                 continue
             digest = digests.setdefault(line["job_id"], generation_digest(generated))

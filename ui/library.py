@@ -14,7 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from loracompose.errors import UserError
 from loracompose.library import PICKLED_SUFFIXES, library_files, library_root
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIX = ".safetensors"
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
 TABLE_HEADERS = ["use", "LoRA", "weight", "trigger words", "category", "base model", "source"]
-TABLE_TYPES = ["bool", "str", "number", "str", "str", "str", "str"]
+TABLE_TYPES: list[Literal["bool", "str", "number"]] = ["bool", "str", "number", "str", "str", "str", "str"]
 READ_ONLY_COLUMNS = [1, 4, 5, 6]
 METADATA_VALUE_CHARS = 200
 

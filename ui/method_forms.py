@@ -67,7 +67,7 @@ class MethodPanel:
                 for control in self.controls]
 
 
-ControlFactory = Callable[[str, dataclasses.Field, Any, Any, str], SettingControl]
+ControlFactory = Callable[[str, dataclasses.Field, Any, Any, str], SettingControl | None]  # None: not editable
 FIELD_CONTROLS: dict[tuple[str, str], ControlFactory] = {}
 PANEL_EXTRAS: dict[str, Callable[[MethodPanel], None]] = {}
 
@@ -217,7 +217,8 @@ def box_editor(panel: MethodPanel) -> None:
     layer's strokes span its box) that fills in the boxes text, and a live drawing of that text."""
     from .method_views import CONCEPT_COLOURS, box_layout, boxes_from_drawing
 
-    boxes = next(control.component for control in panel.controls if control.field_name == "boxes")
+    boxes = typing.cast(gr.Textbox, next(control.component for control in panel.controls
+                                         if control.field_name == "boxes"))
     blank = np.full((256, 256, 4), 255, dtype=np.uint8)
     editor = gr.ImageEditor(
         value={"background": blank, "layers": [], "composite": None}, type="numpy", sources=(), height=280,

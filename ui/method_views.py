@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 CONCEPT_COLOURS = ((230, 57, 70), (29, 120, 230), (46, 160, 67), (245, 166, 35), (155, 89, 182), (0, 170, 170))
 TINT_OPACITY = 0.45
+NEAREST = Image.NEAREST  # type: ignore[attr-defined]  # Image.Resampling needs Pillow 9.1
 
 Overlay = tuple[Image.Image, str]
 View = tuple[list[Overlay], str]
@@ -110,7 +111,8 @@ def _tint(image: Image.Image, masks: list[np.ndarray], colour_indices) -> Image.
     """``image`` with each latent-resolution mask upsampled (nearest) and tinted in its colour."""
     pixels = np.asarray(image, dtype=np.float32)
     for mask, index in zip(masks, colour_indices):
-        full = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)) > 0
+        upsampled = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, NEAREST)
+        full = np.asarray(upsampled) > 0
         pixels[full] = (1 - TINT_OPACITY) * pixels[full] + TINT_OPACITY * np.array(colour(index), dtype=np.float32)
     return Image.fromarray(pixels.round().astype(np.uint8))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loracompose.assets.embedded import embedded_default, loracompose_home
 from loracompose.errors import UserError
@@ -43,7 +44,7 @@ def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
     if options.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb {options.max_upload_mb}: give a positive size in MiB")
     model, library, prompt, preselect = options.model, scan_library(options.library), "", False
-    defaults = {}
+    defaults: dict[str, Any] = {}
     if model is None:
         demo = embedded_default()
         model, prompt = str(demo.model_dir), demo.prompt

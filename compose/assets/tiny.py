@@ -19,7 +19,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from diffusers import (
@@ -274,7 +274,7 @@ def _lora_config(prefix: str, rank: int, alpha: float) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(targets))
 
 
-def _attach_random_adapter(model: torch.nn.Module, config: LoraConfig, init_scale: float) -> dict[str, torch.Tensor]:
+def _attach_random_adapter(model: Any, config: LoraConfig, init_scale: float) -> dict[str, torch.Tensor]:
     """Add a randomly initialised adapter to ``model`` and return its PEFT state dict."""
     model.add_adapter(config, adapter_name=_ADAPTER_NAME)
     with torch.no_grad():
@@ -294,7 +294,7 @@ def _adapter_metadata(config: LoraConfig) -> dict[str, object]:
 
 
 def _diffusers_lora_tensors(
-    pipeline_class: type, layers: dict[str, dict[str, torch.Tensor]], configs: dict[str, LoraConfig]
+    pipeline_class: Any, layers: dict[str, dict[str, torch.Tensor]], configs: dict[str, LoraConfig]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata exactly as ``save_lora_weights`` writes them."""
     arguments: dict[str, object] = {}

@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image
 
 from .morphology import dilate, label_components
-from .scenes import COLORS, NOVEL_SHAPES, POSITIONS, SEPIA_SHIFT, SHAPES, Scene, render_array, scene_from_seed, shape_mask
+from .scenes import (
+    COLORS, NOVEL_SHAPES, POSITIONS, SEPIA_SHIFT, SHAPES, Scene, render_array, scene_from_seed, shape_mask,
+)
 
 OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
 MIN_OBJECT_AREA = 0.008  # blobs smaller than this share of the image are noise
@@ -83,8 +85,8 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     chroma = pixels.max(axis=2) - pixels.min(axis=2)
     blobs, count = label_components(chroma > OBJECT_CHROMA)  # 4-connected: touching corners stay apart
     hues = _hue(pixels)
-    objects = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
-    objects = sorted((item for item in objects if item is not None), key=lambda item: item.center[0])
+    found = [_describe_blob(blobs == index, chroma, hues) for index in range(1, count + 1)]
+    objects = sorted((item for item in found if item is not None), key=lambda item: item.center[0])
     background = background_pixels(chroma)
     style = "sepia" if background_warmth(pixels, background) > SEPIA_WARMTH else "flat"
     return Detection(classify_background(pixels, background), tuple(objects), style)
@@ -157,7 +159,7 @@ def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tupl
     window = (max(0, y0 - 2), min(size, y1 + 2), max(0, x0 - 2), min(size, x1 + 2))
     observed = coverage[window[0]:window[1], window[2]:window[3]]
     scores = {shape: _best_template_iou(shape, observed, window, box, size) for shape in DETECTABLE_SHAPES}
-    best = max(scores, key=scores.get)
+    best = max(scores, key=lambda shape: scores[shape])
     return best, scores[best]
 
 

@@ -43,7 +43,7 @@ def single_object_prompts() -> list[tuple[str, str, str]]:
 def two_object_prompts(count: int, seed: int = 0) -> list[tuple[SceneObject, SceneObject, str]]:
     """``count`` random left/right pairs of distinct (shape, colour) objects with their prompt."""
     rng = np.random.default_rng([seed, 0x2B])
-    pairs = []
+    pairs: list[tuple[SceneObject, SceneObject, str]] = []
     while len(pairs) < count:
         left, right = (SceneObject(SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))],
                                    where, "large", (0.0, 0.0)) for where in ("left", "right"))
@@ -115,7 +115,7 @@ def evaluate_concept_loras(pipe: Any, lora_dir: str | Path, guidance_scale: floa
     rows = []
     for name in names or list(CONCEPTS):
         concept, prompt = CONCEPTS[name], composition([name]).prompt
-        spec = LoraSpec(str(Path(lora_dir) / f"{name}.safetensors"))
+        spec = LoraSpec(Path(lora_dir) / f"{name}.safetensors")
         with_lora = _images(pipe, prompt, guidance_scale, seeds, steps, loras=[spec])
         without = _images(pipe, prompt, guidance_scale, seeds, steps)
         rows.append(ConceptEvaluation(name, prompt, seeds, _presence(concept, with_lora), _presence(concept, without)))

@@ -149,7 +149,7 @@ def _zero(*modules: torch.nn.Module) -> None:
 def _silence_resnets(resnets: torch.nn.ModuleList) -> None:
     """out = shortcut(x) + conv2(...): a zero conv2 leaves the (identity or 1x1) shortcut alone."""
     for resnet in resnets:
-        _zero(resnet.conv2)
+        _zero(resnet.get_submodule("conv2"))
 
 
 @torch.no_grad()

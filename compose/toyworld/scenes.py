@@ -175,8 +175,10 @@ def _heart_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (x * x + y * y - 1.0) ** 3 - x * x * y ** 3 <= 0.0
 
 
-def shape_mask(shape: str, center: tuple[float, float], radius: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Boolean mask of ``shape`` at ``center`` with ``radius`` over unit-coordinate sample grids."""
+def shape_mask(shape: str, center: tuple[float | np.ndarray, float | np.ndarray], radius: float | np.ndarray,
+               xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Boolean mask of ``shape`` at ``center`` with ``radius`` over unit-coordinate sample grids (arrays of
+    centres and radii broadcast against them: several templates at once)."""
     return SHAPE_MASKS[shape]((xs - center[0]) / radius, (ys - center[1]) / radius)
 
 
@@ -204,7 +206,7 @@ def render_array(scene: Scene, size: int = 32, *, supersample: int = 4) -> np.nd
     """The scene as a (size, size, 3) uint8 array."""
     xs, ys = _sample_grid(size, supersample)
     base, pattern = scene.tones
-    canvas = np.empty(xs.shape + (3,), dtype=np.float32)
+    canvas = np.empty((*xs.shape, 3), dtype=np.float32)
     canvas[...] = base
     canvas[_background_pattern(scene.background, xs, ys)] = pattern
     for item in scene.objects:
