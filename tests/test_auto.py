@@ -275,11 +275,15 @@ def test_auto_with_a_whole_image_mask_equals_merge(sd15, sd15_lora_files):
     torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
 
 
-def test_auto_refuses_several_images_per_call(sd15, sd15_lora_files):
+def test_several_images_each_get_their_masks_and_equal_one_image_runs(sd15, sd15_lora_files):
     specs = [LoraSpec(path) for path in sd15_lora_files]
-    with pytest.raises(UserError, match="one image per call") as caught:
-        sd15.generate(PROMPT, specs, Auto(), steps=STEPS, num_images=2, **COMMON)
-    assert "\n" not in str(caught.value)
+    method = Auto()
+    batch = sd15.generate(PROMPT, specs, method, steps=STEPS, seed=3, num_images=2, **COMMON)
+    assert method.mask_history[0][1].masks().shape[0] == 2
+    assert batch.stats.unet_calls == 3 + 2 * STEPS  # the probe batched, then one regional pass per image
+    for image in range(2):
+        alone = sd15.generate(PROMPT, specs, Auto(), steps=STEPS, seed=3 + image, **COMMON)
+        torch.testing.assert_close(batch.latents[image], alone.latents[0], rtol=0, atol=1e-4)
 
 
 def pipe_run(pipe, specs, method):

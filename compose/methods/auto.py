@@ -96,6 +96,7 @@ class Auto(CompositionMethod):
         self._masks: torch.Tensor | None = None  # (images, local concepts, height, width)
         self._recorder: TriggerMapRecorder | None = None
         self._regional: Regional | None = None
+        self._view: Denoiser | None = None
         self._initial: torch.Tensor | None = None
 
     # -- settings --------------------------------------------------------------------------
@@ -246,11 +247,17 @@ class Auto(CompositionMethod):
 
     # -- regional ----------------------------------------------------------------------------
     def _regional_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
-        if latents.shape[0] != 1:
-            raise UserError("auto places concepts per image: generate one image per call (num_images=1)")
+        images = latents.shape[0]
         if self._regional is None:
-            self._regional = self._start_regional(run)
-        return self._regional.predict(run, step, latents)
+            self._view = run if images == 1 else one_image_view(run)
+            self._regional = self._start_regional(self._view)
+        if images == 1:
+            return self._regional.predict(run, step, latents)
+        predictions = []
+        for image in range(images):  # each image has its own masks: one regional pass per image
+            self._regional.set_masks(self._areas(image))
+            predictions.append(self._regional.predict(self._view, step, latents[image:image + 1]))
+        return _stacked(predictions)
 
     def _start_regional(self, run: Denoiser) -> Regional:
         """The regional method on these LoRAs, its regions the automatic masks (global LoRAs: the image)."""
@@ -287,3 +294,25 @@ def _undo_on_unwind(run: Denoiser, undo: Any) -> None:
     patches = getattr(run, "patches", None)
     if patches is not None:
         patches.on_unwind(undo)
+
+
+def _stacked(predictions: Sequence[Prediction]) -> Prediction:
+    """One-image predictions as one prediction of all the images, in order."""
+    uncond = None if predictions[0].uncond is None else torch.cat([p.uncond for p in predictions])
+    return Prediction(cond=torch.cat([p.cond for p in predictions]), uncond=uncond)
+
+
+def one_image_view(run: Denoiser) -> Denoiser:
+    """``run`` seen as a run of one image: the first image's conditioning rows (every image of a
+    generation shares the prompt, so its rows are the same), the same UNet, counters and patches."""
+    view = copy.copy(run)
+    view.batch_size = 1
+    images = run.batch_size
+
+    def conditioning(branch: Branch) -> Any:
+        full = run.conditioning(branch)
+        rows = [half * images for half in range(run.num_halves)]
+        return type(full)(full.embeds[rows], {key: value[rows] for key, value in full.added.items()})
+
+    view.conditioning = conditioning
+    return view
