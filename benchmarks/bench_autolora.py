@@ -52,7 +52,8 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from loracompose import LoraSpec, Merge, load_pipeline  # noqa: E402
-from loracompose.methods.autolora import AutoLoRA, GateSet, lora_layer_channels, save_gates  # noqa: E402
+from loracompose.methods.autolora import AutoLoRA  # noqa: E402
+from loracompose.methods.autolora_gates import GateSet, lora_layer_channels, save_gates  # noqa: E402
 from loracompose.library import open_library  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.retrieval import (  # noqa: E402

@@ -8,7 +8,8 @@ import torch
 
 from helpers import assert_one_line_user_errors, with_metadata
 from loracompose import LoraSpec, Merge
-from loracompose.methods.autolora import AutoLoRA, GatedFusion, GateSet, LayerGate, lora_layer_channels, save_gates
+from loracompose.methods.autolora import AutoLoRA, GatedFusion
+from loracompose.methods.autolora_gates import GateSet, LayerGate, lora_layer_channels, save_gates
 from loracompose.pipelines.adapters import AdapterController
 
 COMMON = dict(show_progress=False, output_type="latent", append_triggers=False)

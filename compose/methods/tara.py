@@ -194,20 +194,6 @@ def install_token_masked_cross_attention(patches: PatchStack, unet: torch.nn.Mod
                               lambda _: ComposeAttnProcessor(backend, token_masks=token_masks))
 
 
-class TokenMaskedCrossAttention:
-    """:func:`install_token_masked_cross_attention` outside a generation (training); :meth:`restore`
-    puts the old processors back."""
-
-    def __init__(self, unet: torch.nn.Module, token_masks: LoraTokenMasks, backend: str) -> None:
-        from loracompose.pipelines.patches import PatchStack
-
-        self.patches = PatchStack()
-        install_token_masked_cross_attention(self.patches, unet, token_masks, backend)
-
-    def restore(self) -> None:
-        self.patches.unwind()
-
-
 class SelfAttentionRows:
     """Self-attention (attn1) LoRA deltas on some batch rows only (``rows`` 0/1), or on none (None).
 

@@ -1,4 +1,4 @@
-"""AutoLoRA gate training: the gates of :mod:`loracompose.methods.autolora` learned on a LoRA set,
+"""AutoLoRA gate training: the gates of :mod:`loracompose.methods.autolora_gates` learned on a LoRA set,
 base model and LoRAs frozen::
 
     per LoRA i: x0_i <- VAE latent of its showcase image (``<file stem>.png`` beside it, else one
@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from loracompose.errors import UserError
 from loracompose.library import LibraryEntry, entry_from_lora, open_library
 from loracompose.lora import LoadedLora, LoraSpec, with_trigger_words
-from loracompose.methods.autolora import GatedFusion, GateSet, check_variant, lora_layer_channels, save_gates
+from loracompose.methods.autolora import GatedFusion
+from loracompose.methods.autolora_gates import GateSet, check_variant, lora_layer_channels, save_gates
 from loracompose.outputs import atomic_write
 from loracompose.provenance import lora_identity, model_identity
 from loracompose.pipelines.adapters import AdapterController
+from loracompose.pipelines.patches import PatchStack
 from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
     save_checkpoint
 from loracompose.training.seeds import generator
@@ -148,14 +150,15 @@ def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
     gates = GateSet(channels, settings.variant).to(data.device)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.learning_rate)
     start, history, _ = resume_state(gates.named_tensors(), optimizer, resolved, settings)
-    fusion = GatedFusion(data.pipe.unet, lambda layer, _adapters, base, deltas: gates.gate(layer).gates(base, deltas))
+    patches = PatchStack()
     try:
+        GatedFusion(data.pipe.unet, lambda layer, _adapters, base, deltas: gates.gate(layer).gates(base, deltas), patches)
         seconds = run_steps(
             settings, start, settings.steps, history, lambda step: gate_step(gates, optimizer, data, settings, step),
             lambda done, _seconds: save_checkpoint(gates.named_tensors(), optimizer, resolved, settings, done, history),
             desc="train gates", show_progress=settings.show_progress)
     finally:
-        fusion.restore()
+        patches.unwind()
         data.adapters.activate({})
     # The file travels: the base model and LoRAs by name and digest, not the paths they were trained from.
     recipe = {**resolved.to_json(), "model": model_identity(settings.model, data.pipe),

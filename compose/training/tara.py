@@ -28,7 +28,9 @@ from loracompose.attention import LoraTokenMasks
 from loracompose.attention.lora_deltas import adapter_delta
 from loracompose.errors import UserError
 from loracompose.lora import SD15, SDXL
-from loracompose.methods.tara import TARA_CLASS_KEY, TARA_TOKEN_KEY, TokenMaskedCrossAttention, attention_modules
+from loracompose.methods.tara import TARA_CLASS_KEY, TARA_TOKEN_KEY, attention_modules, \
+    install_token_masked_cross_attention
+from loracompose.pipelines.patches import PatchStack
 from loracompose.tokens import trigger_positions
 from loracompose.training.trainer import LoraTrainingSettings, TrainingDefaults, TrainingModel, TrainingResult, train_lora
 
@@ -57,7 +59,7 @@ class TaraObjective:
         self.rare_positions: list[int] = []
         self.class_positions: list[int] = []
         self._layers: list[Attention] = []
-        self._processors: TokenMaskedCrossAttention | None = None
+        self._patches = PatchStack()
 
     def settings(self) -> dict[str, Any]:
         return {"objective": self.name, "token": self.token, "class_word": self.class_word,
@@ -71,7 +73,8 @@ class TaraObjective:
         mask = torch.zeros(model.conditioning.embeds.shape[1])
         mask[self.rare_positions] = 1.0
         self._layers = attention_modules(model.unet, cross=True)
-        self._processors = TokenMaskedCrossAttention(model.unet, LoraTokenMasks({model.adapter: mask}), self.backend)
+        install_token_masked_cross_attention(self._patches, model.unet, LoraTokenMasks({model.adapter: mask}),
+                                             self.backend)
 
     def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]:
         """λ·L_align (the ε-loss is the trainer's)."""
@@ -90,9 +93,7 @@ class TaraObjective:
                 "loracompose.tara_align_weight": repr(float(self.align_weight)), "loracompose.method": self.name}
 
     def close(self) -> None:
-        if self._processors is not None:
-            self._processors.restore()
-            self._processors = None
+        self._patches.unwind()
 
 
 def rare_and_class_positions(tokenizers: Sequence[Any], prompt: str, token: str,
