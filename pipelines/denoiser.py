@@ -158,27 +158,33 @@ class Denoiser:
         reason = self.batching_blocked(branches, batch, halves=halves)
         if reason is None:
             self._note_execution("batched", "")
-            strengths = {name: weight for branch in branches for name, weight in branch.loras}
-            self.adapters.set_weights(strengths, components=["unet"])
-            conditioning = Conditioning.cat([self._halves(branch, conditional_only)[h]
-                                             for h in range(halves) for branch in branches])
-            row_adapters = [b.single_adapter for _ in range(halves) for b in branches for _ in range(self.batch_size)]
-            batch_rows = BranchBatch(self.model_input(latents, step, halves * len(branches)), step.timestep,
-                                     conditioning, list(range(len(branches))), halves, cross_attention_kwargs)
+            batch_rows, row_adapters = self._batched_rows(latents, step, branches, halves, cross_attention_kwargs)
             with self.adapters.rows("unet", row_adapters):
                 return batch_rows.split(run(batch_rows))
         self._note_execution("sequential" if len(branches) > 1 else "single", reason if len(branches) > 1 else "")
         outputs = []
         for index, branch in enumerate(branches):
             self.adapters.activate(branch.weights, components=["unet"])
-            conditioning = self._halves(branch, True)[0] if conditional_only else self.conditioning(branch)
+            conditioning = self._halves(branch, 1)[0] if halves == 1 else self.conditioning(branch)
             outputs.append(run(BranchBatch(self.model_input(latents, step, halves), step.timestep, conditioning,
                                            [index], halves, cross_attention_kwargs)))
         return outputs
 
-    def _halves(self, branch: Branch, conditional_only: bool) -> list[Conditioning]:
-        halves = self.conditioning(branch).halves(self.num_halves)
-        return halves[-1:] if conditional_only else halves
+    def _batched_rows(self, latents: torch.Tensor, step: Step, branches: Sequence[Branch], halves: int,
+                      cross_attention_kwargs: Mapping[str, Any] | None) -> tuple[BranchBatch, list[str | None]]:
+        """The branches' strengths set on the UNet; one call's rows [half][branch][image] and each row's adapter."""
+        strengths = {name: weight for branch in branches for name, weight in branch.loras}
+        self.adapters.set_weights(strengths, components=["unet"])
+        per_branch = [self._halves(branch, halves) for branch in branches]
+        conditioning = Conditioning.cat([per_branch[b][h] for h in range(halves) for b in range(len(branches))])
+        row_adapters = [b.single_adapter for _ in range(halves) for b in branches for _ in range(self.batch_size)]
+        rows = BranchBatch(self.model_input(latents, step, halves * len(branches)), step.timestep, conditioning,
+                           list(range(len(branches))), halves, cross_attention_kwargs)
+        return rows, row_adapters
+
+    def _halves(self, branch: Branch, halves: int) -> list[Conditioning]:
+        """The branch's conditioning per CFG half: both, or the conditional one alone (``halves`` 1)."""
+        return self.conditioning(branch).halves(self.num_halves)[-halves:]
 
     def prediction(self, rows: torch.Tensor) -> Prediction:
         """One branch's rows [CFG half][image] as a :class:`Prediction`."""
