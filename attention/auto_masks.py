@@ -117,7 +117,7 @@ class MaskSettings:
     """How trigger maps become masks: the background threshold (on per-concept normalised scores)
     and the Gaussian smoothing of the scores, in map cells (0: none)."""
 
-    threshold: float = 0.3
+    threshold: float = 0.5
     smoothing: float = 0.0
 
     def __post_init__(self) -> None:

@@ -76,7 +76,7 @@ class Auto(CompositionMethod):
     restart: bool = field(default=True, metadata={
         "help": "probe on a copy of the scheduler, then generate from the initial latents with the masks "
                 "(off: the probe steps are the generation's first steps)"})
-    threshold: float = field(default=0.3, metadata={
+    threshold: float = field(default=0.5, metadata={
         "help": "a pixel is background when no concept's normalised trigger map reaches this (0..1)"})
     smoothing: float = field(default=1.0, metadata={"help": "Gaussian smoothing of the trigger maps, in map cells"})
     background_outside: bool = field(default=True, metadata={
