@@ -79,6 +79,18 @@ class CheckpointSettings:
         return found[-1] if found else None
 
 
+@dataclass(kw_only=True)
+class TrainingRun:
+    """What a training run wrote and how it went (every trainer's result derives from this)."""
+
+    path: Path
+    steps: int
+    history: list[dict[str, float]]
+    work_dir: Path
+    resumed_from: int = 0
+    train_seconds: float = 0.0  # the optimisation loop alone (no loading, probes or saving)
+
+
 class CheckpointRecipe:
     """Base of a trainer's resolved settings (a frozen dataclass): what a checkpoint must agree with to be resumed."""
 

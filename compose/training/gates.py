@@ -35,8 +35,8 @@ from loracompose.outputs import atomic_write
 from loracompose.provenance import lora_identity, model_identity
 from loracompose.pipelines.adapters import AdapterController
 from loracompose.pipelines.patches import PatchStack
-from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
-    save_checkpoint
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, TrainingRun, resume_state, \
+    run_steps, save_checkpoint
 from loracompose.training.seeds import generator
 from loracompose.training.trainer import (
     IMAGE_SUFFIXES,
@@ -102,15 +102,11 @@ class ResolvedGateSettings(CheckpointRecipe):
     dtype: str
 
 
-@dataclass
-class GateTrainingResult:
-    path: Path
-    steps: int
-    history: list[dict[str, float]]
+@dataclass(kw_only=True)
+class GateTrainingResult(TrainingRun):
+    """The run and the trained gates."""
+
     gates: GateSet
-    work_dir: Path
-    resumed_from: int = 0
-    train_seconds: float = 0.0
 
 
 @dataclass
@@ -165,7 +161,8 @@ def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
               "loras": [lora_identity(lora.name, lora.path) for lora in data.loras], "steps": settings.steps}
     metadata = {"loracompose.training": json.dumps(recipe), "loracompose.architecture": data.pipe.architecture}
     save_gates(gates, settings.out, metadata)
-    return GateTrainingResult(settings.out, settings.steps, history, gates, settings.work_dir, start, seconds)
+    return GateTrainingResult(path=settings.out, steps=settings.steps, history=history, gates=gates,
+                              work_dir=settings.work_dir, resumed_from=start, train_seconds=seconds)
 
 
 def _check_gate_settings(settings: GateTrainingSettings) -> None:

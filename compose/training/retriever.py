@@ -27,8 +27,8 @@ from loracompose.retrieval.lora_factors import AdaptedLayer, StackedFactors, lay
     stack_factors
 from loracompose.retrieval.retriever import RetrieverConfig, WeightRetriever, save_retriever
 from loracompose.retrieval.text import PipelineTextEmbedder, TextEmbedder
-from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
-    save_checkpoint
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, TrainingRun, resume_state, \
+    run_steps, save_checkpoint
 from loracompose.training.seeds import derived_seed, generator, seeded_global_rng
 
 
@@ -82,16 +82,12 @@ class ResolvedRetrieverSettings(CheckpointRecipe):
     seed: int
 
 
-@dataclass
-class RetrieverTrainingResult:
-    path: Path
-    steps: int
-    history: list[dict[str, float]]
+@dataclass(kw_only=True)
+class RetrieverTrainingResult(TrainingRun):
+    """The run, the trained retriever and the library entries it was trained on."""
+
     retriever: WeightRetriever
     entries: list[LibraryEntry]
-    work_dir: Path
-    resumed_from: int = 0
-    train_seconds: float = 0.0
 
 
 @dataclass
@@ -161,8 +157,9 @@ def train_retriever(settings: RetrieverTrainingSettings,
     retriever.eval()
     training = json.dumps({**resolved.to_json(), "steps": settings.steps}, sort_keys=True)
     save_retriever(retriever, settings.out, {"loracompose.training": training})
-    return RetrieverTrainingResult(settings.out, settings.steps, history, retriever, data.entries, settings.work_dir,
-                                   start, seconds)
+    return RetrieverTrainingResult(path=settings.out, steps=settings.steps, history=history, retriever=retriever,
+                                   entries=data.entries, work_dir=settings.work_dir, resumed_from=start,
+                                   train_seconds=seconds)
 
 
 def retriever_step(retriever: WeightRetriever, optimizer: torch.optim.Optimizer, data: RetrievalData,

@@ -41,8 +41,8 @@ from loracompose.lora import SD15, SDXL
 from loracompose.outputs import atomic_write
 from loracompose.provenance import captions_sha256, model_identity
 from loracompose.tokens import pipeline_tokenizers
-from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, resume_state, run_steps, \
-    save_checkpoint
+from loracompose.training.checkpoints import CheckpointRecipe, CheckpointSettings, TrainingRun, resume_state, \
+    run_steps, save_checkpoint
 from loracompose.training.seeds import derived_seed, generator, seeded_global_rng
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -179,18 +179,12 @@ class PlainObjective:
         pass
 
 
-@dataclass
-class TrainingResult:
-    """What a training run wrote and how its losses went."""
+@dataclass(kw_only=True)
+class TrainingResult(TrainingRun):
+    """A trained LoRA: the run, its probe losses and the LoRA weights (PEFT naming, CPU)."""
 
-    path: Path
-    steps: int
-    history: list[dict[str, float]]
     probe_losses: dict[int, dict[str, float]]
     lora_state: dict[str, torch.Tensor]
-    work_dir: Path
-    resumed_from: int = 0
-    train_seconds: float = 0.0  # the optimisation loop alone (no loading, probes or saving)
 
 
 # ------------------------------------------------------------------------------------ images
@@ -630,8 +624,9 @@ def run_training(model: TrainingModel, objective: TrainingObjective, resolved: R
     metadata |= lora_metadata(settings, resolved, model.architecture, total, objective,
                               model_identity(settings.model, model.pipe))
     write_lora_file(settings.out, tensors, metadata)
-    return TrainingResult(settings.out, total, history, probes, peft_state(model), settings.work_dir, start,
-                          train_seconds)
+    return TrainingResult(path=settings.out, steps=total, history=history, probe_losses=probes,
+                          lora_state=peft_state(model), work_dir=settings.work_dir, resumed_from=start,
+                          train_seconds=train_seconds)
 
 
 def peft_state(model: TrainingModel) -> dict[str, torch.Tensor]:

@@ -12,13 +12,13 @@ import torch
 
 from loracompose import UserError
 from loracompose.toyworld.train import ToyWorldTrainingSettings
-from loracompose.training.checkpoints import (CheckpointRecipe, CheckpointSettings, checkpoint_dirs,
+from loracompose.training.checkpoints import (CheckpointRecipe, CheckpointSettings, TrainingRun, checkpoint_dirs,
                                               flatten_optimizer_state, resume_state, run_steps, save_checkpoint,
                                               unflatten_optimizer_state)
-from loracompose.training.gates import GateTrainingSettings
-from loracompose.training.retriever import RetrieverTrainingSettings
+from loracompose.training.gates import GateTrainingResult, GateTrainingSettings
+from loracompose.training.retriever import RetrieverTrainingResult, RetrieverTrainingSettings
 from loracompose.training.tara import TaraTrainingSettings
-from loracompose.training.trainer import LoraTrainingSettings
+from loracompose.training.trainer import LoraTrainingSettings, TrainingResult
 
 
 def test_optimizer_state_round_trips_through_safetensors():
@@ -60,6 +60,7 @@ def test_every_trainer_takes_the_one_checkpoint_settings_type(tmp_path: Path):
     assert settings["toyworld"].work_dir == tmp_path / "run" / "checkpoints"
     given = GateTrainingSettings("m", [], tmp_path / "g.safetensors", work_dir=str(tmp_path / "w"), keep_checkpoints=5)
     assert given.work_dir == tmp_path / "w" and given.keep_checkpoints == 5
+    assert all(issubclass(result, TrainingRun) for result in (TrainingResult, GateTrainingResult, RetrieverTrainingResult))
 
 
 def test_checkpoints_are_due_every_k_steps_and_at_the_end(tmp_path: Path):
