@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loracompose.cli.checkpoint_flags import add_checkpoint_arguments, checkpoint_options
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec
 
@@ -114,8 +115,7 @@ def run_train_retriever(args: argparse.Namespace) -> int:
     result = train_retriever(RetrieverTrainingSettings(
         library=args.library, out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, temperature=args.temperature, width=args.width, depth=args.depth, heads=args.heads,
-        mlp=args.mlp, seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        work_dir=args.work_dir, resume=args.resume, device=args.device, show_progress=not args.quiet,
+        mlp=args.mlp, seed=args.seed, device=args.device, show_progress=not args.quiet, **checkpoint_options(args),
     ))
     print(result.path)
     return 0
@@ -144,9 +144,8 @@ def run_train_gates(args: argparse.Namespace) -> int:
     result = train_gates(GateTrainingSettings(
         model=args.model, loras=args.lora, out=args.out, variant=args.variant, steps=args.steps,
         learning_rate=args.lr, margin=args.margin, caption_dropout=args.caption_dropout,
-        showcase_steps=args.showcase_steps, resolution=args.resolution, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, work_dir=args.work_dir,
-        resume=args.resume, device=args.device, dtype=args.dtype, show_progress=not args.quiet,
+        showcase_steps=args.showcase_steps, resolution=args.resolution, seed=args.seed, device=args.device,
+        dtype=args.dtype, show_progress=not args.quiet, **checkpoint_options(args),
     ))
     print(result.path)
     return 0
@@ -154,9 +153,6 @@ def run_train_gates(args: argparse.Namespace) -> int:
 
 def _add_training_arguments(parser: argparse.ArgumentParser, *, checkpoint_every: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--work-dir", type=Path, help="checkpoint folder (default: OUT_STEM.checkpoints beside --out)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    add_checkpoint_arguments(parser, every=checkpoint_every)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -32,6 +32,7 @@ from loracompose.cli.toyworld import (
     run_train_toyworld,
     run_train_toyworld_loras,
 )
+from loracompose.cli.checkpoint_flags import add_checkpoint_arguments, checkpoint_options
 from loracompose.cli.method_flags import UsageError, add_method_arguments, method_from_args
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec, inspect_loras
@@ -154,9 +155,7 @@ def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) 
     parser.add_argument("--batch-size", type=int, help="images per step (default: the recipe's)")
     parser.add_argument("--resolution", type=int, help="training size in pixels (default: the model's native size)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
-    parser.add_argument("--work-dir", type=Path, help="checkpoint folder (default: OUT_STEM.checkpoints beside --out)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL)")
@@ -171,10 +170,9 @@ def lora_training_settings(args: argparse.Namespace, **extra: Any) -> "LoraTrain
     return LoraTrainingSettings(
         model=args.model, images=args.images, out=args.out, prompt=args.prompt or "", steps=args.steps,
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
-        resolution=args.resolution, seed=args.seed, checkpoint_every=args.checkpoint_every, work_dir=args.work_dir,
-        resume=args.resume, device=args.device, dtype=args.dtype, config=args.config,
+        resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype, config=args.config,
         gradient_checkpointing=args.gradient_checkpointing, probe_timesteps=args.probe_timesteps,
-        show_progress=not args.quiet, **extra,
+        show_progress=not args.quiet, **checkpoint_options(args), **extra,
     )
 
 

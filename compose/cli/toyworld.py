@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from loracompose.cli.checkpoint_flags import add_checkpoint_arguments, checkpoint_options
 from loracompose.errors import UserError
 
 
@@ -26,8 +27,7 @@ def add_train_toyworld_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", choices=("base", "tiny"), default="base",
                         help="base: the 1.7 M-parameter UNet (default); tiny: for tests")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    add_checkpoint_arguments(parser, folder_option="--run-dir")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -37,8 +37,8 @@ def run_train_toyworld(args: argparse.Namespace) -> int:
 
     result = train_toyworld(ToyWorldTrainingSettings(
         run_dir=args.run_dir, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-        architecture=args.architecture, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, threads=args.threads, show_progress=not args.quiet,
+        architecture=args.architecture, seed=args.seed, threads=args.threads, show_progress=not args.quiet,
+        **checkpoint_options(args),
     ))
     print(result.model_dir or result.checkpoint)
     print(f"train-toyworld: {result.steps} steps ({result.steps - result.resumed_from} run now) in "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from loracompose import UserError
+from loracompose.cli.main import main
 from loracompose.toyworld.train import ToyWorldTrainingSettings
 from loracompose.training.checkpoints import (CheckpointRecipe, CheckpointSettings, TrainingRun, checkpoint_dirs,
                                               flatten_optimizer_state, resume_state, run_steps, save_checkpoint,
@@ -125,3 +126,24 @@ def test_resuming_restores_weights_optimizer_and_history_and_refuses_another_rec
                                   seed=99)
     assert start == 3 and history == straight_history
     assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("command", [
+    ["train-lora", "--model", "m", "--images", "i", "--out", "{tmp}/x.safetensors"],
+    ["train-tara", "--model", "m", "--images", "i", "--out", "{tmp}/x.safetensors", "--token", "zkx",
+     "--class-word", "dog"],
+    ["train-gates", "--model", "m", "--lora", "a", "--lora", "b", "--out", "{tmp}/x.safetensors"],
+    ["train-retriever", "--library", "l", "--model", "m", "--out", "{tmp}/x.safetensors"],
+    ["train-toyworld", "--run-dir", "{tmp}/run", "--architecture", "tiny"],
+])
+def test_every_training_command_takes_the_checkpoint_flags(command, tmp_path, capsys):
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    assert main([*args, "--checkpoint-every", "0", "--keep-checkpoints", "3", "--quiet"]) == 2
+    assert "--checkpoint-every 0: use a positive integer" in capsys.readouterr().err
+
+
+def test_keep_checkpoints_reaches_the_trainer(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train-toyworld", "--run-dir", str(run), "--architecture", "tiny", "--batch-size", "2", "--steps", "3",
+                 "--checkpoint-every", "1", "--keep-checkpoints", "1", "--threads", "1", "--quiet"]) == 0
+    assert [path.name for path in checkpoint_dirs(run / "checkpoints")] == ["step-000003"]
