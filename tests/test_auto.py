@@ -199,6 +199,10 @@ def test_plan_puts_local_kinds_in_regions_and_global_ones_everywhere(sd15, sd15_
     method.plan(PROMPT, tokenizers)
     assert [lora.name for lora in method.local] == ["character"] and [lora.name for lora in method.global_] == ["style"]
     assert method.decisions["style"]["why"] == "style is a global kind" and not method.merges
+    as_background = Auto(kinds={"style": "background"})
+    as_background.bind(loras)
+    as_background.plan(PROMPT, tokenizers)
+    assert as_background.decisions["style"]["placement"] == "outside the local regions"
     method.plan("a landscape, qwv style", tokenizers)  # the character's trigger is not in the prompt
     assert method.merges and "not in the prompt" in method.decisions["character"]["why"]
     overridden = Auto(kinds={"character": "background"})

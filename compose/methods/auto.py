@@ -66,6 +66,7 @@ class Auto(CompositionMethod):
 
     name: ClassVar[str] = "auto"
     kinds: dict[str, str] = field(default_factory=dict, metadata={
+        "flags": ("--kind",),
         "help": "a LoRA's kind by name, overriding its metadata: NAME=object|character|clothing|style|background"})
     mode: str = field(default="delta", metadata={
         "help": "regional execution: delta (each LoRA's deltas masked on every layer, one UNet pass per step) "
@@ -132,6 +133,10 @@ class Auto(CompositionMethod):
                 placement = "whole image"
             self.decisions[lora.name] = {"kind": kind, "from": source, "placement": placement,
                                          "why": self._why(kind, lora, positions)}
+        if self.local and not self.merges and self.background_outside:
+            for lora in self.global_:
+                if self.decisions[lora.name]["kind"] == BACKGROUND:
+                    self.decisions[lora.name]["placement"] = "outside the local regions"
 
     @staticmethod
     def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None) -> list[int]:
