@@ -117,7 +117,7 @@ class AutoLoRA(CompositionMethod):
     """All LoRAs in one UNet pass; each LoRA's delta on each adapted layer scaled by a learned gate.
 
     Args:
-        gates: a gate file from :func:`train_gates` (safetensors); None: open gates, which is Merge.
+        gates: a gate file from :func:`~loracompose.training.gates.train_gates` (safetensors); None: open gates, which is Merge.
     """
 
     name: ClassVar[str] = "autolora"

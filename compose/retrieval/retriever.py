@@ -134,7 +134,7 @@ def save_retriever(retriever: WeightRetriever, path: Path, extra: Mapping[str, s
 
 
 def load_retriever(path: str | Path, device: str | torch.device = "cpu") -> WeightRetriever:
-    """Load a retriever written by :func:`save_retriever` / :func:`train_retriever` (safetensors only)."""
+    """Load a retriever written by :func:`save_retriever` / :func:`~loracompose.training.retriever.train_retriever` (safetensors only)."""
     path = Path(path)
     check_safetensors_file(path)
     try:
