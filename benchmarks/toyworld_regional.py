@@ -8,7 +8,8 @@ The shipped toy world at its reference settings (20 steps, CFG 4, DPM-Solver++, 
 
 * ``moxel+lunzor``: "a moxel on the left and a lunzor on the right", the moxel and lunzor LoRAs, with
   Merge, ``regional`` (boxes: the toy world's left and right slots, one UNet pass per step) and
-  ``regional`` latent couple; "right" = a red heart on the left AND a yellow crescent on the right
+  ``regional`` latent couple, each also with the set's region prompts ("a moxel on the left", as
+  benchmarks/toyworld.yaml runs it); "right" = a red heart on the left AND a yellow crescent on the right
   (shape, colour and side, as the detector sees them).
 * each LoRA alone through ``regional`` (its composition prompt; an object in the left and in the right
   slot's box, a background or style on the whole image), beside the LoRA alone (Merge of one LoRA):
@@ -79,6 +80,12 @@ def rows() -> list[dict[str, Any]]:
         dict(row="moxel+lunzor", method="regional latent (boxes)", loras=TWO_OBJECTS, prompt=pair.prompt,
              make=lambda: Regional(boxes=boxes, mode="latent"), judge=two_objects_right, target="two objects"),
     ]
+    for mode in ("delta", "latent"):  # as benchmarks/toyworld.yaml runs it: the set's region prompts too
+        table.append(dict(row="moxel+lunzor", method=f"regional{' latent' if mode == 'latent' else ''} "
+                          "(boxes, region prompts)", loras=TWO_OBJECTS, prompt=pair.prompt,
+                          make=lambda mode=mode: Regional(boxes=boxes, region_prompts=list(pair.region_prompts),
+                                                          mode=mode),
+                          judge=two_objects_right, target="two objects"))
     for name, concept in CONCEPTS.items():
         slots = ("left", "right") if concept.kind == OBJECT else (None,)
         for slot in slots:

@@ -81,6 +81,11 @@ def test_boxes_change_the_image_and_cost_one_pass_or_n_plus_one_branches(sd15, s
     for result in (delta, latent):
         assert (result.latents - merged.latents).abs().max() > 1e-3
     assert (delta.latents - latent.latents).abs().max() > 1e-4, "the two forms differ where regions are partial"
+    pair = sd15.generate(PROMPT, specs, Regional(boxes=[LEFT, RIGHT]), steps=STEPS, num_images=2, **COMMON)
+    second = sd15.generate(PROMPT, specs, Regional(boxes=[LEFT, RIGHT]), steps=STEPS, seed=1, **COMMON)
+    # image k is the one-image run with seed k; other batch sizes round differently (as Composer's test)
+    torch.testing.assert_close(pair.latents[:1], delta.latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(pair.latents[1:], second.latents, rtol=0, atol=1e-4)
     assert delta.method == {"name": "regional", "boxes": [list(LEFT), list(RIGHT)], "masks": None,
                             "region_prompts": None, "mode": "delta"}
 
