@@ -97,8 +97,8 @@ def library_dir(tiny_sd15_dir, tmp_path_factory) -> Path:
         raw = build_tiny_lora(tiny_sd15_dir, scratch / f"{index}.safetensors", seed=40 + index, text_encoder=False,
                               trigger_words=[f"trg{index}"], category=CATEGORIES[index % 4], init_scale=2.0)
         captions = [template.format(subject) for template in TRAINING_TEMPLATES]
-        with_metadata(raw, folder / f"lora{index:02d}.safetensors",
-                      {"loracompose.description": f"a lora of a {subject}", "loracompose.captions": json.dumps(captions)})
+        metadata = {"loracompose.description": f"a lora of a {subject}", "loracompose.captions": json.dumps(captions)}
+        with_metadata(raw, folder / f"lora{index:02d}.safetensors", metadata)
     return folder
 
 

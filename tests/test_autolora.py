@@ -75,7 +75,8 @@ def test_gate_formula_equals_its_explicit_computation(variant):
     gate = random_gates({"layer": 16}, variant, seed=3).gate("layer")
     base, delta = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     h, d = layer_norm(base), layer_norm(delta)
-    terms = {"full": gate.w_base * h + gate.w_lora * d + gate.w_cross * h * d, "no_base": gate.w_lora * d + gate.w_cross * h * d,
+    terms = {"full": gate.w_base * h + gate.w_lora * d + gate.w_cross * h * d,
+             "no_base": gate.w_lora * d + gate.w_cross * h * d,
              "no_cross": gate.w_lora * d}[variant]
     expected = gate.w_out * torch.sigmoid(terms + gate.bias)
     torch.testing.assert_close(gate(base, delta), expected, rtol=1e-5, atol=1e-6)

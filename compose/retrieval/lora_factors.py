@@ -153,11 +153,11 @@ class StackedFactors:
     def count(self) -> int:
         return int(self.down[0].shape[0])
 
-    def select(self, indices: Sequence[int]) -> "StackedFactors":
+    def select(self, indices: Sequence[int]) -> StackedFactors:
         rows = torch.as_tensor(list(indices), dtype=torch.long)
         return StackedFactors([a[rows] for a in self.down], [b[rows] for b in self.up])
 
-    def to(self, device: torch.device) -> "StackedFactors":
+    def to(self, device: torch.device) -> StackedFactors:
         return StackedFactors([a.to(device) for a in self.down], [b.to(device) for b in self.up])
 
 

@@ -4,8 +4,9 @@
     walk the LoRAs by score, keep at most one character, one style and one background
     (unless limits say otherwise; trigger matches are always kept: the prompt asks for them), stop at k
 
-``e_i`` is the text embedding of LoRA i's metadata (tier 1) or a :class:`~loracompose.retrieval.retriever.WeightRetriever`'s
-embedding of its weights (tier 2). Ranking is by cosine (per-row norms), not by dot product.
+``e_i`` is the text embedding of LoRA i's metadata (tier 1) or a
+:class:`~loracompose.retrieval.retriever.WeightRetriever`'s embedding of its weights (tier 2).
+Ranking is by cosine (per-row norms), not by dot product.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ _DEFAULT_CACHE = EmbeddingCache()
 
 
 def rank_loras(prompt: str, library: LibraryIndex, embedder: TextEmbedder, *, top_k: int = 3,
-               architecture: str | None = None, retriever: "WeightRetriever | None" = None,
+               architecture: str | None = None, retriever: WeightRetriever | None = None,
                category_limits: Mapping[str, int] | None = None, trigger_boost: float = TRIGGER_BOOST,
                cache: EmbeddingCache | None = None) -> list[RankedLora]:
     """Rank the library's LoRAs for ``prompt``: tier 1 (metadata text) or, with ``retriever``, tier 2 (weights).

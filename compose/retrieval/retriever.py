@@ -52,7 +52,7 @@ class RetrieverConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "RetrieverConfig":
+    def from_json(cls, data: Mapping[str, Any]) -> RetrieverConfig:
         values = dict(data)
         values["layers"] = tuple(AdaptedLayer(**layer) for layer in values["layers"])
         return cls(**values)
@@ -128,13 +128,15 @@ def _token_projection(channels: int, width: int) -> torch.nn.Module:
 def save_retriever(retriever: WeightRetriever, path: Path, extra: Mapping[str, str] | None = None) -> Path:
     """Write the retriever as safetensors (weights + JSON config in the metadata), atomically."""
     tensors = {name: value.detach().cpu().contiguous() for name, value in retriever.state_dict().items()}
-    metadata = {"format": RETRIEVER_FORMAT, RETRIEVER_CONFIG_KEY: json.dumps(retriever.config.to_json(), sort_keys=True), **(extra or {})}
+    config = json.dumps(retriever.config.to_json(), sort_keys=True)
+    metadata = {"format": RETRIEVER_FORMAT, RETRIEVER_CONFIG_KEY: config, **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
 
 
 def load_retriever(path: str | Path, device: str | torch.device = "cpu") -> WeightRetriever:
-    """Load a retriever written by :func:`save_retriever` / :func:`~loracompose.training.retriever.train_retriever` (safetensors only)."""
+    """Load a retriever written by :func:`save_retriever` or
+    :func:`~loracompose.training.retriever.train_retriever` (safetensors only)."""
     path = Path(path)
     check_safetensors_file(path)
     try:

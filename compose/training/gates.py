@@ -148,7 +148,8 @@ def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
     start, history, _ = resume_state(gates.named_tensors(), optimizer, resolved, settings)
     patches = PatchStack()
     try:
-        GatedFusion(data.pipe.unet, lambda layer, _adapters, base, deltas: gates.gate(layer).gates(base, deltas), patches)
+        GatedFusion(data.pipe.unet, lambda layer, _adapters, base, deltas: gates.gate(layer).gates(base, deltas),
+                    patches)
         seconds = run_steps(
             settings, start, settings.steps, history, lambda step: gate_step(gates, optimizer, data, settings, step),
             lambda done, _seconds: save_checkpoint(gates.named_tensors(), optimizer, resolved, settings, done, history),

@@ -32,7 +32,8 @@ from loracompose.methods.tara import TARA_CLASS_KEY, TARA_TOKEN_KEY, attention_m
     install_token_masked_cross_attention
 from loracompose.pipelines.patches import PatchStack
 from loracompose.tokens import trigger_positions
-from loracompose.training.trainer import LoraTrainingSettings, TrainingDefaults, TrainingModel, TrainingResult, train_lora
+from loracompose.training.trainer import (LoraTrainingSettings, TrainingDefaults, TrainingModel, TrainingResult,
+                                          train_lora)
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of {token} {class_word}"
 

@@ -148,9 +148,9 @@ class TrainingObjective(Protocol):
     name: str
 
     def settings(self) -> dict[str, Any]: ...
-    def prepare(self, model: "TrainingModel") -> None: ...
-    def losses(self, model: "TrainingModel") -> dict[str, torch.Tensor]: ...
-    def metrics(self, model: "TrainingModel") -> dict[str, float]: ...
+    def prepare(self, model: TrainingModel) -> None: ...
+    def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]: ...
+    def metrics(self, model: TrainingModel) -> dict[str, float]: ...
     def metadata(self) -> dict[str, str]: ...
     def close(self) -> None: ...
 
@@ -163,13 +163,13 @@ class PlainObjective:
     def settings(self) -> dict[str, Any]:
         return {"objective": self.name}
 
-    def prepare(self, model: "TrainingModel") -> None:
+    def prepare(self, model: TrainingModel) -> None:
         pass
 
-    def losses(self, model: "TrainingModel") -> dict[str, torch.Tensor]:
+    def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]:
         return {}
 
-    def metrics(self, model: "TrainingModel") -> dict[str, float]:
+    def metrics(self, model: TrainingModel) -> dict[str, float]:
         return {}
 
     def metadata(self) -> dict[str, str]:

@@ -51,7 +51,8 @@ def test_corrupt_entries_are_reported_and_a_corrupt_index_is_rebuilt(library_dir
     save_file({"weight": torch.zeros(2)}, str(folder / "no_lora.safetensors"))
     library = open_library(folder)
     assert list(library.entries) == ["good.safetensors"]
-    assert set(library.corrupt) == {"truncated.safetensors", "garbage.safetensors", "pickled.ckpt", "no_lora.safetensors"}
+    assert set(library.corrupt) == {"truncated.safetensors", "garbage.safetensors", "pickled.ckpt",
+                                    "no_lora.safetensors"}
     assert "truncated" in library.corrupt["truncated.safetensors"].reason
     assert "pickled" in library.corrupt["pickled.ckpt"].reason
     assert "no LoRA tensors" in library.corrupt["no_lora.safetensors"].reason

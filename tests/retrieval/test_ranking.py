@@ -101,7 +101,8 @@ def test_cli_retrieve_and_generate_with_auto_loras(tiny_sd15_dir, library_dir, t
     from loracompose.cli.main import main
 
     model = ["--model", str(tiny_sd15_dir)]
-    assert main(["retrieve", "a photo of trg3 at dusk", "--library", str(library_dir), "--top", "2", "--json", *model]) == 0
+    assert main(["retrieve", "a photo of trg3 at dusk", "--library", str(library_dir), "--top", "2", "--json",
+                 *model]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert len(listing) == 2 and listing[0]["trigger_in_prompt"] and listing[0]["file"].endswith("3.safetensors")
     out = tmp_path / "out"

@@ -20,7 +20,7 @@ def test_lora_factors_carry_alpha_over_rank(sd15_lora_files, tmp_path):
     kohya = read_unet_factors(write_kohya_lora(sd15_lora_files[0], tmp_path / "kohya.safetensors"))
     assert set(kohya) == set(factors) and len(factors) == 48
     state = load_file(sd15_lora_files[0])
-    down, up = factors[PROBED_LAYER]
+    _down, up = factors[PROBED_LAYER]
     torch.testing.assert_close(up, state[f"unet.{PROBED_LAYER}.lora_B.weight"] * 1.0)  # alpha = rank = 4
     torch.testing.assert_close(kohya[PROBED_LAYER][1], up)
     recall = recall_at_k(torch.eye(3), torch.eye(3)[[2, 1, 0]], [2, 1, 0], ks=(1, 2))

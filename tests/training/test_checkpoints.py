@@ -61,7 +61,8 @@ def test_every_trainer_takes_the_one_checkpoint_settings_type(tmp_path: Path):
     assert settings["toyworld"].work_dir == tmp_path / "run" / "checkpoints"
     given = GateTrainingSettings("m", [], tmp_path / "g.safetensors", work_dir=str(tmp_path / "w"), keep_checkpoints=5)
     assert given.work_dir == tmp_path / "w" and given.keep_checkpoints == 5
-    assert all(issubclass(result, TrainingRun) for result in (TrainingResult, GateTrainingResult, RetrieverTrainingResult))
+    results = (TrainingResult, GateTrainingResult, RetrieverTrainingResult)
+    assert all(issubclass(result, TrainingRun) for result in results)
 
 
 def test_checkpoints_are_due_every_k_steps_and_at_the_end(tmp_path: Path):
@@ -83,7 +84,7 @@ def test_checkpointing_refuses_bad_intervals_overwriting_and_resuming_nothing(tm
     for step in (1, 2, 3):
         save_checkpoint(trainable, optimizer, Recipe(seed=0), fresh, step, [{"step": step}])
     assert [path.name for path in checkpoint_dirs(fresh.work_dir)] == ["step-000002", "step-000003"], "keeps 2"
-    with pytest.raises(UserError, match="already holds checkpoints; pass --resume .* new --work-dir"):
+    with pytest.raises(UserError, match=r"already holds checkpoints; pass --resume .* new --work-dir"):
         fresh.check_checkpointing()
     resumed = RetrieverTrainingSettings(tmp_path, tmp_path / "r.safetensors", resume=True)
     resumed.check_checkpointing()

@@ -31,7 +31,8 @@ def test_weight_retriever_recall_on_held_out_prompts_is_far_above_chance(trained
     report = evaluate_retriever(trained_retriever.retriever, library, embedder, queries, ks=(1, 3))
     untrained = evaluate_retriever(WeightRetriever(trained_retriever.retriever.config), library, embedder, queries)
     history = trained_retriever.history
-    print(f"\nweight retriever: {report.loras} LoRAs, {report.queries} held-out prompts; recall@1 {report.recall[1]:.3f} "
+    print(f"\nweight retriever: {report.loras} LoRAs, {report.queries} held-out prompts; "
+          f"recall@1 {report.recall[1]:.3f} "
           f"(chance {report.chance[1]:.3f}, untrained {untrained.recall[1]:.3f}), recall@3 {report.recall[3]:.3f} "
           f"(chance {report.chance[3]:.3f}); "
           f"InfoNCE {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} in {len(history)} steps, "
@@ -45,7 +46,8 @@ def test_retriever_file_round_trip_and_tier_two_ranking(trained_retriever, libra
     library = open_library(library_dir)
     paths = [library.path_of(entry) for entry in library.sorted_entries()]
     loaded = load_retriever(trained_retriever.path)
-    torch.testing.assert_close(loaded.embed_files(paths), trained_retriever.retriever.embed_files(paths), rtol=0, atol=0)
+    expected = trained_retriever.retriever.embed_files(paths)
+    torch.testing.assert_close(loaded.embed_files(paths), expected, rtol=0, atol=0)
     ranked = rank_loras("a white cat sleeping on a sofa", library, embedder, top_k=1, retriever=loaded)
     assert ranked[0].entry.file == "lora11.safetensors" and not ranked[0].trigger_match
     assert [path.name for path in sorted(trained_retriever.work_dir.iterdir())] == ["step-000030", "step-000060"]
@@ -60,9 +62,11 @@ def test_retriever_resume_continues_the_same_run(library_dir, embedder, tmp_path
         train_retriever(RetrieverTrainingSettings(library_dir, tmp_path / "b.safetensors", steps=6, **RETRIEVER),
                         embedder=embedder)
     resumed = train_retriever(RetrieverTrainingSettings(library_dir, tmp_path / "b.safetensors", steps=6,
-                                                        checkpoint_every=3, resume=True, **RETRIEVER), embedder=embedder)
+                                                        checkpoint_every=3, resume=True, **RETRIEVER),
+                              embedder=embedder)
     assert resumed.resumed_from == 3 and len(resumed.history) == 6
-    assert [row["loss"] for row in resumed.history] == pytest.approx([row["loss"] for row in straight.history], abs=1e-5)
+    straight_losses = [row["loss"] for row in straight.history]
+    assert [row["loss"] for row in resumed.history] == pytest.approx(straight_losses, abs=1e-5)
     for key, value in straight.retriever.state_dict().items():
         torch.testing.assert_close(resumed.retriever.state_dict()[key], value, rtol=0, atol=1e-5)
 

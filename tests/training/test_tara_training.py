@@ -1,4 +1,5 @@
-"""TARA training (loracompose.training.tara): losses, the saved file, resuming, bad inputs and the CLI (tiny models, CPU)."""
+"""TARA training (loracompose.training.tara): losses, the saved file, resuming, bad inputs and the CLI (tiny
+models, CPU)."""
 
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def test_trainer_bad_inputs_are_user_errors(tiny_sd15_dir, image_folder, tmp_pat
                                  prompt="a photo of a teddy bear"))
     with pytest.raises(UserError, match="fp16"):
         train_tara(tara_settings(tiny_sd15_dir, image_folder, tmp_path / "x.safetensors", steps=1, dtype="fp16"))
-    with pytest.raises(UserError, match=".safetensors"):
+    with pytest.raises(UserError, match=r"\.safetensors"):
         train_tara(tara_settings(tiny_sd15_dir, image_folder, tmp_path / "x.pt", steps=1))
     assert not (tmp_path / "x.safetensors").exists()
 
