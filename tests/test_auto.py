@@ -246,6 +246,21 @@ def test_auto_probes_then_runs_regional_with_the_found_masks(sd15, sd15_lora_fil
     torch.testing.assert_close(result.latents, regional.latents, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("source", ["own", "merged"])
+def test_other_map_sources_probe_with_their_branches(sd15, sd15_lora_files, source):
+    specs = [LoraSpec(path, category="object") for path in sd15_lora_files]  # two local LoRAs
+    method = Auto(map_source=source, probe_steps=1, kinds={"style": "object"})
+    assert probes_once_and_partitions(method, sd15, specs)
+
+
+def probes_once_and_partitions(method, pipe, specs) -> bool:
+    """Runs ``method`` on a prompt naming both tiny LoRAs' triggers; checks its probe cost and masks."""
+    result = pipe.generate("a zkx on the left and a qwv on the right", specs, method, steps=STEPS, seed=1, **COMMON)
+    probe_calls = 1  # one step: own branches batched in one call, or the merged branch
+    masks = method.mask_history[0][1].masks()
+    return result.stats.unet_calls == probe_calls + STEPS and masks.shape[1] == 2 and float(masks.sum(1).max()) <= 1
+
+
 def left_half(_step, found):
     """A mask callback: the (only) local concept owns the left half of the image."""
     latent_owner = torch.zeros_like(found.latent_owner)

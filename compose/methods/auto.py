@@ -2,27 +2,30 @@
 
     kind_k  <- each LoRA's kind (compose/kinds.py: override, category, library index)
     local   <- LoRAs of a local kind (object, character, clothing; an unknown kind counts as local)
-               whose trigger words are in the prompt; every other LoRA is global (whole image)
+               whose trigger words are in the prompt; every other LoRA is global
     if there is one LoRA, or no local one:  Merge, exactly
     probe   <- the first ``probe_steps`` steps, run on a copy of the scheduler from the initial latents
                (the model given by ``map_source``), recording each local LoRA's trigger-token maps
-    masks   <- automatic masks from the summed maps (attention/auto_masks.py): per-concept
-               normalised, smoothed, argmax over concepts, background below ``threshold``
-    then the generation runs from the initial latents as regional LoRA: each local LoRA's deltas in its
-    mask on every layer, the global LoRAs everywhere (``mode="delta"``: one UNet pass per step), or
-    as latent couple (``mode="latent"``: a branch per local LoRA plus a background branch, noise
-    predictions joined by the masks). The masks stay fixed after the probe.
+    masks   <- automatic masks from the summed maps (attention/auto_masks.py): per concept smoothed
+               and min-max normalised, argmax over concepts, background below ``threshold``
+    regions <- local LoRA: its mask; background LoRA: where no local concept is
+               (``background_outside``); style LoRA: the whole image (``style_inside``)
+    then the generation runs from the initial latents as regional LoRA (compose/methods/regional.py):
+    each LoRA's deltas inside its region on every layer in one UNet pass per step (``mode="delta"``),
+    or as a latent couple (``mode="latent"``). The masks stay fixed after the probe. With several
+    images per call each image has its own masks and its own regional pass.
 
-Why the maps come from the base model (``map_source="base"``, measured on the toy world, seeds 100-131,
-see benchmarks/toyworld_auto.py): on "a moxel on the left and a lunzor on the right" the trigger tokens'
-maps at the 8x8 level put the moxel left and the lunzor right in 8/8 seeds from step 0 for the base
-model and for each LoRA in its own branch, 6-7/8 with both merged (the merged LoRAs pull both tokens
-onto the same blobs). The base model needs one branch and knows where the prompt puts things; a LoRA's
-own branch costs a branch per LoRA for the same maps.
+Choices, measured on the shipped toy world (tuning seeds 100-115; benchmarks/toyworld_auto.py):
 
-Why restart: masks from the first steps of a probe, applied from step 0 of the real run, keep the
-layout the prompt asked for; switching from the probe's trajectory to regional mid-way keeps what the
-probe already drew (with Merge: the blended shapes).
+* Maps from the base model (``map_source="base"``): on "a moxel on the left and a lunzor on the right"
+  the trigger tokens' maps at the 8x8 level put the moxel left and the lunzor right in 8/8 seeds from
+  step 0 for the base model and for each LoRA in its own branch, 6-7/8 with both merged (merged LoRAs
+  pull both tokens onto the same blobs). The base model needs one branch for the same maps. The
+  deepest (4x4) level localises nothing on this model (0/8), hence the level rule of auto_masks.py.
+* Restart: masks from a probe, applied from step 0, keep the layout the prompt asked for.
+* Background LoRAs outside the objects: applied everywhere, the checkered LoRA turns the objects'
+  shapes into circles (moxel+checkered 44%, moxel+lunzor+checkered 0%); outside them, 88% and 56%.
+* Threshold 0.5 (against 0.3): moxel+lunzor+checkered 56% -> 94%, the two objects 94% -> 100%.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from loracompose.errors import UserError
-from loracompose.kinds import BACKGROUND, check_overrides, is_local, lora_kind
+from loracompose.kinds import BACKGROUND, STYLE, check_overrides, is_local, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
@@ -82,6 +85,8 @@ class Auto(CompositionMethod):
     smoothing: float = field(default=1.0, metadata={"help": "Gaussian smoothing of the trigger maps, in map cells"})
     background_outside: bool = field(default=True, metadata={
         "help": "a background LoRA applies where no local concept is (off: everywhere, like a style)"})
+    style_inside: bool = field(default=True, metadata={
+        "help": "a style LoRA applies inside the local regions too (off: only where no local concept is)"})
     min_map_side: int = field(default=8, metadata={
         "help": "maps come from the deepest level with at least this many cells a side"})
 
@@ -216,7 +221,12 @@ class Auto(CompositionMethod):
     def _probe_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
         if self._recorder is None:
             self._start_recording(run, latents)
-        return Prediction.mix(run.predict(latents, step, self._probe_branches()))
+        branches = self._probe_branches()
+        blocked = run.batching_blocked(branches) if len(branches) > 1 else None
+        if blocked is not None:  # the recorder sums calls: one branch per call would add the branches' maps
+            raise UserError(f"auto map_source='own' needs its branches in one UNet call ({blocked}); "
+                            "use map_source='base'")
+        return Prediction.mix(run.predict(latents, step, branches))
 
     def _start_recording(self, run: Denoiser, latents: torch.Tensor) -> None:
         self._stop_recording()
@@ -281,7 +291,8 @@ class Auto(CompositionMethod):
         def area(lora: LoadedLora) -> torch.Tensor | None:
             if lora.name in local:
                 return self._masks[image, local[lora.name]]
-            if self.background_outside and self.decisions[lora.name]["kind"] == BACKGROUND:
+            kind = self.decisions[lora.name]["kind"]
+            if (kind == BACKGROUND and self.background_outside) or (kind == STYLE and not self.style_inside):
                 return outside
             return None
 
