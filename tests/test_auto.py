@@ -227,22 +227,25 @@ def test_auto_equals_merge_for_one_lora_or_only_global_loras(sd15, sd15_lora_fil
     assert auto.stats.unet_calls == merged.stats.unet_calls == STEPS
 
 
-@pytest.mark.parametrize("mode,calls_per_step", [("delta", 1), ("latent", 1)])
-def test_auto_probes_then_runs_regional_with_the_found_masks(sd15, sd15_lora_files, mode, calls_per_step):
-    specs = [LoraSpec(path) for path in sd15_lora_files]
+@pytest.mark.parametrize("model,files,mode,calls_per_step", [("sd15", "sd15_lora_files", "delta", 1),
+                                                              ("sd15", "sd15_lora_files", "latent", 1),
+                                                              ("sdxl", "sdxl_lora_files", "delta", 1)])
+def test_auto_probes_then_runs_regional_with_the_found_masks(model, files, mode, calls_per_step, request):
+    pipe, lora_files = request.getfixturevalue(model), request.getfixturevalue(files)
+    specs = [LoraSpec(path) for path in lora_files]
     method = Auto(mode=mode, probe_steps=2)
-    processors = {key: id(value) for key, value in sd15.unet.attn_processors.items()}
-    result = pipe_run(sd15, specs, method)
+    processors = {key: id(value) for key, value in pipe.unet.attn_processors.items()}
+    result = pipe_run(pipe, specs, method)
     # The probe: 2 base-model passes; then one (batched) pass per step.
     assert result.stats.unet_calls == 2 + STEPS * calls_per_step
     assert len(method.mask_history) == 1
     assert method.mask_history[0][1].masks().shape == (1, 1, *result.latents[0].shape[-2:])
     assert result.method["decisions"]["character"]["placement"] == "region"
-    assert {key: id(value) for key, value in sd15.unet.attn_processors.items()} == processors
-    assert not any("forward" in module.__dict__ for module in sd15.unet.modules()), "PEFT forwards restored"
+    assert {key: id(value) for key, value in pipe.unet.attn_processors.items()} == processors
+    assert not any("forward" in module.__dict__ for module in pipe.unet.modules()), "PEFT forwards restored"
     # Oracle: regional with the found mask for the character and the whole image for the style.
     found = method.mask_history[0][1].masks()[0, 0]
-    regional = pipe_run(sd15, specs, Regional(masks=[found], mode=mode))
+    regional = pipe_run(pipe, specs, Regional(masks=[found], mode=mode))
     torch.testing.assert_close(result.latents, regional.latents, rtol=0, atol=1e-5)
 
 
