@@ -20,7 +20,8 @@ Masks are binary at every level, by the one rounding rule of :mod:`loracompose.a
 cell is in when half of it is covered): boxes get exact coverage per level, mask tensors are
 area-averaged. Each level's masks and query groups are computed once per latent size and cached.
 
-Everything this changes on a UNet lives in :class:`RegionalPatches` (``install`` / ``restore``).
+Everything this changes on a UNet is registered on a :class:`~loracompose.pipelines.patches.PatchStack`
+(:func:`install_regional`): the run's, which the loop unwinds, or one of the patches' own (``restore``).
 """
 
 from __future__ import annotations
@@ -34,23 +35,17 @@ from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import LoraLayer
 
 from loracompose.errors import UserError
+from loracompose.pipelines.patches import PatchStack
 
-from .layers import ProcessorHandle, attention_layers, install_processors, UNetCall
+from .layers import UNetCall, attention_layers
 from .lora_deltas import active_adapters, adapter_delta
 from .masks import Box, LatentGrid
 from .processor import _context, _finish, _merge_heads, _split_heads, _tokens_first
 from .regions import MAX_REGIONS
 
-GLOBAL_KINDS = frozenset({"style", "background"})
-
 RegionArea = Box | torch.Tensor | None  # None: the whole image
 # Group code (bit r set: region r covers the position; 0: no region) -> encoder states, rows like the UNet batch.
 GroupStates = Callable[[int], torch.Tensor]
-
-
-def is_global_kind(category: str | None) -> bool:
-    """Whether a LoRA of this category (``LoadedLora.category``) applies to the whole image."""
-    return (category or "").strip().lower() in GLOBAL_KINDS
 
 
 def code_members(code: int, count: int) -> list[int]:
@@ -145,64 +140,67 @@ class RegionMasks:
 
         return self._cached(("codes", grid, level, str(device)), build)
 
-    def groups(self, grid: LatentGrid, level: int, device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
-        """(code, query rows) per group of cells at ``level`` sharing a code; rows None when one code
-        covers every cell."""
-        def build() -> list[tuple[int, torch.Tensor | None]]:
+    def groups(self, grid: LatentGrid, level: int, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+        """(code, query rows) per group of cells at ``level`` sharing a code."""
+        def build() -> list[tuple[int, torch.Tensor]]:
             codes = self.codes(grid, level, device)
-            present = torch.unique(codes).tolist()
-            if len(present) == 1:
-                return [(int(present[0]), None)]
-            return [(int(code), (codes == code).nonzero().squeeze(1)) for code in present]
+            return [(int(code), (codes == code).nonzero().squeeze(1)) for code in torch.unique(codes).tolist()]
 
         return self._cached(("groups", grid, level, str(device)), build)
 
     def all_codes(self, grid: LatentGrid) -> list[int]:
         """Every code present at some level of ``grid`` (the groups cross-attention will ask for)."""
-        return sorted({code for level in range(self.num_levels(grid)) for code in self.codes(grid, level).unique().tolist()})
+        return sorted({code for level in range(self.num_levels(grid))
+                       for code in self.codes(grid, level).unique().tolist()})
 
 
 class RegionalPatches:
     """What regional LoRA changes on a UNet: every LoRA layer's forward (masked deltas) and, given
-    ``states``, every cross-attention processor (per-group prompts). ``restore()`` undoes both.
+    ``states``, every cross-attention processor (per-group prompts), each registered on ``stack``.
 
     ``states(code)`` returns the encoder states for the group of regions in ``code`` (0: no region);
     without ``states`` cross-attention keeps its processors and its ``to_k``/``to_v`` take the masked
     deltas' rule for layers without positions (whole delta for a non-empty region).
+
+    ``stack``: a run's :class:`PatchStack` (``run.patches``), which undoes the patches when the run
+    unwinds it; None gives the patches a stack of their own, undone by :meth:`restore`.
     """
 
-    def __init__(self, unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None) -> None:
+    def __init__(self, unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None,
+                 stack: PatchStack | None = None) -> None:
         self.unet = unet
         self.masks = masks
         self.states = states
         self.call = UNetCall()
         self.key_values: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._layers: list[LoraLayer] = []
-        self._processors: ProcessorHandle | None = None
-        self._hook = unet.register_forward_pre_hook(self._record_call, with_kwargs=True)
+        self._own_stack = stack is None
+        self.stack = PatchStack() if stack is None else stack
         try:
-            self._patch_layers()
-            if states is not None:
-                layers = [layer for layer in attention_layers(unet) if layer.is_cross]
-                self._processors = install_processors(unet, {layer.name: RegionalCrossAttnProcessor(self)
-                                                             for layer in layers})
+            self._install()
         except BaseException:
-            self.restore()
+            if self._own_stack:
+                self.stack.unwind()
             raise
 
-    def _record_call(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.call.record(args[0] if args else kwargs["sample"])
-
-    def _patch_layers(self) -> None:
-        text_side = set()
+    def _install(self) -> None:
+        self.stack.on_unwind(self.clear_key_values)
+        self.stack.hook(self.unet.register_forward_pre_hook(self._record_call, with_kwargs=True))
+        text_side: set[int] = set()
         if self.states is not None:
             text_side = {id(projection) for module in self.unet.modules()
                          if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
                          for projection in (module.to_k, module.to_v)}
         for name, module in self.unet.named_modules():
             if isinstance(module, LoraLayer) and id(module) not in text_side:
-                module.forward = MethodType(_masked_forward(self, name), module)
-                self._layers.append(module)
+                self.stack.forward(module, MethodType(_masked_forward(self, name), module))
+        states = self.states
+        if states is not None:
+            layers = [layer for layer in attention_layers(self.unet) if layer.is_cross]
+            self.stack.processors(self.unet, {layer.name: RegionalCrossAttnProcessor(self, states)
+                                              for layer in layers})
+
+    def _record_call(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.call.record(args[0] if args else kwargs["sample"])
 
     @property
     def grid(self) -> LatentGrid:
@@ -213,25 +211,22 @@ class RegionalPatches:
         self.key_values = {}
 
     def restore(self) -> None:
-        """Put back PEFT's forwards and the previous processors; safe to call twice."""
-        for layer in self._layers:
-            if "forward" in layer.__dict__:
-                del layer.forward
-        self._layers = []
-        if self._processors is not None:
-            self._processors.restore()
-            self._processors = None
-        self._hook.remove()
-        self.key_values = {}
+        """Undo the patches installed on a stack of their own (safe to call twice); patches on a
+        run's stack are undone by the run."""
+        if not self._own_stack:
+            raise RuntimeError("these regional patches are on a run's patch stack; the run unwinds them")
+        self.stack.unwind()
 
 
-def install_regional(unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None) -> RegionalPatches:
+def install_regional(unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None,
+                     stack: PatchStack | None = None) -> RegionalPatches:
     """Install masked LoRA deltas (and, with ``states``, per-group cross-attention) on ``unet``.
 
     The adapters active on the UNet at call time are the ones applied; an active adapter that has no
-    region in ``masks`` adds its whole delta. Call ``restore()`` on the result when done.
+    region in ``masks`` adds its whole delta. With ``stack`` (a run's ``run.patches``) the run undoes
+    the patches; without, call ``restore()`` on the result when done.
     """
-    return RegionalPatches(unet, masks, states)
+    return RegionalPatches(unet, masks, states, stack)
 
 
 def _masked_forward(patches: RegionalPatches, layer_name: str) -> Callable[..., torch.Tensor]:
@@ -264,16 +259,7 @@ def _output_mask(masks: RegionMasks, grid: LatentGrid, output: torch.Tensor, reg
     skip the delta."""
     if output.ndim == 2:  # (batch, features): no positions
         return "full" if masks.nonempty(grid)[region] else None
-    if output.ndim == 4:
-        level = masks.level_for_size(grid, int(output.shape[-2]), int(output.shape[-1]))
-    elif output.ndim == 3:
-        level = masks.level_for_tokens(grid, int(output.shape[1]))
-        if level is None:
-            raise UserError(f"LoRA layer {layer_name} got {output.shape[1]} tokens, which is no feature-map size "
-                            f"of this {grid.height}x{grid.width} latent; regional LoRA cannot place its delta")
-    else:
-        raise UserError(f"LoRA layer {layer_name} gave a {output.ndim}-D output; regional LoRA handles linear and "
-                        "2-D convolution layers")
+    level = _output_level(masks, grid, output, layer_name)
     state = masks.coverage(grid, level)[region]
     if state != "part":
         return "full" if state == "full" else None
@@ -281,6 +267,20 @@ def _output_mask(masks: RegionMasks, grid: LatentGrid, output: torch.Tensor, reg
     if output.ndim == 4:
         return weight.view(1, 1, *output.shape[-2:])
     return weight.view(1, -1, 1)
+
+
+def _output_level(masks: RegionMasks, grid: LatentGrid, output: torch.Tensor, layer_name: str) -> int:
+    """The level of ``grid`` whose feature map ``output`` (convolution or token layout) is on."""
+    if output.ndim == 4:
+        return masks.level_for_size(grid, int(output.shape[-2]), int(output.shape[-1]))
+    if output.ndim != 3:
+        raise UserError(f"LoRA layer {layer_name} gave a {output.ndim}-D output; regional LoRA handles linear and "
+                        "2-D convolution layers")
+    level = masks.level_for_tokens(grid, int(output.shape[1]))
+    if level is None:
+        raise UserError(f"LoRA layer {layer_name} got {output.shape[1]} tokens, which is no feature-map size "
+                        f"of this {grid.height}x{grid.width} latent; regional LoRA cannot place its delta")
+    return level
 
 
 def group_projection(layer: torch.nn.Module, x: torch.Tensor, adapters: Sequence[str]) -> torch.Tensor:
@@ -299,15 +299,17 @@ class RegionalCrossAttnProcessor:
     """Cross-attention whose queries attend, per group of regions, to that group's prompt states
     through ``to_k``/``to_v`` with the group's deltas (the stock computation for a single group)."""
 
-    def __init__(self, patches: RegionalPatches) -> None:
+    def __init__(self, patches: RegionalPatches, states: GroupStates) -> None:
         self.patches = patches
+        self.states = states
         self.layer_name = ""
 
     def bind(self, layer: Any, call: UNetCall) -> None:
         self.layer_name = layer.name
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 temb: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         if encoder_hidden_states is None:
             raise UserError(f"layer {self.layer_name} is cross-attention but got no encoder states")
         if attention_mask is not None:
@@ -317,24 +319,27 @@ class RegionalCrossAttnProcessor:
         query = _split_heads(attn.to_q(x), attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
+        hidden = self._attend_groups(attn, x, query)
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
+        return _finish(attn, out, residual, spatial_shape)
+
+    def _attend_groups(self, attn: Attention, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Attention output per query, each group of queries on its own group's keys and values."""
         grid, masks = self.patches.grid, self.patches.masks
         level = masks.level_for_tokens(grid, x.shape[1])
         if level is None:
             raise UserError(f"layer {self.layer_name} has {x.shape[1]} queries, no feature-map size of this "
                             f"{grid.height}x{grid.width} latent")
-        groups = masks.groups(grid, level, x.device)
-        if len(groups) == 1:
-            hidden = self._attend(attn, query, *self._key_value(attn, x, groups[0][0]))
-        else:
-            hidden = None
-            for code, rows in groups:
-                key, value = self._key_value(attn, x, code)
-                part = self._attend(attn, query.index_select(2, rows), key, value)
-                if hidden is None:
-                    hidden = part.new_empty(*query.shape[:-1], part.shape[-1])
-                hidden.index_copy_(2, rows, part)
-        out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
-        return _finish(attn, out, residual, spatial_shape)
+        (code, rows), *rest = masks.groups(grid, level, x.device)
+        if not rest:  # one group covers every query
+            return self._attend(attn, query, *self._key_value(attn, x, code))
+        part = self._attend(attn, query.index_select(2, rows), *self._key_value(attn, x, code))
+        hidden = part.new_empty(*query.shape[:-1], part.shape[-1])
+        hidden.index_copy_(2, rows, part)
+        for code, rows in rest:
+            part = self._attend(attn, query.index_select(2, rows), *self._key_value(attn, x, code))
+            hidden.index_copy_(2, rows, part)
+        return hidden
 
     @staticmethod
     def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -346,7 +351,7 @@ class RegionalCrossAttnProcessor:
         key = (self.layer_name, code, x.shape[0], x.dtype, str(x.device))
         cached = self.patches.key_values.get(key)
         if cached is None:
-            states = _batch_rows(self.patches.states(code), x.shape[0]).to(device=x.device, dtype=x.dtype)
+            states = _batch_rows(self.states(code), x.shape[0]).to(device=x.device, dtype=x.dtype)
             context = _context(attn, x, states)
             adapters = [self.patches.masks.adapters[r] for r in code_members(code, len(self.patches.masks.adapters))]
             k = _split_heads(group_projection(attn.to_k, context, adapters), attn.heads)

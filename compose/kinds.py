@@ -52,6 +52,12 @@ def is_local(kind: str | None) -> bool:
     return kind in LOCAL_KINDS
 
 
+def is_global_kind(category: str | None) -> bool:
+    """Whether a LoRA of this category (``LoadedLora.category``, synonyms included) applies to the whole
+    image: style or background."""
+    return kind_of_category(category) in GLOBAL_KINDS
+
+
 def check_kind(name: str, kind: str) -> str:
     """``kind`` lower-cased if it is one of :data:`KINDS`, else a one-line UserError naming ``name``."""
     normalised = str(kind).strip().lower()

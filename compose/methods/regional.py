@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from loracompose.errors import UserError
+from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
@@ -53,15 +54,15 @@ if TYPE_CHECKING:
     import torch
 
     from loracompose.attention.masks import Box, LatentGrid
-    from loracompose.attention.regional import RegionArea, RegionalPatches, RegionMasks, code_members, \
-        install_regional, is_global_kind
+    from loracompose.attention.regional import (RegionArea, RegionalPatches, RegionMasks, code_members,
+                                                install_regional)
     from loracompose.pipelines.denoiser import Denoiser
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
     Box, LatentGrid = (LazyImport("loracompose.attention.masks", name) for name in ("Box", "LatentGrid"))
-    RegionArea, RegionalPatches, RegionMasks, code_members, install_regional, is_global_kind = (
+    RegionArea, RegionalPatches, RegionMasks, code_members, install_regional = (
         LazyImport("loracompose.attention.regional", name) for name in (
-            "RegionArea", "RegionalPatches", "RegionMasks", "code_members", "install_regional", "is_global_kind"))
+            "RegionArea", "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +159,18 @@ class Regional(CompositionMethod):
         self.region_masks = RegionMasks([lora.name for lora in self.loras], self.areas(self.loras))
         self._checked_grid = None
         if self.mode == "delta":
-            self._patches = install_regional(run.unet, self.region_masks, self._group_states)
-            run.patches.on_unwind(self._patches.restore)
+            self._patches = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
+
+    @property
+    def running_masks(self) -> RegionMasks:
+        """The regions of the running generation (from ``start`` on)."""
+        if self.region_masks is None:
+            raise RuntimeError("regional: the generation has not started")
+        return self.region_masks
 
     def _group_states(self, code: int) -> torch.Tensor:
+        if self._run is None:
+            raise RuntimeError("regional: the generation has not started")
         members = code_members(code, len(self.loras))
         return self._run.conditioning(self.group_branch(members) if members else BASE).embeds
 
@@ -170,13 +179,13 @@ class Regional(CompositionMethod):
         self._check_grid(grid)
         if self.mode == "latent":
             return self._latent_couple(run, step, latents, grid)
-        for code in self.region_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
+        for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
             self._group_states(code)
-        present = [lora for lora, used in zip(self.loras, self.region_masks.nonempty(grid)) if used]
+        present = [lora for lora, used in zip(self.loras, self.running_masks.nonempty(grid)) if used]
         return run.predict(latents, step, [self.branch(*present)])[0]
 
     def _latent_couple(self, run: Denoiser, step: Step, latents: torch.Tensor, grid: LatentGrid) -> Prediction:
-        members = self.region_masks.members(grid, 0, latents.device).to(latents.dtype)
+        members = self.running_masks.members(grid, 0, latents.device).to(latents.dtype)
         cover = members.sum(dim=0)
         shape = (1, 1, grid.height, grid.width)
         weighted = [(Branch.of({lora.name: lora.weight}, prompt=self.region_prompt(k)),
@@ -184,12 +193,13 @@ class Regional(CompositionMethod):
         weighted.insert(0, (BASE, (cover == 0).to(latents.dtype).view(shape)))
         weighted = [(branch, weight) for branch, weight in weighted if bool(weight.any())]
         predictions = run.predict(latents, step, [branch for branch, _ in weighted])
-        return Prediction.mix(predictions, [weight for _, weight in weighted])
+        weights: list[Any] = [weight for _, weight in weighted]  # latent masks: mix multiplies elementwise
+        return Prediction.mix(predictions, weights)
 
     def _check_grid(self, grid: LatentGrid) -> None:
         if self._checked_grid == grid:
             return
-        for lora, area in zip(self.loras, self.region_masks.areas):
+        for lora, area in zip(self.loras, self.running_masks.areas):
             if isinstance(area, torch.Tensor):
                 check_mask_aspect(area, grid, lora.name)
             if area is not None and not bool(grid.region_mask(area, 0).any()):
@@ -207,7 +217,7 @@ class Regional(CompositionMethod):
             settings["masks"] = [mask if isinstance(mask, (str, Path)) else _describe_mask(mask) for mask in self.masks]
             settings["masks"] = [str(mask) if isinstance(mask, Path) else mask for mask in settings["masks"]]
         if self.boxes:
-            settings["boxes"] = [list(box.as_tuple()) for box in self._given]
+            settings["boxes"] = [list(_region_box(box).as_tuple()) for box in self.boxes]
         return settings
 
 
@@ -240,7 +250,8 @@ def load_mask(value: Any) -> torch.Tensor:
             with Image.open(path) as image:
                 return _image_mask(image)
         except (UnidentifiedImageError, OSError):
-            raise UserError(f"mask {path} is not an image PIL can read; give a PNG or JPEG (white = the region)") from None
+            raise UserError(f"mask {path} is not an image PIL can read; give a PNG or JPEG "
+                            "(white = the region)") from None
     raise UserError(f"regional mask {value!r}: give an image file path, a PIL image or a 2-D tensor")
 
 
