@@ -105,7 +105,8 @@ def deepest_attention_level(unet: UNet2DConditionModel, blocks: Iterable[BlockKi
     return max(levels)
 
 
-def attention_map_layers(unet: UNet2DConditionModel, layers_per_module: int | None = 1) -> list[AttentionLayer]:
+def attention_map_layers(unet: UNet2DConditionModel, layers_per_module: int | None = 1,
+                         level: int | None = None) -> list[AttentionLayer]:
     """The cross-attention layers CLoRA and LoRA-Composer read maps from (docs/methods/clora.md, composer.md).
 
     These are the attn2 layers of the down and up blocks at the deepest level with attention, the mid
@@ -115,11 +116,11 @@ def attention_map_layers(unet: UNet2DConditionModel, layers_per_module: int | No
     block); by default one block per module is kept, the central one (index 4 of 0..9), so SDXL also
     yields 5 layers and the map cost stays that of SD1.5. ``layers_per_module`` keeps that many evenly
     spaced blocks per module (None: all). The choice of SDXL subset is a cost decision, not a measured
-    quality optimum.
+    quality optimum. ``level`` reads another level instead of the deepest (same per-module subset).
     """
     if layers_per_module is not None and layers_per_module < 1:
         raise UserError(f"layers_per_module={layers_per_module} must be at least 1 (or None for all)")
-    level = deepest_attention_level(unet)
+    level = deepest_attention_level(unet) if level is None else level
     layers = select_layers(unet, "cross", levels=[level], blocks=("down", "up"))
     return [layer for layer in layers if _keeps(layer, layers, layers_per_module)]
 
