@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from loracompose.errors import UserError, first_line
+from loracompose.formats import load_lora_file
 from loracompose.lora import (
     SD15,
     SDXL,
@@ -103,7 +104,9 @@ class ComposeMixin:
             del loaded[lora.name]
         try:
             with quiet_loading():
-                self.load_lora_weights(str(lora.path), adapter_name=lora.name)
+                load_lora_file(self, lora.path, lora.name)  # every format, as exact PEFT LoRA layers
+        except UserError:
+            raise  # the converter's one-line reason, raised before any layer is touched
         except (ValueError, RuntimeError, KeyError) as error:
             if lora.name in self._adapter_names():
                 self.delete_adapters(lora.name)

@@ -1,0 +1,243 @@
+"""LoRA files as users have them, converted to PEFT LoRA adapters (one converter for every format).
+
+Loaded (see README "LoRA files"):
+
+* diffusers / PEFT files (``unet.<module>.lora_A.weight``, ``lora_magnitude_vector`` for DoRA), and
+  the old diffusers attention-processor files (``...processor.to_q_lora.down.weight``);
+* kohya-ss and LyCORIS files for SD1.x and SDXL: ``lora_unet_``, ``lora_te_``, ``lora_te1_``,
+  ``lora_te2_`` names, diffusers-style or sgm (``input_blocks``/``middle_block``/``output_blocks``)
+  UNet names, text-encoder names with or without transformers 4's ``text_model.`` level;
+* in those files: LoRA and LoCon (with the Tucker ``lora_mid``), LoHa (``hada_*``, Tucker
+  ``hada_t1``/``hada_t2``), LoKr (``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b``,
+  ``lokr_t2``) and DoRA (``dora_scale``).
+
+Every layer becomes a plain PEFT LoRA layer whose ``scale * B @ A`` equals the file's delta exactly
+(:mod:`.factors`). PEFT has LoHa and LoKr tuners, but they do not serve here: their layers take no
+per-row ``adapter_names`` (Composite's batched branches), expose no ``lora_A``/``lora_B`` for the
+token-masked and per-region deltas (TARA, LoRA-Composer, AutoLoRA's gates) and cannot share a layer
+with a LoRA adapter in diffusers' adapter handling. DoRA layers are materialised here (the effective
+``W' - W`` against the model's own weight) for the same reason, so a DoRA LoRA's strength scales that
+weight change linearly, as ComfyUI does.
+
+Refused, in one line naming the file and the format: OFT, BOFT, GLoRA, full weight differences
+(``diff``), (IA)^3, norm-layer weights, LoRA bias terms, embedded textual inversions, and any key
+this module does not recognise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from loracompose.errors import UserError, first_line
+
+from .factors import LowRankDelta, dora_delta, fit_to_layer, full_rank, lokr_factors, loha_factors, lora_factors
+from .keys import parse_key, refused_format
+from .names import ModuleIndex
+
+__all__ = ["ConvertedLora", "LowRankDelta", "convert_lora", "load_lora_file", "read_lora_tensors"]
+
+COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
+_FAMILY_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+@dataclass
+class ConvertedLora:
+    """A LoRA file as exact low-rank factors per model component and layer."""
+
+    path: Path
+    kinds: tuple[str, ...]
+    layers: dict[str, dict[str, LowRankDelta]] = field(default_factory=dict)
+
+    def peft_state_dict(self, component: str) -> dict[str, torch.Tensor]:
+        """``<module>.lora_A.weight`` / ``.lora_B.weight`` tensors of one component, PEFT naming."""
+        state: dict[str, torch.Tensor] = {}
+        for module, delta in self.layers.get(component, {}).items():
+            state[f"{module}.lora_A.weight"] = delta.down.contiguous()
+            state[f"{module}.lora_B.weight"] = delta.up.contiguous()
+        return state
+
+    def lora_config(self, component: str) -> dict[str, Any]:
+        """``LoraConfig`` arguments reproducing every layer's rank and alpha exactly."""
+        layers = self.layers.get(component, {})
+        first = next(iter(layers.values()))
+        return {
+            "r": first.rank,
+            "lora_alpha": first.alpha,
+            "rank_pattern": {f"^{module}": delta.rank for module, delta in layers.items()},
+            "alpha_pattern": {f"^{module}": delta.alpha for module, delta in layers.items()},
+            "target_modules": sorted(layers),
+        }
+
+
+def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors LoRA file (UserError naming the file if unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); re-download it") from None
+    return tensors, metadata
+
+
+def convert_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 components: Mapping[str, nn.Module]) -> ConvertedLora:
+    """Convert a LoRA file's tensors to exact LoRA factors for the given model components.
+
+    Args:
+        path: the file (named in every error).
+        tensors, metadata: its contents.
+        components: the model's ``unet``, ``text_encoder`` and ``text_encoder_2`` modules (those present).
+
+    Raises:
+        UserError: one line naming the file and the reason (a refused format, an unknown key, a layer
+            the model lacks, factors that do not fit it).
+    """
+    groups = _group_keys(path, tensors)
+    indexes = {name: ModuleIndex.of(module) for name, module in components.items()}
+    alphas = _metadata_alphas(metadata)
+    converted = ConvertedLora(path, ())
+    kinds: set[str] = set()
+    for (component, spelling), parts in groups.items():
+        module, layer = _resolve(path, component, spelling, indexes)
+        delta, kind_names = _layer_delta(path, module, parts, layer, alphas.get(component))
+        kinds |= kind_names
+        converted.layers.setdefault(component, {})[module] = delta
+    converted.kinds = tuple(sorted(kinds))
+    return converted
+
+
+def _group_keys(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, Any]]:
+    groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        refused = refused_format(key)
+        if refused:
+            raise UserError(f"LoRA file {path} is in the {refused} format (key {key!r}), which loracompose does "
+                            "not load; use a LoRA, LoCon, LoHa, LoKr or DoRA file")
+        parsed = parse_key(key)
+        if parsed is None:
+            raise UserError(f"LoRA file {path} has a key in no format loracompose knows ({key!r}); it loads "
+                            "diffusers/PEFT, kohya and LyCORIS LoRA, LoCon, LoHa, LoKr and DoRA files")
+        parts = groups[(parsed.component, parsed.module)]
+        parts.setdefault("families", set()).add(parsed.family)
+        parts[parsed.part] = tensor
+        parts.setdefault("keys", []).append(key)
+    return groups
+
+
+def _resolve(path: Path, component: str, spelling: str,
+             indexes: Mapping[str, ModuleIndex]) -> tuple[str, nn.Module]:
+    index = indexes.get(component)
+    if index is None:
+        raise UserError(f"LoRA file {path} has weights for a {component} this model does not have "
+                        f"(layer {spelling!r}); use a LoRA made for this base model")
+    module = index.resolve(spelling)
+    if module is None:
+        raise UserError(f"LoRA file {path} adapts layer {spelling!r} of the {component}, which this model does "
+                        "not have; use a LoRA made for this base model")
+    return module, index.layers[module]
+
+
+def _layer_delta(path: Path, module: str, parts: dict[str, Any], layer: nn.Module,
+                 metadata_alpha: Any) -> tuple[LowRankDelta, set[str]]:
+    families = parts["families"] - {"any", "dora"}
+    if len(families) != 1:
+        found = ", ".join(sorted(_FAMILY_NAMES.get(f, f) for f in families)) or "only alpha/DoRA scale"
+        raise UserError(f"LoRA file {path} has {found} weights for layer {module}; "
+                        "each layer needs exactly one LoRA, LoHa or LoKr set of weights")
+    family = families.pop()
+    weight = layer.weight
+    alpha = _alpha(parts, module, metadata_alpha)
+    try:
+        delta = _family_delta(family, parts, alpha, weight.shape)
+        delta = fit_to_layer(delta, weight.shape)
+        _check_shape(delta, weight.shape)
+    except (KeyError, RuntimeError, ValueError, IndexError) as error:
+        reason = f"missing {error}" if isinstance(error, KeyError) else first_line(error)
+        raise UserError(f"LoRA file {path} does not fit layer {module} of this model "
+                        f"(weight {tuple(weight.shape)}; {reason}); use a LoRA made for this base model") from None
+    kinds = {_FAMILY_NAMES[family] if not (family == "lora" and weight.ndim == 4 and weight.shape[-1] > 1)
+             else "LoCon"}
+    if "magnitude" in parts:
+        kinds.add("DoRA")
+        delta = full_rank(dora_delta(delta.delta(), weight.detach(), parts["magnitude"]))
+    return delta, kinds
+
+
+def _family_delta(family: str, parts: dict[str, Any], alpha: float | None, shape: torch.Size) -> LowRankDelta:
+    if family == "lora":
+        return lora_factors(parts["down"], parts["up"], parts.get("mid"), alpha)
+    if family == "loha":
+        return loha_factors(parts["w1_a"], parts["w1_b"], parts["w2_a"], parts["w2_b"], parts.get("t1"),
+                            parts.get("t2"), alpha, shape)
+    return lokr_factors({key: value for key, value in parts.items() if key.startswith("lokr_")}, alpha)
+
+
+def _check_shape(delta: LowRankDelta, shape: torch.Size) -> None:
+    if delta.up.shape[0] != shape[0] or tuple(delta.down.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"factors give {(delta.up.shape[0], *delta.down.shape[1:])}")
+
+
+def _alpha(parts: Mapping[str, Any], module: str, metadata_alpha: Any) -> float | None:
+    """The layer's alpha: its ``.alpha`` tensor, else the adapter config in the metadata, else None."""
+    if "alpha" in parts:
+        return float(parts["alpha"].float().item())
+    if callable(metadata_alpha):
+        return metadata_alpha(module)
+    return None
+
+
+def _metadata_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Per component, a function from module name to alpha, from diffusers' ``lora_adapter_metadata``.
+
+    diffusers/PEFT files carry alpha in their adapter config; without one, alpha equals the rank.
+    """
+    from peft.utils.other import get_pattern_key
+
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        config = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        config = {}
+    per_component: dict[str, dict[str, Any]] = defaultdict(dict)
+    for key, value in config.items():
+        component, _, field_name = key.rpartition(".")
+        per_component[component][field_name] = value
+    alphas: dict[str, Any] = {}
+    for component, fields in per_component.items():
+        if "lora_alpha" not in fields:
+            continue
+
+        def alpha_of(module: str, fields: dict[str, Any] = fields) -> float:
+            pattern = fields.get("alpha_pattern") or {}
+            key = get_pattern_key(list(pattern), module)
+            return float(pattern.get(key, fields["lora_alpha"]))
+
+        alphas[component] = alpha_of
+    return alphas
+
+
+def load_lora_file(pipe: Any, path: Path, adapter_name: str) -> ConvertedLora:
+    """Convert ``path`` for ``pipe`` and load it as the PEFT adapter ``adapter_name`` on every component."""
+    tensors, metadata = read_lora_tensors(path)
+    components = {name: getattr(pipe, name) for name in COMPONENT_NAMES if getattr(pipe, name, None) is not None}
+    converted = convert_lora(path, tensors, metadata, components)
+    for component in converted.layers:
+        state = {f"{component}.{key}": value for key, value in converted.peft_state_dict(component).items()}
+        config = {f"{component}.{key}": value for key, value in converted.lora_config(component).items()}
+        if component == "unet":
+            pipe.load_lora_into_unet(state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
+                                     metadata=config, _pipeline=pipe)
+        else:
+            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components[component],
+                                             prefix=component, adapter_name=adapter_name, metadata=config,
+                                             _pipeline=pipe)
+    return converted

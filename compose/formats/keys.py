@@ -1,0 +1,93 @@
+"""Tensor keys of a LoRA file, split into (component, module spelling, part), and refused formats.
+
+A key is ``<component prefix><module><part suffix>``: the component prefix is kohya's
+(``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``) or diffusers' (``unet.``,
+``text_encoder.``, ``text_encoder_2.``; none in the oldest UNet-only files); the part suffix names
+the tensor's role in its format (``lora_down.weight``, ``hada_w1_a``, ``lokr_w2_b``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# kohya / LyCORIS component prefixes, then diffusers ones (longest first where one is a prefix of another).
+COMPONENT_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder.", "text_encoder"),
+    ("unet.", "unet"),
+)
+
+# part suffix -> (format family, part name)
+PARTS = {
+    ".lora_down.weight": ("lora", "down"),
+    ".lora_up.weight": ("lora", "up"),
+    ".lora_mid.weight": ("lora", "mid"),
+    ".lora_A.weight": ("lora", "down"),
+    ".lora_B.weight": ("lora", "up"),
+    ".lora.down.weight": ("lora", "down"),
+    ".lora.up.weight": ("lora", "up"),
+    ".lora_linear_layer.down.weight": ("lora", "down"),
+    ".lora_linear_layer.up.weight": ("lora", "up"),
+    ".lora_magnitude_vector": ("dora", "magnitude"),
+    ".lora_magnitude_vector.weight": ("dora", "magnitude"),
+    ".dora_scale": ("dora", "magnitude"),
+    ".alpha": ("any", "alpha"),
+    **{f".hada_{part}": ("loha", part) for part in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f".lokr_{part}": ("lokr", f"lokr_{part}") for part in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t1", "t2")},
+}
+
+# The old diffusers attention-processor format: <attention>.processor.to_q_lora.down.weight
+_ATTN_PROCESSOR = re.compile(r"^(?P<module>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\."
+                             r"(?P<part>down|up)\.weight$")
+
+# Formats we recognise and refuse: (pattern on the key, format name).
+REFUSED = (
+    (re.compile(r"\.boft_"), "BOFT"),
+    (re.compile(r"\.oft_(blocks|diag|r|R|s)\b"), "OFT"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "GLoRA"),
+    (re.compile(r"\.diff(_b)?$"), "full weight difference ('diff', LyCORIS full)"),
+    (re.compile(r"\.on_input$"), "(IA)^3"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer weights"),
+    (re.compile(r"\.lora_B\.bias$"), "LoRA with bias terms (lora_bias)"),
+    (re.compile(r"^bundle_emb\.|\.string_to_param\."), "embedded textual inversion (bundle_emb)"),
+)
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One tensor key: which component, the module as spelt in the file, the format family and part."""
+
+    component: str
+    module: str
+    family: str
+    part: str
+
+
+def refused_format(key: str) -> str | None:
+    """The name of a known-but-unsupported format that ``key`` belongs to, if any."""
+    return next((name for pattern, name in REFUSED if pattern.search(key)), None)
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Split a tensor key; None when no known part suffix ends it."""
+    component, rest = _split_component(key)
+    processor = _ATTN_PROCESSOR.match(rest)
+    if processor:
+        projection = "to_out.0" if processor["projection"] == "to_out" else processor["projection"]
+        return ParsedKey(component, f"{processor['module']}.{projection}", "lora", processor["part"])
+    for suffix, (family, part) in PARTS.items():
+        if rest.endswith(suffix):
+            return ParsedKey(component, rest[: -len(suffix)], family, part)
+    return None
+
+
+def _split_component(key: str) -> tuple[str, str]:
+    for prefix, component in COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return component, key[len(prefix):]
+    return "unet", key
