@@ -121,6 +121,35 @@ def test_gate_file_round_trip_changes_the_result(sd15, sd15_lora_files, tmp_path
     assert gated.method["gates"] == str(path)
 
 
+def test_toy_world_default_is_its_shipped_gates_and_open_asks_for_merge():
+    from loracompose.assets.embedded import PACKAGED_TOYWORLD, embedded_default
+    from loracompose.pipelines import load_pipeline
+
+    default = embedded_default("toyworld")
+    pipe = load_pipeline(default.model_dir, device="cpu", dtype="fp32")
+    specs = [LoraSpec(lora.path) for lora in default.loras]
+    shipped = PACKAGED_TOYWORLD / "gates.safetensors"
+
+    def run(method):
+        return pipe.generate(default.prompt, specs, method, steps=2, seed=0, guidance_scale=4.0, **COMMON)
+
+    by_default, explicit = run(AutoLoRA()), run(AutoLoRA(gates=str(shipped)))
+    open_gates, merged = run(AutoLoRA(gates="open")), run(Merge())
+    assert torch.equal(by_default.latents, explicit.latents)
+    assert by_default.method["gates"] == str(shipped), "the sidecar names the gate file used"
+    assert torch.equal(open_gates.latents, merged.latents)
+    assert (by_default.latents - merged.latents).abs().max() > 1e-3, "the shipped gates change the result"
+
+
+def test_other_models_get_open_gates_by_default(sd15, sd15_lora_files):
+    from loracompose.methods.autolora import shipped_gates
+
+    assert shipped_gates(sd15) is None
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    gated = sd15.generate(PROMPT, specs, AutoLoRA(), steps=1, **COMMON)
+    assert gated.method["gates"] is None
+
+
 def test_bad_inputs_are_one_line_user_errors(sd15, sd15_lora_files, tmp_path):
     specs = [LoraSpec(path) for path in sd15_lora_files]
     (tmp_path / "gates.pt").write_bytes(b"x")

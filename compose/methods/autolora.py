@@ -12,7 +12,11 @@ One gate (w_b, w_l, w_c, b, w_out: one value per output channel each) per adapte
 LoRAs. Variants: ``no_base`` drops w_b, ``no_cross`` keeps w_l alone. Untrained gates are *open*:
 w_b = w_l = w_c = b = 0 and w_out = 2, so g_i = 2·σ(0) = 1 exactly and the method equals Merge bit for
 bit. Text encoders run their deltas summed (as Merge): they run once per generation. Gates load from
-a safetensors file (``gates=``); layers the file lacks keep open gates.
+a safetensors file (``gates=``); layers the file lacks keep open gates. With no file given, a base model
+that a shipped gate file was trained for gets that file: the embedded toy world's gates
+(``toyworld/weights/gates.safetensors``) when the model's weights fingerprint
+(:func:`~loracompose.provenance.model_fingerprint`) equals the one the file records; any other model
+gets open gates. ``gates="open"`` asks for open gates on every model.
 
 Gate training: :mod:`loracompose.training.gates`.
 
@@ -111,13 +115,44 @@ class GatedFusion:
 
 # ------------------------------------------------------------------------------------ the method
 
+OPEN_GATES = "open"  # the ``gates`` value for open gates (= Merge) even where shipped gates would apply
+
+
+def shipped_gates(pipe: Any) -> Path | None:
+    """The shipped gate file trained for ``pipe``'s base model, or None.
+
+    Today that is the embedded toy world's file, recognised by the model fingerprint in its training
+    record (a copy of the toy world elsewhere keeps it; another model, or the toy world in another
+    dtype, does not match).
+    """
+    from loracompose.assets.embedded import PACKAGED_TOYWORLD
+    from loracompose.provenance import model_fingerprint
+
+    path = PACKAGED_TOYWORLD / "gates.safetensors"
+    trained_for = _gate_file_model_digest(path) if path.is_file() else None
+    return path if trained_for is not None and trained_for == model_fingerprint(pipe) else None
+
+
+def _gate_file_model_digest(path: Path) -> str | None:
+    """The base-model digest a gate file's training record names (None when it records none)."""
+    import json
+
+    _, metadata = read_gate_file(path)
+    try:
+        return json.loads(metadata["loracompose.training"])["model"]["digest"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 
 @dataclass
 class AutoLoRA(CompositionMethod):
     """All LoRAs in one UNet pass; each LoRA's delta on each adapted layer scaled by a learned gate.
 
     Args:
-        gates: a gate file from :func:`~loracompose.training.gates.train_gates` (safetensors); None: open gates, which is Merge.
+        gates: a gate file from :func:`~loracompose.training.gates.train_gates` (safetensors); None: the
+            shipped gates of the base model where there are some (the embedded toy world's), else open
+            gates, which is Merge; ``"open"``: open gates on every model.
     """
 
     name: ClassVar[str] = "autolora"
@@ -126,15 +161,31 @@ class AutoLoRA(CompositionMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.gate_set: GateSet | None = None
+        self.gate_file: Path | None = None  # the file this generation's gates came from (None: open gates)
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)
-        if self.gates is not None:
+        if self.gates not in (None, OPEN_GATES):
             read_gate_file(Path(self.gates))
+
+    def prepare(self, pipe: Any, loras: Sequence[LoadedLora]) -> None:
+        if self.gates == OPEN_GATES:
+            self.gate_file = None
+        elif self.gates is not None:
+            self.gate_file = Path(self.gates)
+        else:
+            self.gate_file = shipped_gates(pipe)
+
+    def settings(self) -> dict[str, Any]:
+        """As every method's, with the shipped gate file a default run used in place of None."""
+        settings = super().settings()
+        if self.gates is None and self.gate_file is not None:
+            settings["gates"] = str(self.gate_file)
+        return settings
 
     def start(self, run: Denoiser) -> None:
         channels = lora_layer_channels(run.unet, [lora.name for lora in self.loras])
-        self.gate_set = load_gates(self.gates, channels) if self.gates else GateSet(channels)
+        self.gate_set = load_gates(self.gate_file, channels) if self.gate_file else GateSet(channels)
         self.gate_set.to(_unet_device(run.unet))
         GatedFusion(run.unet, self.layer_gates, run.patches)
 
