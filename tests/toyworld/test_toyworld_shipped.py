@@ -101,7 +101,7 @@ def test_loras_carry_trigger_and_category_metadata(toyworld):
 def test_cli_demo_with_no_arguments_draws_the_demo_concepts(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main([]) == 0
-    record = json.loads((tmp_path / "loracompose-out" / "merge-0.json").read_text())
+    record = json.loads((tmp_path / "loracompose-out" / "auto-0.json").read_text())
     assert [lora["name"] for lora in record["loras"]] == ["moxel", "lunzor", "checkered"]
     assert (record["steps"], record["guidance_scale"], record["width"]) == (20, 4.0, 32)
 
