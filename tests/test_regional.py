@@ -260,6 +260,52 @@ def test_bad_regions_are_one_line_user_errors(sd15, sd15_lora_files, tmp_path):
         (lambda: bound(Regional(masks=[torch.ones(4, 4)] * 3)), "3 masks for 2 LoRAs; give at most one per LoRA"),
         (lambda: bound(Regional(boxes=[WHOLE])), "1 boxes for 2 LoRAs"),
         (lambda: bound(Regional(region_prompts=["a"])), "1 region prompts for 2 LoRAs"),
-        (lambda: generate(Regional(masks=[tmp_path / "wide.png", torch.ones(4, 4)])), "aspect ratio"),
+        (lambda: generate(Regional(masks=[tmp_path / "wide.png", torch.ones(4, 4)])), "but the image's aspect is 1:1"),
     ])
     assert restored(sd15.unet)
+
+
+# ------------------------------------------------------------------------------------ every front-end
+
+
+def bad_region_inputs(tmp_path):
+    """(method, region flags, expected text) for the CLI; files made under ``tmp_path``."""
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("L", (64, 32), 255).save(tmp_path / "wide.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "square.png")
+    square, wide, notes = (str(tmp_path / name) for name in ("square.png", "wide.png", "notes.png"))
+    return {
+        "box outside": ("regional", ["--box", "0,0,1.5,1"], "outside the image"),
+        "box of zero area": ("regional", ["--box", "0.5,0,0.5,1"], "zero area"),
+        "box with three numbers": ("regional", ["--box", "0,0,1"], "four numbers"),
+        "more boxes than loras": ("regional", ["--box", "0,0,1,1"] * 3, "3 boxes for 2 LoRAs; give at most one"),
+        "mask not an image": ("regional", ["--mask", notes], "is not an image"),
+        "mask missing": ("regional", ["--mask", str(tmp_path / "missing.png")], "mask file not found"),
+        "more masks than loras": ("regional", ["--mask", square] * 3, "3 masks for 2 LoRAs; give at most one"),
+        "mask of the wrong size": ("regional", ["--mask", wide, "--mask", square],
+                                   "(width x height, 2:1) but the image's aspect is 1:1"),
+        "boxes and masks": ("regional", ["--box", "0,0,1,1", "--mask", square], "either boxes or masks"),
+        "mask with merge": ("merge", ["--mask", square], "is a setting of regional, not of --method merge"),
+        "mask with auto": ("auto", ["--mask", square], "is a setting of regional, not of --method auto"),
+    }
+
+
+BAD_REGION_CASES = ["box outside", "box of zero area", "box with three numbers", "more boxes than loras",
+                    "mask not an image", "mask missing", "more masks than loras", "mask of the wrong size",
+                    "boxes and masks", "mask with merge", "mask with auto"]
+
+
+@pytest.mark.parametrize("case", BAD_REGION_CASES)
+def test_bad_regions_on_the_command_line_exit_2_with_one_line(case, tiny_sd15_dir, sd15_lora_files, tmp_path, capsys):
+    from loracompose.cli.main import main
+
+    method, flags, expected = bad_region_inputs(tmp_path)[case]
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "a zkx", "--lora", str(sd15_lora_files[0]),
+                 "--lora", str(sd15_lora_files[1]), "--method", method, *flags, "--steps", "1", "--width", "32",
+                 "--height", "32", "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    assert lines[0].startswith(("loracompose: error: ", "loracompose generate: error: ")) and expected in lines[0]
+    assert captured.out == "" and not (out.exists() and any(out.iterdir()))

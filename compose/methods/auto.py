@@ -195,7 +195,7 @@ class Auto(CompositionMethod):
     def finish(self, run: Denoiser) -> None:
         if self._merge is not None:
             self._merge.finish(run)
-        self._stop_recording()
+        self._recorder = None  # its processors and hook are undone by run.patches
         if self._regional is not None:
             self._regional.finish(run)
             self._regional = None

@@ -36,6 +36,7 @@ given prompts of the LoRAs there are joined with ", ", those of LoRAs with a reg
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -59,7 +60,9 @@ if TYPE_CHECKING:
     from loracompose.pipelines.denoiser import Denoiser
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
-    Box, LatentGrid = (LazyImport("loracompose.attention.masks", name) for name in ("Box", "LatentGrid"))
+    from loracompose.methods.composer import Box  # the same object in both fields' types: --box is one flag
+
+    LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
     RegionArea, RegionalPatches, RegionMasks, code_members, install_regional = (
         LazyImport("loracompose.attention.regional", name) for name in (
             "RegionArea", "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
@@ -77,12 +80,15 @@ class Regional(CompositionMethod):
 
     name: ClassVar[str] = "regional"
     boxes: tuple[Box, ...] | None = field(default=None, metadata={
+        "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
         "help": "one box per LoRA (or per local LoRA), relative x0,y0,x1,y1 with y down, e.g. 0,0,0.5,1; "
                 "default: local LoRAs side by side, global ones (style, background) the whole image"})
     masks: tuple[str, ...] | None = field(default=None, metadata={
+        "flags": ("--mask",), "metavar": "PATH",
         "help": "one grayscale mask image per LoRA (or per local LoRA), white = its region; any size with "
                 "the image's aspect ratio (the Python API also takes 2-D tensors and PIL images)"})
     region_prompts: tuple[str | None, ...] | None = field(default=None, metadata={
+        "flags": ("--region-prompt",),
         "help": "one prompt per LoRA for its region ('' = the whole prompt)"})
     mode: str = field(default="delta", metadata={
         "help": "delta: masked LoRA deltas in one UNet pass per step; latent: latent couple, N+1 branches"})
@@ -265,8 +271,14 @@ def check_mask_aspect(mask: torch.Tensor, grid: LatentGrid, lora: str) -> None:
     height, width = mask.shape
     wanted = grid.height / grid.width
     if abs(height / width - wanted) > ASPECT_TOLERANCE * wanted:
-        raise UserError(f"the mask of LoRA {lora} is {width}x{height} (width x height) but the image is "
-                        f"{grid.width}:{grid.height}; give a mask with the image's aspect ratio")
+        raise UserError(f"the mask of LoRA {lora} is {width}x{height} (width x height, {_ratio(width, height)}) "
+                        f"but the image's aspect is {_ratio(grid.width, grid.height)}; give a mask with the image's "
+                        "aspect ratio")
+
+
+def _ratio(width: int, height: int) -> str:
+    common = math.gcd(width, height)
+    return f"{width // common}:{height // common}"
 
 
 def _describe_mask(mask: Any) -> str:
