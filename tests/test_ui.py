@@ -500,3 +500,15 @@ def test_embedded_toyworld_is_the_ui_default():
     assert [entry.name for entry in settings.library] == ["moxel", "lunzor", "checkered"]
     assert settings.preselect_library and "moxel" in settings.default_prompt
     assert (settings.default_steps, settings.default_guidance) == (20, 4.0)
+
+
+def test_the_default_method_comes_first_in_the_form_and_the_api():
+    from loracompose.methods import DEFAULT_METHOD
+    from loracompose.ui.api import generate_signature
+    from loracompose.ui.app import default_first
+
+    ordered = default_first(METHODS)
+    assert next(iter(ordered)) == DEFAULT_METHOD == "auto" and sorted(ordered) == sorted(METHODS)
+    signature = generate_signature(list(ordered), {"steps": 20, "guidance_scale": 4.0, "width": 32, "height": 32})
+    assert signature.parameters["method"].default == "auto"
+    assert list(default_first({"merge": METHODS["merge"]})) == ["merge"], "a UI without auto keeps its own first method"

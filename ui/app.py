@@ -31,6 +31,7 @@ import gradio as gr
 from PIL import Image
 
 from loracompose import METHODS
+from loracompose.methods import DEFAULT_METHOD
 from loracompose.errors import UserError, first_line
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -130,7 +131,7 @@ class LoraComposeApp:
     def __init__(self, pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS):
         self.pipe = pipe
         self.settings = settings
-        self.methods = dict(methods)
+        self.methods = default_first(methods)  # the first is the dropdown's and the /generate API's default
         self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
         self.default_size = pipe.native_size
 
@@ -415,6 +416,12 @@ def _summary(items: Sequence[ResultItem]) -> str:
         return ""
     first = items[0]
     return f"**{first.method_name}**: {len(items)} image(s) in {first.seconds:.2f} s, {first.unet_calls} UNet calls"
+
+
+def default_first(methods: Mapping[str, type[CompositionMethod]]) -> dict[str, type[CompositionMethod]]:
+    """The methods in their order, but DEFAULT_METHOD (the CLI's default too) first where it is offered."""
+    first = {name: methods[name] for name in (DEFAULT_METHOD,) if name in methods}
+    return first | {name: method for name, method in methods.items() if name not in first}
 
 
 def build_app(pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS) -> gr.Blocks:

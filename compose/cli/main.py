@@ -53,7 +53,7 @@ def build_method(args: argparse.Namespace) -> "CompositionMethod":
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """generate's own options, the retrieval and profiling options, then one group per method."""
-    from loracompose.methods import METHODS
+    from loracompose.methods import DEFAULT_METHOD, METHODS
     from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
     common = parser.add_argument_group("generation")
@@ -62,8 +62,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .safetensors LoRA and its strength (repeatable, in order)")
     common.add_argument("--trigger", action="append", default=[], metavar="WORDS",
                         help="trigger words for the --lora at the same position, comma-separated (overrides the file)")
-    common.add_argument("--method", default="merge", choices=list(METHODS),
-                        help="composition method; its settings are in its group below")
+    common.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                        help=f"composition method (default {DEFAULT_METHOD}); its settings are in its group below")
     common.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
     common.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     common.add_argument("--seed", type=int, default=0, help="random seed of the first image (image k: seed + k)")

@@ -20,6 +20,9 @@ METHODS: dict[str, type[CompositionMethod]] = {
     method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA,
                                   Regional, Auto)
 }
+# The method the CLI, the web UI and the demo use unless told otherwise: the one that leads the
+# toy-world table (README, benchmarks/results/toyworld-table.md).
+DEFAULT_METHOD = "auto"
 
-__all__ = ["METHODS", "Auto", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite", "CompositionMethod",
-           "Merge", "Regional", "Switch", "Tara"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Auto", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite",
+           "CompositionMethod", "Merge", "Regional", "Switch", "Tara"]

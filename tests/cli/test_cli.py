@@ -56,10 +56,17 @@ def test_no_arguments_runs_the_demo_on_the_embedded_default(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = run_cli([], capsys)
     assert code == 0
-    record = json.loads((tmp_path / "loracompose-out" / "merge-0.json").read_text())
+    record = json.loads((tmp_path / "loracompose-out" / "auto-0.json").read_text())
     assert len(record["loras"]) == 3
     assert all(word in record["prompt"] for lora in record["loras"] for word in lora["trigger_words"])
-    assert (tmp_path / "loracompose-out" / "merge-0.png").exists()
+    assert record["method"] == "auto"
+    from loracompose.toyworld.detector import detect
+
+    with Image.open(tmp_path / "loracompose-out" / "auto-0.png") as image:
+        detection = detect(image.convert("RGB"))
+    assert detection.has(shape="heart", color="red", position="left"), detection  # moxel
+    assert detection.has(shape="crescent", color="yellow", position="right"), detection  # lunzor
+    assert detection.background == "checkered", detection
 
 
 def bad_inputs(tmp_path, model, sd15_loras, sdxl_loras):
