@@ -136,7 +136,7 @@ def test_embedded_default_offers_the_demo_loras_and_all_methods(served):
 
 GENERATE_PARAMETERS = ["prompt", "loras", "method", "method_settings", "negative_prompt", "seed", "steps",
                        "guidance_scale", "width", "height", "num_images", "scheduler", "append_triggers",
-                       "text_encoder_loras", "trigger_words"]
+                       "text_encoder_loras", "trigger_words", "region_masks"]
 
 
 def test_named_generate_equals_the_python_api(served):
@@ -348,6 +348,163 @@ def test_bad_inputs_give_a_one_line_message(served, change, message):
         served.client().predict(*args, method, *values, api_name="/generate_form")
     text = str(error.value)
     assert message in text and "Traceback" not in text and "\n" not in text.strip()
+
+
+# ------------------------------------------------------------------------------------ regional and auto
+
+
+def painted_layers(tmp_path: Path, size: tuple[int, int] = (256, 256), count: int = 2) -> list[np.ndarray]:
+    """Editor layers (RGBA, height x width) painted over the left 60% and the right 60% (overlapping
+    in the middle, the bottom quarter unpainted); more layers repeat them."""
+    width, height = size
+    layers = []
+    for index in range(count):
+        layer = np.zeros((height, width, 4), np.uint8)
+        columns = slice(0, int(width * 0.6)) if index % 2 == 0 else slice(int(width * 0.4), width)
+        layer[: int(height * 0.75), columns] = (230, 57, 70, 255)
+        layers.append(layer)
+    return layers
+
+
+def editor_payload(tmp_path: Path, layers: list[np.ndarray]) -> dict[str, Any]:
+    """The image editor's value as a client sends it: background and layers as uploaded files."""
+    height, width = layers[0].shape[:2]
+    paths = []
+    for index, layer in enumerate([np.full((height, width, 4), 255, np.uint8), *layers]):
+        path = tmp_path / f"layer-{index}.png"
+        Image.fromarray(layer, "RGBA").save(path)
+        paths.append(handle_file(str(path)))
+    return {"background": paths[0], "layers": paths[1:], "composite": None}
+
+
+def mask_files(tmp_path: Path, layers: list[np.ndarray]) -> list[Path]:
+    """Each layer's painted pixels as a grayscale mask file (white = painted), as a Python API user gives them."""
+    files = []
+    for index, layer in enumerate(layers):
+        files.append(tmp_path / f"mask-{index}.png")
+        Image.fromarray((layer[..., -1] > 0).astype(np.uint8) * 255, "L").save(files[-1])
+    return files
+
+
+def form_values(served: Served, method: str, values: Mapping[str, Any]) -> list[Any]:
+    """Every panel's default values with the raw component ``values`` of ``method``'s fields."""
+    flat = method_values(served)
+    fields = [(panel.name, control.field_name) for panel in served.app.forms.panels.values()
+              for control in panel.controls]
+    for field, value in values.items():
+        flat[fields.index((method, field))] = value
+    return flat
+
+
+def python_api_image(served: Served, method: Any, **kwargs: Any) -> np.ndarray:
+    """The first image of the Python API on a pipeline of its own, with the page's settings (a cat,
+    character 0.8 and outfit 1.0, seed 0, 2 steps, CFG 7.5, 64x64)."""
+    from loracompose import LoraSpec
+
+    entries = {entry.name: entry for entry in served.settings.library}
+    specs = [LoraSpec(entries[name].path, weight, name=name, trigger_words=entries[name].trigger_words,
+                      category=entries[name].category) for name, weight in TWO_LORAS.items()]
+    pipe = load_pipeline(served.settings.model_label)
+    options = dict(seed=0, steps=2, guidance_scale=7.5, width=64, height=64, show_progress=False) | kwargs
+    result = pipe.generate("a cat", specs, method, **options)
+    return np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
+
+
+def test_painted_regional_masks_equal_the_python_api_with_the_same_masks(served, tmp_path):
+    from loracompose.methods.regional import Regional
+
+    layers = painted_layers(tmp_path)
+    values = form_values(served, "regional", {"masks": editor_payload(tmp_path, layers)})
+    gallery, downloads, status, concepts = served.client().predict(
+        *shared_args(served, TWO_LORAS), "regional", *values, api_name="/generate_form")
+    expected = python_api_image(served, Regional(masks=mask_files(tmp_path, layers)))
+    assert np.abs(pixels(gallery[0]["image"]) - expected).max() <= 1, "the page's image differs from the Python API's"
+    default = python_api_image(served, Regional())
+    assert np.abs(expected - default).max() > 1, "the painted masks should change the image (default: side by side)"
+    record = json.loads(Path(next(path for path in downloads if path.endswith(".json"))).read_text())
+    saved = record["method_settings"]["masks"]
+    assert len(saved) == 2 and all(np.array_equal(np.asarray(Image.open(path)) > 0, layer[..., -1] > 0)
+                                   for path, layer in zip(saved, layers)), "the sidecar names the painted masks"
+    assert [item["caption"].split(" ")[0] for item in concepts] == ["character", "outfit"], "one region per LoRA"
+    assert status.count("Regions: character ") == 1
+
+
+def test_regional_boxes_typed_in_the_page_equal_the_python_api(served):
+    from loracompose.methods.regional import Regional
+
+    values = form_values(served, "regional", {"boxes": "0,0,0.6,1; 0.4,0,1,1"})
+    gallery, _, _, concepts = served.client().predict(*shared_args(served, TWO_LORAS), "regional", *values,
+                                                      api_name="/generate_form")
+    expected = python_api_image(served, Regional(boxes=["0,0,0.6,1", "0.4,0,1,1"]))
+    assert np.abs(pixels(gallery[0]["image"]) - expected).max() <= 1
+    assert len(concepts) == 2
+
+
+def test_named_generate_takes_region_masks_as_uploaded_files(served, tmp_path):
+    from loracompose.methods.regional import Regional
+
+    files = mask_files(tmp_path, painted_layers(tmp_path))
+    images = served.client().predict(
+        prompt="a cat", loras=TWO_LORAS, method="regional", seed=0, steps=2, guidance_scale=7.5, width=64, height=64,
+        region_masks={name: handle_file(str(path)) for name, path in zip(TWO_LORAS, files)}, api_name="/generate")
+    expected = python_api_image(served, Regional(masks=files))
+    assert np.abs(pixels(images[0]["image"]) - expected).max() <= 1, "/generate's image differs from the Python API's"
+    assert len(images[0]["method_settings"]["masks"]) == 2
+
+
+def test_auto_shows_its_automatic_mask_for_each_lora(served):
+    loras = {**TWO_LORAS, "style": 1.0}
+    _, _, status, concepts = generate(served.client(), served, loras, "auto")
+    captions = [item["caption"] for item in concepts]
+    assert [caption.split(" ")[0] for caption in captions] == list(loras), "one image per LoRA, in LoRA order"
+    assert all("(step " in caption and "%)" in caption for caption in captions), "each with its step and share"
+    assert "Automatic masks at step" in status and "style: style -> whole image" in status
+    style = pixels(concepts[2]["image"])
+    assert (np.abs(style - pixels(concepts[0]["image"])).max(axis=-1) > 0).any(), "the overlays differ"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"boxes": "0,0,2,1"}, "--box '0,0,2,1' is outside the image"),
+    ({"boxes": "0.5,0,0.5,1; 0,0,1,1"}, "has zero area"),
+    ({"boxes": "0,0,1,1; 0,0,1,1; 0,0,1,1"}, "3 boxes for 2 LoRAs"),
+    ({"masks": 3}, "3 masks for 2 LoRAs; give at most one per LoRA"),
+    ({"masks": (64, 32)}, "(width x height, 2:1) but the image's aspect is 1:1"),
+    ({"masks": 2, "boxes": "0,0,1,1; 0,0,1,1"}, "either boxes or masks"),
+])
+def test_bad_regions_in_the_page_give_a_one_line_message(served, tmp_path, values, message):
+    if "masks" in values:
+        shape = values["masks"]
+        layers = painted_layers(tmp_path, shape) if isinstance(shape, tuple) else painted_layers(tmp_path, count=shape)
+        values = {**values, "masks": editor_payload(tmp_path, layers)}
+    with pytest.raises(AppError) as error:
+        served.client().predict(*shared_args(served, TWO_LORAS), "regional", *form_values(served, "regional", values),
+                                api_name="/generate_form")
+    text = str(error.value)
+    assert message in text and "Traceback" not in text and "\n" not in text.strip()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"method": "merge", "region_masks": {"character": "left"}}, "method merge takes no masks"),
+    ({"region_masks": {"style": "left"}}, "style not in loras"),
+    ({"region_masks": {"character": "left"}}, "no mask for outfit"),
+    ({"region_masks": {"character": "left", "outfit": "left"}, "method_settings": {"masks": ["x.png"]}},
+     "both given"),
+    ({"region_masks": {"character": "notes", "outfit": "left"}}, "is not an image"),
+    ({"method_settings": {"boxes": [[0, 0, 1.5, 1], [0, 0, 1, 1]]}}, "is not inside the image"),
+    ({"method_settings": {"boxes": [[0, 0, 1]]}}, "give four relative numbers"),
+])
+def test_named_generate_refuses_bad_regions_in_one_line(served, tmp_path, arguments, message):
+    (tmp_path / "notes.png").write_text("not an image")
+    (left,) = mask_files(tmp_path, painted_layers(tmp_path, count=1))
+    files = {"left": handle_file(str(left)), "notes": handle_file(str(tmp_path / "notes.png"))}
+    if "region_masks" in arguments:
+        arguments = {**arguments, "region_masks": {name: files[key] for name, key in arguments["region_masks"].items()}}
+    arguments = {"method": "regional", "loras": TWO_LORAS, **arguments}
+    with pytest.raises(AppError) as error:
+        served.client().predict(prompt="a cat", steps=2, width=64, height=64, **arguments, api_name="/generate")
+    text = str(error.value)
+    assert message in text and "Traceback" not in text and "\n" not in text.strip()
+    assert str(tmp_path) not in text, "no server path in the message"
 
 
 # ------------------------------------------------------------------------------------ uploads

@@ -6,7 +6,12 @@
                             method_settings={"mixing_weights": [0.6, 0.4]}, seed=3, api_name="/generate")
 
 Method settings are a JSON object whose keys are the method's dataclass fields (the same names as in
-the Python API and the sidecars); each value is checked against the field's type. The page's own
+the Python API and the sidecars); each value is checked against the field's type. Region masks (for
+``regional``) are uploaded files, LoRA name -> mask image::
+
+    client.predict(prompt="a cat and a dog", loras={"cat": 1.0, "dog": 1.0}, method="regional",
+                   region_masks={"cat": handle_file("left.png"), "dog": handle_file("right.png")},
+                   api_name="/generate") The page's own
 form posts to an undocumented endpoint with one input per control (``ui/app.py``).
 """
 
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import inspect
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, TypedDict
 
 from gradio.data_classes import FileData
 
 from loracompose.errors import UserError
+from loracompose.kinds import is_global_kind
 from loracompose.methods.base import CompositionMethod
 from loracompose.methods.settings import build_method, method_settings, strip_optional
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -72,7 +79,9 @@ GENERATE_DESCRIPTION = """Generate images with LoRAs composed by a method; retur
 prompt: the prompt. loras: LoRA name -> strength, in composition order (names as in the page's table:
 the server's library). method: the composition method. method_settings: the method's settings by field
 name (e.g. {"period": 3} for switch); missing ones keep their defaults. trigger_words: LoRA name -> its
-trigger words, replacing the library's. seed: image k uses seed + k. The rest as in the page."""
+trigger words, replacing the library's. seed: image k uses seed + k. region_masks: LoRA name -> mask
+image (white = its region; methods with a masks setting, e.g. regional), for every LoRA or for each
+local one (style and background LoRAs then get the whole image). The rest as in the page."""
 
 
 def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> inspect.Signature:
@@ -95,6 +104,7 @@ def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> 
         ("append_triggers", bool, True),
         ("text_encoder_loras", bool, True),
         ("trigger_words", dict[str, list[str]], {}),
+        ("region_masks", dict[str, FileData], {}),
     ]
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
                                                 annotation=hint) for name, hint, default in parameters],
@@ -102,6 +112,46 @@ def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> 
 
 
 # ------------------------------------------------------------------------------------ method settings
+
+
+def with_region_masks(method: str, method_class: type[CompositionMethod], settings: Any, region_masks: Any,
+                      categories: Mapping[str, str | None]) -> Any:
+    """``settings`` with ``masks`` set from ``/generate``'s ``region_masks`` (LoRA name -> uploaded
+    file), in LoRA order; ``categories`` holds every LoRA of the request (name -> category)."""
+    if not region_masks:
+        return settings
+    if not isinstance(region_masks, Mapping):
+        raise UserError("region_masks: give a JSON object of LoRA name -> mask file, "
+                        f"not {type(region_masks).__name__}")
+    if "masks" not in {setting.name for setting in method_settings(method_class)}:
+        raise UserError(f"region_masks: method {method} takes no masks; use method regional (or leave them out)")
+    if isinstance(settings, Mapping) and settings.get("masks") is not None:
+        raise UserError("region_masks and method_settings.masks both given; give the masks once")
+    stray = [name for name in region_masks if name not in categories]
+    if stray:
+        raise UserError(f"region_masks: {', '.join(map(str, stray))} not in loras; give masks only for used LoRAs")
+    local = {name for name, category in categories.items() if not is_global_kind(category)}
+    if set(region_masks) not in (set(categories), local):
+        missing = ", ".join(sorted(set(categories) - set(region_masks)))
+        raise UserError(f"region_masks: no mask for {missing}; give one for every LoRA, or one for each local "
+                        "LoRA (style and background LoRAs then get the whole image)")
+    paths = [uploaded_path(region_masks[name], f"region_masks.{name}") for name in categories if name in region_masks]
+    return {**(settings or {}), "masks": paths}
+
+
+def uploaded_path(file: Any, label: str) -> str:
+    """The server path of a file a client uploaded (a FileData object); a path outside Gradio's upload
+    folder (a client naming a server file) is refused without saying whether it exists."""
+    from gradio.utils import get_upload_folder
+
+    path = file.get("path") if isinstance(file, Mapping) else None
+    if not isinstance(path, str):
+        raise UserError(f"{label}: give an uploaded file (gradio_client.handle_file(PATH)), not {file!r}")
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(Path(get_upload_folder()).resolve()) or not resolved.is_file():
+        raise UserError(f"{label}: {Path(path).name!r} is not a file uploaded with this request; upload it with "
+                        "gradio_client.handle_file(PATH)")
+    return str(resolved)
 
 
 def method_from_settings(name: str, method_class: type[CompositionMethod], settings: Any) -> CompositionMethod:

@@ -36,7 +36,7 @@ from loracompose.errors import UserError, first_line
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
-from .api import GeneratedImage, generate_endpoint, generated_image, method_from_settings
+from .api import GeneratedImage, generate_endpoint, generated_image, method_from_settings, with_region_masks
 from .library import (
     READ_ONLY_COLUMNS, TABLE_HEADERS, TABLE_TYPES, LoraCatalog, LoraEntry, UploadStore, describe_lora_file,
     selected_specs, table_rows,
@@ -166,7 +166,8 @@ class LoraComposeApp:
     def generate_api(self, *, prompt: str, loras: Mapping[str, float], method: str, method_settings: Mapping[str, Any],
                      negative_prompt: str, seed: int, steps: int, guidance_scale: float, width: int, height: int,
                      num_images: int, scheduler: str, append_triggers: bool, text_encoder_loras: bool,
-                     trigger_words: Mapping[str, Sequence[str]]) -> list[GeneratedImage]:
+                     trigger_words: Mapping[str, Sequence[str]],
+                     region_masks: Mapping[str, Any]) -> list[GeneratedImage]:
         """The named ``/generate`` endpoint (ui/api.py): LoRAs by name from the server's library."""
         state = self.new_session()
         table = self._api_table(state, loras, trigger_words)
@@ -174,6 +175,8 @@ class LoraComposeApp:
                                       height, num_images, scheduler, append_triggers, text_encoder_loras)
         if method not in self.methods:
             raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
+        categories = {spec.name: spec.category for spec in request.loras}
+        method_settings = with_region_masks(method, self.methods[method], method_settings, region_masks, categories)
         chosen = method_from_settings(method, self.methods[method], method_settings)
         items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
                                self.settings.model_label)

@@ -11,8 +11,9 @@ class docstring). A new method registered in ``METHODS`` therefore gets its pane
 Extension points, for methods whose settings need more than a typed field:
 
 * ``FIELD_CONTROLS[(method name, field name)]``: a factory returning the field's
-  :class:`SettingControl` (a box editor for LoRA-Composer's boxes, a token picker for TARA's
-  token positions). The control's ``parse`` turns the component value into the field value.
+  :class:`SettingControl` (the boxes text of LoRA-Composer and regional, regional's mask canvas:
+  one painted layer per LoRA, saved as mask files). The control's ``parse`` turns the component value
+  into the field value.
 * ``PANEL_EXTRAS[method name]``: called inside the method's group after its controls are drawn,
   with the :class:`MethodPanel`; it may add buttons and wire events (AutoLoRA's "suggest" button
   filling in the panel's controls).
@@ -21,13 +22,19 @@ Extension points, for methods whose settings need more than a typed field:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import os
+import tempfile
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from loracompose.errors import UserError
 from loracompose.methods.base import CompositionMethod
@@ -232,6 +239,92 @@ def box_editor(panel: MethodPanel) -> None:
     boxes.change(box_layout, boxes, preview, api_name="box_layout", concurrency_limit=None)
 
 
+MASK_CANVAS = 256  # pixels a side of the blank mask canvas (square: upload an image to paint on another shape)
+MASK_FOLDER = Path(tempfile.gettempdir()) / "loracompose-ui-masks"  # painted masks, by content hash
+
+
+def mask_editor_control(method: str, field: dataclasses.Field, hint: Any, default: Any,
+                        help_text: str) -> SettingControl:
+    """Regional's masks: a canvas with one layer per ticked LoRA (table order); what is painted on
+    layer k is LoRA k's region. Each mask is saved as a grayscale PNG (white = painted) whose path is
+    the setting, so the sidecar names the exact masks. Nothing painted: no masks (boxes or side by side)."""
+    from .method_views import CONCEPT_COLOURS
+
+    blank = np.full((MASK_CANVAS, MASK_CANVAS, 4), 255, dtype=np.uint8)
+    component = gr.ImageEditor(
+        value={"background": blank, "layers": [], "composite": None}, type="numpy", sources=("upload",),
+        height=300, canvas_size=(MASK_CANVAS, MASK_CANVAS), elem_id=f"{method}-masks",
+        label="masks: add one layer per ticked LoRA (table order) and paint its region; the canvas stands for "
+              "the image (upload a picture of the image's shape to paint on it)",
+        brush=gr.Brush(colors=["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in CONCEPT_COLOURS], color_mode="fixed"),
+    )
+
+    def parse(value: Any) -> tuple[str, ...] | None:
+        masks = painted_masks(value)
+        return tuple(str(save_mask(mask)) for mask in masks) if masks else None
+
+    def show(paths: Any) -> Any:
+        files = [Path(path) for path in paths or ()]
+        if not files:
+            return {"background": blank, "layers": [], "composite": None}
+        if not all(isinstance(path, (str, Path)) and Path(path).is_file() for path in paths):
+            return gr.update()  # masks given as tensors, or files since removed: keep the canvas
+        layers = [mask_layer(file, CONCEPT_COLOURS[index % len(CONCEPT_COLOURS)]) for index, file in enumerate(files)]
+        background = np.full((*layers[0].shape[:2], 4), 255, dtype=np.uint8)
+        return {"background": background, "layers": layers, "composite": None}
+
+    return SettingControl(field.name, component, parse, show)
+
+
+def painted_masks(value: Any) -> list[np.ndarray]:
+    """One bool mask per editor layer (painted = alpha above zero), trailing unpainted layers dropped;
+    an unpainted layer between painted ones is an empty region (that LoRA is drawn nowhere)."""
+    masks = [np.asarray(layer)[..., -1] > 0 for layer in (value or {}).get("layers") or []]
+    while masks and not masks[-1].any():
+        masks.pop()
+    return masks
+
+
+def save_mask(mask: np.ndarray) -> Path:
+    """``mask`` as a grayscale PNG under :data:`MASK_FOLDER`, named by its content (written atomically)."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buffer, format="PNG")
+    data = buffer.getvalue()
+    MASK_FOLDER.mkdir(parents=True, exist_ok=True)
+    path = MASK_FOLDER / f"mask-{hashlib.sha256(data).hexdigest()[:20]}.png"
+    if not path.exists():
+        handle, temporary = tempfile.mkstemp(dir=MASK_FOLDER, suffix=".part")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    return path
+
+
+def mask_layer(path: Path, rgb: tuple[int, int, int]) -> np.ndarray:
+    """An editor layer showing a mask file: ``rgb`` where the mask is white (half or more), clear elsewhere."""
+    with Image.open(path) as image:
+        inside = np.asarray(image.convert("L")) >= 128
+    layer = np.zeros((*inside.shape, 4), dtype=np.uint8)
+    layer[inside] = (*rgb, 255)
+    return layer
+
+
+def box_preview(panel: MethodPanel) -> None:
+    """Under a panel with a boxes text: a live drawing of the typed boxes."""
+    from .method_views import box_layout
+
+    boxes = typing.cast(gr.Textbox, next(control.component for control in panel.controls
+                                         if control.field_name == "boxes"))
+    preview = gr.Image(label="Box layout (numbers: ticked LoRAs in table order)", interactive=False, height=200,
+                       elem_id=f"{panel.name}-box-layout")
+    boxes.change(box_layout, boxes, preview, api_visibility="private", concurrency_limit=None)
+
+
+FIELD_CONTROLS[("regional", "boxes")] = box_list_control
+FIELD_CONTROLS[("regional", "masks")] = mask_editor_control
+FIELD_CONTROLS[("regional", "region_prompts")] = per_lora_lines_control(
+    "the prompt", "an empty line uses the prompt.", None)
+PANEL_EXTRAS["regional"] = box_preview
 FIELD_CONTROLS[("composer", "boxes")] = box_list_control
 PANEL_EXTRAS["composer"] = box_editor
 FIELD_CONTROLS[("composer", "region_prompts")] = per_lora_lines_control(

@@ -5,7 +5,10 @@
 * LoRA-Composer: the image with each concept's box drawn in its colour and labelled;
 * CLoRA: the image tinted by the concept that owns each pixel at the last step (base left clear),
   plus one overlay per concept;
-* TARA: the prompt token positions each LoRA's K/V deltas were kept on.
+* TARA: the prompt token positions each LoRA's K/V deltas were kept on;
+* regional: one overlay per LoRA, the image tinted where its deltas applied;
+* auto: one overlay per LoRA and mask estimate (probe step): its automatic mask, the part of the image
+  no local concept owns (a background), or the whole image (a style), with each LoRA's kind.
 
 Methods without a view return nothing; a view reads only attributes the method keeps after a run.
 """
@@ -117,10 +120,71 @@ def _tint(image: Image.Image, masks: list[np.ndarray], colour_indices) -> Image.
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
+def regional_view(method: Any, image: Image.Image) -> View:
+    """Each LoRA's region as the model used it (latent cells), one tinted overlay per LoRA."""
+    grid, masks = getattr(method, "latent_grid", None), getattr(method, "region_masks", None)
+    if grid is None or masks is None:
+        return [], ""
+    members = masks.members(grid, 0).reshape(-1, grid.height, grid.width).cpu().numpy()
+    return _region_overlays(image, [(lora.name, region, "") for lora, region in zip(method.loras, members)],
+                            "Regions")
+
+
+def auto_view(method: Any, image: Image.Image) -> View:
+    """The automatic masks of the first image, one overlay per LoRA for each mask estimate."""
+    history = getattr(method, "mask_history", None)
+    decisions = getattr(method, "decisions", {})
+    if not history:
+        placed = "; ".join(f"{name}: {decision['kind'] or 'kind unknown'}, {decision['why']}"
+                           for name, decision in decisions.items())
+        return [], f"auto ran as Merge (no local concept to place){': ' + placed if placed else ''}"
+    overlays, notes = [], []
+    for step, found in history:
+        regions = [(lora.name, area, f"step {step}") for lora, area in zip(method.loras, auto_regions(method, found))]
+        step_overlays, note = _region_overlays(image, regions, f"Automatic masks at step {step}")
+        overlays += step_overlays
+        notes.append(note)
+    kinds = "; ".join(f"{name}: {decision['kind'] or 'kind unknown'} -> {decision['placement']}"
+                      for name, decision in decisions.items())
+    return overlays, "  \n".join([*notes, f"Kinds: {kinds}"])
+
+
+def auto_regions(method: Any, found: Any) -> list[np.ndarray]:
+    """Each LoRA's region in the first image (bool, latent cells) from one automatic mask estimate:
+    a local concept its mask, a background (with ``background_outside``) or a style (without
+    ``style_inside``) where no local concept is, any other LoRA the whole image."""
+    owner = found.latent_owner[0].cpu().numpy()
+    local = {lora.name: index for index, lora in enumerate(method.local)}
+    regions = []
+    for lora in method.loras:
+        kind = method.decisions.get(lora.name, {}).get("kind")
+        if lora.name in local:
+            regions.append(owner == local[lora.name] + 1)
+        elif (kind == "background" and method.background_outside) or (kind == "style" and not method.style_inside):
+            regions.append(owner == 0)
+        else:
+            regions.append(np.ones_like(owner, dtype=bool))
+    return regions
+
+
+def _region_overlays(image: Image.Image, regions: list[tuple[str, np.ndarray, str]], title: str) -> View:
+    """One overlay per (name, bool mask, detail): the image tinted in the LoRA's colour where its mask is."""
+    base = image.convert("RGB")
+    overlays, shares = [], []
+    for index, (name, region, detail) in enumerate(regions):
+        share = f"{np.mean(region):.0%}"
+        caption = f"{name} ({detail}, {share})" if detail else f"{name} ({share})"
+        overlays.append((_tint(base, [region], [index]), caption))
+        shares.append(f"{name} {share}")
+    return overlays, f"{title}: " + ", ".join(shares)
+
+
 VIEWS: dict[str, Callable[[Any, Image.Image], View]] = {
     "composer": composer_view,
     "clora": clora_view,
     "tara": tara_view,
+    "regional": regional_view,
+    "auto": auto_view,
 }
 
 

@@ -110,6 +110,7 @@ class Regional(CompositionMethod):
         self._patches: RegionalPatches | None = None
         self._run: Denoiser | None = None
         self._checked_grid: LatentGrid | None = None
+        self.latent_grid: LatentGrid | None = None  # the latest generation's latent size (for views)
 
     # -- settings --------------------------------------------------------------------------------
     def check(self, loras: Sequence[LoadedLora]) -> None:
@@ -183,6 +184,7 @@ class Regional(CompositionMethod):
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
         grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
         self._check_grid(grid)
+        self.latent_grid = grid
         if self.mode == "latent":
             return self._latent_couple(run, step, latents, grid)
         for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
@@ -233,10 +235,15 @@ class Regional(CompositionMethod):
 def _region_box(value: Any) -> Box:
     if isinstance(value, str):
         return parse_box(value)
+    if isinstance(value, Box):
+        return value
     try:
-        return as_box(value)
-    except TypeError:
-        raise UserError(f"regional box {value!r}: give four relative numbers x0,y0,x1,y1 (0..1, y down)") from None
+        numbers = [float(number) for number in value]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 4:
+        raise UserError(f"regional box {value!r}: give four relative numbers x0,y0,x1,y1 (0..1, y down)")
+    return as_box(numbers)
 
 
 def load_mask(value: Any) -> torch.Tensor:
