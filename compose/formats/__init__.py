@@ -231,13 +231,17 @@ def load_lora_file(pipe: Any, path: Path, adapter_name: str) -> ConvertedLora:
     components = {name: getattr(pipe, name) for name in COMPONENT_NAMES if getattr(pipe, name, None) is not None}
     converted = convert_lora(path, tensors, metadata, components)
     for component in converted.layers:
-        state = {f"{component}.{key}": value for key, value in converted.peft_state_dict(component).items()}
-        config = {f"{component}.{key}": value for key, value in converted.lora_config(component).items()}
+        state, config = converted.peft_state_dict(component), converted.lora_config(component)
         if component == "unet":
-            pipe.load_lora_into_unet(state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
-                                     metadata=config, _pipeline=pipe)
+            pipe.load_lora_into_unet({f"unet.{key}": value for key, value in state.items()}, network_alphas=None,
+                                     unet=pipe.unet, adapter_name=adapter_name, _pipeline=pipe,
+                                     metadata={f"unet.{key}": value for key, value in config.items()})
         else:
-            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components[component],
-                                             prefix=component, adapter_name=adapter_name, metadata=config,
-                                             _pipeline=pipe)
+            # transformers' own PEFT entry point: diffusers' text-encoder loader re-converts the keys and
+            # handles the attention projections only (not an MLP-only adapter).
+            from peft import LoraConfig
+
+            encoder = components[component]
+            encoder.load_adapter(adapter_name=adapter_name, adapter_state_dict=state, peft_config=LoraConfig(**config))
+            encoder.to(device=encoder.device, dtype=encoder.dtype)
     return converted

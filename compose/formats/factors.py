@@ -72,13 +72,13 @@ def lora_factors(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None,
     """kohya / LyCORIS LoRA and LoCon, with an optional Tucker ``lora_mid`` core."""
     rank = down.shape[0]
     if mid is not None:
-        down = torch.einsum("pqhw,qi->pihw", mid.float(), down.float().reshape(rank, -1))
+        down = torch.einsum("pqhw,qi->pihw", mid.float(), down.float().reshape(rank, -1)).contiguous()
     return LowRankDelta(down, up, float(alpha) if alpha is not None else float(rank))
 
 
 def _tucker(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
     """LyCORIS's Tucker rebuild: ``W[p,r,h,w] = sum_ij core[i,j,h,w] w_b[j,r] w_a[i,p]``."""
-    return torch.einsum("ijhw,jr,ip->prhw", core.float(), w_b.float(), w_a.float())
+    return torch.einsum("ijhw,jr,ip->prhw", core.float(), w_b.float(), w_a.float()).contiguous()
 
 
 def full_rank(delta: torch.Tensor, alpha_scale: float = 1.0) -> LowRankDelta:
@@ -90,8 +90,10 @@ def full_rank(delta: torch.Tensor, alpha_scale: float = 1.0) -> LowRankDelta:
         down, up = matrix, torch.eye(out_features)
     else:
         down, up = torch.eye(inner), matrix
-    down = down.reshape(down.shape[0], *delta.shape[1:])
-    return LowRankDelta(down, up, alpha_scale * down.shape[0])
+    rank = down.shape[0]
+    down = down.reshape(rank, *delta.shape[1:])
+    up = up.reshape(out_features, rank, *[1] * (delta.ndim - 2))
+    return LowRankDelta(down, up, alpha_scale * rank)
 
 
 def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
