@@ -21,9 +21,11 @@ from loracompose.methods.autolora import GateSet, lora_layer_channels, save_gate
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "method_reference_latents.safetensors"
 PROMPT = "a zkx cat and a qwv dog"
 COMMON = dict(steps=3, guidance_scale=6.0, width=64, height=64, output_type="latent", show_progress=False)
-# Float32 on one CPU thread: a refactoring that keeps the arithmetic gives the same bits; 1e-5 leaves
-# room for a harmless reordering of sums (latents here are of order 1) and catches any real change.
-ATOL = 1e-5
+# Float32: a refactoring that keeps the arithmetic gives the same bits, but another torch/diffusers/peft
+# release may reorder sums (measured: up to 3e-5 on latents of magnitude ~20 after a fresh install, i.e.
+# 1.5e-6 of the largest value). The tolerance is relative to each case's largest value; any real change
+# of a method moves latents by 1e-2 of it or more.
+RELATIVE_TOLERANCE = 1e-5
 
 # (case, registry name, settings): every method, and the switches that take another code path.
 CASES = [
@@ -84,7 +86,8 @@ def test_every_method_gives_the_recorded_latents(tiny_sd15_dir, sd15_lora_files,
     assert set(reference) == {case for case, _, _ in CASES}
     for case, latents in outputs.items():
         assert latents.abs().max() > 0.1, case
-        torch.testing.assert_close(latents, reference[case], atol=ATOL, rtol=0, msg=lambda m, case=case: f"{case}: {m}")
+        atol = RELATIVE_TOLERANCE * float(reference[case].abs().max())
+        torch.testing.assert_close(latents, reference[case], atol=atol, rtol=0, msg=lambda m, case=case: f"{case}: {m}")
     distinct = {case: reference[case] for case in ("merge", "switch", "composite", "clora", "composer", "tara")}
     for case, latents in distinct.items():  # the cases differ, so a method silently running another fails
         others = [other for other in distinct if other != case and torch.allclose(latents, distinct[other], atol=1e-3)]
