@@ -39,6 +39,7 @@ TOP_LEVEL_KEYS = {
 }
 TESTBED_KEYS = ("composlora", "toyworld")
 PATH_SETTINGS = {"gates"}  # method settings that name files: relative to the suite file, like every path
+PATH_LIST_SETTINGS = {"masks"}  # method settings that list files (regional's masks), the same way
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
     "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
@@ -449,6 +450,9 @@ def _parse_method(entry: Any, base_dir: Path = Path(".")) -> MethodEntry:
     for key in PATH_SETTINGS.intersection(settings):
         if settings[key] is not None:
             settings[key] = str(_resolve(settings[key], base_dir))
+    for key in PATH_LIST_SETTINGS.intersection(settings):
+        if isinstance(settings[key], list):
+            settings[key] = [str(_resolve(item, base_dir)) for item in settings[key]]
     name = str(settings.pop("method"))
     if name not in METHODS:
         raise UserError(f"suite method {name!r} is not known; use one of {', '.join(sorted(METHODS))}")

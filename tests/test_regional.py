@@ -5,6 +5,7 @@ of one masked layer and of one cross-attention layer, and exact UNet call counts
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -309,3 +310,33 @@ def test_bad_regions_on_the_command_line_exit_2_with_one_line(case, tiny_sd15_di
     assert code == 2 and len(lines) == 1, captured.err
     assert lines[0].startswith(("loracompose: error: ", "loracompose generate: error: ")) and expected in lines[0]
     assert captured.out == "" and not (out.exists() and any(out.iterdir()))
+
+
+def test_bad_regions_in_a_bench_suite_are_one_line_user_errors(sd15_lora_files, tmp_path):
+    from loracompose.eval.suite import parse_suite
+
+    (tmp_path / "notes.png").write_text("not an image")
+
+    def suite(method: Any, **set_settings: Any) -> None:
+        parse_suite({"model": str(tmp_path), "loras": {"a": {"file": str(sd15_lora_files[0]), "triggers": ["zkx"]},
+                                                       "b": {"file": str(sd15_lora_files[1]), "triggers": ["qwv"]}},
+                     "sets": [{"loras": ["a", "b"], **set_settings}], "methods": [method]}, base_dir=tmp_path)
+
+    assert_one_line_user_errors([
+        (lambda: suite("regional", boxes=[[0, 0, 1.5, 1], [0, 0, 1, 1]]), "with method 'regional': .*not inside"),
+        (lambda: suite("regional", boxes=[[0.5, 0, 0.5, 1], [0, 0, 1, 1]]), "with method 'regional': .*inside"),
+        (lambda: suite("regional", boxes=[[0, 0, 1, 1]]), "boxes must list one"),
+        (lambda: suite({"method": "regional", "masks": [str(tmp_path / "notes.png")]}), "is not an image"),
+        (lambda: suite({"method": "regional", "boxes": ["0,0,2,1"]}), "outside the image"),
+        (lambda: suite({"method": "merge", "masks": ["m.png"]}), "masks"),
+    ])
+
+
+def test_a_suite_reads_mask_files_relative_to_itself(tmp_path):
+    from loracompose.eval.suite import parse_suite
+
+    Image.new("L", (8, 8), 255).save(tmp_path / "left.png")
+    suite = parse_suite({"model": "m", "loras": {"a": {"file": "a.safetensors", "triggers": ["zkx"]}},
+                         "sets": [["a"]], "methods": [{"method": "regional", "masks": ["left.png"]}]},
+                        base_dir=tmp_path)
+    assert suite.methods[0].build().masks == (str(tmp_path / "left.png"),)
