@@ -175,7 +175,7 @@ class LoraComposeApp:
                                       height, num_images, scheduler, append_triggers, text_encoder_loras)
         if method not in self.methods:
             raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
-        categories = {spec.name: spec.category for spec in request.loras}
+        categories = {str(spec.name): spec.category for spec in request.loras}  # UI specs are named
         method_settings = with_region_masks(method, self.methods[method], method_settings, region_masks, categories)
         chosen = method_from_settings(method, self.methods[method], method_settings)
         items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
