@@ -429,6 +429,19 @@ def test_painted_regional_masks_equal_the_python_api_with_the_same_masks(served,
     assert status.count("Regions: character ") == 1
 
 
+def test_reuse_settings_puts_painted_masks_back_on_the_canvas(served, tmp_path):
+    layers = painted_layers(tmp_path)
+    client = served.client()
+    client.predict(*shared_args(served, TWO_LORAS), "regional",
+                   *form_values(served, "regional", {"masks": editor_payload(tmp_path, layers)}),
+                   api_name="/generate_form")
+    values = client.predict(lora_table(served, {}), api_name="/reuse_settings")
+    (canvas,) = [value for value in values if isinstance(value, dict) and "layers" in value]  # the mask canvas
+    shown = [np.asarray(Image.open(layer["path"] if isinstance(layer, dict) else layer))[..., -1] > 0
+             for layer in canvas["layers"]]
+    assert len(shown) == 2 and all(np.array_equal(mask, layer[..., -1] > 0) for mask, layer in zip(shown, layers))
+
+
 def test_regional_boxes_typed_in_the_page_equal_the_python_api(served):
     from loracompose.methods.regional import Regional
 
