@@ -340,3 +340,35 @@ def test_a_suite_reads_mask_files_relative_to_itself(tmp_path):
                          "sets": [["a"]], "methods": [{"method": "regional", "masks": ["left.png"]}]},
                         base_dir=tmp_path)
     assert suite.methods[0].build().masks == (str(tmp_path / "left.png"),)
+
+
+def test_command_line_masks_and_region_prompts_give_the_python_api_image(tiny_sd15_dir, sd15_lora_files, tmp_path,
+                                                                        capsys):
+    import json
+
+    import numpy as np
+
+    from loracompose import load_pipeline
+    from loracompose.cli.main import main
+
+    left, right = Image.new("L", (16, 16), 0), Image.new("L", (16, 16), 0)
+    left.paste(255, (0, 0, 10, 12))
+    right.paste(255, (6, 0, 16, 12))
+    left.save(tmp_path / "left.png")
+    right.save(tmp_path / "right.png")
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_sd15_dir), "--prompt", PROMPT, "--lora", str(sd15_lora_files[0]),
+                 "--lora", str(sd15_lora_files[1]), "--method", "regional", "--mask", str(tmp_path / "left.png"),
+                 "--mask", str(tmp_path / "right.png"), "--region-prompt", "a zkx", "--region-prompt", "",
+                 "--steps", "2", "--guidance", "5", "--width", "32", "--height", "32", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    (png,) = out.glob("*.png")
+    method = Regional(masks=[tmp_path / "left.png", tmp_path / "right.png"], region_prompts=["a zkx", ""])
+    expected = load_pipeline(tiny_sd15_dir).generate(
+        PROMPT, [LoraSpec(path) for path in sd15_lora_files], method, steps=2, guidance_scale=5, width=32, height=32,
+        show_progress=False).images[0]
+    difference = np.abs(np.asarray(Image.open(png), np.int16) - np.asarray(expected, np.int16))
+    assert difference.max() <= 1, "the command line's image differs from the Python API's"
+    settings = json.loads(png.with_suffix(".json").read_text())["method_settings"]
+    assert settings["masks"] == [str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    assert settings["region_prompts"] == ["a zkx", ""]
