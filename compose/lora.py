@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 from safetensors import SafetensorError, safe_open
 
 from loracompose.errors import UserError, first_line
+from loracompose.validation import check_finite_tensors, check_lora_weight, check_tensor_bytes_fit, regular_file
 
 SD15 = "sd15"
 SDXL = "sdxl"
@@ -26,6 +27,7 @@ TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words",
 CATEGORY_KEYS = ("loracompose.category", "modelspec.category")
 TITLE_KEYS = ("modelspec.title", "ss_output_name")
 
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own bound on a header
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -48,12 +50,15 @@ class LoraSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
         if self.trigger_words is not None:
+        object.__setattr__(self, "weight", check_lora_weight(self.weight, f"LoRA {self.name or self.path.name}"))
             object.__setattr__(self, "trigger_words", tuple(self.trigger_words))
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """Parse the CLI form ``PATH[:WEIGHT]``."""
         path, sep, weight = text.rpartition(":")
+        if text.lower().endswith(".safetensors"):  # a file name may hold colons: weird:name.safetensors
+            return cls(Path(text))
         if sep and path and _looks_like_number(weight):
             return cls(Path(path), weight=float(weight))
         if sep and path and not weight.startswith(("\\", "/")) and "/" not in weight:
@@ -105,20 +110,20 @@ def adapter_name_for(path: Path) -> str:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
     """Return (metadata, tensor keys) of a safetensors file, or raise UserError naming the file."""
-    if not path.exists():
-        raise UserError(f"LoRA file not found: {path}; check the path")
-    if path.is_dir():
-        raise UserError(f"LoRA path is a folder: {path}; pass the .safetensors file inside it")
+    regular_file(path, "LoRA file")  # a FIFO named .safetensors would block the reader forever
     if path.suffix.lower() != ".safetensors":
         raise UserError(
             f"LoRA file {path} is not a .safetensors file; only safetensors are loaded (pickled "
             "formats like .ckpt/.pt/.bin can run code): convert it to safetensors first"
         )
     try:
+    promised = _promised_tensor_bytes(path)
+    if promised is not None:  # before safe_open, which maps the whole file (a sparse file can promise terabytes)
+        check_tensor_bytes_fit(path, promised, "LoRA file")
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             keys = list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise UserError(f"LoRA file {path} is truncated or not a valid safetensors file ({first_line(error)}); "
                         "re-download it") from None
     _check_tensor_data_present(path, keys)
@@ -126,6 +131,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
 
 
 def _check_tensor_data_present(path: Path, keys: Sequence[str]) -> None:
+def _promised_tensor_bytes(path: Path) -> int | None:
+            header_size = int.from_bytes(raw.read(8), "little")
+            if header_size > MAX_HEADER_BYTES:
+            header = json.loads(raw.read(header_size))
     """safetensors only reads the header at open; make sure the data it promises is in the file."""
     with open(path, "rb") as raw:
         header_size = int.from_bytes(raw.read(8), "little")
@@ -150,6 +159,14 @@ def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
             parsed = value
         items = parsed if isinstance(parsed, list) else str(parsed).split(",")
         words = tuple(str(word).strip() for word in items if str(word).strip())
+def check_lora_tensors(path: Path) -> None:
+    """Read a LoRA file's tensors and refuse NaN or infinite values (before they reach a model, where
+    one Inf turns every later image black)."""
+    from safetensors.torch import load_file
+    regular_file(path, "LoRA file")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); re-download it") from None
         if words:
             return words
     return ()

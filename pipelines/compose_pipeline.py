@@ -30,15 +30,22 @@ from loracompose.lora import (
     LoadedLora,
     LoraSpec,
     check_architecture,
+    check_lora_tensors,
     inspect_loras,
     with_trigger_words,
 )
 from loracompose.tokens import pipeline_tokenizers
+from loracompose.validation import (
+    Limits,
+    check_generation_numbers,
+    check_memory,
+    check_request_size,
+    estimate_generation_bytes,
 
 from .adapters import AdapterController
 from .denoiser import Denoiser
 from .loop import denoise
-from .patches import assert_unchanged, fingerprint
+from .patches import assert_unchanged, fingerprint, quick_fingerprint
 from .stats import GenerationStats, MemoryMeter
 from .values import Branch, Conditioning
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
@@ -70,9 +77,12 @@ class ComposeMixin:
     """Multi-LoRA composition on top of a diffusers Stable Diffusion pipeline."""
 
     architecture: str = ""
-    # Check after every generation that the model is as it was before (a debug aid: it sums every
-    # weight twice per generation). None: on when LORACOMPOSE_VERIFY_CLEAN=1 (the tests set it).
-    verify_clean: bool | None = None
+    # Check after every generation that the model is as it was before. True: every weight summed
+    # twice (a debug aid); "quick": structure and a strided sample of the LoRA layers' base weights
+    # (the UI's shared pipeline, every request); None: full when LORACOMPOSE_VERIFY_CLEAN=1 (the tests).
+    verify_clean: bool | str | None = None
+    # The largest request one generate call may make (loracompose.validation.Limits); set per pipeline.
+    limits: Limits = Limits()
 
     # ------------------------------------------------------------------ LoRA management
     def _lock(self) -> threading.RLock:
@@ -119,6 +129,7 @@ class ComposeMixin:
             raise UserError(
                 f"LoRA file {lora.path} matched no layer of this {self.architecture.upper()} model; "
                 "use a LoRA trained for this base model"
+        check_lora_tensors(lora.path)  # NaN/Inf refused before any layer is touched
             )
         loaded[lora.name] = identity
 
@@ -165,8 +176,18 @@ class ComposeMixin:
         from loracompose.methods.merge import Merge
 
         method = method if method is not None else Merge()
-        self._check_generate_args(prompt, steps, guidance_scale, num_images, seed, output_type)
-        height, width = self._resolve_size(height, width)
+        self._check_generate_args(prompt, output_type)
+        numbers = check_generation_numbers(steps=steps, guidance_scale=guidance_scale, num_images=num_images,
+                                           seed=seed, width=width, height=height, max_batch_rows=max_batch_rows,
+                                           limits=self.limits)
+        steps, guidance_scale, num_images, seed = numbers.steps, numbers.guidance_scale, numbers.num_images, numbers.seed
+        height, width = numbers.height or self.native_size, numbers.width or self.native_size
+        max_batch_rows = numbers.max_batch_rows
+        check_request_size(width, height, num_images, steps, self.limits)
+        if self.limits.check_memory:
+            needed = estimate_generation_bytes(self, width, height, num_images, 2 if guidance_scale > 1 else 1)
+            check_memory(needed, self._execution_device, f"{num_images} image(s) of {width}x{height}",
+                         "ask for fewer or smaller images")
         with self._lock():
             started = time.perf_counter()
             device = self._execution_device
@@ -198,10 +219,10 @@ class ComposeMixin:
             settings=settings, latents=latents,
         )
 
-    def _verifies_clean(self) -> bool:
-        if self.verify_clean is not None:
-            return self.verify_clean
-        return os.environ.get(VERIFY_CLEAN_VARIABLE) == "1"
+    def _verifies_clean(self) -> bool | str:
+        if os.environ.get(VERIFY_CLEAN_VARIABLE) == "1":
+            return True
+        return self.verify_clean or False
 
     def _model_state(self) -> dict[str, Any]:
         """What a generation must leave as it found it (see :func:`~loracompose.pipelines.patches.fingerprint`)."""
@@ -222,6 +243,8 @@ class ComposeMixin:
             adapters.activate(branch.weights if text_encoder_loras else {}, components=list(TEXT_COMPONENTS))
             branch_prompt = branch.prompt if branch.prompt is not None else prompt
             return self._encode_conditioning(branch_prompt, negative_prompt, num_images, do_cfg, height, width, device)
+        if self._verifies_clean() == "quick":
+            return quick_fingerprint({"unet": self.unet})
 
         run = Denoiser(
             unet=self.unet, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode, adapters=adapters,
@@ -236,17 +259,9 @@ class ComposeMixin:
         return latents, run.stats
 
     # ------------------------------------------------------------------ checks and decoding
-    def _check_generate_args(self, prompt, steps, guidance_scale, num_images, seed, output_type) -> None:
+    def _check_generate_args(self, prompt, output_type) -> None:
         if not isinstance(prompt, str):
             raise UserError("prompt must be a string")
-        if int(steps) < 1:
-            raise UserError(f"steps={steps}: give at least 1 denoising step")
-        if guidance_scale < 0:
-            raise UserError(f"guidance={guidance_scale}: the CFG scale cannot be negative")
-        if int(num_images) < 1:
-            raise UserError(f"num_images={num_images}: ask for at least 1 image")
-        if int(seed) < 0:
-            raise UserError(f"seed={seed}: use a non-negative integer")
         if output_type not in ("pil", "np", "latent"):
             raise UserError(f"output_type={output_type!r}: use 'pil', 'np' or 'latent'")
 
@@ -254,14 +269,6 @@ class ComposeMixin:
     def native_size(self) -> int:
         """The image size (pixels, square) the model was trained at: 512 on SD1.5, 1024 on SDXL."""
         return int(self.unet.config.sample_size * self.vae_scale_factor)
-
-    def _resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        height, width = height or self.native_size, width or self.native_size
-        multiple = 8
-        for label, value in (("height", height), ("width", width)):
-            if value < multiple or value % multiple:
-                raise UserError(f"{label}={value}: image sizes must be positive multiples of {multiple} pixels")
-        return int(height), int(width)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
 from loracompose.errors import UserError, first_line
+from loracompose.validation import regular_file, check_device
 
 from .compose_pipeline import ComposeMixin, LoraComposeSDPipeline, LoraComposeSDXLPipeline, quiet_loading
 
@@ -23,9 +24,8 @@ PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` (CUDA if present) or the named device; a UserError if it does not exist here."""
+    return check_device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -65,6 +65,7 @@ def load_pipeline(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path = Path(str(model)).expanduser()
+        regular_file(path, "model file")  # a FIFO would block the reader forever
     if path.is_dir():
         pipe = _load_folder(path, torch_dtype)
     elif path.is_file():
@@ -112,15 +113,19 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     if path.suffix.lower() in PICKLED_SUFFIXES:
         raise UserError(f"checkpoint {path} is a pickled file; only .safetensors checkpoints are loaded (pickles can run code)")
     if path.suffix.lower() != ".safetensors":
-        raise UserError(f"checkpoint {path} is not a .safetensors file; pass a diffusers folder or a .safetensors checkpoint")
+        raise UserError(f"checkpoint {path} is not a .safetensors file; pass a diffusers folder or a "
+                        ".safetensors checkpoint")
+    regular_file(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            is_sdxl = SDXL_CHECKPOINT_KEY in set(handle.keys())
+            keys = set(handle.keys())
     except (SafetensorError, OSError) as error:
         raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({first_line(error)})") from None
     cls = LoraComposeSDXLPipeline if is_sdxl else LoraComposeSDPipeline
     extra = {"config": str(config)} if config else {}
     try:
+        raise UserError(f"{path} is a LoRA file, not a model checkpoint; pass it with --lora and give the base "
+    is_sdxl = SDXL_CHECKPOINT_KEY in keys
         with quiet_loading():
             return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
     except Exception as error:  # diffusers raises many types here (missing config offline, bad keys)

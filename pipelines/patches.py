@@ -143,6 +143,9 @@ def fingerprint(modules: Mapping[str, torch.nn.Module | None], weights: bool = T
 def _module_state(module: torch.nn.Module) -> tuple:
     hooks = tuple(len(getattr(module, attribute, {})) for attribute in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+QUICK_SAMPLE = 4096  # elements per weight that quick_fingerprint reads
+    sample of at most ``QUICK_SAMPLE`` elements. A fused delta changes nearly every element, and a
+                stride = max(1, flat.numel() // QUICK_SAMPLE)
     merged = tuple(getattr(module, "merged_adapters", ()))
     return ("forward" in module.__dict__, hooks, merged, bool(getattr(module, "gradient_checkpointing", False)))
 

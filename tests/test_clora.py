@@ -149,6 +149,21 @@ def test_unclaimed_pixels_go_to_the_base_branch():
     assert (owner[:2, :2] == 0).all() and (owner[2:, 2:] == 0).all()
 
 
+def test_minmax_scores_ignore_a_maps_floor_where_peak_scores_claim_everything():
+    """LoRA 2's map is 0.8 everywhere and 1.5 in its quarter: over its peak it is above 0.5 everywhere,
+    min-max normalised only in its quarter."""
+    maps = synthetic_maps(4, 4)
+    maps[2, 0, :, :, 5] = 0.8
+    maps[2, 0, 2:, :2, 5] = 1.5
+    peak = concept_masks(maps, [[3], [5]], threshold=0.5, level=0, latent_size=(4, 4), scores="peak")[0]
+    minmax = concept_masks(maps, [[3], [5]], threshold=0.5, level=0, latent_size=(4, 4), scores="minmax")[0]
+    assert (peak[2:, :2] == 2).all() and (peak[:2, :2] == 2).all()
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[:2, 2:] = 1
+    expected[2:, :2] = 2
+    assert torch.equal(minmax, expected)
+
+
 # ------------------------------------------------------------------------------------ generations
 
 
@@ -157,7 +172,7 @@ def test_one_update_equals_independent_autograd_step_and_masks_match(sd15):
     from plain diffusers attention and the explicit float64 loss; the step's masks equal masks made
     from independent maps of the updated latent (so they are not transposed either)."""
     pipe, loras = sd15
-    method = CLoRA(step_size=50.0, max_update_step=1, iterative_steps=())
+    method = CLoRA(step_size=50.0, max_update_step=1, iterative_steps=(), schedule_steps=0)
     seen = {}
     original = method.prepare_latents
 
@@ -181,7 +196,7 @@ def test_one_update_equals_independent_autograd_step_and_masks_match(sd15):
         maps = independent_maps(pipe, latents, seen["timestep"], method.branch_prompts, weights, (16, 24))
         loss = explicit_info_nce(maps, method.token_groups, 0.5)
         (gradient,) = torch.autograd.grad(loss, latents)
-    expected = seen["before"] - 50.0 * gradient.float()
+    expected = seen["before"] - 50.0 * (32 * 48) / 64**2 * gradient.float()  # step size scaled by the latent area
     assert (seen["after"] - seen["before"]).abs().max() > 1e-4, "the update must move the latent"
     torch.testing.assert_close(seen["after"], expected, rtol=1e-4, atol=1e-6)
 
@@ -189,7 +204,8 @@ def test_one_update_equals_independent_autograd_step_and_masks_match(sd15):
         maps = independent_maps(pipe, seen["after"], seen["timestep"], method.branch_prompts, weights, (16, 24))
     pipe.unet.set_adapters(names, [0.0, 0.0])
     expected_owner = concept_masks(maps[:, None], [method.token_groups[0][1], method.token_groups[1][2]],
-                                   threshold=0.3, level=1, latent_size=(32, 48))
+                                   threshold=method.mask_threshold, level=1, latent_size=(32, 48),
+                                   scores=method.mask_scores, smoothing=method.mask_smoothing)
     owner = method.mask_history[0].owner
     assert owner.shape == (1, 32, 48)
     assert torch.equal(owner, expected_owner)
@@ -200,9 +216,10 @@ def forced_owner(branch: int):
     return lambda masks: ConceptMasks(masks.step, torch.full_like(masks.owner, branch), masks.names)
 
 
-def test_forced_masks_without_optimisation_equal_that_loras_single_run(sd15):
+@pytest.mark.parametrize("gate", ["layers", "prediction"])
+def test_forced_masks_without_optimisation_equal_that_loras_single_run(sd15, gate):
     pipe, loras = sd15
-    method = CLoRA(latent_update=False)
+    method = CLoRA(latent_update=False, gate=gate)
     method.mask_callback = forced_owner(2)
     clora = pipe.generate(PROMPT, loras, method, steps=3, output_type="np", **COMMON)
     single = pipe.generate(PROMPT, loras[1:], Merge(), steps=3, output_type="np", **COMMON)
@@ -212,11 +229,13 @@ def test_forced_masks_without_optimisation_equal_that_loras_single_run(sd15):
     assert all((masks.owner == 2).all() for masks in method.mask_history)
 
 
-@pytest.mark.parametrize("model", ["sd15", "sdxl"])
-def test_one_lora_with_all_ones_mask_equals_merge(model, tiny_sd15_dir, tiny_sdxl_dir, sd15_lora_files, sdxl_lora_files):
+@pytest.mark.parametrize("model,gate", [("sd15", "layers"), ("sd15", "prediction"), ("sdxl", "layers")])
+def test_one_lora_with_all_ones_mask_equals_merge(model, gate, tiny_sd15_dir, tiny_sdxl_dir, sd15_lora_files,
+                                                  sdxl_lora_files):
     model_dir, files = (tiny_sdxl_dir, sdxl_lora_files) if model == "sdxl" else (tiny_sd15_dir, sd15_lora_files)
     pipe, lora = load_pipeline(model_dir), [LoraSpec(files[0], 0.8)]
-    method = CLoRA(mask_threshold=0.0)  # every pixel with any attention is claimed: the mask is all ones
+    # every pixel with any attention is claimed over its peak: the mask is all ones
+    method = CLoRA(mask_threshold=0.0, mask_scores="peak", gate=gate)
     clora = pipe.generate(PROMPT, lora, method, steps=2, output_type="np", **COMMON)
     merge = pipe.generate(PROMPT, lora, Merge(), steps=2, output_type="np", **COMMON)
     assert all((masks.owner == 1).all() for masks in method.mask_history)
@@ -224,13 +243,15 @@ def test_one_lora_with_all_ones_mask_equals_merge(model, tiny_sd15_dir, tiny_sdx
     np.testing.assert_allclose(clora.images[0], merge.images[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_unet_calls_rows_and_backward_passes_are_exact(sd15, tiny_sd15_dir, tmp_path, batched):
+@pytest.mark.parametrize("batched,gate", [(True, "layers"), (False, "layers"), (True, "prediction"),
+                                          (False, "prediction")])
+def test_unet_calls_rows_and_backward_passes_are_exact(sd15, tiny_sd15_dir, tmp_path, batched, gate):
     pipe, loras = sd15
     unet_only = build_tiny_lora(tiny_sd15_dir, tmp_path / "unet_only.safetensors", seed=5, trigger_words=["plk"],
                                 text_encoder=False)
     specs = [*loras, LoraSpec(unet_only)]
-    method = CLoRA(max_update_step=2, iterative_steps=(1,), extra_iterations=1, batched=batched)
+    method = CLoRA(max_update_step=2, iterative_steps=(1,), extra_iterations=1, batched=batched, gate=gate,
+                   schedule_steps=0)
     counter = UNetCallCounter(pipe.unet)
     try:
         stats = pipe.generate(PROMPT, specs, method, steps=3, num_images=2, width=32, height=32,
@@ -238,21 +259,25 @@ def test_unet_calls_rows_and_backward_passes_are_exact(sd15, tiny_sd15_dir, tmp_
     finally:
         counter.handle.remove()
     updates, steps, branches, images = 1 + 2 + 0, 3, 4, 2
-    calls = updates + steps if batched else branches * (updates + steps)
-    rows = images * (branches * updates + 2 * branches * steps)  # updates: conditional rows only
+    if gate == "prediction":  # per step: every branch's CFG rows
+        calls = updates + steps if batched else branches * (updates + steps)
+        rows = images * (branches * updates + 2 * branches * steps)  # updates: conditional rows only
+    else:  # per step: a map pass of the branches' conditional rows, then one regional CFG pass per image
+        calls = (updates + steps if batched else branches * (updates + steps)) + steps * images
+        rows = images * (branches * updates + branches * steps + 2 * steps)
     assert (stats.unet_calls, stats.unet_rows, stats.backward_passes) == (calls, rows, updates)
     assert (counter.calls, counter.rows) == (calls, rows)
-    assert stats.execution == ("batched" if batched else "sequential")
+    assert stats.execution.split("+")[0] == ("batched" if batched else "sequential")
     assert [step for step, _ in method.loss_history] == [0, 1, 1]
     assert len(method.mask_history) == steps and method.mask_history[0].owner.shape == (2, 16, 16)
 
 
 def test_sdxl_two_loras_optimise_and_partition(tiny_sdxl_dir, sdxl_lora_files):
     pipe = load_pipeline(tiny_sdxl_dir)
-    method = CLoRA(max_update_step=2, iterative_steps=())
+    method = CLoRA(max_update_step=2, iterative_steps=(), schedule_steps=0)
     result = pipe.generate(PROMPT, [LoraSpec(p) for p in sdxl_lora_files], method, steps=2, width=64, height=96,
                            output_type="latent", **COMMON)
-    assert (result.stats.unet_calls, result.stats.backward_passes) == (4, 2)
+    assert (result.stats.unet_calls, result.stats.backward_passes) == (2 + 2 * 2, 2)  # per step: maps + regional
     assert torch.isfinite(result.latents).all()
     for masks in method.mask_history:
         assert masks.owner.shape == (1, 48, 32)
@@ -299,8 +324,19 @@ def test_lora_without_trigger_words_needs_subjects(sd15, tiny_sd15_dir, tmp_path
 def test_update_schedule():
     method = CLoRA()
     assert [method.updates_at(i) for i in (0, 1, 10, 20, 29, 30)] == [21, 1, 21, 21, 1, 0]
+    assert [method.updates_at(i, 50) for i in (0, 1, 10, 20, 29, 30)] == [21, 1, 21, 21, 1, 0]
+    # 20 steps: the 50-step schedule scaled, updates before step 12, extra ones at steps 0, 4 and 8
+    assert [method.updates_at(i, 20) for i in range(20)] == [21, 1, 1, 1, 21, 1, 1, 1, 21, 1, 1, 1] + [0] * 8
+    assert CLoRA(schedule_steps=0).updates_at(29, 20) == 1
     assert CLoRA(latent_update=False).updates_at(0) == 0
-    assert math.isclose(CLoRA().step_size, 20.0) and CLoRA().temperature == 0.5 and CLoRA().mask_threshold == 0.3
+    assert math.isclose(CLoRA().step_size, 20.0) and CLoRA().temperature == 0.5 and CLoRA().mask_threshold == 0.5
+
+
+def test_step_size_scales_with_the_latent_area():
+    latents = torch.zeros(1, 4, 16, 16)
+    assert CLoRA().scaled_step_size(torch.zeros(1, 4, 64, 64)) == 20.0  # SD1.5 at 512 px: the paper's value
+    assert CLoRA().scaled_step_size(latents) == 20.0 * 256 / 4096
+    assert CLoRA(step_latent_side=0).scaled_step_size(latents) == 20.0
 
 
 def test_cli_clora_writes_masks_settings_and_counts(tmp_path, tiny_sd15_dir, sd15_lora_files, capsys):
@@ -313,8 +349,8 @@ def test_cli_clora_writes_masks_settings_and_counts(tmp_path, tiny_sd15_dir, sd1
     assert main(args) == 0
     record = json.loads((out / "clora-0.json").read_text())
     assert record["method_settings"]["mask_threshold"] == 0.4 and record["method_settings"]["iterative_steps"] == []
-    # 3 branches, no CFG: per step one batched no-grad call, plus one optimisation call before step 30
-    assert record["stats"]["unet_calls"] == 4 and record["stats"]["backward_passes"] == 2
+    # 3 branches, no CFG: per step a map pass and a regional pass, plus one optimisation call per update
+    assert record["stats"]["unet_calls"] == 6 and record["stats"]["backward_passes"] == 2
     capsys.readouterr()
     assert main([*args[:-2], "--clora-iterative-steps", "0,x", "--out", str(tmp_path / "bad")]) == 2
     assert "--clora-iterative-steps '0,x'" in capsys.readouterr().err
@@ -330,7 +366,7 @@ def test_stopping_after_the_map_layers_gives_the_same_loss_and_gradient(sd15):
     try:
         for stop in (True, False):
             last_block_calls.clear()
-            method = CLoRA(stop_after_maps=stop, iterative_steps=(), max_update_step=1)
+            method = CLoRA(stop_after_maps=stop, iterative_steps=(), max_update_step=1, gate="prediction")
             result = pipe.generate("a photo", specs, method, steps=2, seed=4, output_type="latent", show_progress=False)
             results[stop] = (result.latents, method.loss_history, result.stats, len(last_block_calls))
     finally:

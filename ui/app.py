@@ -23,6 +23,8 @@ Annotations here are real objects (no ``from __future__ import annotations``): G
 
 import functools
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,6 +37,7 @@ from loracompose.methods import DEFAULT_METHOD
 from loracompose.errors import UserError, first_line
 from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from loracompose.validation import Limits, check_generation_numbers, finite_number, whole_number
 
 from .api import GeneratedImage, generate_endpoint, generated_image, method_from_settings, with_region_masks
 from .library import (
@@ -52,9 +55,7 @@ PIPELINE_EVENTS = "pipeline"
 QUEUE_SIZE = 64
 DEFAULT_STEPS = 30
 MAX_IMAGES = 8
-MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
-MAX_SIZE = 4096
 SIZE_STEP = 8
 
 
@@ -84,45 +85,40 @@ def readable_errors(handler: Callable) -> Callable:
         except gr.Error:
             raise
         except UserError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # a bug, not a bad input: log it, show one line
+            raise gr.Error(hide_server_paths(str(error)), print_exception=False) from None
+        except Exception as error:  # a bug, not a bad input: log it, show one line (no server paths)
             log.exception("UI event %s failed", handler.__name__)
-            raise gr.Error(f"internal error ({type(error).__name__}: {first_line(error)}); see the server log",
-                           print_exception=False) from None
+            raise gr.Error(f"internal error ({type(error).__name__}: {hide_server_paths(first_line(error))}); "
+                           "see the server log", print_exception=False) from None
 
     return wrapper
 
 
+# An absolute POSIX path: '/' then folders; the last part (the file name) is all a client is shown.
+_SERVER_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s/'\"(),;]+/)+(?=[^\s/'\"(),;]*)")
+def hide_server_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its file name: an error shown in the page or sent to an
+    API client never tells where the server keeps its files, or which files exist."""
+    return _SERVER_PATH.sub("", text)
 def _generation_request(state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
                         guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str,
-                        append_triggers: bool, text_encoder_loras: bool) -> GenerationRequest:
-    """The shared controls' values as a checked request (UserError for a bad value)."""
+                        append_triggers: bool, text_encoder_loras: bool,
+                        limits: Limits | None = None) -> GenerationRequest:
+    """The shared controls' values as a checked request (UserError for a bad value; the same checks
+    as the CLI and the Python API, loracompose.validation)."""
+    if width is None or height is None:
+        raise UserError("width and height: give both image sizes in pixels")
+    numbers = check_generation_numbers(
+        steps=steps, guidance_scale=finite_number(guidance, "guidance", low=0, high=MAX_GUIDANCE),
+        num_images=whole_number(num_images, "number of images", low=1, high=MAX_IMAGES), seed=seed,
+        width=width, height=height, limits=limits)
     return GenerationRequest(
         prompt=str(prompt or ""), negative_prompt=str(negative_prompt or "").strip() or None,
-        loras=tuple(selected_specs(table_rows(table), state.catalog)),
-        seed=_whole(seed, "seed", 0, 2**63 - 1), steps=_whole(steps, "steps", 1, MAX_STEPS),
-        guidance_scale=_number(guidance, "guidance", 0, MAX_GUIDANCE),
-        width=_whole(width, "width", 1, MAX_SIZE), height=_whole(height, "height", 1, MAX_SIZE),
-        num_images=_whole(num_images, "number of images", 1, MAX_IMAGES),
-        scheduler=str(scheduler), append_triggers=bool(append_triggers), text_encoder_loras=bool(text_encoder_loras),
+        loras=tuple(selected_specs(table_rows(table), state.catalog)), seed=numbers.seed, steps=numbers.steps,
+        guidance_scale=numbers.guidance_scale, width=int(numbers.width or 0), height=int(numbers.height or 0),
+        num_images=numbers.num_images, scheduler=str(scheduler), append_triggers=bool(append_triggers),
+        text_encoder_loras=bool(text_encoder_loras),
     )
-
-
-def _number(value: Any, label: str, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{label}: {value!r} is not a number") from None
-    if not low <= number <= high:  # also refuses NaN
-        raise UserError(f"{label}: {value!r} is out of range; use {low:g} to {high:g}")
-    return number
-
-
-def _whole(value: Any, label: str, low: int, high: int) -> int:
-    number = _number(value, label, low, high)
-    if number != int(number):
-        raise UserError(f"{label}: {value!r} must be a whole number")
-    return int(number)
 
 
 class LoraComposeApp:
@@ -138,6 +134,9 @@ class LoraComposeApp:
     # ------------------------------------------------------------------ session
     def new_session(self) -> SessionState:
         return SessionState(catalog=LoraCatalog(self.settings.library))
+        self.limits: Limits = getattr(pipe, "limits", Limits())
+        if hasattr(pipe, "verify_clean") and not pipe.verify_clean:
+            pipe.verify_clean = "quick"  # one model shared by every user: checked after every request
 
     def initial_table(self) -> list[list[Any]]:
         catalog = LoraCatalog(self.settings.library)
@@ -151,7 +150,7 @@ class LoraComposeApp:
                  *method_values: Any) -> tuple:
         """Generate with the picked method; results go first in the session's gallery."""
         request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance, width, height,
-                                      num_images, scheduler, append_triggers, text_encoder_loras)
+                                      num_images, scheduler, append_triggers, text_encoder_loras, self.limits)
         method = self.forms.method(method_name, method_values)
         progress(0, desc=f"{method_name}: preparing")
         items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
@@ -172,7 +171,8 @@ class LoraComposeApp:
         state = self.new_session()
         table = self._api_table(state, loras, trigger_words)
         request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance_scale, width,
-                                      height, num_images, scheduler, append_triggers, text_encoder_loras)
+                                      height, num_images, scheduler, append_triggers, text_encoder_loras,
+                                      self.limits)
         if method not in self.methods:
             raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
         categories = {str(spec.name): spec.category for spec in request.loras}  # UI specs are named
@@ -191,7 +191,7 @@ class LoraComposeApp:
         if not method_names:
             raise UserError("compare: tick at least one method")
         request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance, width, height,
-                                      1, scheduler, append_triggers, text_encoder_loras)
+                                      1, scheduler, append_triggers, text_encoder_loras, self.limits)
         methods = [self.forms.method(name, method_values) for name in method_names]  # check all before running
         items: list[ResultItem] = []
         for index, method in enumerate(methods):
@@ -211,10 +211,11 @@ class LoraComposeApp:
         added, refused = [], []
         for file in files or []:
             try:
-                stored = self.uploads.store(Path(file), Path(file).name)
+                source = uploaded_file(file)
+                stored = self.uploads.store(source, source.name)
                 added.append(state.catalog.add(describe_lora_file(stored, stored.stem, "upload")))
             except UserError as error:
-                refused.append(str(error))
+                refused.append(hide_server_paths(str(error)))
         if refused and not added:
             raise UserError("; ".join(refused))
         if refused:
@@ -230,7 +231,7 @@ class LoraComposeApp:
         model's text encoder on each LoRA's name, triggers, category and description)."""
         from loracompose.retrieval import rank_lora_files
 
-        top_k = _whole(count, "number of LoRAs to suggest", 1, len(state.catalog.entries) or 1)
+        top_k = whole_number(count, "number of LoRAs to suggest", low=1, high=len(state.catalog.entries) or 1)
         with self.pipe.exclusive():
             ranked = rank_lora_files(self.pipe, str(prompt or ""), {entry.name: entry.path for entry in
                                                                     state.catalog.entries.values()}, top_k)
@@ -418,6 +419,18 @@ def _summary(items: Sequence[ResultItem]) -> str:
     if not items:
         return ""
     first = items[0]
+def uploaded_file(file: Any) -> Path:
+    """The server copy of a file the browser uploaded: a regular file inside Gradio's upload folder.
+    Anything else (a client naming a server file in its FileData) is refused without saying whether
+    that file exists."""
+    from gradio.utils import get_upload_folder
+    path = Path(str(getattr(file, "path", file)))
+    folder = Path(get_upload_folder()).resolve()
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder) or not os.path.isfile(resolved) or os.path.islink(path):
+        raise UserError(f"upload {path.name!r} refused: only files uploaded through this page are accepted; "
+                        "upload the .safetensors file itself, or pick a LoRA of the library")
+    return resolved
     return f"**{first.method_name}**: {len(items)} image(s) in {first.seconds:.2f} s, {first.unet_calls} UNet calls"
 
 

@@ -6,12 +6,13 @@ so ``loracompose ui`` works on a fresh machine with no network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loracompose.assets.embedded import embedded_default, loracompose_home
 from loracompose.errors import UserError
+from loracompose.validation import Limits
 
 from .app import AppSettings, build_app, launch_app
 from .library import DEFAULT_MAX_UPLOAD_BYTES, LoraEntry, describe_lora_file, scan_library
@@ -30,6 +31,7 @@ class UiOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / 1024**2
+    limits: Limits = field(default_factory=Limits)
 
 
 def ui_home() -> Path:
@@ -70,5 +72,6 @@ def serve(options: UiOptions, block: bool = True):
 
     model, settings = resolve_settings(options)
     pipe = load_pipeline(model, device=options.device, dtype=options.dtype, config=options.config)
+    pipe.limits = options.limits
     blocks = build_app(pipe, settings)
     return launch_app(blocks, settings, host=options.host, port=options.port, block=block)

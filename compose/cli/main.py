@@ -36,6 +36,7 @@ from loracompose.cli.checkpoint_flags import add_checkpoint_arguments, checkpoin
 from loracompose.cli.method_flags import UsageError, add_method_arguments, method_from_args
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec, inspect_loras
+from loracompose.validation import LIMIT_FLAGS, Limits, check_generation_numbers, plain_file_name
 
 if TYPE_CHECKING:
     from loracompose.methods.base import CompositionMethod
@@ -85,10 +86,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_auto_lora_arguments(parser.add_argument_group("LoRA retrieval (AutoLoRA)"))
     add_method_arguments(parser, METHODS)
 
+    add_limit_arguments(parser.add_argument_group("limits (raise them for large requests)"))
 
 def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
     specs = [LoraSpec.parse(text) for text in args.lora]
     if args.trigger and len(args.trigger) != len(specs):
+def add_limit_arguments(group: Any) -> None:
+    """--max-side, --max-pixels, --max-steps and --no-memory-check (loracompose.validation.Limits)."""
+    defaults = Limits()
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
         raise UserError(
             f"got {len(args.trigger)} --trigger for {len(specs)} --lora; give one --trigger per --lora, in the same order"
         )
@@ -133,15 +140,20 @@ def run_generate(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     prepare_output_dir(args.out)
-    written = save_result(result, args.out, args.name or f"{method.name}-{args.seed}", model)
+    written = save_result(result, args.out, name, model)
     stats = result.stats
     for path in written:
         print(path)
+    limits = limits_from_args(args)
+    check_generation_numbers(steps=steps, guidance_scale=guidance, num_images=args.num_images, seed=args.seed,
+                             width=args.width, height=args.height, max_batch_rows=args.max_batch_rows, limits=limits)
+    name = plain_file_name(args.name, "--name") if args.name is not None else f"{method.name}-{args.seed}"
     print(f"{method.name}: {stats.unet_calls} UNet calls, {stats.unet_rows} rows, {stats.wall_seconds:.2f} s "
           f"({stats.execution})", file=sys.stderr)
     return 0
 
 
+    pipe.limits = limits
 def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) -> None:
     """The arguments train-lora and train-tara share; ``defaults`` names the recipe's default values."""
     parser.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
@@ -274,7 +286,8 @@ def run_ui(args: argparse.Namespace) -> int:
     from loracompose.ui import UiOptions, serve
 
     serve(UiOptions(model=args.model, config=args.config, library=args.library, host=args.host, port=args.port,
-                    out=args.out, device=args.device, dtype=args.dtype, max_upload_mb=args.max_upload_mb))
+                    out=args.out, device=args.device, dtype=args.dtype, max_upload_mb=args.max_upload_mb,
+                    limits=limits_from_args(args)))
     return 0
 
 
@@ -287,6 +300,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) for a bench run",
                add_report_arguments, run_report),
     "train-lora": ("train a LoRA on a folder of images (captions: NAME.txt beside each image, or --prompt)",
+    add_limit_arguments(parser.add_argument_group("limits of one request (raise them for large requests)"))
                    add_train_lora_arguments, run_train_lora),
     "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
                    run_train_tara),
@@ -357,3 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, MemoryError) and type(error).__name__ != "OutOfMemoryError":
+            raise
+        print("loracompose: error: out of memory; ask for fewer or smaller images (--num-images, --width, "
+              "--height) or cap --max-batch-rows", file=sys.stderr)
+        return 2

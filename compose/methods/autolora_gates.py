@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from loracompose.errors import UserError, first_line
 from loracompose.outputs import atomic_write
+from loracompose.validation import check_finite_tensors, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ def load_gates(path: str | Path, channels: Mapping[str, int]) -> GateSet:
 def read_gate_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"gates {path}: only .safetensors gate files are loaded (pickled formats can run code)")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"gate file not found: {path}; train one with train-gates or leave gates unset (= Merge)")
+    regular_file(path, "gate file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -159,4 +161,5 @@ def read_gate_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     if metadata.get("format") != GATE_FORMAT:
         raise UserError(f"{path} is not a loracompose gate file (format {metadata.get('format')!r}); "
                         "train one with train-gates")
+    check_finite_tensors(tensors, f"gate file {path}")
     return tensors, metadata

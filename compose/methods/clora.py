@@ -60,25 +60,37 @@ if TYPE_CHECKING:
     import torch.nn.functional as F
 
     from loracompose.attention import (
+        AttentionLayer,
         AttentionStore,
         ComposeAttnProcessor,
+        LatentGrid,
         attention_kernel,
         attention_map_layers,
         processors_for,
         stop_after_layers,
     )
+    from loracompose.attention.auto_masks import auto_mask_layers, smooth
+    from loracompose.attention.regional import RegionMasks, install_regional
+    from loracompose.methods.auto import one_image_view
     from loracompose.pipelines.denoiser import Denoiser
     from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
     F = LazyImport("torch.nn.functional")
-    AttentionStore, ComposeAttnProcessor, attention_kernel, attention_map_layers, \
+    AttentionStore, ComposeAttnProcessor, LatentGrid, attention_kernel, attention_map_layers, \
         processors_for, stop_after_layers = (LazyImport("loracompose.attention", name) for name in (
-            "AttentionStore", "ComposeAttnProcessor", "attention_kernel", "attention_map_layers",
+            "AttentionStore", "ComposeAttnProcessor", "LatentGrid", "attention_kernel", "attention_map_layers",
             "processors_for", "stop_after_layers"))
+    auto_mask_layers, smooth = (LazyImport("loracompose.attention.auto_masks", name)
+                                for name in ("auto_mask_layers", "smooth"))
+    RegionMasks, install_regional = (LazyImport("loracompose.attention.regional", name)
+                                     for name in ("RegionMasks", "install_regional"))
+    one_image_view = LazyImport("loracompose.methods.auto", "one_image_view")
 
 BASE_NAME = "base"
 MORPHOLOGY = ("dilate", "erode", "open", "close")
+MASK_SCORES = ("minmax", "peak")
+GATES = ("layers", "prediction")
 _TINY = 1e-12  # guards divisions by a flat map's range or peak
 
 TokenGroups = list[list[list[int]]]  # [concept][branch] -> token positions
@@ -162,6 +174,25 @@ def relative_attention(maps: torch.Tensor, tokens: Sequence[int]) -> torch.Tenso
     return (selected / peak).amax(dim=-1)
 
 
+def minmax_attention(maps: torch.Tensor, tokens: Sequence[int], smoothing: float = 0.0) -> torch.Tensor:
+    """(images, rows, columns): the mean map of ``tokens`` (one word's pieces), Gaussian-smoothed by
+    ``smoothing`` map cells, min-max normalised to 0..1.
+
+    Unlike :func:`relative_attention` a map's floor counts: a token that attends a little everywhere
+    and a bit more in one place claims that place, not the whole image.
+    """
+    mean = smooth(maps[..., list(tokens)].mean(dim=-1), smoothing)
+    low = mean.amin(dim=(1, 2), keepdim=True)
+    high = mean.amax(dim=(1, 2), keepdim=True)
+    return (mean - low) / (high - low).clamp_min(_TINY)
+
+
+def concept_score(maps: torch.Tensor, tokens: Sequence[int], scores: str = "minmax",
+                  smoothing: float = 0.0) -> torch.Tensor:
+    """One concept's mask score (images, rows, columns): ``"minmax"`` or ``"peak"`` (the reference's)."""
+    return minmax_attention(maps, tokens, smoothing) if scores == "minmax" else relative_attention(maps, tokens)
+
+
 def apply_morphology(claims: torch.Tensor, operations: Sequence[str]) -> torch.Tensor:
     """3x3 binary morphology on (..., rows, columns) bool masks, in order."""
     def dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -210,14 +241,17 @@ def concept_masks(
     level: int,
     latent_size: tuple[int, int],
     morphology: Sequence[str] = (),
+    scores: str = "peak",
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Owner map (images, height, width) from the LoRA branches' maps.
 
     ``maps`` is (branches, images, rows, columns, tokens) with the base first; LoRA branch p's mask
-    reads its own map at ``mask_tokens[p - 1]``.
+    reads its own map at ``mask_tokens[p - 1]``, scored by :func:`concept_score`.
     """
-    scores = torch.stack([relative_attention(maps[p + 1], tokens) for p, tokens in enumerate(mask_tokens)], dim=1)
-    return upsample_owner(owner_map(scores, threshold, morphology), level, latent_size)
+    per_concept = [concept_score(maps[p + 1], tokens, scores, smoothing) for p, tokens in enumerate(mask_tokens)]
+    scores_map = torch.stack(per_concept, dim=1)
+    return upsample_owner(owner_map(scores_map, threshold, morphology), level, latent_size)
 
 
 # ------------------------------------------------------------------------------------ fusion
@@ -237,17 +271,25 @@ def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
 # ------------------------------------------------------------------------------------ map capture
 
 
+def map_layers(unet: torch.nn.Module, grid: LatentGrid, min_side: int,
+               layers_per_module: int | None) -> list[AttentionLayer]:
+    """The cross-attention layers CLoRA reads: those of :func:`attention_map_layers` at the deepest
+    level whose maps have at least ``min_side`` cells a side for this latent (else the finest level):
+    the 1/32 level of SD1.5 and SDXL at their native sizes, the 8x8 level of the toy world."""
+    level = auto_mask_layers(unet, grid, min_side)[0].level
+    return attention_map_layers(unet, layers_per_module, level=level)
+
+
 class MapRecorder:
-    """Cross-attention maps of every UNet call made while recording, on the 1/32-level attn2 layers.
+    """Cross-attention maps of every UNet call made while recording, on the given attn2 layers (one level).
 
     One :class:`AttentionStore` serves the layers; a UNet forward hook copies its maps (all 77 tokens,
     mean over layers and heads) after each call, so batched and one-call-per-branch runs both yield
     rows in [branch][image] order. The processors and the hook are registered on ``patches``.
     """
 
-    def __init__(self, unet: torch.nn.Module, layers_per_module: int | None, backend: str,
+    def __init__(self, unet: torch.nn.Module, layers: Sequence[AttentionLayer], backend: str,
                  patches: PatchStack) -> None:
-        layers = attention_map_layers(unet, layers_per_module)
         self.level = layers[0].level
         self.store = AttentionStore(token_indices=None)
         self._calls: list[torch.Tensor] | None = None
@@ -287,22 +329,33 @@ class CLoRA(CompositionMethod):
 
     Attributes:
         latent_update: optimise the latent (reference ``latent_update``).
-        step_size: eta in z <- z - eta * grad L (reference 20, constant).
+        step_size: eta in z <- z - eta * grad L (reference 20, constant) on a latent of ``step_latent_side``
+            pixels a side; scaled by the latent's area on other sizes.
+        step_latent_side: the latent side ``step_size`` is given for (64: SD1.5 at 512 px; 0: no scaling).
         max_update_step: latent updates at steps i < this (reference ``max_iter_to_alter``).
         iterative_steps: steps that get ``extra_iterations`` more updates (reference
             ``iterative_steps`` / ``iterative_steps_steps``).
         extra_iterations: the extra updates at each of ``iterative_steps``.
         temperature: InfoNCE temperature.
-        mask_threshold: alpha, a fraction of each token map's own peak (reference
-            ``mask_threshold_alpha``).
+        mask_threshold: alpha: a pixel is claimed where the concept's score exceeds it.
+        mask_scores: ``"minmax"`` (the concept's mean token map, min-max normalised) or ``"peak"``
+            (each token map over its own peak, the reference's ``mask_threshold_alpha`` rule).
         masks_from_step: before this step the branches are averaged (reference ``apply_mask_after``).
+        mask_smoothing: Gaussian smoothing of each concept's map before ``"minmax"`` scoring, in map cells.
+        gate: ``"layers"``: each LoRA's deltas confined to its concept's mask on every layer it adapts,
+            in one pass (regional LoRA with these masks); ``"prediction"``: the paper's fusion, each
+            branch's noise taken where its concept owns the pixel.
         mask_morphology: 3x3 operations on each concept's mask, in order: dilate, erode, open, close.
         prompts: one prompt per LoRA ("" keeps the default: the prompt + that LoRA's trigger words).
         subjects: per LoRA, words naming its concept besides the trigger words, comma-separated
             (e.g. ("cat", "dog")); "" for none.
         concept_token_indices: explicit token positions [LoRA c][branch p] (p = 0 base, then LoRAs),
             replacing the ones found from words.
-        map_layers_per_module: map layers kept per 1/32-level module (SDXL stacks 10; None: all).
+        min_map_side: maps come from the deepest cross-attention level with at least this many
+            cells a side (SD1.5 and SDXL at native size: the 1/32 level, as the paper reads).
+        map_layers_per_module: map layers kept per module of that level (SDXL stacks 10; None: all).
+        schedule_steps: the run length ``max_update_step`` and ``iterative_steps`` are given for; they
+            are scaled to the run's number of steps (0: used as given).
         batched: run the N + 1 branches as one UNet call with per-row adapters.
         stop_after_maps: end each optimisation pass after its last map layer (batched only): the
             loss reads nothing later, so the high-resolution up blocks are skipped; same gradient.
@@ -317,17 +370,23 @@ class CLoRA(CompositionMethod):
     name: ClassVar[str] = "clora"
     latent_update: bool = field(default=True, metadata={"flag_values": {"--clora-no-update": False}})
     step_size: float = 20.0
+    step_latent_side: int = 64
     max_update_step: int = 30
     iterative_steps: tuple[int, ...] = (0, 10, 20)
     extra_iterations: int = 20
     temperature: float = 0.5
-    mask_threshold: float = 0.3
+    mask_threshold: float = 0.5
+    mask_scores: str = field(default="minmax", metadata={"choices": MASK_SCORES})
+    mask_smoothing: float = 1.0
+    gate: str = field(default="layers", metadata={"choices": GATES})
     masks_from_step: int = 0
     mask_morphology: tuple[str, ...] = ()
     prompts: tuple[str, ...] = field(default=(), metadata={"flags": ("--clora-lora-prompt",)})
     subjects: tuple[str, ...] = field(default=(), metadata={"flags": ("--clora-subject",), "metavar": "WORDS"})
     concept_token_indices: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    min_map_side: int = 8
     map_layers_per_module: int | None = 1
+    schedule_steps: int = 50
     batched: bool = field(default=True, metadata={"flag_values": {"--sequential": False}})
     stop_after_maps: bool = True
     backend: str = "sdpa"
@@ -351,6 +410,14 @@ class CLoRA(CompositionMethod):
         unknown = [op for op in self.mask_morphology if op not in MORPHOLOGY]
         if unknown:
             raise UserError(f"clora mask_morphology {unknown[0]!r} is unknown; use any of {', '.join(MORPHOLOGY)}")
+        if self.gate not in GATES:
+            raise UserError(f"clora gate={self.gate!r} is unknown; use one of {', '.join(GATES)}")
+        if not (math.isfinite(self.mask_smoothing) and self.mask_smoothing >= 0):
+            raise UserError(f"clora mask_smoothing={self.mask_smoothing} must be a number >= 0 (map cells)")
+        if self.mask_scores not in MASK_SCORES:
+            raise UserError(f"clora mask_scores={self.mask_scores!r} is unknown; use one of {', '.join(MASK_SCORES)}")
+        if int(self.min_map_side) != self.min_map_side or self.min_map_side < 1:
+            raise UserError(f"clora min_map_side={self.min_map_side} must be an integer >= 1 (default 8)")
         if self.map_layers_per_module is not None and self.map_layers_per_module < 1:
             raise UserError(f"clora map_layers_per_module={self.map_layers_per_module} must be at least 1 "
                             "(or None for all)")
@@ -366,7 +433,9 @@ class CLoRA(CompositionMethod):
         if not 0.0 <= self.mask_threshold < 1.0:
             raise UserError(f"clora mask_threshold={self.mask_threshold} must lie in [0, 1) (default 0.3)")
         counts = [("max_update_step", self.max_update_step), ("extra_iterations", self.extra_iterations),
-                  ("masks_from_step", self.masks_from_step), *(("iterative_steps", s) for s in self.iterative_steps)]
+                  ("masks_from_step", self.masks_from_step), ("schedule_steps", self.schedule_steps),
+                  ("step_latent_side", self.step_latent_side),
+                  *(("iterative_steps", s) for s in self.iterative_steps)]
         for label, value in counts:
             if int(value) != value or value < 0:
                 raise UserError(f"clora {label}={value} must be a non-negative integer")
@@ -382,11 +451,17 @@ class CLoRA(CompositionMethod):
             raise UserError(f"clora concept_token_indices must hold {num_loras} lists (one per LoRA) of "
                             f"{num_loras + 1} position lists (base prompt, then each LoRA's prompt)")
 
-    def updates_at(self, step: int) -> int:
-        """How many latent updates step ``step`` gets (before the N = 1 rule)."""
-        if not self.latent_update or step >= self.max_update_step:
+    def updates_at(self, step: int, num_steps: int | None = None) -> int:
+        """How many latent updates step ``step`` of a ``num_steps`` run gets (before the N = 1 rule).
+
+        The schedule is given for ``schedule_steps`` steps; step i of a run of T steps stands where
+        i * schedule_steps / T stands in it (as given when ``num_steps`` is None or equal).
+        """
+        scale = 1.0 if not (num_steps and self.schedule_steps) else num_steps / self.schedule_steps
+        if not self.latent_update or step >= self.max_update_step * scale:
             return 0
-        return 1 + (self.extra_iterations if step in self.iterative_steps else 0)
+        iterative = {round(s * scale) for s in self.iterative_steps}
+        return 1 + (self.extra_iterations if step in iterative else 0)
 
     # -- prompts and tokens ----------------------------------------------------------------
     def prompts_for(self, base_prompt: str) -> list[str]:
@@ -419,14 +494,16 @@ class CLoRA(CompositionMethod):
     def _check_token_groups(self, groups: TokenGroups, prompts: Sequence[str], num_tokens: int) -> None:
         for index, lora in enumerate(self.loras):
             if not groups[index][index + 1]:
-                raise UserError(f"clora: no word of LoRA {lora.name}'s concept ({', '.join(self.concept_words(index))}) "
+                words = ", ".join(self.concept_words(index))
+                raise UserError(f"clora: no word of LoRA {lora.name}'s concept ({words}) "
                                 f"is in its prompt {prompts[index + 1][:100]!r}; put one there or set prompts/subjects")
         for branch, prompt in enumerate(prompts):
             seen: dict[int, str] = {}
             for index, lora in enumerate(self.loras):
                 for token in groups[index][branch]:
                     if not 0 <= token < num_tokens:
-                        raise UserError(f"clora concept token {token} of LoRA {lora.name} is outside 0..{num_tokens - 1}")
+                        raise UserError(f"clora concept token {token} of LoRA {lora.name} is outside "
+                                        f"0..{num_tokens - 1}")
                     if token in seen:
                         raise UserError(f"clora: LoRAs {seen[token]} and {lora.name} share token {token} of prompt "
                                         f"{prompt[:100]!r}; give their concepts distinct words")
@@ -447,10 +524,19 @@ class CLoRA(CompositionMethod):
         self.branches = [Branch.of({}, self.branch_prompts[0])] + [
             replace(self.branch(lora), prompt=prompt) for lora, prompt in zip(self.loras, self.branch_prompts[1:])
         ]
-        self._recorder = MapRecorder(run.unet, self.map_layers_per_module, self.backend, run.patches)
+        self._recorder = None
+
+    def _recorder_for(self, run: Denoiser, latents: torch.Tensor) -> MapRecorder:
+        """The map recorder, installed on the first step (its level depends on the latent size)."""
+        if self._recorder is None:
+            grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+            layers = map_layers(run.unet, grid, self.min_map_side, self.map_layers_per_module)
+            self._recorder = MapRecorder(run.unet, layers, self.backend, run.patches)
+        return self._recorder
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        updates = self.updates_at(step.index) if self.contrasts else 0
+        self._recorder_for(run, latents)
+        updates = self.updates_at(step.index, step.num_steps) if self.contrasts else 0
         if not updates:
             return latents
         with frozen_parameters(run.unet), torch.enable_grad():
@@ -466,36 +552,94 @@ class CLoRA(CompositionMethod):
         (gradient,) = torch.autograd.grad(loss, latents)
         run.stats.backward_passes += 1
         self.loss_history.append((step.index, float(loss.detach())))
-        return (latents - self.step_size * gradient).detach()
+        return (latents - self.scaled_step_size(latents) * gradient).detach()
+
+    def scaled_step_size(self, latents: torch.Tensor) -> float:
+        """``step_size`` times the latent's area over ``step_latent_side``² (1 for SD1.5 at 512 px).
+
+        The same change of the picture spreads over more latent pixels on a larger latent, so each
+        pixel's gradient shrinks with the area; the step grows with it to move the picture alike.
+        """
+        if not self.step_latent_side:
+            return self.step_size
+        return self.step_size * latents.shape[-2] * latents.shape[-1] / self.step_latent_side**2
 
     def loss(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         """The contrastive loss at ``latents``, summed over images (each image's latent gets its own gradient)."""
+        maps = self.branch_maps(run, step, latents, requires_grad=True)
+        losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature)
+                  for image in range(maps.shape[1])]
+        return torch.stack(losses).sum()
+
+    def branch_maps(self, run: Denoiser, step: Step, latents: torch.Tensor, *, requires_grad: bool) -> torch.Tensor:
+        """(branches, images, rows, columns, tokens): every branch's maps at ``latents`` from its conditional
+        rows, the pass ending after the map layers where it can."""
         one_call = run.batching_blocked(self.branches, self.batched, halves=1) is None
-        with self._recorder.recording(conditional_half=False, requires_grad=True) as calls:
+        recorder = self._recorder_for(run, latents)
+        with recorder.recording(conditional_half=False, requires_grad=requires_grad) as calls:
             if one_call and self.stop_after_maps:  # the loss reads only the map layers
-                with stop_after_layers(run.unet, self._recorder.layer_names) as early:
+                with stop_after_layers(run.unet, recorder.layer_names) as early:
                     run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
                 if early.stopped:
-                    calls.append(self._recorder.store.maps())
+                    calls.append(recorder.store.maps())
             else:
                 run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
-        maps = MapRecorder.per_branch(calls, len(self.branches))
-        losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature) for image in range(maps.shape[1])]
-        return sum(losses)
+        return MapRecorder.per_branch(calls, len(self.branches))
 
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
-        with self._recorder.recording(conditional_half=run.do_cfg, requires_grad=False) as calls:
+        if self.gate == "layers":
+            return self.gated_prediction(run, step, latents)
+        recorder = self._recorder_for(run, latents)
+        with recorder.recording(conditional_half=run.do_cfg, requires_grad=False) as calls:
             predictions = run.predict(latents, step, self.branches, batch=self.batched)
-        masks = self.masks(MapRecorder.per_branch(calls, len(self.branches)), step, tuple(latents.shape[-2:]))
+        masks = self.masks(MapRecorder.per_branch(calls, len(self.branches)), step, recorder.level,
+                           (int(latents.shape[-2]), int(latents.shape[-1])))
         if step.index < self.masks_from_step:
             return Prediction.mix(predictions)
         return fuse(predictions, masks)
 
-    def masks(self, maps: torch.Tensor, step: Step, latent_size: tuple[int, int]) -> ConceptMasks:
-        """This step's masks (after ``mask_callback``), recorded in ``mask_history``."""
+    def gated_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        """One pass per image in which every LoRA's deltas act inside its concept's mask only, on every
+        layer it adapts (attention/regional.py); its cross-attention there reads its branch's prompt."""
+        with torch.no_grad():
+            maps = self.branch_maps(run, step, latents, requires_grad=False)
+        level = self._recorder_for(run, latents).level
+        masks = self.masks(maps, step, level, (int(latents.shape[-2]), int(latents.shape[-1])))
+        view = run if latents.shape[0] == 1 else one_image_view(run)
+        predictions = [self._regional_pass(view, step, latents[image:image + 1], masks.owner[image])
+                       for image in range(latents.shape[0])]
+        uncond = None if predictions[0].uncond is None else torch.cat([p.uncond for p in predictions])
+        return Prediction(cond=torch.cat([p.cond for p in predictions]), uncond=uncond)
+
+    def _regional_pass(self, run: Denoiser, step: Step, latents: torch.Tensor, owner: torch.Tensor) -> Prediction:
+        """Regional LoRA on one image: LoRA p's region is where ``owner`` is p + 1 (the whole image before
+        ``masks_from_step``); pixels of no concept see the base model on the base prompt."""
+        whole = step.index < self.masks_from_step
+        areas = [None if whole else (owner == index + 1).float() for index in range(len(self.loras))]
+        present = [lora for lora, area in zip(self.loras, areas) if area is None or bool(area.any())]
+        if not present:
+            return run.predict(latents, step, [self.branches[0]])[0]
+        regions = RegionMasks([lora.name for lora in self.loras], areas)
+
+        def states(code: int) -> torch.Tensor:
+            members = [index for index in range(len(self.loras)) if code >> index & 1]
+            branch = self.branches[members[0] + 1] if len(members) == 1 else self.branches[0]
+            return run.conditioning(branch).embeds
+
+        for code in regions.all_codes(LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))):
+            states(code)  # encode outside the UNet call
+        patches = install_regional(run.unet, regions, states)
+        try:
+            return run.predict(latents, step, [self.branch(*present)])[0]
+        finally:
+            patches.restore()
+
+    def masks(self, maps: torch.Tensor, step: Step, level: int, latent_size: tuple[int, int]) -> ConceptMasks:
+        """This step's masks from maps at ``level`` (after ``mask_callback``), recorded in ``mask_history``."""
         owner = concept_masks(
             maps, [self.token_groups[c][c + 1] for c in range(len(self.loras))], threshold=self.mask_threshold,
-            level=self._recorder.level, latent_size=latent_size, morphology=self.mask_morphology,
+            level=level, latent_size=latent_size, morphology=self.mask_morphology,
+            scores=self.mask_scores, smoothing=self.mask_smoothing,
         )
         masks = ConceptMasks(step.index, owner, (BASE_NAME, *(lora.name for lora in self.loras)))
         if self.mask_callback is not None:

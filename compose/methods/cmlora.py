@@ -45,6 +45,7 @@ from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
 from loracompose.methods.base import CompositionMethod, require_loras
 from loracompose.pipelines.values import Branch, Prediction, Step
+from loracompose.validation import Limits, check_image_side
 
 if TYPE_CHECKING:
     from loracompose.frequency import ProfileSettings
@@ -259,6 +260,7 @@ class FrequencyOrdered(CompositionMethod):
         if self.profile and loras:
             from loracompose.frequency import ProfileSettings
 
+                check_image_side(self.profile_size, "--cmlora-profile-size", getattr(pipe, "limits", Limits()))
             self.profile_frequencies(pipe, loras, ProfileSettings(size=self.profile_size, steps=self.profile_steps))
             self.order = self._frequency_order()
 

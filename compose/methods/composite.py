@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
-from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, require_loras
 from loracompose.pipelines.values import Prediction, Step
+from loracompose.validation import check_mixing_weights
 
 if TYPE_CHECKING:
     from loracompose.pipelines.denoiser import Denoiser
@@ -36,13 +36,8 @@ class Composite(CompositionMethod):
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)
-        if self.mixing_weights is not None:
-            if len(self.mixing_weights) != len(loras):
-                raise UserError(
-                    f"composite mixing weights: got {len(self.mixing_weights)} for {len(loras)} LoRAs; give one per LoRA"
-                )
-            if sum(self.mixing_weights) <= 0 or min(self.mixing_weights) < 0:
-                raise UserError("composite mixing weights must be non-negative with a positive sum")
+        if self.mixing_weights is not None:  # finite, non-negative, a positive sum, one per LoRA
+            check_mixing_weights(self.mixing_weights, "composite mixing weights", len(loras))
 
     def normalised_mixing_weights(self) -> list[float]:
         weights = self.mixing_weights or [1.0] * len(self.loras)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loracompose.errors import UserError, first_line
+from loracompose.validation import regular_file
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ def check_safetensors_file(path: Path) -> None:
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path} is not a .safetensors file; only safetensors are loaded "
                         "(pickled formats can run code)")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"file not found: {path}; check the path")
+    regular_file(path, "file")  # a FIFO would block the reader forever
 
 
 def layer_schema(factor_sets: Sequence[LoraFactors]) -> tuple[AdaptedLayer, ...]:

@@ -28,6 +28,7 @@ from loracompose.outputs import atomic_write
 from loracompose.retrieval.lora_factors import AdaptedLayer, LoraFactors, StackedFactors, check_safetensors_file, \
     read_unet_factors, stack_factors
 from loracompose.retrieval.text import TextEmbedder
+from loracompose.validation import check_finite_tensors
 
 
 RETRIEVER_FORMAT = "loracompose.autolora-retriever/1"
@@ -146,7 +147,9 @@ def load_retriever(path: str | Path, device: str | torch.device = "cpu") -> Weig
             raise UserError(f"{path} is not a loracompose retriever file (format {metadata.get('format')!r}); "
                             "train one with train-retriever")
         retriever = WeightRetriever(RetrieverConfig.from_json(json.loads(metadata[RETRIEVER_CONFIG_KEY])))
-        retriever.load_state_dict(load_file(str(path)))
+        tensors = load_file(str(path))
+        check_finite_tensors(tensors, f"retriever file {path}")
+        retriever.load_state_dict(tensors)
     except (SafetensorError, KeyError, ValueError, RuntimeError) as error:
         if isinstance(error, UserError):
             raise
