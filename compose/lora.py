@@ -147,6 +147,19 @@ def _promised_tensor_bytes(path: Path) -> int | None:
         raise UserError(f"LoRA file {path} holds no tensors; it is not a LoRA")
 
 
+def check_lora_tensors(path: Path) -> None:
+    """Read a LoRA file's tensors and refuse NaN or infinite values (before they reach a model, where
+    one Inf turns every later image black)."""
+    from safetensors.torch import load_file
+
+    regular_file(path, "LoRA file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); re-download it") from None
+    check_finite_tensors(tensors, f"LoRA file {path}")
+
+
 def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
     """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose."""
     for key in TRIGGER_KEYS:
@@ -159,14 +172,6 @@ def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
             parsed = value
         items = parsed if isinstance(parsed, list) else str(parsed).split(",")
         words = tuple(str(word).strip() for word in items if str(word).strip())
-def check_lora_tensors(path: Path) -> None:
-    """Read a LoRA file's tensors and refuse NaN or infinite values (before they reach a model, where
-    one Inf turns every later image black)."""
-    from safetensors.torch import load_file
-    regular_file(path, "LoRA file")
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); re-download it") from None
         if words:
             return words
     return ()

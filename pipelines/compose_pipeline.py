@@ -112,6 +112,7 @@ class ComposeMixin:
         if lora.name in loaded:
             self.delete_adapters(lora.name)
             del loaded[lora.name]
+        check_lora_tensors(lora.path)  # NaN/Inf refused before any layer is touched
         try:
             with quiet_loading():
                 load_lora_file(self, lora.path, lora.name)  # every format, as exact PEFT LoRA layers
@@ -129,7 +130,6 @@ class ComposeMixin:
             raise UserError(
                 f"LoRA file {lora.path} matched no layer of this {self.architecture.upper()} model; "
                 "use a LoRA trained for this base model"
-        check_lora_tensors(lora.path)  # NaN/Inf refused before any layer is touched
             )
         loaded[lora.name] = identity
 
@@ -226,6 +226,8 @@ class ComposeMixin:
 
     def _model_state(self) -> dict[str, Any]:
         """What a generation must leave as it found it (see :func:`~loracompose.pipelines.patches.fingerprint`)."""
+        if self._verifies_clean() == "quick":
+            return quick_fingerprint({"unet": self.unet})
         text_encoders = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
         return {**fingerprint({"unet": self.unet}), **fingerprint(text_encoders, structure=False)}
 
@@ -243,8 +245,6 @@ class ComposeMixin:
             adapters.activate(branch.weights if text_encoder_loras else {}, components=list(TEXT_COMPONENTS))
             branch_prompt = branch.prompt if branch.prompt is not None else prompt
             return self._encode_conditioning(branch_prompt, negative_prompt, num_images, do_cfg, height, width, device)
-        if self._verifies_clean() == "quick":
-            return quick_fingerprint({"unet": self.unet})
 
         run = Denoiser(
             unet=self.unet, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode, adapters=adapters,

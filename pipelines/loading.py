@@ -121,11 +121,13 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
             keys = set(handle.keys())
     except (SafetensorError, OSError) as error:
         raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({first_line(error)})") from None
+    if keys and all("lora" in key.lower() or key.endswith(".alpha") for key in keys):
+        raise UserError(f"{path} is a LoRA file, not a model checkpoint; pass it with --lora and give the base "
+                        "model with --model")
+    is_sdxl = SDXL_CHECKPOINT_KEY in keys
     cls = LoraComposeSDXLPipeline if is_sdxl else LoraComposeSDPipeline
     extra = {"config": str(config)} if config else {}
     try:
-        raise UserError(f"{path} is a LoRA file, not a model checkpoint; pass it with --lora and give the base "
-    is_sdxl = SDXL_CHECKPOINT_KEY in keys
         with quiet_loading():
             return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
     except Exception as error:  # diffusers raises many types here (missing config offline, bad keys)

@@ -130,13 +130,13 @@ class LoraComposeApp:
         self.methods = default_first(methods)  # the first is the dropdown's and the /generate API's default
         self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
         self.default_size = pipe.native_size
+        self.limits: Limits = getattr(pipe, "limits", Limits())
+        if hasattr(pipe, "verify_clean") and not pipe.verify_clean:
+            pipe.verify_clean = "quick"  # one model shared by every user: checked after every request
 
     # ------------------------------------------------------------------ session
     def new_session(self) -> SessionState:
         return SessionState(catalog=LoraCatalog(self.settings.library))
-        self.limits: Limits = getattr(pipe, "limits", Limits())
-        if hasattr(pipe, "verify_clean") and not pipe.verify_clean:
-            pipe.verify_clean = "quick"  # one model shared by every user: checked after every request
 
     def initial_table(self) -> list[list[Any]]:
         catalog = LoraCatalog(self.settings.library)
@@ -415,10 +415,6 @@ class LoraComposeApp:
                                 api_name="reuse_settings", concurrency_limit=None)
 
 
-def _summary(items: Sequence[ResultItem]) -> str:
-    if not items:
-        return ""
-    first = items[0]
 def uploaded_file(file: Any) -> Path:
     """The server copy of a file the browser uploaded: a regular file inside Gradio's upload folder.
     Anything else (a client naming a server file in its FileData) is refused without saying whether
@@ -431,6 +427,12 @@ def uploaded_file(file: Any) -> Path:
         raise UserError(f"upload {path.name!r} refused: only files uploaded through this page are accepted; "
                         "upload the .safetensors file itself, or pick a LoRA of the library")
     return resolved
+
+
+def _summary(items: Sequence[ResultItem]) -> str:
+    if not items:
+        return ""
+    first = items[0]
     return f"**{first.method_name}**: {len(items)} image(s) in {first.seconds:.2f} s, {first.unet_calls} UNet calls"
 
 

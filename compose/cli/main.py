@@ -83,10 +83,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--no-text-encoder-loras", action="store_true", help="keep LoRAs off the text encoder")
     common.add_argument("--max-batch-rows", type=int, help="cap on rows per UNet call (memory)")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_limit_arguments(parser.add_argument_group("limits (raise them for large requests)"))
     add_auto_lora_arguments(parser.add_argument_group("LoRA retrieval (AutoLoRA)"))
     add_method_arguments(parser, METHODS)
 
-    add_limit_arguments(parser.add_argument_group("limits (raise them for large requests)"))
 
 def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
     specs = [LoraSpec.parse(text) for text in args.lora]
@@ -126,11 +126,16 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt is required with --model; say what the image shows")
     steps = args.steps if args.steps is not None else default_steps
     guidance = args.guidance if args.guidance is not None else default_guidance
+    limits = limits_from_args(args)
+    check_generation_numbers(steps=steps, guidance_scale=guidance, num_images=args.num_images, seed=args.seed,
+                             width=args.width, height=args.height, max_batch_rows=args.max_batch_rows, limits=limits)
+    name = plain_file_name(args.name, "--name") if args.name is not None else f"{method.name}-{args.seed}"
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
     check_auto_lora_arguments(args)
     if args.out.exists() and not args.out.is_dir():  # the folder itself is made only once there is an image
         raise UserError(f"--out {args.out} is a file; give a folder for the images")
     pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=args.config)
+    pipe.limits = limits
     specs += auto_lora_specs(pipe, prompt, args)
     result = pipe.generate(
         prompt, specs, method, negative_prompt=args.negative_prompt, seed=args.seed, steps=steps,
@@ -144,16 +149,11 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = result.stats
     for path in written:
         print(path)
-    limits = limits_from_args(args)
-    check_generation_numbers(steps=steps, guidance_scale=guidance, num_images=args.num_images, seed=args.seed,
-                             width=args.width, height=args.height, max_batch_rows=args.max_batch_rows, limits=limits)
-    name = plain_file_name(args.name, "--name") if args.name is not None else f"{method.name}-{args.seed}"
     print(f"{method.name}: {stats.unet_calls} UNet calls, {stats.unet_rows} rows, {stats.wall_seconds:.2f} s "
           f"({stats.execution})", file=sys.stderr)
     return 0
 
 
-    pipe.limits = limits
 def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) -> None:
     """The arguments train-lora and train-tara share; ``defaults`` names the recipe's default values."""
     parser.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
@@ -280,6 +280,7 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest LoRA upload in MiB (default 512)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto")
+    add_limit_arguments(parser.add_argument_group("limits of one request (raise them for large requests)"))
 
 
 def run_ui(args: argparse.Namespace) -> int:
@@ -300,7 +301,6 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) for a bench run",
                add_report_arguments, run_report),
     "train-lora": ("train a LoRA on a folder of images (captions: NAME.txt beside each image, or --prompt)",
-    add_limit_arguments(parser.add_argument_group("limits of one request (raise them for large requests)"))
                    add_train_lora_arguments, run_train_lora),
     "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
                    run_train_tara),
