@@ -16,18 +16,20 @@ from typing import Iterable, Mapping, Sequence
 from safetensors import SafetensorError, safe_open
 
 from loracompose.errors import UserError, first_line
+from loracompose.formats.metadata import (FAMILY_NAMES, TAG_FREQUENCY_KEY, declared_family, display_name,
+                                          triggers_from_tag_frequency)
 from loracompose.validation import check_finite_tensors, check_lora_weight, check_tensor_bytes_fit, regular_file
 
 SD15 = "sd15"
 SDXL = "sdxl"
-ARCHITECTURE_NAMES = {SD15: "SD1.5", SDXL: "SDXL"}
+ARCHITECTURE_NAMES = {**FAMILY_NAMES, SD15: "SD1.5", SDXL: "SDXL"}
 
 # Metadata keys that carry trigger words in files found in the wild (first match wins).
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "loracompose.triggers")
 CATEGORY_KEYS = ("loracompose.category", "modelspec.category")
 TITLE_KEYS = ("modelspec.title", "ss_output_name")
-
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own bound on a header
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -49,16 +51,16 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        if self.trigger_words is not None:
         object.__setattr__(self, "weight", check_lora_weight(self.weight, f"LoRA {self.name or self.path.name}"))
+        if self.trigger_words is not None:
             object.__setattr__(self, "trigger_words", tuple(self.trigger_words))
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """Parse the CLI form ``PATH[:WEIGHT]``."""
-        path, sep, weight = text.rpartition(":")
         if text.lower().endswith(".safetensors"):  # a file name may hold colons: weird:name.safetensors
             return cls(Path(text))
+        path, sep, weight = text.rpartition(":")
         if sep and path and _looks_like_number(weight):
             return cls(Path(path), weight=float(weight))
         if sep and path and not weight.startswith(("\\", "/")) and "/" not in weight:
@@ -82,6 +84,11 @@ class LoadedLora:
 
     def with_weight(self, weight: float) -> LoadedLora:
         return replace(self, weight=weight)
+
+    @property
+    def display_name(self) -> str:
+        """kohya's ``ss_output_name`` (else ``modelspec.title``, else the adapter name), for lists and UIs."""
+        return display_name(self.metadata) or self.name
 
     def describe(self) -> dict:
         """A JSON-ready summary for sidecars and reports."""
@@ -116,10 +123,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
             f"LoRA file {path} is not a .safetensors file; only safetensors are loaded (pickled "
             "formats like .ckpt/.pt/.bin can run code): convert it to safetensors first"
         )
-    try:
     promised = _promised_tensor_bytes(path)
     if promised is not None:  # before safe_open, which maps the whole file (a sparse file can promise terabytes)
         check_tensor_bytes_fit(path, promised, "LoRA file")
+    try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             keys = list(handle.keys())
@@ -130,11 +137,22 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], list[str]]:
     return metadata, keys
 
 
-def _check_tensor_data_present(path: Path, keys: Sequence[str]) -> None:
 def _promised_tensor_bytes(path: Path) -> int | None:
+    """The tensor bytes a safetensors header promises (None if the header cannot be read: safe_open
+    then says why)."""
+    try:
+        with open(path, "rb") as raw:
             header_size = int.from_bytes(raw.read(8), "little")
             if header_size > MAX_HEADER_BYTES:
+                return None
             header = json.loads(raw.read(header_size))
+        return max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                   default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def _check_tensor_data_present(path: Path, keys: Sequence[str]) -> None:
     """safetensors only reads the header at open; make sure the data it promises is in the file."""
     with open(path, "rb") as raw:
         header_size = int.from_bytes(raw.read(8), "little")
@@ -161,7 +179,8 @@ def check_lora_tensors(path: Path) -> None:
 
 
 def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
-    """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose."""
+    """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose; else
+    the most frequent tags of kohya's ``ss_tag_frequency`` (counts summed over folders, top first)."""
     for key in TRIGGER_KEYS:
         value = metadata.get(key)
         if not value:
@@ -174,7 +193,7 @@ def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
         words = tuple(str(word).strip() for word in items if str(word).strip())
         if words:
             return words
-    return ()
+    return triggers_from_tag_frequency(metadata.get(TAG_FREQUENCY_KEY))
 
 
 def _first(metadata: Mapping[str, str], keys: Iterable[str]) -> str | None:
@@ -182,12 +201,11 @@ def _first(metadata: Mapping[str, str], keys: Iterable[str]) -> str | None:
 
 
 def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> str | None:
-    """SD15, SDXL or None (unknown) from metadata, then from key names."""
-    declared = " ".join(metadata.get(key, "") for key in ("modelspec.architecture", "ss_base_model_version")).lower()
-    if "xl" in declared:
-        return SDXL
-    if "v1" in declared or "sd_v1" in declared or "stable-diffusion-v1" in declared:
-        return SD15
+    """SD15, SDXL, another family's id (formats.metadata.FAMILIES) or None (unknown), from the
+    metadata, then from key names."""
+    declared = declared_family(metadata)
+    if declared:
+        return declared[0]
     if any(key.startswith(("text_encoder_2.", "lora_te2_")) for key in keys):
         return SDXL
     if any("transformer_blocks.1." in key or "_transformer_blocks_1_" in key for key in keys):
@@ -198,8 +216,8 @@ def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> 
 def inspect_lora(spec: LoraSpec) -> LoadedLora:
     """Check a LoRA file and read its metadata, without loading any tensors."""
     metadata, keys = read_safetensors_header(spec.path)
-    if not any("lora" in key for key in keys):
-        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora'); "
+    if not any(part in key for key in keys for part in ("lora", "hada_", "lokr_")):
+        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora', 'hada_' or 'lokr_'); "
                         "is it a full model checkpoint?")
     triggers = spec.trigger_words if spec.trigger_words is not None else trigger_words_from_metadata(metadata)
     return LoadedLora(
@@ -232,9 +250,12 @@ def inspect_loras(specs: Sequence[LoraSpec]) -> list[LoadedLora]:
 def check_architecture(lora: LoadedLora, pipeline_architecture: str) -> None:
     """Refuse a LoRA declared or shaped for another base model family."""
     if lora.architecture and lora.architecture != pipeline_architecture:
+        declared = declared_family(lora.metadata)
+        source = f" ({declared[1]})" if declared else ""
         raise UserError(
-            f"LoRA file {lora.path} is made for {ARCHITECTURE_NAMES[lora.architecture]} but the model is "
-            f"{ARCHITECTURE_NAMES[pipeline_architecture]}; use a LoRA trained for this base model"
+            f"LoRA file {lora.path} is made for {ARCHITECTURE_NAMES.get(lora.architecture, lora.architecture)}"
+            f"{source} but the model is {ARCHITECTURE_NAMES[pipeline_architecture]}; use a LoRA trained for "
+            "this base model"
         )
 
 
