@@ -41,6 +41,7 @@ from loracompose.validation import (
     check_memory,
     check_request_size,
     estimate_generation_bytes,
+)
 
 from .adapters import AdapterController
 from .denoiser import Denoiser
