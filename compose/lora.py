@@ -16,11 +16,13 @@ from typing import Iterable, Mapping, Sequence
 from safetensors import SafetensorError, safe_open
 
 from loracompose.errors import UserError, first_line
+from loracompose.formats.metadata import (FAMILY_NAMES, TAG_FREQUENCY_KEY, declared_family, display_name,
+                                          triggers_from_tag_frequency)
 from loracompose.validation import check_finite_tensors, check_lora_weight, check_tensor_bytes_fit, regular_file
 
 SD15 = "sd15"
 SDXL = "sdxl"
-ARCHITECTURE_NAMES = {SD15: "SD1.5", SDXL: "SDXL"}
+ARCHITECTURE_NAMES = {**FAMILY_NAMES, SD15: "SD1.5", SDXL: "SDXL"}
 
 # Metadata keys that carry trigger words in files found in the wild (first match wins).
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "loracompose.triggers")
@@ -82,6 +84,11 @@ class LoadedLora:
 
     def with_weight(self, weight: float) -> LoadedLora:
         return replace(self, weight=weight)
+
+    @property
+    def display_name(self) -> str:
+        """kohya's ``ss_output_name`` (else ``modelspec.title``, else the adapter name), for lists and UIs."""
+        return display_name(self.metadata) or self.name
 
     def describe(self) -> dict:
         """A JSON-ready summary for sidecars and reports."""
@@ -172,7 +179,8 @@ def check_lora_tensors(path: Path) -> None:
 
 
 def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
-    """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose."""
+    """Trigger words from safetensors metadata, as written by kohya, modelspec or loracompose; else
+    the most frequent tags of kohya's ``ss_tag_frequency`` (counts summed over folders, top first)."""
     for key in TRIGGER_KEYS:
         value = metadata.get(key)
         if not value:
@@ -185,7 +193,7 @@ def trigger_words_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
         words = tuple(str(word).strip() for word in items if str(word).strip())
         if words:
             return words
-    return ()
+    return triggers_from_tag_frequency(metadata.get(TAG_FREQUENCY_KEY))
 
 
 def _first(metadata: Mapping[str, str], keys: Iterable[str]) -> str | None:
@@ -193,12 +201,11 @@ def _first(metadata: Mapping[str, str], keys: Iterable[str]) -> str | None:
 
 
 def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> str | None:
-    """SD15, SDXL or None (unknown) from metadata, then from key names."""
-    declared = " ".join(metadata.get(key, "") for key in ("modelspec.architecture", "ss_base_model_version")).lower()
-    if "xl" in declared:
-        return SDXL
-    if "v1" in declared or "sd_v1" in declared or "stable-diffusion-v1" in declared:
-        return SD15
+    """SD15, SDXL, another family's id (formats.metadata.FAMILIES) or None (unknown), from the
+    metadata, then from key names."""
+    declared = declared_family(metadata)
+    if declared:
+        return declared[0]
     if any(key.startswith(("text_encoder_2.", "lora_te2_")) for key in keys):
         return SDXL
     if any("transformer_blocks.1." in key or "_transformer_blocks_1_" in key for key in keys):
@@ -209,8 +216,8 @@ def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> 
 def inspect_lora(spec: LoraSpec) -> LoadedLora:
     """Check a LoRA file and read its metadata, without loading any tensors."""
     metadata, keys = read_safetensors_header(spec.path)
-    if not any("lora" in key for key in keys):
-        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora'); "
+    if not any(part in key for key in keys for part in ("lora", "hada_", "lokr_")):
+        raise UserError(f"LoRA file {spec.path} has no LoRA tensors (no key contains 'lora', 'hada_' or 'lokr_'); "
                         "is it a full model checkpoint?")
     triggers = spec.trigger_words if spec.trigger_words is not None else trigger_words_from_metadata(metadata)
     return LoadedLora(
@@ -243,9 +250,12 @@ def inspect_loras(specs: Sequence[LoraSpec]) -> list[LoadedLora]:
 def check_architecture(lora: LoadedLora, pipeline_architecture: str) -> None:
     """Refuse a LoRA declared or shaped for another base model family."""
     if lora.architecture and lora.architecture != pipeline_architecture:
+        declared = declared_family(lora.metadata)
+        source = f" ({declared[1]})" if declared else ""
         raise UserError(
-            f"LoRA file {lora.path} is made for {ARCHITECTURE_NAMES[lora.architecture]} but the model is "
-            f"{ARCHITECTURE_NAMES[pipeline_architecture]}; use a LoRA trained for this base model"
+            f"LoRA file {lora.path} is made for {ARCHITECTURE_NAMES.get(lora.architecture, lora.architecture)}"
+            f"{source} but the model is {ARCHITECTURE_NAMES[pipeline_architecture]}; use a LoRA trained for "
+            "this base model"
         )
 
 

@@ -1,5 +1,7 @@
-"""LoRA-Composer on tiny SD1.5 and SDXL (CPU): oracles against plain diffusers, measured isolation,
-the losses, step sizes and stop rule, re-initialisation, bad boxes and exact call counts."""
+"""LoRA-Composer on tiny SD1.5 and SDXL (CPU): oracles against plain diffusers (the whole LoRA in a
+whole-image box) and against Regional LoRA (boxes without isolation and refinement), measured
+isolation, the losses, step sizes and stop rule and their scaling, re-initialisation, box layout, bad
+boxes and exact call counts."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from diffusers import UNet2DConditionModel
+
 from helpers import UNetCallCounter, plain_diffusers
 from loracompose import LoraSpec, UserError
 from loracompose.attention import Box, LatentGrid
+from loracompose.methods.regional import Regional
 from loracompose.methods.composer import (
     CellRect,
     Composer,
@@ -25,65 +30,21 @@ from loracompose.methods.composer import (
     best_window,
     box_attention_loss,
     box_gaussian,
-    check_cross_attention_coverage,
     fill_loss,
+    map_level,
     parse_box,
     region_leakage_loss,
     reinitialised_noise,
     side_by_side_boxes,
     smooth_maps,
+    step_scale,
     top_k_count,
 )
 
 COMMON = dict(show_progress=False, append_triggers=False, guidance_scale=6.0)
 LEFT, RIGHT = Box(0.0, 0.0, 0.5, 1.0), Box(0.5, 0.0, 1.0, 1.0)
-
-
-def cross_attention_only(source: Path, out: Path, keep_text_encoder: bool) -> Path:
-    """A copy of a LoRA whose deltas are exactly zero except on attn2 to_k/to_v/to_out.0 (and the
-    text encoders when ``keep_text_encoder``): the only deltas LoRA-Composer uses in the UNet."""
-    with safe_open(str(source), "pt") as handle:
-        metadata = dict(handle.metadata() or {})
-
-    def kept(key: str) -> bool:
-        if key.startswith("text_encoder"):
-            return keep_text_encoder
-        return any(f"attn2.{name}." in key for name in ("to_k", "to_v", "to_out"))
-
-    tensors = {key: value if "lora_A" in key or kept(key) else torch.zeros_like(value)
-               for key, value in load_file(source).items()}
-    save_file(tensors, str(out), metadata=metadata)
-    return out
-
-
-# ------------------------------------------------------------------------------------ oracle: plain run
-
-
-@pytest.mark.parametrize("model", ["sd15", "sdxl"])
-def test_full_image_box_equals_plain_run_with_lora_on_cross_attention(model, request, tmp_path):
-    sdxl = model == "sdxl"
-    model_dir = request.getfixturevalue("tiny_sdxl_dir" if sdxl else "tiny_sd15_dir")
-    source = request.getfixturevalue("sdxl_lora_files" if sdxl else "sd15_lora_files")[0]
-    # SDXL's pooled embedding comes from the global prompt, so there the text encoders stay base and
-    # the global prompt is the region prompt; SD1.5 checks the region prompt's text-encoder deltas too.
-    lora = cross_attention_only(source, tmp_path / "cross.safetensors", keep_text_encoder=not sdxl)
-    region_prompt = "a zkx cat on a rug"
-    global_prompt = region_prompt if sdxl else "a quiet street"
-    height, width = (96, 64) if sdxl else (48, 80)
-    method = Composer(boxes=(Box(0, 0, 1, 1),), region_prompts=(region_prompt,), refine=False, isolate=False,
-                      reinitialise=False)
-    pipe = request.getfixturevalue(model)
-    ours = pipe.generate(global_prompt, [LoraSpec(lora, 0.8)], method, seed=3, steps=2, height=height, width=width,
-                         output_type="np", **COMMON).images[0]
-
-    plain = plain_diffusers(model_dir, sdxl)
-    kwargs = dict(num_inference_steps=2, guidance_scale=6.0, height=height, width=width, output_type="np")
-    base = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
-    plain.load_lora_weights(str(lora), adapter_name="ref")
-    plain.set_adapters(["ref"], [0.8])
-    reference = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
-    assert np.abs(reference - base).max() > 1e-3, "the LoRA must change the image for this test to mean anything"
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
+EVERY_STEP_REFINED = dict(refine_fraction=1.0, patience_fraction=1.0)  # no stop before the last step
+TOYWORLD_MODEL = Path(__file__).resolve().parents[1] / "compose" / "toyworld" / "weights" / "model"
 
 
 def keys_kept(source: Path, out: Path, keep) -> Path:
@@ -96,33 +57,66 @@ def keys_kept(source: Path, out: Path, keep) -> Path:
     return out
 
 
-def test_lora_on_some_cross_attention_blocks_is_injected_where_it_has_weights(sd15, tiny_sd15_dir, sd15_lora_files,
-                                                                               tmp_path):
-    cross = cross_attention_only(sd15_lora_files[0], tmp_path / "cross.safetensors", keep_text_encoder=True)
-    partial = keys_kept(cross, tmp_path / "up-only.safetensors",
-                        lambda key: key.startswith("text_encoder") or "up_blocks" in key)
-    assert any("down_blocks" in key and "attn2" in key for key in load_file(cross)), "the model must lose layers"
+def plain_with_lora(model_dir: Path, sdxl: bool, lora: Path, prompt: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(without, with) the LoRA at strength 0.8: plain diffusers images of ``prompt``."""
+    plain = plain_diffusers(model_dir, sdxl)
+    base = plain(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    plain.load_lora_weights(str(lora), adapter_name="ref")
+    plain.set_adapters(["ref"], [0.8])
+    return base, plain(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_whole_image_box_equals_plain_run_with_the_whole_lora(model, request):
+    """Every layer the LoRA adapts (UNet and text encoders) reaches the image, as in plain diffusers."""
+    sdxl = model == "sdxl"
+    model_dir = request.getfixturevalue("tiny_sdxl_dir" if sdxl else "tiny_sd15_dir")
+    lora = request.getfixturevalue("sdxl_lora_files" if sdxl else "sd15_lora_files")[0]
+    region_prompt = "a zkx cat on a rug"
+    # SDXL's pooled embedding comes from the global prompt, so there the global prompt is the region prompt.
+    global_prompt = region_prompt if sdxl else "a quiet street"
+    height, width = (96, 64) if sdxl else (48, 80)
+    method = Composer(boxes=(Box(0, 0, 1, 1),), region_prompts=(region_prompt,), refine=False, isolate=False,
+                      reinitialise=False)
+    ours = request.getfixturevalue(model).generate(global_prompt, [LoraSpec(lora, 0.8)], method, seed=3, steps=2,
+                                                   height=height, width=width, output_type="np", **COMMON).images[0]
+    kwargs = dict(num_inference_steps=2, guidance_scale=6.0, height=height, width=width, output_type="np")
+    base, reference = plain_with_lora(model_dir, sdxl, lora, region_prompt, **kwargs)
+    assert np.abs(reference - base).max() > 1e-3, "the LoRA must change the image for this test to mean anything"
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_lora_without_cross_attention_weights_is_injected(sd15, tiny_sd15_dir, sd15_lora_files, tmp_path):
+    """A LoRA on self-attention only (kohya layout, no adapter config) still changes its region: the
+    paper's K/V-only injection would draw nothing of it."""
+    self_only = keys_kept(sd15_lora_files[0], tmp_path / "attn1.safetensors", lambda key: "attn1" in key)
     region_prompt = "a zkx cat on a rug"
     method = Composer(boxes=(Box(0, 0, 1, 1),), region_prompts=(region_prompt,), refine=False, isolate=False,
                       reinitialise=False)
-    ours = sd15.generate("a quiet street", [LoraSpec(partial, 0.8)], method, seed=3, steps=2, height=48, width=80,
+    ours = sd15.generate("a quiet street", [LoraSpec(self_only, 0.8)], method, seed=3, steps=2, height=48, width=80,
                          output_type="np", **COMMON).images[0]
-
-    plain = plain_diffusers(tiny_sd15_dir, False)
     kwargs = dict(num_inference_steps=2, guidance_scale=6.0, height=48, width=80, output_type="np")
-    full = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
-    plain.load_lora_weights(str(partial), adapter_name="ref")
-    plain.set_adapters(["ref"], [0.8])
-    reference = plain(region_prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
-    assert np.abs(reference - full).max() > 1e-3, "the partial LoRA must change the image for this test to mean anything"
-    covered, total = check_cross_attention_coverage(plain.unet, "ref")
-    assert 0 < covered < total
+    base, reference = plain_with_lora(tiny_sd15_dir, False, self_only, region_prompt, **kwargs)
+    assert np.abs(reference - base).max() > 1e-3, "the LoRA must change the image for this test to mean anything"
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
-    self_attention_only = keys_kept(sd15_lora_files[0], tmp_path / "attn1.safetensors", lambda key: "attn1" in key)
-    with pytest.raises(UserError, match="no weights on any of the .* cross-attention") as error:
-        sd15.generate("a cat", [LoraSpec(self_attention_only)], Composer(), steps=1, output_type="latent", **COMMON)
-    assert "\n" not in str(error.value)
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_boxes_without_isolation_and_refinement_equal_regional_lora(model, request):
+    """Injection is Regional LoRA's (masked deltas on every layer, per-box prompts): with Composer's own
+    parts off the two give the same latents, overlapping boxes included."""
+    pipe = request.getfixturevalue(model)
+    specs = [LoraSpec(p) for p in request.getfixturevalue(f"{model}_lora_files")]
+    boxes = (Box(0.0, 0.0, 0.6, 1.0), Box(0.4, 0.2, 1.0, 0.8))
+    prompts = ("a zkx cat", "a qwv dog")
+    settings = dict(seed=5, steps=2, height=48, width=80, output_type="latent", **COMMON)
+    ours = pipe.generate("a zkx and a qwv", specs, Composer(boxes=boxes, region_prompts=prompts, refine=False,
+                                                            isolate=False, reinitialise=False), **settings)
+    regional = pipe.generate("a zkx and a qwv", specs, Regional(boxes=boxes, region_prompts=prompts), **settings)
+    torch.testing.assert_close(ours.latents, regional.latents, atol=1e-6, rtol=0)
+    merged = pipe.generate("a zkx and a qwv", specs, Composer(boxes=(Box(0, 0, 1, 1),) * 2, refine=False,
+                                                              isolate=False, reinitialise=False), **settings)
+    assert (merged.latents - ours.latents).abs().max() > 1e-3, "the boxes must matter for this test to mean anything"
 
 
 # ------------------------------------------------------------------------------------ isolation, measured
@@ -135,9 +129,7 @@ class SpiedComposer(Composer):
     def start(self, run):
         self.weights = []
         super().start(run)
-
-    def _region_attention(self, states):
-        regions = super()._region_attention(states)
+        regions = next(iter(self.processors.values())).regions  # one isolation controller, shared
         isolated_attention = regions.isolated_attention
 
         def spy(kernel, query, key, value, *, scale, grid, level):
@@ -147,7 +139,6 @@ class SpiedComposer(Composer):
             return isolated_attention(kernel, query, key, value, scale=scale, grid=grid, level=level)
 
         regions.isolated_attention = spy
-        return regions
 
 
 def test_isolation_gives_exactly_zero_attention_between_boxes(sd15, sd15_lora_files):
@@ -259,7 +250,8 @@ def test_total_loss_is_the_sum_over_concepts_and_terms():
 def test_step_size_schedule_and_stop_rule():
     schedule = RefinementSchedule(50)
     sizes = [schedule.step_size_at(i) for i in range(50)]
-    assert sizes[0] == 20.0 and sizes[25] == pytest.approx(20 * math.sqrt(1 - 0.5 * 25 / 49)) == pytest.approx(17.26, abs=0.01)
+    assert sizes[0] == 20.0
+    assert sizes[25] == pytest.approx(20 * math.sqrt(1 - 0.5 * 25 / 49)) == pytest.approx(17.26, abs=0.01)
     assert sizes[49] == pytest.approx(20 * math.sqrt(0.5)) and all(a > b for a, b in zip(sizes, sizes[1:]))
     rose, fell = torch.tensor([2.0]), torch.tensor([0.5])
     previous = torch.tensor([1.0])
@@ -268,6 +260,17 @@ def test_step_size_schedule_and_stop_rule():
     assert schedule.stops_after(25, fell, previous).item() and not schedule.stops_after(24, fell, previous).item()
     assert schedule.stops_after(5, torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0])).tolist() == [True, False]
 
+
+
+def test_schedule_step_size_and_map_level_scale_with_the_model():
+    method = Composer()
+    assert (method.schedule(50).last_step, method.schedule(50).patience_step) == (25, 5)  # the paper's, at 50 steps
+    assert (method.schedule(20).last_step, method.schedule(20).patience_step) == (10, 2)
+    assert step_scale((4, 64, 64), level=2) == 1.0  # SD1.5 at 512 px: 4 channels x 4x4 latent cells per map cell
+    assert step_scale((12, 16, 16), level=1) == 0.75  # the toy world: 12 channels x 2x2
+    # the toy world's UNet has cross-attention at levels 1 and 2: the level nearest 16 cells a side
+    unet = UNet2DConditionModel.from_pretrained(TOYWORLD_MODEL / "unet")
+    assert [map_level(unet, LatentGrid(side, side)) for side in (16, 32, 48, 64, 128)] == [1, 1, 2, 2, 2]
 
 SLOPE = 1e-3
 
@@ -290,18 +293,21 @@ class ScriptedComposer(Composer):
 
 def test_refinement_trace_follows_step_sizes_and_stop_rule(sd15, sd15_lora_files):
     steps = 10
-    method = ScriptedComposer(boxes=(LEFT, RIGHT), reinitialise=False)
+    # the paper's stop rule at 50 steps (steps 25 and 5) is at 10 steps what these shares give
+    method = ScriptedComposer(boxes=(LEFT, RIGHT), reinitialise=False, refine_fraction=1.0, patience_fraction=0.5)
     method.script, method.moves = (5.0, 4.0, 6.0, 3.0, 0.0, 2.0, 1.0, 3.0, 1.0, 1.0), []
     counter = UNetCallCounter(sd15.unet)
     try:
-        stats = sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files], method, seed=0, steps=steps,
-                              output_type="latent", **COMMON).stats
+        result = sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files], method, seed=0, steps=steps,
+                               output_type="latent", **COMMON)
     finally:
         counter.handle.remove()
+    stats = result.stats
     # steps 0-4 refine whatever the loss does; step 5's loss (2) rose from step 4's (0): it is the last.
     assert [r.index for r in method.refinement_trace] == [0, 1, 2, 3, 4, 5]
     assert [r.updated for r in method.refinement_trace] == [(True,)] * 4 + [(False,), (True,)]  # L = 0 moves nothing
-    schedule = RefinementSchedule(steps)
+    schedule = method.schedule(steps, result.latents.shape[1:])
+    assert (schedule.last_step, schedule.patience_step) == (10, 5)
     for index, move in enumerate(method.moves):
         refined = index < 6 and index != 4
         expected = -schedule.step_size_at(index) * SLOPE if refined else 0.0
@@ -316,7 +322,7 @@ def test_checkpointed_refinement_equals_the_stored_one_and_recomputes_once_per_b
     for checkpointed in (False, True):
         calls = []
         hook = resnet.register_forward_pre_hook(lambda *_: calls.append(1))
-        method = Composer(boxes=(LEFT, RIGHT), checkpoint_refinement=checkpointed)
+        method = Composer(boxes=(LEFT, RIGHT), checkpoint_refinement=checkpointed, **EVERY_STEP_REFINED)
         try:
             result = sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files], method, seed=0, steps=4,
                                    output_type="latent", **COMMON)
@@ -376,7 +382,7 @@ def test_bad_boxes_give_one_line_errors(sd15, sd15_lora_files):
         Box.from_pixels(0, 0, 100, 64, image_width=80, image_height=64)
     specs = [LoraSpec(p) for p in sd15_lora_files]
     cases = [(specs[:1], Composer(boxes=(LEFT, RIGHT)), "2 boxes for 1 LoRAs"),
-             (specs, Composer(boxes=(LEFT,)), "only 1 boxes"),
+             ([LoraSpec(p, category="object") for p in sd15_lora_files], Composer(boxes=(LEFT,)), "only 1 boxes"),
              (specs, Composer(boxes=(LEFT, RIGHT), region_prompts=("a",)), "region prompts"),
              (specs[:1], Composer(boxes=(Box(0, 0, 0.01, 0.01),)), "covers no latent cell")]
     for loras, method, match in cases:
@@ -390,11 +396,12 @@ def test_bad_boxes_give_one_line_errors(sd15, sd15_lora_files):
 
 @pytest.mark.parametrize("refine,reinitialise", [(True, True), (False, False)])
 def test_unet_call_counts_are_exact(sd15, sd15_lora_files, refine, reinitialise):
-    steps = 4  # below the patience step: every step refines
+    steps = 4
     counter = UNetCallCounter(sd15.unet)
     try:
         stats = sd15.generate("a zkx and a qwv", [LoraSpec(p) for p in sd15_lora_files],
-                              Composer(boxes=(LEFT, RIGHT), refine=refine, reinitialise=reinitialise), seed=0,
+                              Composer(boxes=(LEFT, RIGHT), refine=refine, reinitialise=reinitialise,
+                                       **EVERY_STEP_REFINED), seed=0,
                               steps=steps, output_type="latent", **COMMON).stats
     finally:
         counter.handle.remove()
@@ -402,7 +409,9 @@ def test_unet_call_counts_are_exact(sd15, sd15_lora_files, refine, reinitialise)
     expected = (steps + refined + initial, 2 * steps + refined + initial)
     assert (stats.unet_calls, stats.unet_rows) == expected == (counter.calls, counter.rows)
     assert stats.backward_passes == refined
-    assert stats.text_encoder_calls == 3  # the global prompt (base) and one region prompt per LoRA
+    # no region prompts: the prompt under each box's LoRA, and under both (where the boxes share a cell at a
+    # coarse level, and the UNet call's own states)
+    assert stats.text_encoder_calls == 3
 
 
 def test_image_k_equals_single_run_with_seed_plus_k(sd15, sd15_lora_files):
@@ -423,20 +432,27 @@ def test_sdxl_non_square_runs_end_to_end(sdxl, sdxl_lora_files):
                            height=48, width=80, output_type="np", **COMMON)
     assert result.images[0].shape == (48, 80, 3) and np.isfinite(result.images[0]).all()
     assert result.stats.backward_passes == 2 and len(method.refinement_trace) == 2
-    assert method.token_positions[0] == [2, 3] and method.token_positions[1] == [1, 2]  # "zkx" = z + kx
+    # "zkx" = z + kx in its region prompt; "qwv" in the generation's prompt (no region prompt given)
+    assert method.token_positions[0] == [2, 3] and method.token_positions[1] == [6, 7]
 
 
-def test_without_boxes_the_loras_stand_side_by_side(sd15, sd15_lora_files):
-    specs = [LoraSpec(p) for p in sd15_lora_files]
+def test_default_boxes_place_local_loras_side_by_side_and_globals_everywhere(sd15, sd15_lora_files):
     assert side_by_side_boxes(2) == (Box(0.0, 0.0, 0.5, 1.0), Box(0.5, 0.0, 1.0, 1.0))
-    automatic = Composer(refine=False)
-    explicit = Composer(boxes=side_by_side_boxes(2), refine=False)
-    results = [sd15.generate("a zkx and a qwv", specs, method, seed=3, steps=2, output_type="latent", **COMMON)
-               for method in (automatic, explicit)]
+    objects = [LoraSpec(p, category="object") for p in sd15_lora_files]
+    settings = dict(seed=3, steps=2, output_type="latent", **COMMON)
+    automatic, explicit = Composer(refine=False), Composer(boxes=side_by_side_boxes(2), refine=False)
+    results = [sd15.generate("a zkx and a qwv", objects, method, **settings) for method in (automatic, explicit)]
     torch.testing.assert_close(results[0].latents, results[1].latents, atol=0, rtol=0)
     assert results[0].method["boxes"] == results[1].method["boxes"]
-    sd15.generate("a zkx", specs[:1], automatic, seed=3, steps=1, output_type="latent", **COMMON)
-    assert automatic.boxes == (Box(0.0, 0.0, 1.0, 1.0),)  # re-laid out for the new set
+    assert automatic.areas == list(side_by_side_boxes(2))
+    # the tiny "style" LoRA is global: the character alone is placed (the whole image), the style everywhere
+    character_and_style = [LoraSpec(p) for p in sd15_lora_files]
+    sd15.generate("a zkx and a qwv", character_and_style, automatic, **settings)
+    assert automatic.areas == [None, None] and automatic.placed == []
+    one_box = Composer(boxes=(LEFT,), refine=False)  # one box per local LoRA
+    sd15.generate("a zkx and a qwv", character_and_style, one_box, **settings)
+    assert one_box.areas == [LEFT, None] and one_box.boxes == (LEFT, Box(0.0, 0.0, 1.0, 1.0))
+    assert one_box.region_prompt(0) is None and one_box.region_prompt(1) is None  # both: the generation's prompt
 
 
 def test_cli_composer_with_boxes_and_region_prompts(tmp_path, tiny_sd15_dir, sd15_lora_files, capsys):

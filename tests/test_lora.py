@@ -77,12 +77,12 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, sd15_lora_file
 
 
 def test_sdxl_lora_on_sd15_is_refused(sd15_pipe, sdxl_lora_files):
-    with pytest.raises(UserError, match="made for SDXL but the model is SD1.5"):
+    with pytest.raises(UserError, match=r"made for SDXL \(.*\) but the model is SD1.5"):
         sd15_pipe.prepare_loras([LoraSpec(sdxl_lora_files[0])])
 
 
 def test_sd15_lora_on_sdxl_is_refused(tiny_sdxl_dir, sd15_lora_files):
-    with pytest.raises(UserError, match="made for SD1.5 but the model is SDXL"):
+    with pytest.raises(UserError, match=r"made for SD1.5 \(.*\) but the model is SDXL"):
         load_pipeline(tiny_sdxl_dir).prepare_loras([LoraSpec(sd15_lora_files[0])])
 
 
@@ -95,7 +95,7 @@ def test_lora_without_metadata_for_other_architecture_is_refused(tmp_path, sd15_
         tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith("unet.")}
     tensors = {key: value for key, value in tensors.items() if "transformer_blocks.1." not in key}
     save_file(tensors, str(stripped))
-    with pytest.raises(UserError, match="does not fit this SD15 model|matched no layer"):
+    with pytest.raises(UserError, match="does not fit layer|matched no layer"):
         sd15_pipe.prepare_loras([LoraSpec(stripped)])
 
 

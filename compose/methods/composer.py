@@ -1,57 +1,65 @@
 """LoRA-Composer: box-guided concept injection, concept isolation and latent refinement
 (Yang et al., arXiv 2403.11627; docs/methods/composer.md).
 
-Inputs: a global prompt p; per concept k a LoRA, a region prompt p_k (default: its trigger words) and a
-box b_k. One base UNet, the LoRAs kept as PEFT adapters (no copy of the model per concept)::
+Inputs: a global prompt p; per concept k a LoRA, a region prompt p_k and a box b_k. Local concepts
+(objects, characters, clothing) get boxes; a background or style LoRA (category ``background`` or
+``style``) covers the whole image. One base UNet, the LoRAs kept as PEFT adapters::
 
-    e_k <- text encoder(s) with LoRA k's deltas on [negative prompt, p_k]          # region states
-    B_k <- b_k at the 1/32 attention level (a cell is in when half of it is covered)
+    B_k <- b_k at the map level: the attention level nearest 16 cells a side (SD1.5 at 512 px: 16x16)
     z   <- N(0, I)
     # latent re-initialisation, one conditional UNet call on z at t_0:
-    for each concept k:
+    for each placed concept k:
         (r, c) <- argmax over windows the size of B_k of Σ_tok (A_tok ∗ ones(B_k))
         z[b_k] <- z_0[window (r, c), scaled to latent cells]                       # z_0: the initial noise
     z <- (z - mean z) / std z · std z_0 + mean z_0;   z <- z · init_noise_sigma
     for step i = 0 .. T-1:
         if refining:
-            A_k, S <- one conditional UNet call on z with grad: concept k's token maps over the whole
-                      image with its own keys, Gaussian-smoothed (3, σ 0.5); S the self-attention at
-                      the same level (both averaged over heads and the 5 map layers)
+            A_k, S <- one conditional UNet call on z with grad, ending after the map layers: concept k's
+                      token maps over the whole image against the keys its box attends to,
+                      Gaussian-smoothed (3, σ 0.5); S the self-attention at the same level
             L <- Σ_k Σ_tok 8·relu(1 - topk_mean(A_tok ⊙ B_k ⊙ G_k))                # box attention
                + Σ_k Σ_tok 2·mean|max_rows(A_tok ⊙ B_k) - max_rows(B_k)|
                            + 2·mean|max_cols(A_tok ⊙ B_k) - max_cols(B_k)|         # fill
                + Σ_k 10·topk_mean(S[queries in B_k, keys outside B_k])             # region leakage
-              (topk over round(0.2·|B_k|) cells; G_k a peak-1 Gaussian over the box on [-1, 1]², σ 1)
-            if L ≠ 0: z <- z - 20·sqrt(linspace(1, 0.5, T)[i]) · ∇_z L
-            stop for good when i >= 25, or i >= 5 and L rose since the previous step
-        ε <- one CFG UNet call of the base model in which, on every layer,
-               cross-attention: queries in b_k attend e_k through LoRA k's to_k/to_v/to_out.0 deltas,
-                                queries in no box attend p with the base projections,
-                                queries in several boxes get the mean
+            if L ≠ 0: z <- z - φ_i · ∇_z L,   φ_i = 20 · s · sqrt(linspace(1, 0.5, T)[i])
+                      (s = latent numbers per map cell / 64, SD1.5's)
+            stop for good when i >= round(T/2), or i >= round(T/10) and L rose since the previous step
+        ε <- one CFG UNet call in which every LoRA layer (attention q/k/v/out, FFN, projections,
+             convolutions) adds LoRA k's delta only inside b_k (attention/regional.py), and
+               cross-attention: queries in b_k attend p_k (encoded with LoRA k's text-encoder deltas)
+                                through to_k/to_v with LoRA k's deltas; queries in no box attend p
                self-attention:  queries in b_k give no weight to keys in b_j, j ≠ k
         z <- scheduler step(ε)
 
-Cost: T CFG calls + one conditional forward and backward per refined step (at most 26) + one
-conditional forward for the re-initialisation; the call count does not grow with N, each
-cross-attention layer adds N region attentions (attention/regions.py).
+Cost: T CFG calls + one conditional forward (to the map layers) and backward per refined step (at
+most round(T/2) + 1) + one conditional forward for the re-initialisation; the call count does not
+grow with N.
 
-Departures from the public code (its pitfalls) and choices where the spec is open:
+Departures from the paper and from the public code, with the reasons (docs/methods/composer.md):
 
-* One base model and each concept's LoRA deltas with their α/r scaling and strength (PEFT
-  ``scaling``), through attention processors; no pipeline copies, no ``forward`` patching.
-* Concept tokens are found per region (the LoRA's trigger words in its own region prompt, all of
-  the region prompt's word tokens when it has none), never by concept index.
+* The whole LoRA is injected, masked to its box, on every layer it adapts; the paper injects only the
+  cross-attention K/V. A LoRA keeps much of its concept in self-attention, FFN, projection and
+  convolution weights: with K/V alone the toy world's crescent was never drawn.
+* A box without a region prompt attends the generation's prompt (through its LoRA's deltas); the
+  paper takes region prompts from the user, and a bare trigger word as default is out of
+  distribution for a text encoder trained on captions (toy world: both objects 3/32 against 32/32).
+* Backgrounds and styles are not boxed: they apply everywhere (no loss, no isolation, no
+  re-initialisation); a box over the whole image means the same.
+* Constants the paper tuned for SD1.5 at 512 px are scaled: the map level (nearest 16 cells), the
+  step size (by latent numbers per map cell) and the stop rule (shares of T: 25 and 5 of 50 steps).
+* Overlapping boxes attend the joined region prompts with both LoRAs' deltas (the paper averages the
+  outputs of separate region attentions).
+* One base model with the LoRAs kept as adapters, their deltas with their α/r scaling and strength
+  (PEFT ``scaling``); no pipeline copies, no ``forward`` patching of diffusers modules.
+* Concept tokens are found per region (the LoRA's trigger words in its own region prompt, all of the
+  region prompt's word tokens when it has none), never by concept index.
 * Boxes follow one rounding rule at every level (attention/masks.py), relative (0..1) or
-  :meth:`Box.from_pixels`. A box that covers no cell of the attention-map level adds no loss term
-  and is not re-initialised (it still gets its concept injected at finer levels).
-* Community LoRAs: region prompts are encoded with that LoRA's text-encoder deltas and the
-  generation's negative prompt (the unconditional rows); attn1, FFN and ``to_q`` deltas are unused. A
-  LoRA with weights on only some cross-attention projections (some blocks) is injected where it has
-  them, through the base projection elsewhere; one with none of them is refused.
+  :meth:`Box.from_pixels`. A box that covers no cell of the map level adds no loss term and is not
+  re-initialised (it still gets its concept at finer levels).
 * The smoothing kernel is the textbook Gaussian exp(-d²/2σ²) with reflect padding (the reference's
   copy of Attend-and-Excite uses exp(-(d/2σ)²)); G_k uses linspace(-1, 1) over the box's cells.
 * Re-initialisation copies every window from the initial noise (not from a partly rewritten one)
-  and scales windows by the true stride between the map level and the latent (4 on SD1.5/SDXL).
+  and scales windows by the true stride between the map level and the latent.
 * With several images each image has its own losses, stop rule and re-initialisation, so image j
   equals a one-image run with seed + j.
 """
@@ -65,45 +73,49 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator, Sequence
 
 from loracompose.errors import UserError
+from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
 from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
-from loracompose.tokens import trigger_positions
 from loracompose.pipelines.values import BASE, Branch, Prediction, Step
+from loracompose.tokens import trigger_positions
 
 if TYPE_CHECKING:
     import torch
     import torch.nn.functional as F
     from diffusers.models.attention_processor import Attention
-    from peft.tuners.lora import LoraLayer
 
     from loracompose.attention import (
+        AttentionLayer,
         AttentionStore,
         Box,
         ComposeAttnProcessor,
         LatentGrid,
         Region,
         RegionAttention,
-        attention_layers,
         attention_map_layers,
         check_adapters_loaded,
         checkpoint_outside_layers,
+        deepest_attention_level,
         processors_for,
+        select_layers,
         stop_after_layers,
     )
+    from loracompose.attention.regional import RegionalPatches, RegionMasks, code_members, install_regional
     from loracompose.pipelines.denoiser import Denoiser
-    from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
     F = LazyImport("torch.nn.functional")
     Attention = LazyImport("diffusers.models.attention_processor", "Attention")
-    LoraLayer = LazyImport("peft.tuners.lora", "LoraLayer")
-    AttentionStore, Box, ComposeAttnProcessor, LatentGrid, Region, RegionAttention, attention_layers, \
-        attention_map_layers, check_adapters_loaded, checkpoint_outside_layers, processors_for, \
-        stop_after_layers = (LazyImport("loracompose.attention", name) for name in (
-            "AttentionStore", "Box", "ComposeAttnProcessor", "LatentGrid", "Region", "RegionAttention",
-            "attention_layers", "attention_map_layers", "check_adapters_loaded", "checkpoint_outside_layers",
-            "processors_for", "stop_after_layers"))
+    (AttentionLayer, AttentionStore, Box, ComposeAttnProcessor, LatentGrid, Region, RegionAttention,
+     attention_map_layers, check_adapters_loaded, checkpoint_outside_layers, deepest_attention_level,
+     processors_for, select_layers, stop_after_layers) = (LazyImport("loracompose.attention", name) for name in (
+        "AttentionLayer", "AttentionStore", "Box", "ComposeAttnProcessor", "LatentGrid", "Region", "RegionAttention",
+        "attention_map_layers", "check_adapters_loaded", "checkpoint_outside_layers", "deepest_attention_level",
+        "processors_for", "select_layers", "stop_after_layers"))
+    RegionalPatches, RegionMasks, code_members, install_regional = (
+        LazyImport("loracompose.attention.regional", name) for name in (
+            "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +127,14 @@ TOP_K_RATIO = 0.2
 SMOOTHING_KERNEL_SIZE = 3
 SMOOTHING_SIGMA = 0.5
 BOX_GAUSSIAN_SIGMA = 1.0
+# The published refinement for SD1.5 at 512 px: φ = 20 decaying to 20·sqrt(0.5), steps 0-25 of 50, a
+# rise of the loss ends it from step 5 on; maps at 16x16. Scaled to other models (module text).
+STEP_SIZE = 20.0
+FINAL_STEP_FRACTION = 0.5
+REFINE_FRACTION = 0.5
+PATIENCE_FRACTION = 0.1
+MAP_SIZE = 16
+SD15_NUMBERS_PER_MAP_CELL = 4 * 4 * 4  # 4 latent channels, 4x4 latent cells per 16x16 map cell
 
 
 # ------------------------------------------------------------------------------------ boxes
@@ -343,40 +363,49 @@ def reinitialised_noise(noise: torch.Tensor, copies: Sequence[tuple[CellRect, tu
 class ConceptMaps:
     """What the losses read from one conditional UNet call."""
 
-    cross: list[torch.Tensor]  # per concept: (images, rows, columns, its tokens), smoothed
+    cross: list[torch.Tensor]  # per placed concept: (images, rows, columns, its tokens), smoothed
     self_attention: torch.Tensor | None  # (images, cells, cells), or None when not captured
     latents: torch.Tensor  # the latent the call ran on (with grad while refining)
 
 
 @dataclass
 class Composer(CompositionMethod):
-    """Each concept injected into its box through its LoRA's cross-attention K/V/out deltas, one
-    base UNet pass per step, with test-time latent refinement and re-initialisation.
+    """Each concept's whole LoRA injected inside its box on every layer it adapts, one UNet pass per
+    step, with concept isolation in self-attention and test-time latent refinement and
+    re-initialisation (see the module text).
 
     Args:
-        boxes: one box per LoRA, in the LoRAs' order: a :class:`Box` (relative 0..1, or
-            ``Box.from_pixels``) or four relative numbers (x0, y0, x1, y1). Boxes may overlap.
-            None or empty: the LoRAs side by side in equal full-height columns, left to right.
-        region_prompts: one per LoRA (None or "" for its trigger words); None: trigger words for all.
+        boxes: one box per LoRA, or one per local LoRA (object, character, clothing...), in the LoRAs'
+            order: a :class:`Box` (relative 0..1, or ``Box.from_pixels``) or four relative numbers
+            (x0, y0, x1, y1). Boxes may overlap; a box covering the whole image makes the LoRA global.
+            None or empty: the local LoRAs side by side in equal full-height columns, left to right;
+            global ones (category style or background) on the whole image.
+        region_prompts: one per LoRA (None or "": the generation's prompt); None: the prompt for all.
         isolate: concept isolation in self-attention.
         refine: test-time latent refinement with the three losses.
         reinitialise: copy the best window of the initial noise into each box.
         box_weight, fill_weight, region_weight, top_k_ratio: the losses' weights and top-k share.
-        step_size, final_step_fraction, last_refined_step, patience_step: φ_i and the stop rule.
+        step_size: φ at SD1.5's geometry (64 latent numbers per attention-map cell); scaled by the
+            model's latent numbers per map cell.
+        final_step_fraction: φ decays as sqrt(linspace(1, final_step_fraction, T)).
+        refine_fraction, patience_fraction: the stop rule as shares of the steps (the paper's steps 25
+            and 5 of 50).
+        map_size: the side, in cells, of the attention maps the losses read (the paper's 16x16): the
+            attention level nearest to it.
         checkpoint_refinement: gradient checkpointing on the refinement pass's units outside the map
             blocks (attention.checkpoint_outside_layers): their activations are recomputed in the
-            backward instead of kept (SD1.5 at 512 px, CPU fp32: peak 1.08-1.10x plain + LoRA
-            instead of 1.18x) for one more forward of those units per refined step; False keeps them.
-        backend: attention kernel (``"sdpa"``; ``"flex"`` has no CPU backward, so no refinement there).
+            backward instead of kept, for one more forward of those units per refined step.
+        backend: attention kernel of self-attention (``"sdpa"``; ``"flex"`` has no CPU backward).
     """
 
     name: ClassVar[str] = "composer"
     boxes: tuple[Box, ...] | None = field(default=None, metadata={
         "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
-        "help": "one box per LoRA in the LoRAs' order, relative x0,y0,x1,y1 (0..1, y down); default: the LoRAs "
-                "side by side in equal columns"})
+        "help": "one box per LoRA (or per local LoRA) in the LoRAs' order, relative x0,y0,x1,y1 (0..1, y down); "
+                "default: local LoRAs side by side in equal columns, backgrounds and styles the whole image"})
     region_prompts: tuple[str | None, ...] | None = field(default=None, metadata={
-        "flags": ("--region-prompt",), "help": "one region prompt per LoRA ('' = its trigger words, the default)"})
+        "flags": ("--region-prompt",),
+        "help": "one region prompt per LoRA ('' = the whole prompt, the default)"})
     isolate: bool = field(default=True, metadata={"flag_values": {"--composer-no-isolate": False}})
     refine: bool = field(default=True, metadata={"flag_values": {"--composer-no-refine": False}})
     reinitialise: bool = field(default=True, metadata={"flag_values": {"--composer-no-reinit": False}})
@@ -384,52 +413,67 @@ class Composer(CompositionMethod):
     fill_weight: float = FILL_LOSS_WEIGHT
     region_weight: float = REGION_LOSS_WEIGHT
     top_k_ratio: float = TOP_K_RATIO
-    step_size: float = 20.0
-    final_step_fraction: float = 0.5
-    last_refined_step: int = 25
-    patience_step: int = 5
+    step_size: float = STEP_SIZE
+    final_step_fraction: float = FINAL_STEP_FRACTION
+    refine_fraction: float = REFINE_FRACTION
+    patience_fraction: float = PATIENCE_FRACTION
+    map_size: int = MAP_SIZE
     checkpoint_refinement: bool = field(default=True, metadata={"flag_values": {"--composer-no-checkpointing": False}})
     backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.automatic_boxes = not self.boxes
-        self.boxes = tuple(as_box(box) for box in self.boxes or ())
+        self._given_boxes = tuple(as_box(box) for box in self.boxes or ())
+        self.boxes = self._given_boxes
         if self.region_prompts is not None:
             self.region_prompts = tuple(self.region_prompts)
+        self.areas: list[Box | None] = []
+        self.region_masks: RegionMasks | None = None
         self.processors: dict[str, ComposeAttnProcessor] = {}
         self.refinement_trace: list[RefinedStep] = []
         self.token_positions: list[list[int]] = []
-        self._map_processors: list[tuple[ComposeAttnProcessor, AttentionStore]] = []
+        self._run: Denoiser | None = None
+        self._regional: RegionalPatches | None = None
+        self._self_processors: list[ComposeAttnProcessor] = []
         self._cross_store = AttentionStore(requires_grad=True)
         self._self_store = AttentionStore(requires_grad=True)
-        self._regions = RegionAttention()
-        self._conditional_regions = RegionAttention()
+        self._capturing_cross = False
         self._concepts: list[ConceptGeometry] = []
         self._map_level = 0
+        self._cross_map_layers: list[str] = []
+        self._self_map_layers: list[str] = []
         self._refining = torch.zeros(0, dtype=torch.bool)
         self._previous_loss: torch.Tensor | None = None
 
     # -- settings --------------------------------------------------------------------------------
     def bind(self, loras: Sequence[LoadedLora]) -> None:
-        if self.automatic_boxes:
-            self.boxes = side_by_side_boxes(len(loras))
+        require_loras(self.name, loras)
+        self.areas = self._layout(loras)
+        whole = Box(0.0, 0.0, 1.0, 1.0)
+        self.boxes = tuple(whole if area is None else area for area in self.areas)
         super().bind(loras)
 
+    def _layout(self, loras: Sequence[LoadedLora]) -> list[Box | None]:
+        """Each LoRA's box, None for the whole image (a global LoRA)."""
+        local = [index for index, lora in enumerate(loras) if not is_global_kind(lora.category)]
+        given = list(self._given_boxes)
+        if self.automatic_boxes:
+            given = list(side_by_side_boxes(len(local)))
+        if len(given) == len(local) and len(given) != len(loras):
+            placed = iter(given)
+            given = [next(placed) if index in local else Box(0.0, 0.0, 1.0, 1.0) for index in range(len(loras))]
+        if len(given) > len(loras):
+            raise UserError(f"composer: {len(given)} boxes for {len(loras)} LoRAs; give exactly one --box per --lora")
+        if len(given) < len(loras):
+            raise UserError(f"composer: {len(loras)} LoRAs but only {len(given)} boxes; give one --box x0,y0,x1,y1 per "
+                            f"--lora in the same order, or one per local LoRA ({len(local)} here)")
+        return [None if box.as_tuple() == (0.0, 0.0, 1.0, 1.0) else box for box in given]
+
     def check(self, loras: Sequence[LoadedLora]) -> None:
-        require_loras(self.name, loras)
-        if len(self.boxes) > len(loras):
-            raise UserError(f"composer: {len(self.boxes)} boxes for {len(loras)} LoRAs; give exactly one --box per --lora")
-        if len(self.boxes) < len(loras):
-            raise UserError(f"composer: {len(loras)} LoRAs but only {len(self.boxes)} boxes; give one --box "
-                            "x0,y0,x1,y1 per --lora, in the same order")
         if self.region_prompts is not None and len(self.region_prompts) != len(loras):
             raise UserError(f"composer: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
-                            "per LoRA (empty for its trigger words)")
-        for index, lora in enumerate(loras):
-            if not self._given_region_prompt(index) and not lora.trigger_words:
-                raise UserError(f"composer: LoRA {lora.name} has no trigger words to use as its region prompt; "
-                                "give one with --region-prompt (or trigger words with --trigger)")
+                            "per LoRA (empty for the whole prompt)")
         self._check_numbers()
 
     def _check_numbers(self) -> None:
@@ -439,96 +483,152 @@ class Composer(CompositionMethod):
             raise UserError(f"composer top_k_ratio={self.top_k_ratio}: give a share in (0, 1]")
         if not 0 <= self.final_step_fraction:
             raise UserError(f"composer final_step_fraction={self.final_step_fraction} must be non-negative")
-        if self.last_refined_step < 0 or self.patience_step < 0:
-            raise UserError("composer last_refined_step and patience_step must be non-negative step indices")
+        if not (0 <= self.refine_fraction <= 1 and 0 <= self.patience_fraction <= 1):
+            raise UserError("composer refine_fraction and patience_fraction are shares of the steps, between 0 and 1")
+        if self.map_size < 1:
+            raise UserError(f"composer map_size={self.map_size}: give the attention-map side in cells, at least 1")
 
     def _given_region_prompt(self, index: int) -> str:
         if self.region_prompts is None:
             return ""
         return (self.region_prompts[index] or "").strip()
 
-    def region_prompt(self, index: int) -> str:
-        """Concept ``index``'s region prompt: the one given, else its LoRA's trigger words."""
-        return self._given_region_prompt(index) or " ".join(self.loras[index].trigger_words)
+    def region_prompt(self, index: int) -> str | None:
+        """Concept ``index``'s region prompt: the one given, else None (the generation's prompt)."""
+        return self._given_region_prompt(index) or None
+
+    def group_branch(self, members: Sequence[int]) -> Branch:
+        """The branch whose prompt the positions covered by the concepts ``members`` attend to: the
+        placed concepts' region prompts (joined) with every member's LoRA on the text encoder(s)."""
+        placed = [k for k in members if self.areas[k] is not None]
+        prompts = list(dict.fromkeys(p for p in (self.region_prompt(k) for k in placed or members) if p))
+        weights = {self.loras[k].name: self.loras[k].weight for k in members}
+        return Branch.of(weights, prompt=", ".join(prompts) if prompts else None)
 
     def region_branch(self, index: int) -> Branch:
-        """The branch that encodes concept ``index``'s region prompt with its LoRA on the text encoder(s)."""
-        lora = self.loras[index]
-        return Branch.of({lora.name: lora.weight}, prompt=self.region_prompt(index))
+        """The branch whose prompt concept ``index``'s box attends to (with the global LoRAs there)."""
+        return self.group_branch(code_members(self._concept_code(index), len(self.loras)))
+
+    def _concept_code(self, index: int) -> int:
+        """The region code of positions in concept ``index``'s box and in no other box."""
+        global_bits = sum(1 << k for k, area in enumerate(self.areas) if area is None)
+        return (1 << index) | global_bits
+
+    @property
+    def placed(self) -> list[int]:
+        """Indices of the concepts with a box of their own (losses, isolation, re-initialisation)."""
+        return [k for k, area in enumerate(self.areas) if area is not None]
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run: Denoiser) -> None:
+        self._run = run
         names = [lora.name for lora in self.loras]
         check_adapters_loaded(run.unet, names)
-        for name in names:
-            covered, total = check_cross_attention_coverage(run.unet, name)
-            if covered < total:  # e.g. a LoRA trained on some blocks only: its delta is zero elsewhere
-                log.info("composer: LoRA %s has weights on %d of %d cross-attention projections; on the others "
-                         "its region uses the base projection (a zero delta there)", name, covered, total)
-        # The UNet runs the base model; regions add their LoRA's deltas at that LoRA's scaling.
-        run.adapters.activate({}, components=["unet"])
-        run.adapters.set_weights({lora.name: lora.weight for lora in self.loras}, components=["unet"])
-        states = [run.conditioning(self.region_branch(k)).embeds for k in range(len(self.loras))]
-        self._regions = self._region_attention(states)
-        self._conditional_regions = self._region_attention([s.chunk(run.num_halves)[-1] for s in states])
-        self.token_positions = [self._concept_tokens(run, k) for k in range(len(self.loras))]
-        self._install(run.unet, run.patches)
+        # Every LoRA is active on the UNet; the regional patches confine each one's deltas to its box.
+        run.adapters.activate({lora.name: lora.weight for lora in self.loras}, components=["unet"])
+        self.region_masks = RegionMasks(names, list(self.areas))
+        self._regional = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
+        self.token_positions = [self._concept_tokens(run, k) for k in self.placed]
+        isolation = RegionAttention([Region(self.areas[k]) for k in self.placed], inject_concepts=False,
+                                    isolate_self_attention=self.isolate)
+        self.processors = processors_for(select_layers(run.unet, "self"),
+                                         lambda _: ComposeAttnProcessor(self.backend, regions=isolation))
+        run.patches.processors(run.unet, self.processors)
         self.refinement_trace = []
 
-    def _region_attention(self, states: Sequence[torch.Tensor]) -> RegionAttention:
-        regions = [Region(box, state, lora.name) for box, state, lora in zip(self.boxes, states, self.loras)]
-        # Region prompts and LoRA scalings are fixed for the generation: their K/V are computed once per layer.
-        return RegionAttention(regions, isolate_self_attention=self.isolate, reuse_region_key_values=True)
+    def _group_states(self, code: int) -> torch.Tensor:
+        members = code_members(code, len(self.loras))
+        return self._run.conditioning(self.group_branch(members) if members else BASE).embeds
 
     def _concept_tokens(self, run: Denoiser, index: int) -> list[int]:
         tokenizers = getattr(run, "tokenizers", None)
         if not tokenizers:
             raise UserError("composer needs the pipeline's tokenizer(s) to find concept tokens; run it through "
                             "pipe.generate(...)")
-        return concept_token_positions(tokenizers, self.region_prompt(index), self.loras[index].trigger_words)
+        prompt = self.region_branch(index).prompt or getattr(run, "prompt", None) or ""
+        return concept_token_positions(tokenizers, prompt, self.loras[index].trigger_words)
 
-    def _install(self, unet: torch.nn.Module, patches: PatchStack) -> None:
-        processors = processors_for(attention_layers(unet),
-                                    lambda _: ComposeAttnProcessor(self.backend, regions=self._regions))
-        map_layers = attention_map_layers(unet)
-        self._map_level = map_layers[0].level
-        self._map_processors = [(processors[layer.name], self._cross_store) for layer in map_layers]
-        self._map_processors += [(processors[self_attention_of(layer.name)], self._self_store) for layer in map_layers]
-        self._cross_map_layers = [layer.name for layer in map_layers]
-        self._self_map_layers = [self_attention_of(layer.name) for layer in map_layers]
-        patches.processors(unet, processors)
-        self.processors = processors
+    def _install_maps(self, run: Denoiser, grid: LatentGrid) -> None:
+        """Pick the map level for this latent size and hook map capture onto its layers."""
+        self._map_level = map_level(run.unet, grid, self.map_size)
+        cross = map_layers(run.unet, self._map_level)
+        self._cross_map_layers = [layer.name for layer in cross]
+        self._self_map_layers = [self_attention_of(layer.name) for layer in cross]
+        for processor_name in self._self_map_layers:
+            self._self_processors.append(self.processors[processor_name])
+        for name in self._cross_map_layers:
+            module = run.unet.get_submodule(name)
+            run.patches.hook(module.register_forward_pre_hook(self._cross_capture_hook(name), with_kwargs=True))
+
+    def _cross_capture_hook(self, layer_name: str) -> Any:
+        def capture(attn: Attention, args: tuple, kwargs: dict) -> None:
+            if self._capturing_cross:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._record_concept_maps(layer_name, attn, hidden)
+
+        return capture
+
+    def _record_concept_maps(self, layer_name: str, attn: Attention, hidden: torch.Tensor) -> None:
+        """Each placed concept's map on one cross-attention layer: every query against the keys its box
+        attends to (its region prompt through its LoRA's to_k)."""
+        patches = self._regional
+        if hidden.ndim != 3:
+            raise UserError(f"composer reads maps from token-first cross-attention; layer {layer_name} got "
+                            f"{hidden.ndim}-D hidden states")
+        grid = patches.grid
+        level = patches.masks.level_for_tokens(grid, int(hidden.shape[1]))
+        query = attn.to_q(hidden)
+        query = query.view(query.shape[0], query.shape[1], attn.heads, -1).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        processor = attn.processor
+        for slot, index in enumerate(self.placed):
+            key, _ = processor._key_value(attn, hidden, self._concept_code(index))
+            self._cross_store.record(layer_name, patches.call.index, grid.level_size(level), query, key, attn.scale,
+                                     source=slot)
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         if step.index == 0:
+            grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+            self._check_grid(grid)
+            for code in self.region_masks.all_codes(grid):  # encode every group's prompt before the UNet runs
+                self._group_states(code)
+            self._install_maps(run, grid)
             self._concepts = self._geometry(latents)
-            self._refining = torch.full((latents.shape[0],), self.refine, dtype=torch.bool)
+            self._refining = torch.full((latents.shape[0],), self.refine and bool(self.placed), dtype=torch.bool)
             self._previous_loss = None
-            if self.reinitialise:
+            if self.reinitialise and self.placed:
                 latents = self._reinitialise(run, step, latents)
         if bool(self._refining.any()):
             latents = self._refine(run, step, latents)
         return latents
 
+    def _check_grid(self, grid: LatentGrid) -> None:
+        for lora, area in zip(self.loras, self.areas):
+            if area is not None and not bool(grid.box_mask(area, 0).any()):
+                raise UserError(f"composer box {area.as_tuple()} of LoRA {lora.name} covers no latent cell at this "
+                                "image size; make it larger")
+
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
-        return run.predict(latents, step, [BASE])[0]
+        return run.predict(latents, step, [self.branch(*self.loras)])[0]
 
     def finish(self, run: Denoiser) -> None:
-        for processor, _ in self._map_processors:
+        for processor in self._self_processors:
             processor.store = None
-        self._map_processors = []
+        self._self_processors = []
+        self._capturing_cross = False
         self._cross_store.clear()
         self._self_store.clear()
+        self._regional = None  # restored by run.patches
+        self._run = None
 
     # -- geometry --------------------------------------------------------------------------------
     def _geometry(self, latents: torch.Tensor) -> list[ConceptGeometry]:
         grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
         concepts = []
-        for lora, box in zip(self.loras, self.boxes):
+        for index in self.placed:
+            box = self.areas[index]
             latent_rect = CellRect.bounding(grid.box_mask(box, 0))
-            if latent_rect is None:
-                raise UserError(f"composer box {box.as_tuple()} of LoRA {lora.name} covers no latent cell at this "
-                                "image size; make it larger")
             map_mask = grid.box_mask(box, self._map_level).to(latents.device)
             concepts.append(ConceptGeometry(map_mask, latent_rect, top_k_count(map_mask, self.top_k_ratio)))
         return concepts
@@ -536,27 +636,28 @@ class Composer(CompositionMethod):
     # -- maps ------------------------------------------------------------------------------------
     @contextmanager
     def _capturing(self, self_attention: bool) -> Iterator[None]:
-        """Map capture on the 1/32-level layers for one call (the CFG calls capture nothing)."""
-        for processor, store in self._map_processors:
-            processor.store = store if (store is self._cross_store or self_attention) else None
+        """Map capture on the map-level layers for one call (the CFG calls capture nothing)."""
+        self._capturing_cross = True
+        for processor in self._self_processors:
+            processor.store = self._self_store if self_attention else None
         try:
             yield
         finally:
-            for processor, _ in self._map_processors:
+            self._capturing_cross = False
+            for processor in self._self_processors:
                 processor.store = None
 
     def concept_maps(self, run: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, *,
                      latents: torch.Tensor | None = None, self_attention: bool = True) -> ConceptMaps:
         """One conditional UNet call on ``sample`` (the model input made from ``latents``, default:
-        the sample itself) with the concepts' maps read out."""
-        conditioning = run.conditioning(BASE).halves(run.num_halves)[-1]
+        the sample itself) with the placed concepts' maps read out."""
+        conditioning = run.conditioning(self.branch(*self.loras)).halves(run.num_halves)[-1]
         # Only the map layers are read: the call ends after them (the finer up blocks never run).
         layers = self._cross_map_layers + (self._self_map_layers if self_attention else [])
         with self._capturing(self_attention), stop_after_layers(run.unet, layers):
-            run.run_unet(sample, timestep, conditioning,
-                         cross_attention_kwargs={"region_attention": self._conditional_regions})
-        cross = [smooth_maps(self._cross_store.maps(source=k)[..., tokens])
-                 for k, tokens in enumerate(self.token_positions)]
+            run.run_unet(sample, timestep, conditioning)
+        cross = [smooth_maps(self._cross_store.maps(source=slot)[..., tokens])
+                 for slot, tokens in enumerate(self.token_positions)]
         attention = None
         if self_attention:
             maps = self._self_store.maps()
@@ -565,16 +666,17 @@ class Composer(CompositionMethod):
 
     # -- refinement ------------------------------------------------------------------------------
     def refinement_losses(self, maps: ConceptMaps) -> torch.Tensor:
-        """L per image: Σ over concepts of the box, fill and region-leakage losses."""
+        """L per image: Σ over placed concepts of the box, fill and region-leakage losses."""
         per_image = []
         for image in range(maps.latents.shape[0]):
-            terms = [self._concept_loss(maps, image, k) for k, concept in enumerate(self._concepts) if concept.top_k]
+            terms = [self._concept_loss(maps, image, slot) for slot, concept in enumerate(self._concepts)
+                     if concept.top_k]
             per_image.append(torch.stack(terms).sum() if terms else maps.latents.new_zeros((), dtype=torch.float32))
         return torch.stack(per_image)
 
-    def _concept_loss(self, maps: ConceptMaps, image: int, index: int) -> torch.Tensor:
-        concept = self._concepts[index]
-        token_maps = maps.cross[index][image]
+    def _concept_loss(self, maps: ConceptMaps, image: int, slot: int) -> torch.Tensor:
+        concept = self._concepts[slot]
+        token_maps = maps.cross[slot][image]
         loss = box_attention_loss(token_maps, concept.map_mask, concept.top_k, self.box_weight)
         loss = loss + fill_loss(token_maps, concept.map_mask, self.fill_weight)
         if maps.self_attention is not None:
@@ -582,12 +684,15 @@ class Composer(CompositionMethod):
                                               self.region_weight)
         return loss
 
-    def schedule(self, num_steps: int) -> RefinementSchedule:
-        return RefinementSchedule(num_steps, self.step_size, self.final_step_fraction, self.last_refined_step,
-                                  self.patience_step)
+    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> RefinementSchedule:
+        """The step sizes and stop rule for ``num_steps`` steps on a latent of ``latent_shape``
+        (channels, rows, columns; None: SD1.5's geometry, no scaling)."""
+        scale = 1.0 if latent_shape is None else step_scale(latent_shape, self._map_level)
+        return RefinementSchedule(num_steps, self.step_size * scale, self.final_step_fraction,
+                                  round(self.refine_fraction * num_steps), round(self.patience_fraction * num_steps))
 
     def _refine(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        schedule = self.schedule(step.num_steps)
+        schedule = self.schedule(step.num_steps, latents.shape[1:])
         latent = latents.detach().requires_grad_(True)
         step_size = schedule.step_size_at(step.index)
         # The backward runs with the weights frozen as in the forward: checkpointed units replay it there.
@@ -636,6 +741,30 @@ def self_attention_of(cross_attention_name: str) -> str:
     return cross_attention_name.removesuffix("attn2") + "attn1"
 
 
+def map_level(unet: torch.nn.Module, grid: LatentGrid, map_size: int = MAP_SIZE) -> int:
+    """The level (with cross-attention in the down and up blocks) whose feature map is nearest
+    ``map_size`` cells on its longer side (ties: the coarser level)."""
+    levels = sorted({layer.level for layer in select_layers(unet, "cross", blocks=("down", "up"))})
+    if not levels:
+        raise UserError("composer needs a UNet with cross-attention in its down and up blocks")
+    return min(reversed(levels), key=lambda level: abs(max(grid.level_size(level)) - map_size))
+
+
+def map_layers(unet: torch.nn.Module, level: int) -> list[AttentionLayer]:
+    """The cross-attention layers the losses read at ``level``: the standard map layers at the deepest
+    level (one transformer block per module on SDXL), every down and up layer at a finer one."""
+    if level == deepest_attention_level(unet):
+        return attention_map_layers(unet)
+    return select_layers(unet, "cross", levels=[level], blocks=("down", "up"))
+
+
+def step_scale(latent_shape: Sequence[int], level: int) -> float:
+    """Latent numbers per attention-map cell over SD1.5's (4 channels x 4 x 4 = 64): the gradient of a
+    map loss spreads over that many numbers, so φ grows with it to move the maps alike."""
+    channels = int(latent_shape[0])
+    return channels * 4**level / SD15_NUMBERS_PER_MAP_CELL
+
+
 def concept_token_positions(tokenizers: Sequence[Any], region_prompt: str, trigger_words: Sequence[str]) -> list[int]:
     """The concept's tokens in its region prompt: its trigger words' positions when they occur there,
     else every word token of the region prompt (never the start or end token)."""
@@ -649,18 +778,3 @@ def concept_token_positions(tokenizers: Sequence[Any], region_prompt: str, trigg
     if last == 0:
         raise UserError(f"composer region prompt {region_prompt!r} has no tokens; give it words")
     return list(range(1, last + 1))
-
-
-def check_cross_attention_coverage(unet: torch.nn.Module, adapter: str) -> tuple[int, int]:
-    """(covered, total): how many of the UNet's cross-attention to_k, to_v and to_out.0 projections (the
-    ones LoRA-Composer injects a concept through) ``adapter`` has LoRA weights on. UserError when none:
-    such a LoRA could only reach its region through the text encoder."""
-    projections = [projection for module in unet.modules()
-                   if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
-                   for projection in (module.to_k, module.to_v, module.to_out[0])]
-    covered = sum(1 for p in projections if isinstance(p, LoraLayer) and adapter in p.lora_A)
-    if covered == 0:
-        raise UserError(f"LoRA {adapter} has no weights on any of the {len(projections)} cross-attention "
-                        "to_k/to_v/to_out.0 projections LoRA-Composer injects concepts through; use a LoRA "
-                        "trained on the UNet's attention layers")
-    return covered, len(projections)

@@ -23,9 +23,11 @@ Two forms, the same regions:
 Regions, one per LoRA: ``boxes`` (relative x0, y0, x1, y1, y down) or ``masks`` (grayscale image
 files of the image's aspect ratio, any size; or 2-D tensors; a cell is in when half of it is white).
 Either list may name every LoRA in order, or only the local ones (those whose category is not global).
-A LoRA of a global kind (category ``style`` or ``background``) not given a region gets the whole
-image. With neither list, the local LoRAs stand side by side in equal full-height columns, left to
-right in LoRA order (automatic masks from trigger-token attention are a separate method).
+A LoRA of a global kind (category ``style`` or ``background``, or a synonym: compose/kinds.py) not
+given a region gets the whole image. With neither list, the local LoRAs stand side by side in equal
+full-height columns, left to right in LoRA order (automatic masks from trigger-token attention are
+the ``auto`` method). Front-ends: ``--box``/``--mask``/``--region-prompt`` (CLI, one per LoRA, repeated),
+the web UI's mask canvas (one painted layer per LoRA) or boxes text, ``/generate``'s ``region_masks``.
 
 Region prompts: by default every region uses the generation's prompt (with its LoRAs' text-encoder
 deltas); ``region_prompts`` gives one per LoRA (None or "" keeps the prompt); where regions overlap the
