@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from loracompose.eval.confidence import mean_interval
 from loracompose.eval.suite import CompositionSet, MethodEntry, Suite, load_suite
@@ -50,6 +50,7 @@ OUT = RESULTS / "toyworld-table"
 BATCH_CHECK = OUT / "batch-check.json"
 BATCH_TOLERANCE = 1  # largest pixel difference (of 255) between a batch's image and its one-image run
 GRID_SEEDS, GRID_SCALE = 8, 8
+LABEL_WIDTH = 170  # pixels left of each grid row for the method's name
 
 
 # ------------------------------------------------------------------------------------ judging
@@ -218,6 +219,15 @@ def by_size(rows: dict[str, Any], key: str) -> dict[int, dict[str, Any]]:
     return out
 
 
+TWO_OBJECTS, TWO_OBJECTS_TEXT = "moxel+lunzor", "a red heart on the left and a yellow crescent on the right"
+
+
+def two_objects(rows: dict[str, Any]) -> str:
+    """The two-object set's "all exact" share, % (the issue's headline case)."""
+    entry = next((entry for entry in rows["sets"] if entry["set"] == TWO_OBJECTS), None)
+    return "-" if entry is None else f"{100 * summarise_set(entry)['all_exact']:.0f}"
+
+
 def per_concept(rows: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per concept, over every image whose set holds it: present and exact shares."""
     out: dict[str, dict[str, list[bool]]] = {}
@@ -246,14 +256,18 @@ def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
     seeds = list(suite.seeds)
     sizes = sorted({entry["n"] for row in rows.values() for entry in row["sets"]})
     lines = [f"Toy world, report seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} images per set and method), "
-             f"{suite.steps} steps, CFG {suite.guidance:g}, detector-judged.", "",
-             "**All concepts present** (all exact: objects also in their colour on their side), % [95% CI] (images):",
-             "", "| method | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+             f"{suite.steps} steps, CFG {suite.guidance:g}, detector-judged. All concepts of the set present, "
+             "% [95% CI] (images); exact: every object also in its colour on its side; two objects: "
+             f"{TWO_OBJECTS_TEXT}.", "",
+             "| method | " + " | ".join(f"N={n}: all present" for n in sizes) + " | "
+             + " | ".join(f"N={n}: exact" for n in sizes if n > 1) + " | two objects |",
+             "|---|" + "---:|" * (len(sizes) + sum(n > 1 for n in sizes) + 1)]
     for label, row in rows.items():
         present, exact = by_size(row, "present"), by_size(row, "exact")
         cells = [f"{present[n]['mean']:.0f} [{present[n]['ci_low']:.0f}, {present[n]['ci_high']:.0f}] "
-                 f"(exact {exact[n]['mean']:.0f}) ({present[n]['images']})" for n in sizes]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                 f"({present[n]['images']})" for n in sizes]
+        cells += [f"{exact[n]['mean']:.0f}" for n in sizes if n > 1]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {two_objects(row)} |")
     concepts = list(dict.fromkeys(name for row in rows.values() for name in per_concept(row)))
     lines += ["", "**Per concept**, over every image whose set holds it: present % / exact % (shape, colour "
               "and side for an object; the same for a background or style):", "",
@@ -316,11 +330,15 @@ def upscaled_grids(rows: dict[str, dict[str, Any]], images_dir: Path, out_dir: P
                                                    Image.NEAREST)))
         if not strips:
             continue
-        width = max(strip.width for _, strip in strips)
+        margin = LABEL_WIDTH
+        width = margin + max(strip.width for _, strip in strips)
         canvas = Image.new("RGB", (width, sum(strip.height for _, strip in strips)), "white")
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=28)
         top = 0
-        for _, strip in strips:
-            canvas.paste(strip, (0, top))
+        for label, strip in strips:
+            canvas.paste(strip, (margin, top))
+            draw.text((8, top + strip.height // 2), label, fill="black", font=font, anchor="lm")
             top += strip.height
         path = out_dir / f"grid-{set_id}.png"
         canvas.save(path, optimize=True)
@@ -336,7 +354,7 @@ def write_report(suite: Suite, images_dir: Path) -> None:
     plot(rows, OUT / "all-present-by-n.png")
     grids = upscaled_grids(rows, images_dir, OUT)
     text += ("\n![all concepts present against N](toyworld-table/all-present-by-n.png)\n\n"
-             f"Images: per set, one row per method ({', '.join(rows)}, top to bottom), seeds 0-{GRID_SEEDS - 1}, "
+             f"Images: per set, one row per method (named on the left), seeds 0-{GRID_SEEDS - 1}, "
              f"x{GRID_SCALE} nearest:\n\n"
              + "\n".join(f"* {path.stem.removeprefix('grid-')}: ![{path.stem}](toyworld-table/{path.name})"
                          for path in grids) + "\n")
