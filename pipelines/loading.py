@@ -65,6 +65,7 @@ def load_pipeline(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path = Path(str(model)).expanduser()
+    if path.exists() and not path.is_dir():
         regular_file(path, "model file")  # a FIFO would block the reader forever
     if path.is_dir():
         pipe = _load_folder(path, torch_dtype)

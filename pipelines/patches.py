@@ -140,12 +140,31 @@ def fingerprint(modules: Mapping[str, torch.nn.Module | None], weights: bool = T
     return state
 
 
+QUICK_SAMPLE = 4096  # elements per weight that quick_fingerprint reads
+
+
+def quick_fingerprint(modules: Mapping[str, torch.nn.Module | None]) -> dict[str, Any]:
+    """A cheap :func:`fingerprint` for every request of a shared pipeline (the UI): the full structure
+    (processors, hooks, replaced forwards, folded adapters) and, for the base weights of the LoRA
+    layers only (the only weights a generation may change: by fusing), a checksum of an evenly strided
+    sample of at most ``QUICK_SAMPLE`` elements. A fused delta changes nearly every element, and a
+    NaN or Inf anywhere in the sample makes the checksum differ."""
+    state = fingerprint(modules, weights=False)
+    for label, root in modules.items():
+        if root is None:
+            continue
+        for name, module in root.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                flat = weight.detach().reshape(-1)
+                stride = max(1, flat.numel() // QUICK_SAMPLE)
+                state[f"{label}:{name}:base-sample"] = _checksum(flat[::stride])
+    return state
+
+
 def _module_state(module: torch.nn.Module) -> tuple:
     hooks = tuple(len(getattr(module, attribute, {})) for attribute in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
-QUICK_SAMPLE = 4096  # elements per weight that quick_fingerprint reads
-    sample of at most ``QUICK_SAMPLE`` elements. A fused delta changes nearly every element, and a
-                stride = max(1, flat.numel() // QUICK_SAMPLE)
     merged = tuple(getattr(module, "merged_adapters", ()))
     return ("forward" in module.__dict__, hooks, merged, bool(getattr(module, "gradient_checkpointing", False)))
 

@@ -96,10 +96,14 @@ def readable_errors(handler: Callable) -> Callable:
 
 # An absolute POSIX path: '/' then folders; the last part (the file name) is all a client is shown.
 _SERVER_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s/'\"(),;]+/)+(?=[^\s/'\"(),;]*)")
+
+
 def hide_server_paths(text: str) -> str:
     """``text`` with every absolute path cut to its file name: an error shown in the page or sent to an
     API client never tells where the server keeps its files, or which files exist."""
     return _SERVER_PATH.sub("", text)
+
+
 def _generation_request(state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
                         guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str,
                         append_triggers: bool, text_encoder_loras: bool,
@@ -420,6 +424,7 @@ def uploaded_file(file: Any) -> Path:
     Anything else (a client naming a server file in its FileData) is refused without saying whether
     that file exists."""
     from gradio.utils import get_upload_folder
+
     path = Path(str(getattr(file, "path", file)))
     folder = Path(get_upload_folder()).resolve()
     resolved = path.resolve()

@@ -88,14 +88,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser, METHODS)
 
 
-def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
-    specs = [LoraSpec.parse(text) for text in args.lora]
-    if args.trigger and len(args.trigger) != len(specs):
 def add_limit_arguments(group: Any) -> None:
     """--max-side, --max-pixels, --max-steps and --no-memory-check (loracompose.validation.Limits)."""
     defaults = Limits()
+    group.add_argument(LIMIT_FLAGS["max_side"], type=int, default=defaults.max_side,
+                       help="largest image width or height in pixels")
+    group.add_argument(LIMIT_FLAGS["max_pixels"], type=int, default=defaults.max_pixels,
+                       help="largest width x height x images of one call")
+    group.add_argument(LIMIT_FLAGS["max_steps"], type=int, default=defaults.max_steps,
+                       help="most denoising steps")
+    group.add_argument(LIMIT_FLAGS["check_memory"], dest="check_memory", action="store_false",
+                       help="do not refuse requests whose estimated memory exceeds the free memory")
+
+
 def limits_from_args(args: argparse.Namespace) -> Limits:
     return Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                  check_memory=args.check_memory)
+
+
+def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
+    specs = [LoraSpec.parse(text) for text in args.lora]
+    if args.trigger and len(args.trigger) != len(specs):
         raise UserError(
             f"got {len(args.trigger)} --trigger for {len(specs)} --lora; give one --trigger per --lora, in the same order"
         )
@@ -367,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loracompose: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, MemoryError) and type(error).__name__ != "OutOfMemoryError":
             raise
         print("loracompose: error: out of memory; ask for fewer or smaller images (--num-images, --width, "
               "--height) or cap --max-batch-rows", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -260,6 +260,7 @@ class FrequencyOrdered(CompositionMethod):
         if self.profile and loras:
             from loracompose.frequency import ProfileSettings
 
+            if self.profile_size is not None:  # refused before the profiling run, naming its own flag
                 check_image_side(self.profile_size, "--cmlora-profile-size", getattr(pipe, "limits", Limits()))
             self.profile_frequencies(pipe, loras, ProfileSettings(size=self.profile_size, steps=self.profile_steps))
             self.order = self._frequency_order()
