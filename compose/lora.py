@@ -41,6 +41,8 @@ class LoraSpec:
         name: adapter name; defaults to the file name without suffix.
         trigger_words: words that invoke the concept; default: read from the file's metadata.
         category: character, clothing, style, background, object, ...; default: from metadata.
+        text_encoder_weight: the text encoders' strength when it differs from ``weight`` (A1111's
+            ``<lora:NAME:TE_W:UNET_W>``); None: ``weight``.
     """
 
     path: Path
@@ -48,12 +50,16 @@ class LoraSpec:
     name: str | None = None
     trigger_words: tuple[str, ...] | None = None
     category: str | None = None
+    text_encoder_weight: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
         object.__setattr__(self, "weight", check_lora_weight(self.weight, f"LoRA {self.name or self.path.name}"))
         if self.trigger_words is not None:
             object.__setattr__(self, "trigger_words", tuple(self.trigger_words))
+        if self.text_encoder_weight is not None:
+            object.__setattr__(self, "text_encoder_weight", check_lora_weight(
+                self.text_encoder_weight, f"LoRA {self.name or self.path.name} text-encoder weight"))
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
@@ -81,6 +87,18 @@ class LoadedLora:
     architecture: str | None
     has_text_encoder: bool
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    text_encoder_weight: float | None = None  # the text encoders' own strength, if it differs
+
+    @property
+    def text_encoder_scale(self) -> float:
+        """Text-encoder strength relative to ``weight``: baked into the loaded text-encoder layers, so any
+        strength a method sets keeps the ratio (an exact ``<lora:NAME:TE_W:UNET_W>``)."""
+        if self.text_encoder_weight is None or self.text_encoder_weight == self.weight:
+            return 1.0
+        if self.weight == 0:
+            raise UserError(f"LoRA {self.path}: a UNet weight of 0 with text-encoder weight "
+                            f"{self.text_encoder_weight} cannot be expressed; use a small UNet weight instead")
+        return self.text_encoder_weight / self.weight
 
     def with_weight(self, weight: float) -> LoadedLora:
         return replace(self, weight=weight)
@@ -228,6 +246,7 @@ def inspect_lora(spec: LoraSpec) -> LoadedLora:
         category=spec.category or _first(metadata, CATEGORY_KEYS),
         architecture=architecture_from_file(metadata, keys),
         has_text_encoder=any(key.startswith(("text_encoder", "lora_te")) for key in keys),
+        text_encoder_weight=spec.text_encoder_weight,
         metadata=metadata,
     )
 

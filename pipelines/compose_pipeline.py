@@ -107,7 +107,7 @@ class ComposeMixin:
     def _load_adapter(self, lora: LoadedLora) -> None:
         loaded: dict[str, tuple] = self.__dict__.setdefault("_loracompose_loaded", {})
         stat = lora.path.stat()
-        identity = (str(lora.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        identity = (str(lora.path.resolve()), stat.st_mtime_ns, stat.st_size, lora.text_encoder_scale)
         if loaded.get(lora.name) == identity:
             return
         if lora.name in loaded:
@@ -116,7 +116,8 @@ class ComposeMixin:
         check_lora_tensors(lora.path)  # NaN/Inf refused before any layer is touched
         try:
             with quiet_loading():
-                load_lora_file(self, lora.path, lora.name)  # every format, as exact PEFT LoRA layers
+                # every format, as exact PEFT LoRA layers
+                load_lora_file(self, lora.path, lora.name, text_encoder_scale=lora.text_encoder_scale)
         except UserError:
             raise  # the converter's one-line reason, raised before any layer is touched
         except (ValueError, RuntimeError, KeyError) as error:
@@ -161,6 +162,7 @@ class ComposeMixin:
         max_batch_rows: int | None = None,
         output_type: str = "pil",
         show_progress: bool = True,
+        lora_dir: str | os.PathLike | None = None,
     ) -> GenerationResult:
         """Generate images with several LoRAs composed by ``method`` (default: Merge).
 
@@ -173,9 +175,14 @@ class ComposeMixin:
             text_encoder_loras: apply each branch's LoRAs to the text encoder(s) as well.
             max_batch_rows: cap on rows per UNet call; branches beyond it run one call each.
             output_type: "pil", "np" or "latent".
+            lora_dir: the folder ``<lora:NAME:WEIGHT>`` prompt tags pick ``NAME.safetensors`` from (default:
+                ``$LORACOMPOSE_LORA_DIR``); each tag is removed from the prompt and added to ``loras``.
         """
+        from loracompose.formats.prompt_tags import with_prompt_loras
         from loracompose.methods.merge import Merge
 
+        if isinstance(prompt, str):
+            prompt, loras = with_prompt_loras(prompt, loras, lora_dir)
         method = method if method is not None else Merge()
         self._check_generate_args(prompt, output_type)
         numbers = check_generation_numbers(steps=steps, guidance_scale=guidance_scale, num_images=num_images,

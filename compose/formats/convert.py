@@ -200,11 +200,19 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
     return alphas
 
 
-def load_lora_file(pipe: Any, path: Path, adapter_name: str) -> ConvertedLora:
-    """Convert ``path`` for ``pipe`` and load it as the PEFT adapter ``adapter_name`` on every component."""
+def load_lora_file(pipe: Any, path: Path, adapter_name: str, text_encoder_scale: float = 1.0) -> ConvertedLora:
+    """Convert ``path`` for ``pipe`` and load it as the PEFT adapter ``adapter_name`` on every component.
+
+    ``text_encoder_scale`` multiplies the text encoders' deltas (their strength relative to the UNet's).
+    """
     tensors, metadata = read_lora_tensors(path)
     components = {name: getattr(pipe, name) for name in COMPONENT_NAMES if getattr(pipe, name, None) is not None}
     converted = convert_lora(path, tensors, metadata, components)
+    if text_encoder_scale != 1.0:
+        for component, layers in converted.layers.items():
+            if component != "unet":
+                for delta in layers.values():
+                    delta.alpha *= text_encoder_scale
     for component in converted.layers:
         state, config = converted.peft_state_dict(component), converted.lora_config(component)
         if component == "unet":
