@@ -148,7 +148,8 @@ def parse_box(text: str) -> Box:
     try:
         x0, y0, x1, y1 = (float(part) for part in parts)
     except ValueError:
-        raise UserError(f"--box {text!r}: every coordinate must be a number; give x0,y0,x1,y1, e.g. 0,0,0.5,1") from None
+        raise UserError(f"--box {text!r}: every coordinate must be a number; give x0,y0,x1,y1, "
+                        "e.g. 0,0,0.5,1") from None
     if not all(0.0 <= value <= 1.0 for value in (x0, y0, x1, y1)):
         raise UserError(f"--box {text!r} is outside the image: coordinates are relative, between 0 and 1")
     if x1 <= x0 or y1 <= y0:
@@ -181,7 +182,7 @@ class CellRect:
     right: int
 
     @classmethod
-    def bounding(cls, mask: torch.Tensor) -> "CellRect | None":
+    def bounding(cls, mask: torch.Tensor) -> CellRect | None:
         """The smallest rectangle holding every True cell of a 2-D mask (None if there is none)."""
         rows, columns = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
         if rows.numel() == 0:
@@ -255,7 +256,8 @@ def box_gaussian(box_mask: torch.Tensor, sigma: float = BOX_GAUSSIAN_SIGMA) -> t
         return gaussian
     y = _centred_axis(rect.height, box_mask.device)
     x = _centred_axis(rect.width, box_mask.device)
-    gaussian[rect.top:rect.bottom, rect.left:rect.right] = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+    squared = y[:, None] ** 2 + x[None, :] ** 2
+    gaussian[rect.top:rect.bottom, rect.left:rect.right] = torch.exp(-squared / (2 * sigma**2))
     return gaussian
 
 
@@ -481,7 +483,7 @@ class Composer(CompositionMethod):
             raise UserError("composer loss weights and step_size must be non-negative")
         if not 0 < self.top_k_ratio <= 1:
             raise UserError(f"composer top_k_ratio={self.top_k_ratio}: give a share in (0, 1]")
-        if not 0 <= self.final_step_fraction:
+        if self.final_step_fraction < 0:
             raise UserError(f"composer final_step_fraction={self.final_step_fraction} must be non-negative")
         if not (0 <= self.refine_fraction <= 1 and 0 <= self.patience_fraction <= 1):
             raise UserError("composer refine_fraction and patience_fraction are shares of the steps, between 0 and 1")
@@ -519,6 +521,16 @@ class Composer(CompositionMethod):
         """Indices of the concepts with a box of their own (losses, isolation, re-initialisation)."""
         return [k for k, area in enumerate(self.areas) if area is not None]
 
+    @property
+    def placed_boxes(self) -> list[Box]:
+        """The boxes of :attr:`placed`, in that order."""
+        return [area for area in self.areas if area is not None]
+
+    def _patches(self) -> RegionalPatches:
+        if self._regional is None or self._run is None:
+            raise UserError("composer: no generation is running; call it through pipe.generate(...)")
+        return self._regional
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, run: Denoiser) -> None:
         self._run = run
@@ -529,7 +541,7 @@ class Composer(CompositionMethod):
         self.region_masks = RegionMasks(names, list(self.areas))
         self._regional = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
         self.token_positions = [self._concept_tokens(run, k) for k in self.placed]
-        isolation = RegionAttention([Region(self.areas[k]) for k in self.placed], inject_concepts=False,
+        isolation = RegionAttention([Region(box) for box in self.placed_boxes], inject_concepts=False,
                                     isolate_self_attention=self.isolate)
         self.processors = processors_for(select_layers(run.unet, "self"),
                                          lambda _: ComposeAttnProcessor(self.backend, regions=isolation))
@@ -538,6 +550,8 @@ class Composer(CompositionMethod):
 
     def _group_states(self, code: int) -> torch.Tensor:
         members = code_members(code, len(self.loras))
+        if self._run is None:
+            raise UserError("composer: group prompts are encoded during a generation only")
         return self._run.conditioning(self.group_branch(members) if members else BASE).embeds
 
     def _concept_tokens(self, run: Denoiser, index: int) -> list[int]:
@@ -571,12 +585,14 @@ class Composer(CompositionMethod):
     def _record_concept_maps(self, layer_name: str, attn: Attention, hidden: torch.Tensor) -> None:
         """Each placed concept's map on one cross-attention layer: every query against the keys its box
         attends to (its region prompt through its LoRA's to_k)."""
-        patches = self._regional
+        patches = self._patches()
         if hidden.ndim != 3:
             raise UserError(f"composer reads maps from token-first cross-attention; layer {layer_name} got "
                             f"{hidden.ndim}-D hidden states")
         grid = patches.grid
         level = patches.masks.level_for_tokens(grid, int(hidden.shape[1]))
+        if level is None:
+            raise UserError(f"layer {layer_name} has {hidden.shape[1]} queries, no feature-map size of this latent")
         query = attn.to_q(hidden)
         query = query.view(query.shape[0], query.shape[1], attn.heads, -1).transpose(1, 2)
         if attn.norm_q is not None:
@@ -591,7 +607,7 @@ class Composer(CompositionMethod):
         if step.index == 0:
             grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
             self._check_grid(grid)
-            for code in self.region_masks.all_codes(grid):  # encode every group's prompt before the UNet runs
+            for code in self._patches().masks.all_codes(grid):  # encode every group's prompt before the UNet runs
                 self._group_states(code)
             self._install_maps(run, grid)
             self._concepts = self._geometry(latents)
@@ -626,9 +642,10 @@ class Composer(CompositionMethod):
     def _geometry(self, latents: torch.Tensor) -> list[ConceptGeometry]:
         grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
         concepts = []
-        for index in self.placed:
-            box = self.areas[index]
+        for box in self.placed_boxes:
             latent_rect = CellRect.bounding(grid.box_mask(box, 0))
+            if latent_rect is None:  # _check_grid refused it already
+                raise UserError(f"composer box {box.as_tuple()} covers no latent cell at this image size")
             map_mask = grid.box_mask(box, self._map_level).to(latents.device)
             concepts.append(ConceptGeometry(map_mask, latent_rect, top_k_count(map_mask, self.top_k_ratio)))
         return concepts
@@ -707,7 +724,8 @@ class Composer(CompositionMethod):
                 run.stats.backward_passes += 1
                 latents = latents - step_size * gradient * updated.to(gradient).view(-1, *[1] * (latents.ndim - 1))
         values = losses.detach().float().cpu()
-        self.refinement_trace.append(RefinedStep(step.index, tuple(values.tolist()), tuple(updated.tolist()), step_size))
+        trace = RefinedStep(step.index, tuple(values.tolist()), tuple(updated.tolist()), step_size)
+        self.refinement_trace.append(trace)
         self._refining = self._refining & ~schedule.stops_after(step.index, values, self._previous_loss)
         self._previous_loss = values
         return latents.detach()
