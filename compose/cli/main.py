@@ -63,6 +63,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a .safetensors LoRA and its strength (repeatable, in order)")
     common.add_argument("--trigger", action="append", default=[], metavar="WORDS",
                         help="trigger words for the --lora at the same position, comma-separated (overrides the file)")
+    common.add_argument("--lora-dir", metavar="DIR",
+                        help="folder for <lora:NAME:WEIGHT> prompt tags (NAME.safetensors, subfolders searched; "
+                             "default $LORACOMPOSE_LORA_DIR)")
     common.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
                         help=f"composition method (default {DEFAULT_METHOD}); its settings are in its group below")
     common.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
@@ -119,6 +122,7 @@ def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from loracompose.formats.prompt_tags import with_prompt_loras
     from loracompose.outputs import prepare_output_dir, save_result
     from loracompose.pipelines import load_pipeline
 
@@ -137,6 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = prompt if prompt is not None else demo.prompt
     if prompt is None:
         raise UserError("--prompt is required with --model; say what the image shows")
+    prompt, specs = with_prompt_loras(prompt, specs, args.lora_dir)  # <lora:NAME:W> tags, like --lora
     steps = args.steps if args.steps is not None else default_steps
     guidance = args.guidance if args.guidance is not None else default_guidance
     limits = limits_from_args(args)

@@ -85,3 +85,26 @@ def test_tag_without_folder_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"needs a LoRA folder but no LoRA folder is set; pass --lora-dir"):
         split_lora_tags("a <lora:x:1>")
     assert split_lora_tags("no tags here", None) == ("no tags here", [])
+
+
+def test_cli_lora_dir_tags_equal_lora_flags(tiny_sd15_dir, lora_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from loracompose.cli.main import main
+
+    common = ["generate", "--model", str(tiny_sd15_dir), "--method", "merge", "--steps", "2", "--seed", "3", "--quiet"]
+    assert main([*common, "--prompt", "a cat <lora:character:0.6>", "--lora-dir", str(lora_dir),
+                 "--out", str(tmp_path / "tags")]) == 0
+    assert main([*common, "--prompt", "a cat", "--lora", f"{lora_dir / 'character.safetensors'}:0.6",
+                 "--out", str(tmp_path / "flags")]) == 0
+    capsys.readouterr()
+    tags, flags = (np.asarray(Image.open(tmp_path / folder / "merge-3.png")) for folder in ("tags", "flags"))
+    assert np.array_equal(tags, flags)
+    records = [json.loads((tmp_path / folder / "merge-3.json").read_text()) for folder in ("tags", "flags")]
+    assert records[0]["prompt"] == records[1]["prompt"] and records[0]["loras"] == records[1]["loras"]
+    code = main([*common, "--prompt", "a cat <lora:nowhere:1>", "--lora-dir", str(lora_dir), "--out",
+                 str(tmp_path / "x")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "no LoRA named 'nowhere'" in error and "\n" not in error
