@@ -239,7 +239,7 @@ def box_editor(panel: MethodPanel) -> None:
     boxes.change(box_layout, boxes, preview, api_name="box_layout", concurrency_limit=None)
 
 
-MASK_CANVAS = 256  # pixels a side of the blank mask canvas (square: upload an image to paint on another shape)
+MASK_CANVAS = 256  # pixels on the longer side of the blank mask canvas (it takes the image's aspect ratio)
 MASK_FOLDER = Path(tempfile.gettempdir()) / "loracompose-ui-masks"  # painted masks, by content hash
 
 
@@ -255,7 +255,7 @@ def mask_editor_control(method: str, field: dataclasses.Field, hint: Any, defaul
         value={"background": blank, "layers": [], "composite": None}, type="numpy", sources=("upload",),
         height=300, canvas_size=(MASK_CANVAS, MASK_CANVAS), elem_id=f"{method}-masks",
         label="masks: add one layer per ticked LoRA (table order) and paint its region; the canvas stands for "
-              "the image (upload a picture of the image's shape to paint on it)",
+              "the image (or upload a picture of the image's shape to paint on it)",
         brush=gr.Brush(colors=["#{:02x}{:02x}{:02x}".format(*rgb) for rgb in CONCEPT_COLOURS], color_mode="fixed"),
     )
 
@@ -320,11 +320,39 @@ def box_preview(panel: MethodPanel) -> None:
     boxes.change(box_layout, boxes, preview, api_visibility="private", concurrency_limit=None)
 
 
+def mask_canvas_follows_size(panel: MethodPanel) -> None:
+    """Regional's extras: the box layout preview, and a blank mask canvas that takes the image's aspect
+    ratio when the page's width or height changes (a painted canvas is left as it is)."""
+    box_preview(panel)
+    canvas = next(control.component for control in panel.controls if control.field_name == "masks")
+    root = gr.context.Context.root_block
+    found = {block.elem_id: block for block in (root.blocks.values() if root is not None else ())
+             if isinstance(block, gr.Number) and block.elem_id in ("width", "height")}
+    if set(found) == {"width", "height"}:
+        for size in found.values():
+            size.change(fit_mask_canvas, [found["width"], found["height"], canvas], canvas,
+                        api_visibility="private", concurrency_limit=None)
+
+
+def fit_mask_canvas(width: Any, height: Any, value: Any) -> Any:
+    """A blank canvas of the image's aspect ratio (longer side :data:`MASK_CANVAS`), unless something
+    is painted or the size is not a positive number."""
+    try:
+        width, height = float(width), float(height)
+    except (TypeError, ValueError):
+        return gr.update()
+    if painted_masks(value) or not (width > 0 and height > 0):
+        return gr.update()
+    scale = MASK_CANVAS / max(width, height)
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)), 4)
+    return {"background": np.full(shape, 255, dtype=np.uint8), "layers": [], "composite": None}
+
+
 FIELD_CONTROLS[("regional", "boxes")] = box_list_control
 FIELD_CONTROLS[("regional", "masks")] = mask_editor_control
 FIELD_CONTROLS[("regional", "region_prompts")] = per_lora_lines_control(
     "the prompt", "an empty line uses the prompt.", None)
-PANEL_EXTRAS["regional"] = box_preview
+PANEL_EXTRAS["regional"] = mask_canvas_follows_size
 FIELD_CONTROLS[("composer", "boxes")] = box_list_control
 PANEL_EXTRAS["composer"] = box_editor
 FIELD_CONTROLS[("composer", "region_prompts")] = per_lora_lines_control(

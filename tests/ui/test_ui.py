@@ -442,6 +442,25 @@ def test_reuse_settings_puts_painted_masks_back_on_the_canvas(served, tmp_path):
     assert len(shown) == 2 and all(np.array_equal(mask, layer[..., -1] > 0) for mask, layer in zip(shown, layers))
 
 
+def test_the_mask_canvas_takes_the_image_shape_and_such_masks_work(served, tmp_path):
+    from loracompose.methods.regional import Regional
+    from loracompose.ui.method_forms import fit_mask_canvas
+
+    assert fit_mask_canvas(64, 32, {"layers": []})["background"].shape == (128, 256, 4)
+    assert fit_mask_canvas(64, 32, {"layers": painted_layers(tmp_path)}).get("__type__") == "update", \
+        "a painted canvas is kept"
+    width_changes = [fn for fn in served.blocks.fns.values() if fn.name == "fit_mask_canvas"]
+    assert {block.elem_id for fn in width_changes for block in fn.inputs} >= {"width", "height", "regional-masks"}
+    layers = painted_layers(tmp_path, (256, 128))
+    args = shared_args(served, TWO_LORAS)
+    args[7] = 32  # height
+    gallery, _, _, _ = served.client().predict(
+        *args, "regional", *form_values(served, "regional", {"masks": editor_payload(tmp_path, layers)}),
+        api_name="/generate_form")
+    expected = python_api_image(served, Regional(masks=mask_files(tmp_path, layers)), height=32)
+    assert expected.shape == (32, 64, 3) and np.abs(pixels(gallery[0]["image"]) - expected).max() <= 1
+
+
 def test_regional_boxes_typed_in_the_page_equal_the_python_api(served):
     from loracompose.methods.regional import Regional
 
