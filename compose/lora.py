@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from safetensors import SafetensorError, safe_open
 
@@ -43,6 +43,8 @@ class LoraSpec:
         category: character, clothing, style, background, object, ...; default: from metadata.
         text_encoder_weight: the text encoders' strength when it differs from ``weight`` (A1111's
             ``<lora:NAME:TE_W:UNET_W>``); None: ``weight``.
+        block_weights: per-block strengths in diffusers' ``set_adapters`` dict form (see
+            :mod:`loracompose.formats.block_weights`), multiplied by ``weight``; None: every layer alike.
     """
 
     path: Path
@@ -51,6 +53,7 @@ class LoraSpec:
     trigger_words: tuple[str, ...] | None = None
     category: str | None = None
     text_encoder_weight: float | None = None
+    block_weights: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -63,7 +66,12 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """Parse the CLI form ``PATH[:WEIGHT]``."""
+        """Parse the CLI form ``PATH[:WEIGHT][:lbw=V1,V2,...]`` (an A1111 lora-block-weight vector)."""
+        head, marker, vector = text.partition(":lbw=")
+        if marker:
+            from loracompose.formats.block_weights import lbw_block_weights
+
+            return replace(cls.parse(head), block_weights=lbw_block_weights(vector, f"--lora {text!r}"))
         if text.lower().endswith(".safetensors"):  # a file name may hold colons: weird:name.safetensors
             return cls(Path(text))
         path, sep, weight = text.rpartition(":")
@@ -88,6 +96,7 @@ class LoadedLora:
     has_text_encoder: bool
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     text_encoder_weight: float | None = None  # the text encoders' own strength, if it differs
+    block_weights: Mapping[str, Any] | None = field(default=None, compare=False)  # set_adapters dict form
 
     @property
     def text_encoder_scale(self) -> float:
@@ -247,6 +256,7 @@ def inspect_lora(spec: LoraSpec) -> LoadedLora:
         architecture=architecture_from_file(metadata, keys),
         has_text_encoder=any(key.startswith(("text_encoder", "lora_te")) for key in keys),
         text_encoder_weight=spec.text_encoder_weight,
+        block_weights=spec.block_weights,
         metadata=metadata,
     )
 

@@ -107,7 +107,8 @@ class ComposeMixin:
     def _load_adapter(self, lora: LoadedLora) -> None:
         loaded: dict[str, tuple] = self.__dict__.setdefault("_loracompose_loaded", {})
         stat = lora.path.stat()
-        identity = (str(lora.path.resolve()), stat.st_mtime_ns, stat.st_size, lora.text_encoder_scale)
+        identity = (str(lora.path.resolve()), stat.st_mtime_ns, stat.st_size, lora.text_encoder_scale,
+                    repr(lora.block_weights))
         if loaded.get(lora.name) == identity:
             return
         if lora.name in loaded:
@@ -117,7 +118,8 @@ class ComposeMixin:
         try:
             with quiet_loading():
                 # every format, as exact PEFT LoRA layers
-                load_lora_file(self, lora.path, lora.name, text_encoder_scale=lora.text_encoder_scale)
+                load_lora_file(self, lora.path, lora.name, text_encoder_scale=lora.text_encoder_scale,
+                               block_weights=lora.block_weights)
         except UserError:
             raise  # the converter's one-line reason, raised before any layer is touched
         except (ValueError, RuntimeError, KeyError) as error:

@@ -200,19 +200,25 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
     return alphas
 
 
-def load_lora_file(pipe: Any, path: Path, adapter_name: str, text_encoder_scale: float = 1.0) -> ConvertedLora:
+def load_lora_file(pipe: Any, path: Path, adapter_name: str, text_encoder_scale: float = 1.0,
+                   block_weights: Mapping[str, Any] | None = None) -> ConvertedLora:
     """Convert ``path`` for ``pipe`` and load it as the PEFT adapter ``adapter_name`` on every component.
 
-    ``text_encoder_scale`` multiplies the text encoders' deltas (their strength relative to the UNet's).
+    ``text_encoder_scale`` multiplies the text encoders' deltas (their strength relative to the UNet's);
+    ``block_weights`` (diffusers' ``set_adapters`` dict form) multiplies each layer's delta by its block's value.
     """
     tensors, metadata = read_lora_tensors(path)
     components = {name: getattr(pipe, name) for name in COMPONENT_NAMES if getattr(pipe, name, None) is not None}
     converted = convert_lora(path, tensors, metadata, components)
-    if text_encoder_scale != 1.0:
-        for component, layers in converted.layers.items():
-            if component != "unet":
-                for delta in layers.values():
-                    delta.alpha *= text_encoder_scale
+    for component, layers in converted.layers.items():
+        factors = dict.fromkeys(layers, 1.0 if component == "unet" else text_encoder_scale)
+        if block_weights is not None:
+            from .block_weights import layer_factors
+
+            blocks = layer_factors(block_weights, component, list(layers), components.get("unet"), f"LoRA {path}")
+            factors = {module: factors[module] * blocks[module] for module in layers}
+        for module, delta in layers.items():
+            delta.alpha *= factors[module]
     for component in converted.layers:
         state, config = converted.peft_state_dict(component), converted.lora_config(component)
         if component == "unet":
