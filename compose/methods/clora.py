@@ -261,8 +261,8 @@ def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
     """Each CFG half of the branches' noise, taken where the branch owns the pixel."""
     weights = masks.one_hot().to(device=predictions[0].cond.device, dtype=predictions[0].cond.dtype)
 
-    def blend(halves: Sequence[torch.Tensor]) -> torch.Tensor:
-        return sum(weights[:, p : p + 1] * half for p, half in enumerate(halves))
+    def blend(halves: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        return torch.stack([weights[:, p : p + 1] * half for p, half in enumerate(halves) if half is not None]).sum(0)
 
     uncond = None if predictions[0].uncond is None else blend([p.uncond for p in predictions])
     return Prediction(cond=blend([p.cond for p in predictions]), uncond=uncond)
@@ -446,7 +446,7 @@ class CLoRA(CompositionMethod):
                             "(\"\" for the default)")
 
     def _check_token_index_shape(self, num_loras: int) -> None:
-        indices = self.concept_token_indices
+        indices = self.concept_token_indices or ()
         if len(indices) != num_loras or any(len(per_branch) != num_loras + 1 for per_branch in indices):
             raise UserError(f"clora concept_token_indices must hold {num_loras} lists (one per LoRA) of "
                             f"{num_loras + 1} position lists (base prompt, then each LoRA's prompt)")
@@ -608,7 +608,8 @@ class CLoRA(CompositionMethod):
         view = run if latents.shape[0] == 1 else one_image_view(run)
         predictions = [self._regional_pass(view, step, latents[image:image + 1], masks.owner[image])
                        for image in range(latents.shape[0])]
-        uncond = None if predictions[0].uncond is None else torch.cat([p.uncond for p in predictions])
+        unconds = [p.uncond for p in predictions if p.uncond is not None]
+        uncond = torch.cat(unconds) if unconds else None
         return Prediction(cond=torch.cat([p.cond for p in predictions]), uncond=uncond)
 
     def _regional_pass(self, run: Denoiser, step: Step, latents: torch.Tensor, owner: torch.Tensor) -> Prediction:
