@@ -19,22 +19,35 @@ from __future__ import annotations
 
 import inspect
 import typing
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, TypedDict
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypedDict
 
 from gradio.data_classes import FileData
+from PIL import Image
 
 from loracompose.errors import UserError
 from loracompose.kinds import is_global_kind
 from loracompose.methods.base import CompositionMethod
 from loracompose.methods.settings import build_method, method_settings, strip_optional
+from loracompose.outputs import atomic_write
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
+from .method_views import method_view
 from .results import ResultItem
 
 
+class ConceptImage(TypedDict):
+    """One picture of the method's view of an image (regions, automatic masks, boxes) and its caption."""
+
+    image: dict[str, Any]
+    caption: str
+
+
 class GeneratedImage(TypedDict):
-    """One image of a ``/generate`` call: the PNG, its settings sidecar (JSON) and what made it."""
+    """One image of a ``/generate`` call: the PNG, its settings sidecar (JSON) and what made it; the
+    first image also carries the method's view of it (``concepts``: each LoRA's region or automatic
+    mask for regional and auto), as the page's Concepts gallery shows it."""
 
     image: dict[str, Any]
     sidecar: dict[str, Any]
@@ -43,16 +56,32 @@ class GeneratedImage(TypedDict):
     method_settings: dict[str, Any]
     seconds: float
     unet_calls: int
+    concepts: list[ConceptImage]
 
 
-def generated_image(item: ResultItem) -> GeneratedImage:
+def generated_image(item: ResultItem, concepts: Sequence[tuple[Path, str]] = ()) -> GeneratedImage:
     """A result as the API returns it; the files are FileData, so gradio_client downloads them."""
     return GeneratedImage(
-        image=FileData(path=str(item.png), orig_name=item.png.name).model_dump(),
-        sidecar=FileData(path=str(item.sidecar), orig_name=item.sidecar.name).model_dump(),
-        caption=item.caption, seed=item.request.seed, method_settings=item.method_settings,
-        seconds=item.seconds, unet_calls=item.unet_calls,
+        image=_file(item.png), sidecar=_file(item.sidecar), caption=item.caption, seed=item.request.seed,
+        method_settings=item.method_settings, seconds=item.seconds, unet_calls=item.unet_calls,
+        concepts=[ConceptImage(image=_file(path), caption=caption) for path, caption in concepts],
     )
+
+
+def _file(path: Path) -> dict[str, Any]:
+    return FileData(path=str(path), orig_name=path.name).model_dump()
+
+
+def save_concepts(method: CompositionMethod, item: ResultItem) -> list[tuple[Path, str]]:
+    """The method's view of ``item``'s image (ui/method_views.py), each picture saved as a PNG beside it."""
+    with Image.open(item.png) as image:
+        overlays, _ = method_view(method, image)
+    return [(atomic_write(item.png.with_name(f"{item.png.stem}-concept-{index}.png"), partial(_save_png, overlay)),
+             caption) for index, (overlay, caption) in enumerate(overlays)]
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    image.save(path, format="PNG")
 
 
 def generate_endpoint(handler: Callable[..., list[GeneratedImage]], methods: Mapping[str, type],

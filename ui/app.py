@@ -39,7 +39,9 @@ from loracompose.methods.base import CompositionMethod
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from loracompose.validation import Limits, check_generation_numbers, finite_number, whole_number
 
-from .api import GeneratedImage, generate_endpoint, generated_image, method_from_settings, with_region_masks
+from .api import (
+    GeneratedImage, generate_endpoint, generated_image, method_from_settings, save_concepts, with_region_masks,
+)
 from .library import (
     READ_ONLY_COLUMNS, TABLE_HEADERS, TABLE_TYPES, LoraCatalog, LoraEntry, UploadStore, describe_lora_file,
     selected_specs, table_rows,
@@ -184,7 +186,8 @@ class LoraComposeApp:
         chosen = method_from_settings(method, self.methods[method], method_settings)
         items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
                                self.settings.model_label)
-        return [generated_image(item) for item in items]
+        concepts = save_concepts(chosen, items[0])  # the method's view of the first image, as the page shows
+        return [generated_image(item, concepts if index == 0 else ()) for index, item in enumerate(items)]
 
     @readable_errors
     def compare(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,

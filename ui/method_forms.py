@@ -25,10 +25,10 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import tempfile
 import typing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,6 +39,7 @@ from PIL import Image
 from loracompose.errors import UserError
 from loracompose.methods.base import CompositionMethod
 from loracompose.methods.settings import Setting, method_settings, strip_optional
+from loracompose.outputs import atomic_write
 
 
 @dataclass
@@ -292,12 +293,11 @@ def save_mask(mask: np.ndarray) -> Path:
     data = buffer.getvalue()
     MASK_FOLDER.mkdir(parents=True, exist_ok=True)
     path = MASK_FOLDER / f"mask-{hashlib.sha256(data).hexdigest()[:20]}.png"
-    if not path.exists():
-        handle, temporary = tempfile.mkstemp(dir=MASK_FOLDER, suffix=".part")
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    return path
+    return path if path.exists() else atomic_write(path, partial(_write_bytes, data))
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.write_bytes(data)
 
 
 def mask_layer(path: Path, rgb: tuple[int, int, int]) -> np.ndarray:

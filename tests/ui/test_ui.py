@@ -495,6 +495,18 @@ def test_auto_shows_its_automatic_mask_for_each_lora(served):
     assert (np.abs(style - pixels(concepts[0]["image"])).max(axis=-1) > 0).any(), "the overlays differ"
 
 
+def test_named_generate_returns_the_automatic_masks_of_the_first_image(served):
+    loras = {**TWO_LORAS, "style": 1.0}
+    images = served.client().predict(prompt="a cat", loras=loras, method="auto", steps=2, width=64, height=64,
+                                     num_images=2, api_name="/generate")
+    first, second = images
+    assert [item["caption"].split(" ")[0] for item in first["concepts"]] == list(loras), "one image per LoRA"
+    assert second["concepts"] == [], "the view is of the first image"
+    for item in first["concepts"]:
+        assert Path(item["image"]).read_bytes().startswith(PNG_SIGNATURE) and pixels(item["image"]).shape == (64, 64, 3)
+    assert np.abs(pixels(first["concepts"][0]["image"]) - pixels(first["image"])).max() > 0, "the mask is tinted in"
+
+
 @pytest.mark.parametrize("values, message", [
     ({"boxes": "0,0,2,1"}, "--box '0,0,2,1' is outside the image"),
     ({"boxes": "0.5,0,0.5,1; 0,0,1,1"}, "has zero area"),
