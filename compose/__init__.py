@@ -12,10 +12,10 @@ import os
 # ~50x slower here (196 s instead of 4 s for the 30-step demo).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING
 
-from loracompose.errors import UserError  # noqa: E402
-from loracompose.lazy import lazy_exports  # noqa: E402
+from loracompose.errors import UserError
+from loracompose.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from loracompose.lora import LoadedLora, LoraSpec
@@ -36,6 +36,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod", "GenerationResult", "GenerationStats", "LoadedLora",
-    "LoraSpec", "Merge", "Switch", "Tara", "UserError", "load_pipeline",
+    "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "METHODS", "Composer", "Composite", "CompositionMethod",
+    "GenerationResult", "GenerationStats", "LoadedLora", "LoraSpec", "Merge", "Switch", "Tara", "UserError",
+    "load_pipeline",
 ]

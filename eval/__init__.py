@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 # Imported on first use (PEP 562): `loracompose bench --help` loads neither torch nor open_clip.
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **dict.fromkeys(["CONVENTIONS", "ClipConvention", "ClipScorer", "ClipScores", "convention_from"], f"{__name__}.clipscore"),
+    **dict.fromkeys(["CONVENTIONS", "ClipConvention", "ClipScorer", "ClipScores", "convention_from"],
+                    f"{__name__}.clipscore"),
     "write_report": f"{__name__}.report",
     **dict.fromkeys(["RunOptions", "RunSummary", "Shard", "run_suite"], f"{__name__}.runner"),
     **dict.fromkeys(["ScoreOptions", "ScoreSummary", "read_records", "score_run"], f"{__name__}.scoring"),

@@ -54,14 +54,14 @@ class Shard:
             raise UserError(f"--shard {self.index}/{self.count}: use I/N with 0 <= I < N, e.g. 0/2 and 1/2")
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         index, sep, count = text.partition("/")
         if not sep or not index.isdigit() or not count.isdigit():
             raise UserError(f"--shard {text!r}: use I/N with 0 <= I < N, e.g. 0/2 and 1/2")
         return cls(int(index), int(count))
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Shard":
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Shard:
         """The shard of a process started by ``accelerate launch`` / ``torchrun`` (RANK of WORLD_SIZE)."""
         world = int(environ.get("WORLD_SIZE", "1") or 1)
         return cls(int(environ.get("RANK", "0") or 0), world) if world > 1 else cls()
@@ -127,7 +127,8 @@ def finished_job_ids(out_dir: Path) -> set[str]:
     return {job_id for job_id, record in read_manifest(out_dir).items() if (out_dir / record["image"]).is_file()}
 
 
-def _run_pending(suite: Suite, pending: Sequence[Job], total: int, options: RunOptions, manifest: ManifestWriter) -> None:
+def _run_pending(suite: Suite, pending: Sequence[Job], total: int, options: RunOptions,
+                 manifest: ManifestWriter) -> None:
     from tqdm.auto import tqdm
 
     _check_lora_files(suite, pending)  # a missing or broken file fails before the slow model load
@@ -180,6 +181,8 @@ def job_record(suite: Suite, job: Job, result: Any, image: Path) -> dict[str, An
 def clip_fields(scorer: Any, suite: Suite, job: Job, result: Any) -> dict[str, Any]:
     """CLIPScore of the job's image under the scorer's convention, and per-concept similarity
     (the same fields ``loracompose score`` adds later)."""
+    if suite.clipscore is None:  # the runner makes a scorer only for suites with a clipscore section
+        raise ValueError("clip_fields: the suite has no clipscore settings")
     references = {lora.name: lora.references for lora in suite.set_loras(job.set)}
     return score_fields(scorer, result.images[0], result.prompt, suite.trigger_words(job.set), references,
                         suite.clipscore.reduce)
@@ -232,7 +235,7 @@ def _load_vae(source: str, pipe: Any) -> Any:
 
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=pipe.vae.dtype, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as error:
-        first = first_line(error)
-        raise UserError(f"vae {source}: could not load it ({first}); download it first or give a local diffusers VAE folder") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"vae {source}: could not load it ({first_line(error)}); download it first or give a local "
+                        "diffusers VAE folder") from None
     return vae.to(pipe.device)

@@ -59,7 +59,8 @@ class LoraDefinition:
     references: tuple[Path, ...] = ()
 
     def spec(self) -> LoraSpec:
-        return LoraSpec(self.file, self.weight, name=self.name, trigger_words=self.trigger_words, category=self.category)
+        return LoraSpec(self.file, self.weight, name=self.name, trigger_words=self.trigger_words,
+                        category=self.category)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.file.name, "weight": self.weight,
@@ -129,7 +130,8 @@ class ClipSettings:
     def load(self, device: str):
         from .clipscore import ClipScorer
 
-        return ClipScorer.load(self.model, self.pretrained, config=self.config, convention=self.convention, device=device)
+        return ClipScorer.load(self.model, self.pretrained, config=self.config, convention=self.convention,
+                               device=device)
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,8 @@ def _testbed_section(data: Mapping[str, Any], base_dir: Path) -> tuple[dict[str,
     if section is None:
         return {}, {}
     if not isinstance(section, Mapping) or "lora_dir" not in section:
-        raise UserError("suite composlora: give a mapping with style (anime|reality) and lora_dir (the unpacked ComposLoRA LoRAs)")
+        raise UserError("suite composlora: give a mapping with style (anime|reality) and lora_dir "
+                        "(the unpacked ComposLoRA LoRAs)")
     if "loras" in data or "sets" in data:
         raise UserError("suite: give either composlora: or loras:/sets:, not both")
     unknown = sorted(set(section) - {"style", "lora_dir", "info", "sizes"})
@@ -318,7 +321,8 @@ def _testbed_section(data: Mapping[str, Any], base_dir: Path) -> tuple[dict[str,
     sizes = section.get("sizes", composlora.set_sizes(testbed))
     sets = [{"id": testbed_set.id, "loras": [lora.id for lora in testbed_set.loras],
              "prompt": composlora.prompt_for(style, testbed_set)}
-            for size in _int_list(sizes, "composlora sizes") for testbed_set in composlora.composition_sets(testbed, size)]
+            for size in _int_list(sizes, "composlora sizes")
+            for testbed_set in composlora.composition_sets(testbed, size)]
     settings = {**composlora.REFERENCE_SETTINGS[style], "sets": sets, "style": style,
                 "negative_prompt": composlora.NEGATIVE_PROMPT[style], "name": f"composlora-{style}"}
     return settings, loras
@@ -332,14 +336,16 @@ def _parse_loras(entries: Any, base_dir: Path, default_weight: Any) -> dict[str,
 
 def _parse_lora(name: str, entry: Any, base_dir: Path, default_weight: Any) -> LoraDefinition:
     if not NAME_PATTERN.match(name):
-        raise UserError(f"suite LoRA name {name!r}: use letters, digits, '_' and '-' only (it becomes the adapter name)")
+        raise UserError(f"suite LoRA name {name!r}: use letters, digits, '_' and '-' only "
+                        "(it becomes the adapter name)")
     if isinstance(entry, str):
         entry = {"file": entry}
     if not isinstance(entry, Mapping) or "file" not in entry:
         raise UserError(f"suite LoRA {name!r}: give at least file: PATH.safetensors")
     unknown = sorted(set(entry) - {"file", "weight", "triggers", "category", "references"})
     if unknown:
-        raise UserError(f"suite LoRA {name!r}: key {unknown[0]!r} is not known; use file, weight, triggers, category, references")
+        raise UserError(f"suite LoRA {name!r}: key {unknown[0]!r} is not known; use file, weight, triggers, "
+                        "category, references")
     file = _resolve(entry["file"], base_dir)
     triggers, category = _triggers(entry.get("triggers"), name), entry.get("category")
     if triggers is None or (category is None and file.is_file()):  # from the file's metadata, as `generate` does
@@ -399,7 +405,8 @@ def _parse_set(entry: Any, loras: Mapping[str, LoraDefinition], template: str) -
     names = tuple(str(name) for name in entry["loras"])
     for name in names:
         if name not in loras:
-            raise UserError(f"suite set {list(names)}: LoRA {name!r} is not defined under loras:; add it or fix the name")
+            raise UserError(f"suite set {list(names)}: LoRA {name!r} is not defined under loras:; "
+                            "add it or fix the name")
     if len(set(names)) != len(names):
         raise UserError(f"suite set {list(names)}: a LoRA appears twice; list each once")
     set_id = str(entry.get("id") or "+".join(names))
@@ -482,10 +489,12 @@ def _parse_clipscore(section: Any, base_dir: Path) -> ClipSettings | None:
         return None
     section = {} if section is True else section
     if not isinstance(section, Mapping):
-        raise UserError("suite clipscore: give a mapping with model, pretrained, config, convention (or true for the defaults)")
+        raise UserError("suite clipscore: give a mapping with model, pretrained, config, convention "
+                        "(or true for the defaults)")
     unknown = sorted(set(section) - {"model", "pretrained", "config", "convention", "reduce"})
     if unknown:
-        raise UserError(f"suite clipscore key {unknown[0]!r} is not known; use model, pretrained, config, convention, reduce")
+        raise UserError(f"suite clipscore key {unknown[0]!r} is not known; use model, pretrained, config, "
+                        "convention, reduce")
     pretrained = str(section.get("pretrained", DEFAULT_CLIP_PRETRAINED))
     local = _resolve(pretrained, base_dir)
     reduce = str(section.get("reduce", "mean"))
@@ -580,7 +589,8 @@ def _flag(value: Any, label: str) -> bool:
     return value
 
 
-def select_jobs(jobs: Sequence[Job], only: Mapping[str, Sequence[str]] | None = None, limit: int | None = None) -> list[Job]:
+def select_jobs(jobs: Sequence[Job], only: Mapping[str, Sequence[str]] | None = None,
+                limit: int | None = None) -> list[Job]:
     """Jobs matching every ``only`` key (method, set, seed, n; any of its values), then the first ``limit``."""
     only = dict(only or {})
     unknown = sorted(set(only) - set(FILTER_KEYS))

@@ -19,13 +19,13 @@ from .values import BASE_ROW  # noqa: F401  (re-exported: benchmarks import it f
 class AdapterController:
     """Activate adapter sets on the LoRA layers of a group of modules (UNet, text encoders)."""
 
-    def __init__(self, modules: Mapping[str, torch.nn.Module]):
+    def __init__(self, modules: Mapping[str, torch.nn.Module | None]):
         self.layers: dict[str, list[LoraLayer]] = {
             component: [m for m in module.modules() if isinstance(m, LoraLayer)]
             for component, module in modules.items()
             if module is not None
         }
-        self._state: dict[str, tuple[tuple[str, float], ...] | None] = {name: None for name in self.layers}
+        self._state: dict[str, tuple[tuple[str, float], ...] | None] = dict.fromkeys(self.layers)
 
     def activate(self, weights: Mapping[str, float], components: Sequence[str] | None = None) -> None:
         """Make exactly these adapters active, each at its weight (strength), on the components."""

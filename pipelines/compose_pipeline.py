@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -52,6 +53,8 @@ from .values import Branch, Conditioning
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 
 if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     from loracompose.methods.base import CompositionMethod
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -76,6 +79,20 @@ class GenerationResult:
 
 class ComposeMixin:
     """Multi-LoRA composition on top of a diffusers Stable Diffusion pipeline."""
+
+    if TYPE_CHECKING:  # what the diffusers pipeline class this mixin is combined with provides
+        unet: UNet2DConditionModel
+        vae: AutoencoderKL
+        scheduler: Any
+        image_processor: Any
+        vae_scale_factor: int
+        _execution_device: torch.device
+
+        def delete_adapters(self, adapter_names: str | list[str]) -> None: ...
+        def get_list_adapters(self) -> dict[str, list[str]]: ...
+        def to(self, *args: Any, **kwargs: Any) -> Any: ...
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any: ...
 
     architecture: str = ""
     # Check after every generation that the model is as it was before. True: every weight summed
@@ -164,7 +181,7 @@ class ComposeMixin:
         max_batch_rows: int | None = None,
         output_type: str = "pil",
         show_progress: bool = True,
-        lora_dir: str | os.PathLike | None = None,
+        lora_dir: str | Path | None = None,
     ) -> GenerationResult:
         """Generate images with several LoRAs composed by ``method`` (default: Merge).
 
@@ -190,7 +207,8 @@ class ComposeMixin:
         numbers = check_generation_numbers(steps=steps, guidance_scale=guidance_scale, num_images=num_images,
                                            seed=seed, width=width, height=height, max_batch_rows=max_batch_rows,
                                            limits=self.limits)
-        steps, guidance_scale, num_images, seed = numbers.steps, numbers.guidance_scale, numbers.num_images, numbers.seed
+        steps, guidance_scale = numbers.steps, numbers.guidance_scale
+        num_images, seed = numbers.num_images, numbers.seed
         height, width = numbers.height or self.native_size, numbers.width or self.native_size
         max_batch_rows = numbers.max_batch_rows
         check_request_size(width, height, num_images, steps, self.limits)
@@ -241,13 +259,14 @@ class ComposeMixin:
         text_encoders = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
         return {**fingerprint({"unet": self.unet}), **fingerprint(text_encoders, structure=False)}
 
-    def _denoise(self, method, adapters, base_prompt, prompt, negative_prompt, seed, steps, guidance_scale, height, width,
-                 num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):
+    def _denoise(self, method, adapters, base_prompt, prompt, negative_prompt, seed, steps, guidance_scale, height,
+                 width, num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):
         do_cfg = guidance_scale > 1.0
         scheduler = make_scheduler(scheduler_name, self.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        scale = self.vae_scale_factor
+        shape = (num_images, self.unet.config.in_channels, height // scale, width // scale)
         latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
         latents = latents * scheduler.init_noise_sigma
 

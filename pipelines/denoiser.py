@@ -171,13 +171,14 @@ class Denoiser:
         return outputs
 
     def _batched_rows(self, latents: torch.Tensor, step: Step, branches: Sequence[Branch], halves: int,
-                      cross_attention_kwargs: Mapping[str, Any] | None) -> tuple[BranchBatch, list[str | None]]:
+                      cross_attention_kwargs: Mapping[str, Any] | None) -> tuple[BranchBatch, list[str]]:
         """The branches' strengths set on the UNet; one call's rows [half][branch][image] and each row's adapter."""
         strengths = {name: weight for branch in branches for name, weight in branch.loras}
         self.adapters.set_weights(strengths, components=["unet"])
         per_branch = [self._halves(branch, halves) for branch in branches]
         conditioning = Conditioning.cat([per_branch[b][h] for h in range(halves) for b in range(len(branches))])
-        row_adapters = [b.single_adapter for _ in range(halves) for b in branches for _ in range(self.batch_size)]
+        adapters = [_batched_adapter(branch) for branch in branches]
+        row_adapters = [adapter for _ in range(halves) for adapter in adapters for _ in range(self.batch_size)]
         rows = BranchBatch(self.model_input(latents, step, halves * len(branches)), step.timestep, conditioning,
                            list(range(len(branches))), halves, cross_attention_kwargs)
         return rows, row_adapters
@@ -193,7 +194,9 @@ class Denoiser:
         uncond, cond = rows.chunk(2)
         return Prediction(cond=cond, uncond=uncond)
 
-    def batching_blocked(self, branches: Sequence[Branch], batch: bool = True, *, halves: int | None = None) -> str | None:
+    def batching_blocked(
+        self, branches: Sequence[Branch], batch: bool = True, *, halves: int | None = None
+    ) -> str | None:
         """Why these branches cannot share one call, or None if they can (``halves``: CFG halves per
         branch in that call, default all)."""
         if len(branches) < 2:
@@ -243,3 +246,11 @@ class Denoiser:
         self.stats.execution = "+".join(k for k in EXECUTION_ORDER if k in self._executions)
         if note:
             self.stats.execution_note = note
+
+
+def _batched_adapter(branch: Branch) -> str:
+    """The one adapter (or BASE_ROW) that runs a branch's rows in a batched call."""
+    adapter = branch.single_adapter
+    if adapter is None:  # batching_blocked keeps such branches out of batched calls
+        raise RuntimeError(f"a branch with several LoRAs ({branch.weights}) cannot share a batched call")
+    return adapter

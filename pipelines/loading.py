@@ -79,7 +79,8 @@ def load_pipeline(
 
 
 def _looks_like_local_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.endswith((".safetensors", *PICKLED_SUFFIXES)) or text.count("/") != 1
+    return (text.startswith((".", "/", "~")) or text.endswith((".safetensors", *PICKLED_SUFFIXES))
+            or text.count("/") != 1)
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> ComposeMixin:
@@ -106,13 +107,14 @@ def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -
     try:
         with quiet_loading():
             return cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **extra)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise UserError(f"could not load model {source}: {first_line(error)}") from None
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None) -> ComposeMixin:
     if path.suffix.lower() in PICKLED_SUFFIXES:
-        raise UserError(f"checkpoint {path} is a pickled file; only .safetensors checkpoints are loaded (pickles can run code)")
+        raise UserError(f"checkpoint {path} is a pickled file; only .safetensors checkpoints are loaded "
+                        "(pickles can run code)")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"checkpoint {path} is not a .safetensors file; pass a diffusers folder or a "
                         ".safetensors checkpoint")

@@ -13,11 +13,15 @@ take one before and after every generation (``ComposeMixin.verify_clean``).
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from peft.tuners.lora import LoraLayer
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 T = TypeVar("T")
 
@@ -54,12 +58,11 @@ class PatchStack:
         self.on_unwind(handle.restore)
         return handle
 
-    def module_processors(self, modules: Iterable[torch.nn.Module], make: Callable[[torch.nn.Module], Any]) -> None:
+    def module_processors(self, modules: Iterable[Attention], make: Callable[[Attention], Any]) -> None:
         """``module.set_processor(make(module))`` on each ``Attention`` module, without walking the
         whole UNet's processor tree as :meth:`processors` does; the old processors come back on unwind."""
         for module in modules:
-            previous = module.processor
-            self.on_unwind(lambda module=module, previous=previous: module.set_processor(previous))
+            self.on_unwind(functools.partial(module.set_processor, module.processor))
             module.set_processor(make(module))
 
     def forward(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
@@ -102,7 +105,7 @@ class PatchStack:
         """Undo every registered change, newest first; the stack is empty afterwards."""
         self._stack.close()
 
-    def __enter__(self) -> "PatchStack":
+    def __enter__(self) -> PatchStack:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
 from loracompose.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 @dataclass
@@ -40,11 +43,12 @@ class DeepFeature:
     step_index: int
 
 
-def check_cacheable(unet: torch.nn.Module) -> None:
+def check_cacheable(unet: UNet2DConditionModel) -> None:
     """Raise UserError if this UNet's layout has no shallow path we can run."""
     config = unet.config
     if getattr(config, "addition_embed_type", None) == "image_hint":
-        raise UserError("feature caching does not support UNets with image-hint conditioning; turn caching off (interval 1)")
+        raise UserError("feature caching does not support UNets with image-hint conditioning; "
+                        "turn caching off (interval 1)")
     if getattr(unet, "class_embedding", None) is not None:
         raise UserError("feature caching does not support class-conditioned UNets; turn caching off (interval 1)")
     if 1 + len(unet.down_blocks[0].resnets) != len(unet.up_blocks[-1].resnets):
@@ -55,7 +59,7 @@ def check_cacheable(unet: torch.nn.Module) -> None:
 
 
 @contextmanager
-def capture_deep_features(unet: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+def capture_deep_features(unet: UNet2DConditionModel) -> Iterator[list[torch.Tensor]]:
     """Collect, for every UNet forward inside the block, the hidden state entering ``up_blocks[-1]``.
 
     A forward pre-hook reads the features off the stock forward, so full passes stay exactly
@@ -74,7 +78,7 @@ def capture_deep_features(unet: torch.nn.Module) -> Iterator[list[torch.Tensor]]
 
 
 def shallow_unet_forward(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     sample: torch.Tensor,
     timestep: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
@@ -108,16 +112,19 @@ def shallow_unet_forward(
 def _time_embedding(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
     """Step 1 of the stock forward: timestep embedding plus additional (SDXL text/time) embedding."""
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
-    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
     emb = emb + aug_emb if aug_emb is not None else emb
     return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
 
 
-def _first_down_block_outputs(block, hidden_states, emb, encoder_hidden_states, cross_attention_kwargs) -> tuple:
+def _first_down_block_outputs(
+    block, hidden_states, emb, encoder_hidden_states, cross_attention_kwargs
+) -> tuple[torch.Tensor, ...]:
     """The resnet(+attention) outputs of a down block, without its downsampler (which only feeds
     the cached deep path). Same calls as ``DownBlock2D``/``CrossAttnDownBlock2D.forward``."""
     attentions = getattr(block, "attentions", None) if getattr(block, "has_cross_attention", False) else None
-    outputs = ()
+    outputs: tuple[torch.Tensor, ...] = ()
     for index, resnet in enumerate(block.resnets):
         hidden_states = resnet(hidden_states, emb)
         if attentions is not None:

@@ -23,7 +23,7 @@ class Branch:
     prompt: str | None = None
 
     @classmethod
-    def of(cls, weights: Mapping[str, float], prompt: str | None = None) -> "Branch":
+    def of(cls, weights: Mapping[str, float], prompt: str | None = None) -> Branch:
         return cls(tuple(sorted((name, float(weight)) for name, weight in weights.items())), prompt)
 
     @property
@@ -54,14 +54,29 @@ class Prediction:
         return self.uncond + guidance_scale * (self.cond - self.uncond)
 
     @staticmethod
-    def mix(predictions: Sequence["Prediction"], weights: Sequence[float] | None = None) -> "Prediction":
+    def mix(predictions: Sequence[Prediction], weights: Sequence[float] | None = None) -> Prediction:
         """Weighted average of predictions (equal weights by default). CFG is linear, so mixing
         before or after guidance is the same."""
         if weights is None:
             weights = [1.0 / len(predictions)] * len(predictions)
-        cond = sum(w * p.cond for w, p in zip(weights, predictions))
-        uncond = None if predictions[0].uncond is None else sum(w * p.uncond for w, p in zip(weights, predictions))
-        return Prediction(cond=cond, uncond=uncond)
+        cond = _weighted_sum([p.cond for p in predictions], weights)
+        if predictions[0].uncond is None:
+            return Prediction(cond=cond)
+        return Prediction(cond=cond, uncond=_weighted_sum([p.cfg_uncond() for p in predictions], weights))
+
+    def cfg_uncond(self) -> torch.Tensor:
+        """The unconditional half, which a prediction made with CFG has."""
+        if self.uncond is None:
+            raise ValueError("a prediction without CFG was mixed with predictions made with CFG")
+        return self.uncond
+
+
+def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """weights[0] * tensors[0] + weights[1] * tensors[1] + ..., added in that order."""
+    total = weights[0] * tensors[0]
+    for weight, tensor in zip(weights[1:], tensors[1:]):
+        total = total + weight * tensor
+    return total
 
 
 @dataclass
@@ -71,14 +86,14 @@ class Conditioning:
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
 
-    def halves(self, num_halves: int) -> list["Conditioning"]:
+    def halves(self, num_halves: int) -> list[Conditioning]:
         return [
             Conditioning(chunk, {key: value.chunk(num_halves)[index] for key, value in self.added.items()})
             for index, chunk in enumerate(self.embeds.chunk(num_halves))
         ]
 
     @staticmethod
-    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
         import torch
 
         return Conditioning(

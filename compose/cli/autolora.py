@@ -29,7 +29,8 @@ def add_library_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
 def add_auto_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``generate``'s retrieval flags (the autolora method's own are derived from its settings)."""
-    parser.add_argument("--auto-loras", type=int, metavar="K", help="add the K LoRAs of --library that best fit the prompt")
+    parser.add_argument("--auto-loras", type=int, metavar="K",
+                        help="add the K LoRAs of --library that best fit the prompt")
     add_library_arguments(parser, required=False)
 
 

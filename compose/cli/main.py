@@ -45,11 +45,14 @@ if TYPE_CHECKING:
 DEFAULT_OUT = Path("loracompose-out")
 
 
-def build_method(args: argparse.Namespace) -> "CompositionMethod":
+def build_method(args: argparse.Namespace) -> CompositionMethod:
     """The method object named by ``--method`` with its settings from the flags."""
     from loracompose.methods import METHODS
 
     return method_from_args(args, METHODS)
+
+
+MODEL_HELP = "hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)"
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +71,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "default $LORACOMPOSE_LORA_DIR)")
     common.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
                         help=f"composition method (default {DEFAULT_METHOD}); its settings are in its group below")
-    common.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
+    common.add_argument("--model", help=MODEL_HELP)
     common.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     common.add_argument("--seed", type=int, default=0, help="random seed of the first image (image k: seed + k)")
     common.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
@@ -113,7 +116,8 @@ def lora_specs(args: argparse.Namespace) -> list[LoraSpec]:
     specs = [LoraSpec.parse(text) for text in args.lora]
     if args.trigger and len(args.trigger) != len(specs):
         raise UserError(
-            f"got {len(args.trigger)} --trigger for {len(specs)} --lora; give one --trigger per --lora, in the same order"
+            f"got {len(args.trigger)} --trigger for {len(specs)} --lora; give one --trigger per --lora, "
+            "in the same order"
         )
     for index, words in enumerate(args.trigger):
         triggers = tuple(word.strip() for word in words.split(",") if word.strip())
@@ -137,7 +141,8 @@ def run_generate(args: argparse.Namespace) -> int:
         model = str(demo.model_dir)
         default_steps, default_guidance = demo.steps, demo.guidance_scale
         if not specs:
-            specs = [LoraSpec(lora.path, trigger_words=lora.trigger_words, category=lora.category) for lora in demo.loras]
+            specs = [LoraSpec(lora.path, trigger_words=lora.trigger_words, category=lora.category)
+                     for lora in demo.loras]
         prompt = prompt if prompt is not None else demo.prompt
     if prompt is None:
         raise UserError("--prompt is required with --model; say what the image shows")
@@ -194,7 +199,7 @@ def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) 
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def lora_training_settings(args: argparse.Namespace, **extra: Any) -> "LoraTrainingSettings":
+def lora_training_settings(args: argparse.Namespace, **extra: Any) -> LoraTrainingSettings:
     from loracompose.training.trainer import LoraTrainingSettings
 
     return LoraTrainingSettings(
@@ -206,7 +211,7 @@ def lora_training_settings(args: argparse.Namespace, **extra: Any) -> "LoraTrain
     )
 
 
-def report_training(command: str, result: "TrainingResult") -> None:
+def report_training(command: str, result: TrainingResult) -> None:
     print(result.path)
     last = result.history[-1] if result.history else {}
     print(f"{command}: {result.steps} steps ({result.steps - result.resumed_from} run now), final loss "
@@ -288,11 +293,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, diffusers folder or .safetensors checkpoint (default: the embedded toy-world model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--library", type=Path,
                         help="folder of .safetensors LoRAs to offer (default with the embedded model: its demo LoRAs)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--out", type=Path, help="output folder (default: LORACOMPOSE_HOME/ui/outputs)")
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest LoRA upload in MiB (default 512)")
@@ -316,8 +322,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               run_bench),
     "score": ("add CLIPScore (and concept similarity) to a finished bench run, resumable", add_score_arguments,
               run_score),
-    "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) for a bench run",
-               add_report_arguments, run_report),
+    "report": ("write results.csv, by_size.csv and report.html (tables with confidence intervals, plots, images) "
+               "for a bench run", add_report_arguments, run_report),
     "train-lora": ("train a LoRA on a folder of images (captions: NAME.txt beside each image, or --prompt)",
                    add_train_lora_arguments, run_train_lora),
     "train-tara": ("train a TARA LoRA (token-masked K/V) on a folder of images", add_train_tara_arguments,
@@ -329,10 +335,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "train-gates": ("train AutoLoRA's fusion gates on a LoRA set", add_train_gates_arguments, run_train_gates),
     "train-toyworld": ("train the toy-world base model (procedural scenes) from scratch, resumable",
                        add_train_toyworld_arguments, run_train_toyworld),
-    "export-toyworld": ("write a toy-world run's latest checkpoint as a diffusers folder", add_export_toyworld_arguments,
-                        run_export_toyworld),
-    "train-toyworld-loras": ("train the toy world's concept LoRAs (moxel, lunzor, checkered, pixelart) on its base model",
-                             add_train_toyworld_loras_arguments, run_train_toyworld_loras),
+    "export-toyworld": ("write a toy-world run's latest checkpoint as a diffusers folder",
+                        add_export_toyworld_arguments, run_export_toyworld),
+    "train-toyworld-loras": ("train the toy world's concept LoRAs (moxel, lunzor, checkered, pixelart) on its "
+                             "base model", add_train_toyworld_loras_arguments, run_train_toyworld_loras),
     "eval-toyworld": ("the toy world's acceptance numbers: base model and each concept LoRA, judged by the detector",
                       add_eval_toyworld_arguments, run_eval_toyworld),
 }
@@ -343,7 +349,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        quiet = (None, False, True, [], argparse.SUPPRESS)
+        quiet: tuple[object, ...] = (None, False, True, [], argparse.SUPPRESS)
         if "default" in text or any(action.default is value or action.default == [] for value in quiet) \
                 or not action.option_strings:
             return action.help
@@ -362,7 +368,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="loracompose", description="Training-free multi-concept LoRA composition for Stable Diffusion.")
+    parser = Parser(prog="loracompose",
+                    description="Training-free multi-concept LoRA composition for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))

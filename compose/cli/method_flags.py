@@ -135,7 +135,8 @@ def value_kind(setting: Setting) -> str | None:
 
 
 def _optional_str(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) == {str, type(None)}
+    return (typing.get_origin(hint) in (typing.Union, types.UnionType)
+            and set(typing.get_args(hint)) == {str, type(None)})
 
 
 def _add_flag(group: Any, spellings: list[str], uses: list[FlagUse], owners: list[str]) -> None:
@@ -160,12 +161,14 @@ def _add_flag(group: Any, spellings: list[str], uses: list[FlagUse], owners: lis
         group.add_argument(*spellings, choices=setting.choices, metavar=None if setting.choices else metavar, help=text,
                            **options)
     elif kind == "numbers":
-        group.add_argument(*spellings, nargs="+", metavar=setting.metavar or ("N" if setting.item_hint is int else "X"), help=text, **options)
+        number = setting.metavar or ("N" if setting.item_hint is int else "X")
+        group.add_argument(*spellings, nargs="+", metavar=number, help=text, **options)
     elif kind == "items":
         group.add_argument(*spellings, action="append", metavar=setting.metavar or "TEXT",
                            help=f"{text}; repeat the flag, one value each", **options)
     else:  # pairs
-        group.add_argument(*spellings, action="append", metavar=setting.metavar or "NAME=VALUE", help=f"{text}; repeatable", **options)
+        group.add_argument(*spellings, action="append", metavar=setting.metavar or "NAME=VALUE",
+                           help=f"{text}; repeatable", **options)
 
 
 def _field_value(flag: str, use: FlagUse, given: Any) -> Any:

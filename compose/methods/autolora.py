@@ -77,8 +77,8 @@ class GatedFusion:
         from loracompose.pipelines.patches import PatchStack
 
         self.gate = gate
-        self._own_patches = PatchStack() if patches is None else None
-        target = patches if patches is not None else self._own_patches
+        target = patches if patches is not None else PatchStack()
+        self._own_patches = target if patches is None else None
         for name, module in unet.named_modules():
             if isinstance(module, LoraLayer):
                 target.forward(module, MethodType(self._forward_for(name), module))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ class GateSet(torch.nn.Module):
                                           for name in self.layer_names})
 
     def gate(self, layer: str) -> LayerGate:
-        return self.gates[_module_key(layer)]
+        return cast(LayerGate, self.gates[_module_key(layer)])  # ModuleDict is typed as holding any Module
 
     def named_tensors(self) -> dict[str, torch.nn.Parameter]:
         """``<layer>.<parameter>`` -> parameter, the names the gate file uses."""

@@ -332,7 +332,8 @@ class CMLoRA(FrequencyOrdered):
             )
         if len(self.refresh_intervals) != 3 or min(self.refresh_intervals) < 1:
             raise UserError(
-                f"cmlora refresh intervals {tuple(self.refresh_intervals)}: give three step counts >= 1 (default 2, 3, 2)"
+                f"cmlora refresh intervals {tuple(self.refresh_intervals)}: give three step counts >= 1 "
+                "(default 2, 3, 2)"
             )
         if self.dominant_factor is not None and self.dominant_factor <= 0:
             raise UserError(f"cmlora dominant factor {self.dominant_factor} must be positive (default N - 0.5)")
@@ -361,7 +362,8 @@ class CMLoRA(FrequencyOrdered):
         plan = self.plan[step.index]
         full = [i for i in range(len(self.loras)) if self.needs_full_pass(i, plan)]
         shallow = [i for i in range(len(self.loras)) if i not in full]
-        predictions = {**self._full_passes(run, step, latents, full), **self._shallow_passes(run, step, latents, shallow)}
+        predictions = {**self._full_passes(run, step, latents, full),
+                       **self._shallow_passes(run, step, latents, shallow)}
         return Prediction.mix([predictions[i] for i in range(len(self.loras))], self.mixing_weights(plan.dominant))
 
     def _full_passes(self, run: Denoiser, step: Step, latents, indices: list[int]) -> dict[int, Prediction]:
@@ -380,7 +382,8 @@ class CMLoRA(FrequencyOrdered):
         if not indices:
             return {}
         caches = [self.caches[i] for i in indices]
-        return dict(zip(indices, predict_shallow(run, latents, step, self._branches(indices), caches, batch=self.batched)))
+        outputs = predict_shallow(run, latents, step, self._branches(indices), caches, batch=self.batched)
+        return dict(zip(indices, outputs))
 
     def finish(self, run: Denoiser) -> None:
         self.caches = {}

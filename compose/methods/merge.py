@@ -32,7 +32,8 @@ class Merge(CompositionMethod):
     combine: str = field(default="sum", metadata={
         "choices": ("sum", "mean"), "help": "sum the LoRAs' deltas, or average them (strengths divided by N)"})
     fuse: bool = field(default=False, metadata={
-        "flags": ("--fuse",), "help": "fold the weighted deltas into the UNet weights while generating (faster per step)"})
+        "flags": ("--fuse",),
+        "help": "fold the weighted deltas into the UNet weights while generating (faster per step)"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         if self.combine not in ("sum", "mean"):

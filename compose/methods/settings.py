@@ -18,6 +18,9 @@ build methods with :func:`build_method`. A field needs nothing beyond its type a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import operator
 import re
 import sys
 import types
@@ -118,11 +121,11 @@ def field_type(method_class: type, field: dataclasses.Field) -> Any:
     hint = field.type
     if not isinstance(hint, str):
         return hint
-    owner = next((klass for klass in method_class.__mro__ if field.name in klass.__dict__.get("__annotations__", {})),
+    owner = next((klass for klass in method_class.__mro__ if field.name in inspect.get_annotations(klass)),
                  method_class)
     namespace = {**vars(typing), **vars(sys.modules[owner.__module__])}
-    try:
-        return eval(hint, namespace)  # noqa: S307 - the class's own annotation, as typing.get_type_hints does
+    try:  # the class's own annotation text, evaluated as typing.get_type_hints does
+        return eval(hint, namespace)
     except Exception:  # a name only imported under TYPE_CHECKING
         return Any
 
@@ -132,7 +135,7 @@ def strip_optional(hint: Any) -> tuple[bool, Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         if len(args) < len(typing.get_args(hint)):
-            return True, args[0] if len(args) == 1 else typing.Union[tuple(args)]
+            return True, args[0] if len(args) == 1 else functools.reduce(operator.or_, args)
     return False, hint
 
 

@@ -297,7 +297,7 @@ def train_toyworld(settings: ToyWorldTrainingSettings) -> ToyWorldTrainingResult
     trainer = build_trainer(settings)
     start, history, earlier = 0, [], 0.0
     if settings.resume:
-        state = load_checkpoint(trainer, settings.latest_checkpoint())
+        state = load_checkpoint(trainer, settings.resume_checkpoint())
         start, history, earlier = int(state["step"]), list(state["history"]), float(state["train_seconds"])
     saved = [settings.latest_checkpoint()]
 
@@ -306,11 +306,11 @@ def train_toyworld(settings: ToyWorldTrainingSettings) -> ToyWorldTrainingResult
 
     seconds = earlier + run_steps(settings, start, settings.steps, history, trainer.step, checkpoint, desc="toyworld",
                                   show_progress=settings.show_progress)
-    checkpoint, resumed_from = saved[-1], start
-    model_dir = None
-    if settings.export and checkpoint is not None:
-        model_dir = export_model(checkpoint, settings.run_dir / MODEL_FOLDER)
-    return ToyWorldTrainingResult(max(start, settings.steps), resumed_from, history, seconds, checkpoint, model_dir)
+    last_checkpoint = saved[-1]
+    if last_checkpoint is None:  # run_steps writes one at the end, and a resumed run starts from one
+        raise RuntimeError(f"toy-world training wrote no checkpoint in {settings.folder}")
+    model_dir = export_model(last_checkpoint, settings.run_dir / MODEL_FOLDER) if settings.export else None
+    return ToyWorldTrainingResult(max(start, settings.steps), start, history, seconds, last_checkpoint, model_dir)
 
 
 def _check_settings(settings: ToyWorldTrainingSettings) -> None:

@@ -66,17 +66,29 @@ class CheckpointSettings:
         (``folder_option`` names the folder's option in the message)."""
         if int(self.checkpoint_every) < 1:
             raise UserError(f"--checkpoint-every {self.checkpoint_every}: use a positive integer")
-        existing = checkpoint_dirs(self.work_dir)
+        existing = checkpoint_dirs(self.folder)
         if existing and not self.resume:
-            raise UserError(f"{self.work_dir} already holds checkpoints; pass --resume to continue that run or "
+            raise UserError(f"{self.folder} already holds checkpoints; pass --resume to continue that run or "
                             f"give a new {folder_option}")
-        if self.resume and not existing:
-            raise UserError(f"--resume: no checkpoint in {self.work_dir}; train without --resume first")
+        if self.resume:
+            self.resume_checkpoint()
+
+    @property
+    def folder(self) -> Path:
+        """The checkpoint folder: ``work_dir``, which ``__post_init__`` resolved (the default when None)."""
+        return self.work_dir if self.work_dir is not None else self.default_work_dir()
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint in ``work_dir``, or None."""
-        found = checkpoint_dirs(self.work_dir)
+        found = checkpoint_dirs(self.folder)
         return found[-1] if found else None
+
+    def resume_checkpoint(self) -> Path:
+        """The checkpoint a resumed run starts from (the newest); a UserError when there is none."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {self.folder}; train without --resume first")
+        return latest
 
 
 @dataclass(kw_only=True)
@@ -120,11 +132,11 @@ def write_checkpoint(settings: CheckpointSettings, step: int, state: Mapping[str
                      write_files: Callable[[Path], None]) -> Path:
     """Write ``step-NNNNNN/`` (``write_files`` fills the staging folder; ``state`` becomes state.json),
     rename it into place and drop all but the last ``keep_checkpoints``."""
-    final = settings.work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
+    final = settings.folder / f"{CHECKPOINT_PREFIX}{step:06d}"
     with staged_directory(final, replace=True) as staging:
         write_files(staging)
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1) + "\n", encoding="utf-8")
-    prune_checkpoints(settings.work_dir, settings.keep_checkpoints)
+    prune_checkpoints(settings.folder, settings.keep_checkpoints)
     return final
 
 
@@ -222,7 +234,7 @@ def resume_state(trainable: Mapping[str, torch.nn.Parameter], optimizer: torch.o
     else a fresh start (0, [], {})."""
     if not settings.resume:
         return 0, [], {}
-    state = load_checkpoint(trainable, optimizer, recipe, settings.latest_checkpoint())
+    state = load_checkpoint(trainable, optimizer, recipe, settings.resume_checkpoint())
     return int(state["step"]), list(state["history"]), state
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -163,7 +162,7 @@ def train_gates(settings: GateTrainingSettings) -> GateTrainingResult:
     metadata = {"loracompose.training": json.dumps(recipe), "loracompose.architecture": data.pipe.architecture}
     save_gates(gates, settings.out, metadata)
     return GateTrainingResult(path=settings.out, steps=settings.steps, history=history, gates=gates,
-                              work_dir=settings.work_dir, resumed_from=start, train_seconds=seconds)
+                              work_dir=settings.folder, resumed_from=start, train_seconds=seconds)
 
 
 def _check_gate_settings(settings: GateTrainingSettings) -> None:
@@ -242,7 +241,7 @@ def showcase_image(pipe: Any, lora: LoadedLora, caption: str, settings: GateTrai
             candidate = lora.path.with_name(stem + suffix)
             if candidate.is_file():
                 return candidate
-    made = settings.work_dir / "showcase" / f"{lora.name}.png"
+    made = settings.folder / "showcase" / f"{lora.name}.png"
     if not made.is_file():
         from loracompose.methods.merge import Merge
 
@@ -285,5 +284,5 @@ def denoising_error(data: GateTrainingData, x0: torch.Tensor, noise: torch.Tenso
     noisy = data.noise_scheduler.add_noise(x0, noise, timestep)
     prediction = data.pipe.unet(noisy.to(data.dtype), timestep, encoder_hidden_states=conditioning.embeds,
                                 added_cond_kwargs=conditioning.added([image]), return_dict=False)[0]
-    target = noise_target(SimpleNamespace(noise_scheduler=data.noise_scheduler), x0, noise, timestep)
+    target = noise_target(data.noise_scheduler, x0, noise, timestep)
     return F.mse_loss(prediction.float(), target.float())

@@ -158,7 +158,7 @@ def train_retriever(settings: RetrieverTrainingSettings,
     training = json.dumps({**resolved.to_json(), "steps": settings.steps}, sort_keys=True)
     save_retriever(retriever, settings.out, {"loracompose.training": training})
     return RetrieverTrainingResult(path=settings.out, steps=settings.steps, history=history, retriever=retriever,
-                                   entries=data.entries, work_dir=settings.work_dir, resumed_from=start,
+                                   entries=data.entries, work_dir=settings.folder, resumed_from=start,
                                    train_seconds=seconds)
 
 

@@ -112,7 +112,7 @@ def rare_and_class_positions(tokenizers: Sequence[Any], prompt: str, token: str,
     return rare, classes
 
 
-def _attention_context(attn: torch.nn.Module, context: torch.Tensor) -> torch.Tensor:
+def _attention_context(attn: Attention, context: torch.Tensor) -> torch.Tensor:
     """What attn2's to_k/to_v see: the text states, normalised if the layer does so."""
     return attn.norm_encoder_hidden_states(context) if getattr(attn, "norm_cross", None) else context
 
@@ -121,7 +121,7 @@ def _base(layer: torch.nn.Module) -> torch.nn.Module:
     return layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
 
 
-def key_alignment_loss(layers: Sequence[torch.nn.Module], context: torch.Tensor, rare_positions: Sequence[int],
+def key_alignment_loss(layers: Sequence[Attention], context: torch.Tensor, rare_positions: Sequence[int],
                        class_positions: Sequence[int], adapter: str) -> torch.Tensor:
     """L_align = mean_l mean_{j∈rare} mean_d |(W_K^l + Δ_K^l)·c_j − mean_{k∈class} W_K^l·c_k|.
 
@@ -139,7 +139,7 @@ def key_alignment_loss(layers: Sequence[torch.nn.Module], context: torch.Tensor,
     return torch.stack(per_layer).mean()
 
 
-def unmasked_kv_delta(layers: Sequence[torch.nn.Module], context: torch.Tensor, rare_positions: Sequence[int],
+def unmasked_kv_delta(layers: Sequence[Attention], context: torch.Tensor, rare_positions: Sequence[int],
                       adapter: str) -> torch.Tensor:
     """mean_l mean_{j∉rare} (|Δ_K^l·c_j| + |Δ_V^l·c_j|): the K/V deltas the token mask removes."""
     others = [j for j in range(context.shape[1]) if j not in set(rare_positions)]

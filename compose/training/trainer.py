@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from loracompose.errors import UserError
 from loracompose.lora import SD15, SDXL
@@ -145,7 +145,8 @@ class ResolvedSettings(CheckpointRecipe):
 class TrainingObjective(Protocol):
     """The extra parts of a training recipe on top of the ε-loss (TARA's are in tara.py)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...  # a class constant in the objectives
 
     def settings(self) -> dict[str, Any]: ...
     def prepare(self, model: TrainingModel) -> None: ...
@@ -262,7 +263,7 @@ class TrainingConditioning:
         return self.embeds[self._rows(indices)]
 
     def added(self, indices: Sequence[int]) -> dict[str, torch.Tensor] | None:
-        if self.pooled is None:
+        if self.pooled is None or self.time_ids is None:  # SDXL has both, SD1.5 neither
             return None
         return {"text_embeds": self.pooled[self._rows(indices)], "time_ids": self.time_ids[list(indices)]}
 
@@ -277,7 +278,7 @@ class TrainingModel:
     """Everything a training step needs: the pipeline's parts, the LoRA adapter, cached latents and text."""
 
     pipe: Any
-    unet: torch.nn.Module
+    unet: UNet2DConditionModel
     adapter: str
     prompt: str
     tokenizers: list[Any]
@@ -341,7 +342,8 @@ def encode_captions(pipe: Any, captions: Sequence[str], images: Sequence[Trainin
     if len(distinct) == 1:
         return encode_prompt(pipe, distinct[0], images, resolution, device)
     encoded = [encode_prompt(pipe, caption, images, resolution, device) for caption in distinct]
-    pooled = None if encoded[0].pooled is None else torch.cat([item.pooled for item in encoded])
+    pooled = None if encoded[0].pooled is None else torch.cat([item.pooled for item in encoded
+                                                               if item.pooled is not None])
     return TrainingConditioning(torch.cat([item.embeds for item in encoded]), pooled, encoded[0].time_ids,
                                 tuple(distinct.index(caption) for caption in captions))
 
@@ -375,7 +377,7 @@ def offload_frozen_encoders(pipe: Any, device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> dict[str, torch.nn.Parameter]:
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, seed: int) -> dict[str, torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA on every attention projection (B = 0, A Gaussian), return its weights."""
     from peft import LoraConfig
 
@@ -455,13 +457,13 @@ def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> lis
     return indices
 
 
-def noise_target(model: TrainingModel, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts: ε, v or x0, by the scheduler's prediction type."""
-    kind = model.noise_scheduler.config.prediction_type
+def noise_target(noise_scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts: ε, v or x0, by the (diffusers) scheduler's prediction type."""
+    kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return model.noise_scheduler.get_velocity(x0, noise, timesteps)
+        return noise_scheduler.get_velocity(x0, noise, timesteps)
     if kind == "sample":
         return x0
     raise UserError(f"the model's scheduler predicts {kind!r}; training supports epsilon, v_prediction and sample")
@@ -473,7 +475,8 @@ def denoising_loss(model: TrainingModel, indices: Sequence[int], noise: torch.Te
     noisy = model.noise_scheduler.add_noise(x0, noise, timesteps)
     prediction = model.unet(noisy.to(model.dtype), timesteps, encoder_hidden_states=model.conditioning.states(indices),
                             added_cond_kwargs=model.conditioning.added(indices), return_dict=False)[0]
-    return torch.nn.functional.mse_loss(prediction.float(), noise_target(model, x0, noise, timesteps).float())
+    target = noise_target(model.noise_scheduler, x0, noise, timesteps)
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
 def step_draws(model: TrainingModel, indices: Sequence[int], rng: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -625,7 +628,7 @@ def run_training(model: TrainingModel, objective: TrainingObjective, resolved: R
                               model_identity(settings.model, model.pipe))
     write_lora_file(settings.out, tensors, metadata)
     return TrainingResult(path=settings.out, steps=total, history=history, probe_losses=probes,
-                          lora_state=peft_state(model), work_dir=settings.work_dir, resumed_from=start,
+                          lora_state=peft_state(model), work_dir=settings.folder, resumed_from=start,
                           train_seconds=train_seconds)
 
 
