@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -129,7 +129,7 @@ def _layer_delta(path: Path, module: str, parts: dict[str, Any], layer: nn.Modul
         raise UserError(f"LoRA file {path} has {found} weights for layer {module}; "
                         "each layer needs exactly one LoRA, LoHa or LoKr set of weights")
     family = families.pop()
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     alpha = _alpha(parts, module, metadata_alpha)
     try:
         delta = _family_delta(family, parts, alpha, weight.shape)

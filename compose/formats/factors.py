@@ -116,13 +116,15 @@ def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: t
 def _lokr_factor(full: torch.Tensor | None, w_a: torch.Tensor | None, w_b: torch.Tensor | None,
                  core: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Kronecker factor as (left, right) with ``factor = left @ right`` (2-D, kernel flattened)."""
-    if full is None and core is not None:
+    if full is None:
+        if w_a is None or w_b is None:
+            raise ValueError("a LoKr factor has neither lokr_wN nor both lokr_wN_a and lokr_wN_b")
+        if core is None:
+            return w_a.float(), w_b.float().reshape(w_b.shape[0], -1)
         full = _tucker(core, w_a, w_b)
-    if full is not None:
-        matrix = full.float().reshape(full.shape[0], -1)
-        rows, columns = matrix.shape
-        return (matrix, torch.eye(columns)) if columns <= rows else (torch.eye(rows), matrix)
-    return w_a.float(), w_b.float().reshape(w_b.shape[0], -1)
+    matrix = full.float().reshape(full.shape[0], -1)
+    rows, columns = matrix.shape
+    return (matrix, torch.eye(columns)) if columns <= rows else (torch.eye(rows), matrix)
 
 
 def lokr_factors(parts: dict[str, torch.Tensor], alpha: float | None) -> LowRankDelta:
