@@ -3,8 +3,9 @@
 Endpoints (``api_name``):
 
 * ``/generate``: named, typed parameters (ui/api.py): prompt, LoRAs by name -> strength, method, its
-  settings as a JSON object of its dataclass fields, and the generation settings -> one entry per
-  image (PNG, sidecar, caption, seed, cost). Stateless: it sees the server's library, not uploads.
+  settings as a JSON object of its dataclass fields, the generation settings and region masks
+  (uploaded files, for regional) -> one entry per image (PNG, sidecar, caption, seed, cost; the first
+  also the method's concept view). Stateless: it sees the server's library, not uploaded LoRAs.
 * ``/generate_form`` (undocumented): the page's Generate button: the shared controls, method, then
   every method's controls in panel order -> gallery (newest first, settings in captions), downloads,
   status, and the latest result's concept view (LoRA-Composer boxes, CLoRA masks; ui/method_views.py).
