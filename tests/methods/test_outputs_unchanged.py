@@ -27,6 +27,8 @@ COMMON = dict(steps=3, guidance_scale=6.0, width=64, height=64, output_type="lat
 # of a method moves latents by 1e-2 of it or more.
 RELATIVE_TOLERANCE = 1e-5
 
+CLORA_AS_RECORDED = {"gate": "prediction", "mask_scores": "peak", "mask_threshold": 0.3, "min_map_side": 1,
+                     "step_latent_side": 0, "schedule_steps": 0}
 # (case, registry name, settings): every method, and the switches that take another code path.
 CASES = [
     ("merge", "merge", {}),
@@ -41,8 +43,10 @@ CASES = [
      {"cache_interval": 2, "batched": False, "frequency_classes": {"character": "high", "style": "low"}}),
     ("cmlora-switch", "cmlora-switch",
      {"period": 1, "phase_fraction": 0.3, "frequency_scores": {"character": 0.9, "style": 0.1}}),
-    ("clora", "clora", {"iterative_steps": (0,), "extra_iterations": 1, "max_update_step": 2}),
-    ("clora-sequential", "clora", {"iterative_steps": (), "max_update_step": 1, "batched": False}),
+    # CLoRA as recorded: the paper's noise fusion and mask rule, the deepest map level, nothing scaled.
+    ("clora", "clora", {"iterative_steps": (0,), "extra_iterations": 1, "max_update_step": 2, **CLORA_AS_RECORDED}),
+    ("clora-sequential", "clora",
+     {"iterative_steps": (), "max_update_step": 1, "batched": False, **CLORA_AS_RECORDED}),
     ("composer", "composer", {}),
     ("composer-plain", "composer", {"refine": False, "reinitialise": False, "checkpoint_refinement": False}),
     ("tara", "tara", {}),
