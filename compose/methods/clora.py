@@ -4,41 +4,40 @@ Branch 0 is the base model on the user's prompt; branch p = 1..N is LoRA p on it
 
     P_0 <- the prompt;  P_p <- the prompt + LoRA p's trigger words          (or given per LoRA)
     K[c][p] <- token positions in P_p of concept c's words                 (trigger + subject words)
+    map layers <- the cross-attention layers of the deepest level with >= min_map_side cells a side
     for step i = 0..T-1:
-        repeat updates(i) times:            # 1 + extra_iterations if i in iterative_steps, 1 otherwise;
-                                            # 0 from max_update_step on, or with latent updates off
-            A_p <- cross-attention maps of branch p at z, conditional rows only, 1/32-resolution attn2
-                   layers, mean over layers and heads              (p = 0..N: one batched UNet call)
+        repeat updates(i) times:            # the 50-step schedule scaled to T: 1 + extra_iterations at
+                                            # iterative_steps, 1 before max_update_step, 0 after
+            A_p <- maps of branch p at z, conditional rows, mean over map layers and heads  (one call)
             V   <- min-max normalised maps A_p[:, :, k] for k in K[c][p], labelled c
-            L   <- InfoNCE over V: cosine similarity / temperature; positives: same concept (any branch),
-                   negatives: the other concepts
-            z   <- z - step_size * grad_z L                        (one backward pass)
-        (u_p, c_p), A_p <- UNet passes of every branch at the *updated* z (no graph)
-        claim_c <- OR over k in K[c][c] of [A_c[:, :, k] > mask_threshold * max A_c[:, :, k]]
-        owner   <- of the concepts claiming a pixel, the one with the strongest relative attention;
-                   pixels nobody claims go to the base branch     (upsampled to the latent: a partition)
-        eps_u <- sum_p [owner = p] u_p;  eps_c likewise;  eps <- eps_u + s (eps_c - eps_u)
+            L   <- InfoNCE over V: cosine similarity / temperature; positives: same concept (any
+                   branch), negatives: the other concepts
+            z   <- z - eta * grad_z L        # eta = step_size * latent area / step_latent_side**2
+        A_p <- maps of every branch at the updated z (no graph, the pass ends after the map layers)
+        score_c <- concept c's mean token map in its own branch, smoothed, min-max normalised
+        owner   <- argmax of the scores above mask_threshold, else the base  (upsampled: a partition)
+        gate "layers":     one pass per image, every LoRA layer base(x) + sum_c [owner = c] delta_c(x),
+                           cross-attention where c owns reading P_c (attention/regional.py)
+        gate "prediction": every branch's CFG pass; eps <- sum_p [owner = p] eps_p  (the paper)
         z <- scheduler step(eps, z)
 
-Before ``masks_from_step`` the branches are averaged instead (all masks one). Unlike the released
-code: the scheduler steps with the noise of the updated latent, graphs are built on optimised steps
-only, maps are read from the conditional rows and only on the five map layers (fused kernels
-elsewhere), H and W keep their places on non-square images, token positions come from the
-tokenizer(s), UNet-only LoRAs work, and overlapping masks are resolved to one owner per pixel instead
-of averaged. The optimisation passes run the conditional rows only (the loss reads nothing else), at
-half the rows of a CFG pass. With one concept (N = 1) there is nothing to contrast: the loss is
-identically zero and no optimisation pass runs.
+Before ``masks_from_step`` the masks cover the whole image. Unlike the released code: the scheduler
+steps with the noise of the updated latent, graphs are built on optimised steps only, maps are read
+from the conditional rows and only on the map layers (fused kernels elsewhere), H and W keep their
+places on non-square images, token positions come from the tokenizer(s), UNet-only LoRAs work, and
+overlapping masks are resolved to one owner per pixel instead of averaged. The optimisation passes
+run the conditional rows only (the loss reads nothing else). With one concept (N = 1) there is
+nothing to contrast: the loss is identically zero and no optimisation pass runs.
 
-Maps come from :func:`~loracompose.attention.attention_map_layers`: SD1.5 ``down_blocks.2.attentions.
-{0,1}`` and ``up_blocks.1.attentions.{0,1,2}`` (16x16 at 512 px). SDXL's 1/32-level modules stack 10
-transformer blocks each; ``map_layers_per_module=1`` keeps the central block of each of the five down
-and up modules (mid block excluded), so SDXL also reads 5 of its 60 map layers (a cost choice, not a
-measured quality optimum); ``None`` reads all 50.
-
-Defaults follow the reference code except where it contradicts the method: ``latent_update`` is on
-(code: off), and ``iterative_steps`` is (0, 10, 20) with 20 extra iterations (paper and example
-notebook; code: none). Step size 20, updates before step 30, temperature 0.5 and mask threshold 0.3
-are the code's. The reference's optional style LoRA and guidance rescale are not implemented.
+Where we depart from the paper, and why (measured on the toy world, docs/methods/clora.md): the map
+level, the step size and the update schedule were fixed for SD1.5 at 512 px and 50 steps and are
+scaled with the latent and the step count (the same values there); masks are scored on min-max
+normalised, smoothed maps (a map's floor made the peak-relative rule claim the whole image); and the
+masks gate every LoRA layer rather than only the noise mix (``gate="prediction"`` keeps the paper's).
+SDXL's map modules stack 10 transformer blocks; ``map_layers_per_module=1`` reads the central one of
+each (a cost choice). Defaults follow the reference code except where it contradicts the method:
+``latent_update`` is on and ``iterative_steps`` is (0, 10, 20) with 20 extra iterations (paper and
+example notebook). The reference's optional style LoRA and guidance rescale are not implemented.
 """
 
 from __future__ import annotations
