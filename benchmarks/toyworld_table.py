@@ -48,7 +48,8 @@ SUITE = HERE / "toyworld.yaml"
 RESULTS = HERE / "results"
 OUT = RESULTS / "toyworld-table"
 BATCH_CHECK = OUT / "batch-check.json"
-BATCH_TOLERANCE = 1  # largest pixel difference (of 255) between a batch's image and its one-image run
+BATCH_TOLERANCE = 8  # largest pixel difference (of 255) between a batch's image and its one-image run: float
+# order in batched arithmetic moves a few levels; a batch whose images interact moves tens (the old clora: 66-160)
 GRID_SEEDS, GRID_SCALE = 8, 8
 LABEL_WIDTH = 170  # pixels left of each grid row for the method's name
 
