@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from loracompose.errors import UserError, first_line
+from loracompose.validation import check_finite_tensors
 
 from .factors import LowRankDelta, dora_delta, fit_to_layer, full_rank, lokr_factors, loha_factors, lora_factors
 from .keys import parse_key, refused_format
@@ -60,6 +61,7 @@ def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); re-download it") from None
+    check_finite_tensors(tensors, f"LoRA file {path}")  # NaN/Inf never reach a layer
     return tensors, metadata
 
 

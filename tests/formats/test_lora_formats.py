@@ -194,3 +194,14 @@ def test_refusals_are_one_line_naming_file_and_reason(base_pipes, tmp_path, case
     message = str(caught.value)
     assert "\n" not in message and str(path) in message
     assert not pipe.get_list_adapters().get("unet"), "nothing is loaded"
+
+
+def test_non_finite_values_refused_by_the_converter(base_pipes, tmp_path):
+    tensors, _ = kohya_lora(base_pipes["sd15"], "sd15", seed=41, conv=False)
+    key = next(key for key in tensors if key.endswith(".lora_up.weight"))
+    tensors[key][0, 0] = float("nan")
+    path = write(tmp_path / "nan.safetensors", tensors)
+    pipe = copy.deepcopy(base_pipes["sd15"])
+    with pytest.raises(UserError, match=r"nan\.safetensors") as caught:
+        load_lora_file(pipe, path, "file")
+    assert "\n" not in str(caught.value) and not pipe.get_list_adapters().get("unet")
