@@ -128,12 +128,12 @@ class MaskSettings:
 
 
 def masks_from_maps(maps: torch.Tensor, token_groups: Sequence[Sequence[int]], settings: MaskSettings,
-                    latent_size: tuple[int, int]) -> "AutoMasks":
+                    latent_size: tuple[int, int]) -> AutoMasks:
     """Automatic masks of the concepts from (images, rows, columns, tokens) maps (module doc)."""
     return masks_from_scores(concept_scores(maps, token_groups), settings, latent_size)
 
 
-def masks_from_scores(scores: torch.Tensor, settings: MaskSettings, latent_size: tuple[int, int]) -> "AutoMasks":
+def masks_from_scores(scores: torch.Tensor, settings: MaskSettings, latent_size: tuple[int, int]) -> AutoMasks:
     """Automatic masks from raw concept scores (images, concepts, rows, columns): normalised, smoothed,
     assigned."""
     scores = normalise(smooth(scores, settings.smoothing))
@@ -162,6 +162,16 @@ class AutoMasks:
         """(images, concepts, height, width) 0/1 float masks at latent resolution."""
         return owner_masks(self.latent_owner, self.num_concepts)
 
+    def outside(self, margin: int = 0) -> torch.Tensor:
+        """(images, height, width) 0/1 float mask of the latent cells farther than ``margin`` map cells
+        (chessboard distance) from every concept: where a background goes."""
+        claimed = (self.owner != BACKGROUND).float().unsqueeze(1)
+        if margin > 0:
+            claimed = F.max_pool2d(claimed, 2 * margin + 1, stride=1, padding=margin)
+        height, width = self.latent_owner.shape[-2:]
+        latent = owner_to_latent(claimed[:, 0], (int(height), int(width)))
+        return 1.0 - latent
+
 
 # ------------------------------------------------------------------------------------ capture
 
@@ -176,9 +186,9 @@ class TriggerMapRecorder:
 
     def __init__(self, unet: torch.nn.Module, layers: Sequence[AttentionLayer], token_indices: Sequence[int],
                  *, conditional_rows: bool, backend: str = "sdpa") -> None:
-        self.store = AttentionStore(token_indices=sorted(set(token_indices)),
-                                    rows="cond" if conditional_rows else "all")
-        self.columns = {token: column for column, token in enumerate(self.store.token_indices)}
+        tokens = sorted(set(token_indices))
+        self.store = AttentionStore(token_indices=tokens, rows="cond" if conditional_rows else "all")
+        self.columns = {token: column for column, token in enumerate(tokens)}
         self._sum: torch.Tensor | None = None
         self._handle: ProcessorHandle = install_processors(
             unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store)))

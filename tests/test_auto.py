@@ -6,7 +6,8 @@ and exact UNet call counts."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,12 +20,13 @@ from loracompose.attention.capture import AttentionStore
 from loracompose.attention.layers import AttentionLayer, UNetCall
 from loracompose.attention.masks import LatentGrid
 from loracompose.attention.processor import ComposeAttnProcessor
-from loracompose.errors import UserError
 from loracompose.kinds import check_overrides, kind_of_category, lora_kind, parse_kind, parse_kinds
 from loracompose.lora import LoraSpec as Spec, inspect_lora
 from loracompose.methods import METHODS
 from loracompose.methods.auto import Auto
+from loracompose.methods.base import CompositionMethod
 from loracompose.methods.regional import Regional
+from loracompose.pipelines.values import Branch, Prediction
 
 COMMON = dict(show_progress=False, output_type="latent", append_triggers=False, width=32, height=32)
 PROMPT = "a zkx on the left, qwv style"
@@ -94,7 +96,8 @@ def test_smoothing_keeps_constants_and_mass_and_spreads_a_peak():
     peak[0, 0, 3, 3] = 1.0
     blurred = smooth(peak, 1.0)
     torch.testing.assert_close(blurred.sum(), torch.tensor(1.0))
-    assert blurred[0, 0, 3, 3] == blurred.max() and blurred[0, 0, 3, 4] > 0 and blurred[0, 0, 3, 2] == blurred[0, 0, 3, 4]
+    assert blurred[0, 0, 3, 3] == blurred.max() and blurred[0, 0, 3, 4] > 0
+    assert blurred[0, 0, 3, 2] == blurred[0, 0, 3, 4]
 
 
 # ------------------------------------------------------------------------------------ real attention
@@ -199,16 +202,22 @@ def test_plan_puts_local_kinds_in_regions_and_global_ones_everywhere(sd15, sd15_
     method.plan(PROMPT, tokenizers)
     assert [lora.name for lora in method.local] == ["character"] and [lora.name for lora in method.global_] == ["style"]
     assert method.decisions["style"]["why"] == "style is a global kind" and not method.merges
+    assert method.decisions["style"]["placement"] == "whole image, in a pass of its own"
     as_background = Auto(kinds={"style": "background"})
     as_background.bind(loras)
     as_background.plan(PROMPT, tokenizers)
     assert as_background.decisions["style"]["placement"] == "outside the local regions"
     method.plan("a landscape, qwv style", tokenizers)  # the character's trigger is not in the prompt
-    assert method.merges and "not in the prompt" in method.decisions["character"]["why"]
+    assert not method.local and "not in the prompt" in method.decisions["character"]["why"]
+    assert [lora.name for lora in method.styles] == ["style"] and not method.merges  # the style in its own pass
+    in_weights = Auto(style_combine="weights")
+    in_weights.bind(loras)
+    in_weights.plan("a landscape, qwv style", tokenizers)
+    assert in_weights.merges and not in_weights.styles
     overridden = Auto(kinds={"character": "background"})
     overridden.bind(loras)
     overridden.plan(PROMPT, tokenizers)
-    assert overridden.merges and overridden.decisions["character"]["from"] == "override"
+    assert not overridden.local and overridden.decisions["character"]["from"] == "override"
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -218,11 +227,12 @@ def test_auto_is_registered():
     assert METHODS["auto"] is Auto
 
 
-@pytest.mark.parametrize("files,kinds", [(1, {}), (2, {"character": "background"}), (2, {"character": "style"})])
-def test_auto_equals_merge_for_one_lora_or_only_global_loras(sd15, sd15_lora_files, files, kinds):
+@pytest.mark.parametrize("files,kinds,combine", [(1, {}, "noise"), (2, {"character": "background"}, "weights"),
+                                                 (2, {"character": "style"}, "weights")])
+def test_auto_equals_merge_for_one_lora_or_only_global_loras(sd15, sd15_lora_files, files, kinds, combine):
     specs = [LoraSpec(path, weight) for path, weight in zip(sd15_lora_files[:files], (0.8, 1.2))]
     merged = pipe_run(sd15, specs, Merge())
-    auto = pipe_run(sd15, specs, Auto(kinds=kinds))
+    auto = pipe_run(sd15, specs, Auto(kinds=kinds, style_combine=combine))
     assert torch.equal(auto.latents, merged.latents)
     assert auto.stats.unet_calls == merged.stats.unet_calls == STEPS
 
@@ -233,7 +243,7 @@ def test_auto_equals_merge_for_one_lora_or_only_global_loras(sd15, sd15_lora_fil
 def test_auto_probes_then_runs_regional_with_the_found_masks(model, files, mode, calls_per_step, request):
     pipe, lora_files = request.getfixturevalue(model), request.getfixturevalue(files)
     specs = [LoraSpec(path) for path in lora_files]
-    method = Auto(mode=mode, probe_steps=2)
+    method = Auto(mode=mode, probe_steps=2, style_combine="weights")
     processors = {key: id(value) for key, value in pipe.unet.attn_processors.items()}
     result = pipe_run(pipe, specs, method)
     # The probe: 2 base-model passes; then one (batched) pass per step.
@@ -273,7 +283,7 @@ def left_half(_step, found):
 
 def test_auto_confines_a_local_lora_to_its_mask_as_regional_does(sd15, sd15_lora_files):
     specs = [LoraSpec(path) for path in sd15_lora_files]
-    method = Auto()
+    method = Auto(style_combine="weights")
     method.mask_callback = left_half
     result = pipe_run(sd15, specs, method)
     half = torch.zeros(16, 16)
@@ -290,21 +300,74 @@ def test_auto_with_a_whole_image_mask_equals_merge(sd15, sd15_lora_files):
         return AutoMasks(found.scores, owner, torch.ones_like(found.latent_owner))
 
     specs = [LoraSpec(path) for path in sd15_lora_files]
-    method = Auto()
-    method.mask_callback = everything
-    result = pipe_run(sd15, specs, method)
     merged = pipe_run(sd15, specs, Merge())
-    torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
+    for combine in ("weights", "noise"):  # noise: the style's effect is added nowhere, it runs inside the region
+        method = Auto(style_combine=combine)
+        method.mask_callback = everything
+        result = pipe_run(sd15, specs, method)
+        torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
+    # The probe (3 steps), then per step the main pass, the base model's and the style's own.
+    assert result.stats.unet_calls == 3 + 3 * STEPS
 
 
-def test_several_images_each_get_their_masks_and_equal_one_image_runs(sd15, sd15_lora_files):
+def test_auto_adds_the_style_effect_where_no_local_concept_is(sd15, sd15_lora_files):
+    """A mask callback that gives the local concept nothing: the main pass is the base model, and the
+    style's effect (its pass minus the base's) added everywhere makes the style LoRA merged alone."""
+    def nothing(_step, found):
+        return AutoMasks(found.scores, torch.zeros_like(found.owner), torch.zeros_like(found.latent_owner))
+
+    specs = [LoraSpec(path, weight) for path, weight in zip(sd15_lora_files, (0.8, 1.2))]
+    method = Auto(background_margin=0)
+    method.mask_callback = nothing
+    result = pipe_run(sd15, specs, method)
+    style_alone = pipe_run(sd15, specs[1:], Merge())
+    torch.testing.assert_close(result.latents, style_alone.latents, rtol=0, atol=1e-5)
+
+
+@dataclass
+class SummedEffects(CompositionMethod):
+    """Reference for global LoRAs with a style in its own pass: the others merged, plus the style's
+    prediction minus the base model's (each CFG half), written out step by step."""
+
+    name: ClassVar[str] = "summed-effects-reference"
+
+    def predict(self, run, step, latents):
+        others, style = self.loras[:-1], self.loras[-1]
+        main, alone, base = (run.predict(latents, step, [branch])[0]
+                             for branch in (self.branch(*others), self.branch(style), Branch()))
+        return Prediction(cond=main.cond + alone.cond - base.cond, uncond=main.uncond + alone.uncond - base.uncond)
+
+
+def test_a_background_and_a_style_add_their_effects_in_one_batched_call(sd15, sd15_lora_files):
+    specs = [LoraSpec(path, weight) for path, weight in zip(sd15_lora_files, (0.8, 1.2))]
+    method = Auto(kinds={"character": "background"})
+    result = pipe_run(sd15, specs, method)
+    reference = pipe_run(sd15, specs, SummedEffects())
+    # One batched call against three separate ones: the same sums in another float order.
+    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=1e-4)
+    assert result.stats.unet_calls == STEPS and reference.stats.unet_calls == 3 * STEPS
+    assert (result.latents - pipe_run(sd15, specs, Merge()).latents).abs().max() > 1e-3, "not Merge"
+
+
+def test_background_margin_keeps_a_background_away_from_the_local_regions():
+    owner = torch.zeros(1, 4, 4, dtype=torch.long)
+    owner[0, 1, 1] = 1
+    found = AutoMasks(torch.zeros(1, 1, 4, 4), owner, owner_to_latent(owner, (8, 8)))
+    assert torch.equal(found.outside(0), 1 - found.masks()[:, 0])
+    near = torch.ones(4, 4)
+    near[0:3, 0:3] = 0  # one map cell around (1, 1), chessboard distance
+    assert torch.equal(found.outside(1)[0], owner_to_latent(near, (8, 8)))
+
+
+@pytest.mark.parametrize("combine,passes", [("weights", 1), ("noise", 3)])
+def test_several_images_each_get_their_masks_and_equal_one_image_runs(sd15, sd15_lora_files, combine, passes):
     specs = [LoraSpec(path) for path in sd15_lora_files]
-    method = Auto()
+    method = Auto(style_combine=combine)
     batch = sd15.generate(PROMPT, specs, method, steps=STEPS, seed=3, num_images=2, **COMMON)
     assert method.mask_history[0][1].masks().shape[0] == 2
-    assert batch.stats.unet_calls == 3 + 2 * STEPS  # the probe batched, then one regional pass per image
+    assert batch.stats.unet_calls == 3 + 2 * passes * STEPS  # the probe batched, then the regional passes per image
     for image in range(2):
-        alone = sd15.generate(PROMPT, specs, Auto(), steps=STEPS, seed=3 + image, **COMMON)
+        alone = sd15.generate(PROMPT, specs, Auto(style_combine=combine), steps=STEPS, seed=3 + image, **COMMON)
         torch.testing.assert_close(batch.latents[image], alone.latents[0], rtol=0, atol=1e-4)
 
 

@@ -38,10 +38,10 @@ from loracompose.errors import UserError
 from loracompose.kinds import BACKGROUND, STYLE, check_overrides, is_local, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.base import CompositionMethod
 from loracompose.methods.merge import Merge
 from loracompose.methods.regional import Regional
-from loracompose.pipelines.values import Branch, Prediction, Step
+from loracompose.pipelines.values import BASE, Branch, Prediction, Step
 from loracompose.tokens import trigger_positions
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from loracompose.attention.auto_masks import (AutoMasks, MaskSettings, TriggerMapRecorder, auto_mask_layers,
                                                  concept_scores, masks_from_scores)
     from loracompose.attention.masks import LatentGrid
+    from loracompose.attention.regional import RegionArea, code_members
     from loracompose.pipelines.denoiser import Denoiser
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
@@ -58,9 +59,11 @@ else:  # imported on first use: the settings dataclass imports without the model
             "AutoMasks", "MaskSettings", "TriggerMapRecorder", "auto_mask_layers", "concept_scores",
             "masks_from_scores"))
     LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
+    code_members = LazyImport("loracompose.attention.regional", "code_members")
 
 MAP_SOURCES = ("base", "own", "merged")
 MODES = ("delta", "latent")
+STYLE_COMBINES = ("noise", "weights")
 
 
 @dataclass
@@ -89,17 +92,26 @@ class Auto(CompositionMethod):
         "help": "a style LoRA applies inside the local regions too (off: only where no local concept is)"})
     min_map_side: int = field(default=8, metadata={
         "help": "maps come from the deepest level with at least this many cells a side"})
+    background_margin: int = field(default=1, metadata={
+        "help": "a background LoRA stays this many map cells away from every local region (0: right up to it)"})
+    style_combine: str = field(default="noise", metadata={
+        "choices": STYLE_COMBINES,
+        "help": "noise: each style LoRA runs in a pass of its own and its effect (its prediction minus the base "
+                "model's) is added to the other LoRAs' prediction; weights: its deltas join the one pass"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.decisions: dict[str, dict[str, Any]] = {}
         self.local: list[LoadedLora] = []
         self.global_: list[LoadedLora] = []
+        self.styles: list[LoadedLora] = []  # style LoRAs added in noise space, each in a pass of its own
         self.mask_history: list[tuple[int, AutoMasks]] = []
         self.mask_callback = None
         self._merge: Merge | None = None
         self._token_groups: list[list[int]] = []
         self._masks: torch.Tensor | None = None  # (images, local concepts, height, width)
+        self._outside: torch.Tensor | None = None  # (images, height, width): where a background goes
+        self._outside_exact: torch.Tensor | None = None  # (images, height, width): where no local concept is
         self._recorder: TriggerMapRecorder | None = None
         self._regional: Regional | None = None
         self._view: Denoiser | None = None
@@ -107,13 +119,16 @@ class Auto(CompositionMethod):
 
     # -- settings --------------------------------------------------------------------------
     def check(self, loras: Sequence[LoadedLora]) -> None:
-        require_loras(self.name, loras)
         check_overrides(self.kinds, loras)
         if self.mode not in MODES:
             raise UserError(f"auto mode={self.mode!r} is not known; use one of {', '.join(MODES)}")
         if self.map_source not in MAP_SOURCES:
             raise UserError(f"auto map_source={self.map_source!r} is not known; use one of {', '.join(MAP_SOURCES)}")
-        for label, value, low in (("probe_steps", self.probe_steps, 1), ("min_map_side", self.min_map_side, 1)):
+        if self.style_combine not in STYLE_COMBINES:
+            raise UserError(f"auto style_combine={self.style_combine!r} is not known; use one of "
+                            f"{', '.join(STYLE_COMBINES)}")
+        for label, value, low in (("probe_steps", self.probe_steps, 1), ("min_map_side", self.min_map_side, 1),
+                                  ("background_margin", self.background_margin, 0)):
             if int(value) != value or value < low:
                 raise UserError(f"auto {label}={value} must be an integer >= {low}")
         MaskSettings(self.threshold, self.smoothing)
@@ -138,10 +153,20 @@ class Auto(CompositionMethod):
                 placement = "whole image"
             self.decisions[lora.name] = {"kind": kind, "from": source, "placement": placement,
                                          "why": self._why(kind, lora, positions)}
+        self.styles = self._separate_styles()
         if self.local and not self.merges and self.background_outside:
             for lora in self.global_:
                 if self.decisions[lora.name]["kind"] == BACKGROUND:
                     self.decisions[lora.name]["placement"] = "outside the local regions"
+        for lora in self.styles:
+            self.decisions[lora.name]["placement"] = "whole image, in a pass of its own"
+
+    def _separate_styles(self) -> list[LoadedLora]:
+        """The style LoRAs whose effect is added in noise space (``style_combine="noise"``): with other
+        LoRAs beside them, in delta mode or when no LoRA is local (latent mode keeps them in its couple)."""
+        if self.style_combine != "noise" or len(self.loras) < 2 or (self.local and self.mode != "delta"):
+            return []
+        return [lora for lora in self.global_ if self.decisions[lora.name]["kind"] == STYLE]
 
     @staticmethod
     def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None) -> list[int]:
@@ -161,8 +186,14 @@ class Auto(CompositionMethod):
 
     @property
     def merges(self) -> bool:
-        """Whether this generation runs as plain Merge (one LoRA, or no local LoRA)."""
-        return len(self.loras) == 1 or not self.local
+        """Whether this generation runs as plain Merge (one LoRA, or no local LoRA and no style added
+        in noise space)."""
+        return len(self.loras) == 1 or not (self.local or self.styles)
+
+    @property
+    def core(self) -> list[LoadedLora]:
+        """The LoRAs of the main pass: every LoRA but the styles added in noise space."""
+        return [lora for lora in self.loras if lora not in self.styles]
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, run: Denoiser) -> None:
@@ -176,7 +207,7 @@ class Auto(CompositionMethod):
         self._merge = None
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        if self._merge is None and step.index == 0:
+        if self._merge is None and self.local and step.index == 0:
             self._initial = latents
             if self.restart:
                 self._probe(run, latents)
@@ -185,6 +216,10 @@ class Auto(CompositionMethod):
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
         if self._merge is not None:
             return self._merge.predict(run, step, latents)
+        if not self.local:  # global LoRAs only: the others merged, each style's effect added
+            core = [self.branch(*self.core)] if self.core else []
+            *main, base = run.predict(latents, step, core + [self.branch(lora) for lora in self.styles] + [BASE])
+            return _with_effects(main[0] if core else base, main[len(core):], base)
         if self._masks is None:  # no restart: the probe steps are the generation's own
             prediction = self._probe_prediction(run, step, latents)
             if step.index + 1 >= self.probe_steps:
@@ -250,15 +285,19 @@ class Auto(CompositionMethod):
         return torch.stack([concept_scores(per_branch[c], [columns[c]])[:, 0] for c in range(len(columns))], dim=1)
 
     def _set_masks(self, run: Denoiser, step: Step, latents: torch.Tensor) -> None:
+        if self._recorder is None:
+            raise RuntimeError("auto: the probe recorded no attention maps")
         maps = self._recorder.maps()
         columns = self._recorder.token_columns(self._token_groups)
         self._stop_recording()
         found = masks_from_scores(self._concept_scores(maps, columns, latents.shape[0]), self.mask_settings,
-                                  tuple(latents.shape[-2:]))
+                                  (int(latents.shape[-2]), int(latents.shape[-1])))
         if self.mask_callback is not None:
             found = self.mask_callback(step.index, found) or found
         self.mask_history.append((step.index, found))
         self._masks = found.masks().to(latents.device, latents.dtype)
+        self._outside = found.outside(self.background_margin).to(latents.device, latents.dtype)
+        self._outside_exact = found.outside(0).to(latents.device, latents.dtype)
 
     # -- regional ----------------------------------------------------------------------------
     def _regional_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
@@ -266,37 +305,68 @@ class Auto(CompositionMethod):
         if self._regional is None:
             self._view = run if images == 1 else one_image_view(run)
             self._regional = self._start_regional(self._view)
+        regional, view = self._regional, self._view or run
         if images == 1:
-            return self._regional.predict(run, step, latents)
+            return self._regional_image(regional, run, step, latents, 0)
         predictions = []
         for image in range(images):  # each image has its own masks: one regional pass per image
-            self._regional.set_masks(self._areas(image))
-            predictions.append(self._regional.predict(self._view, step, latents[image:image + 1]))
+            regional.set_masks(self._areas(image))
+            predictions.append(self._regional_image(regional, view, step, latents[image:image + 1], image))
         return _stacked(predictions)
+
+    def _regional_image(self, regional: Regional, run: Denoiser, step: Step, latents: torch.Tensor,
+                        image: int) -> Prediction:
+        """One image: the regional pass; with separate styles, each style's effect (its whole-image pass
+        minus the base model's) is added where no local concept is, and inside the local regions the
+        style joins the main pass in weights (``style_inside``)."""
+        if not self.styles or not isinstance(regional, PassRegional):
+            return regional.predict(run, step, latents)
+        areas = self._areas(image)
+        running = self.core + (self.styles if self.style_inside else [])
+        main = regional.predict_running(run, step, latents, running, areas)
+        base = regional.predict_running(run, step, latents, [], areas)
+        styles = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
+                  for lora in self.styles]
+        outside = self._placed()[2][image].view(1, 1, *latents.shape[-2:])
+        return _with_effects(main, styles, base, outside)
 
     def _start_regional(self, run: Denoiser) -> Regional:
         """The regional method on these LoRAs, its regions the automatic masks (global LoRAs: the image)."""
-        regional = Regional(mode=self.mode)
+        regional = PassRegional(mode=self.mode) if self.styles else Regional(mode=self.mode)
         regional.bind(self.loras)
         regional.start(run)
         regional.set_masks(self._areas(0))
         return regional
 
-    def _areas(self, image: int) -> list[torch.Tensor | None]:
+    def _areas(self, image: int, whole: LoadedLora | None = None) -> list[torch.Tensor | None]:
         """Each LoRA's region in image ``image``: its mask (local), the pixels no local concept owns
-        (a background with ``background_outside``), or None (the whole image)."""
+        (a background with ``background_outside``, at ``background_margin`` from them), the local
+        regions (a style added in noise space: in the main pass it acts inside them), or None (the
+        whole image; also for ``whole``)."""
         local = {lora.name: index for index, lora in enumerate(self.local)}
-        outside = (1 - self._masks[image].sum(dim=0)).clamp_min(0)
+        masks, outside, exact = (placed[image] for placed in self._placed())
 
         def area(lora: LoadedLora) -> torch.Tensor | None:
             if lora.name in local:
-                return self._masks[image, local[lora.name]]
+                return masks[local[lora.name]]
+            if lora is whole:
+                return None
+            if lora in self.styles:
+                return 1 - exact
             kind = self.decisions[lora.name]["kind"]
-            if (kind == BACKGROUND and self.background_outside) or (kind == STYLE and not self.style_inside):
+            if kind == BACKGROUND and self.background_outside:
                 return outside
+            if kind == STYLE and not self.style_inside:
+                return exact
             return None
 
         return [area(lora) for lora in self.loras]
+
+    def _placed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The probe's result: the local masks, where a background goes, where no local concept is."""
+        if self._masks is None or self._outside is None or self._outside_exact is None:
+            raise RuntimeError("auto: the masks are not found yet (the probe runs first)")
+        return self._masks, self._outside, self._outside_exact
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -312,9 +382,57 @@ def _undo_on_unwind(run: Denoiser, undo: Any) -> None:
         patches.on_unwind(undo)
 
 
+def _with_effects(main: Prediction, separate: Sequence[Prediction], base: Prediction,
+                  where: torch.Tensor | float = 1.0) -> Prediction:
+    """``main`` plus each separate prediction's difference to the base model's (times ``where``, a
+    latent mask or 1), per CFG half."""
+    def half(pick: Any) -> torch.Tensor:
+        effect = sum((pick(p) - pick(base) for p in separate), torch.zeros_like(pick(main)))
+        return pick(main) + where * effect
+
+    if main.uncond is None or base.uncond is None:
+        return Prediction(cond=half(lambda p: p.cond))
+    return Prediction(cond=half(lambda p: p.cond), uncond=half(lambda p: p.uncond))
+
+
+class PassRegional(Regional):
+    """Regional (delta mode) whose UNet passes may run a subset of its LoRAs: in such a pass the
+    cross-attention groups see only the running LoRAs (their text-encoder deltas and K/V deltas), each
+    subset with its own K/V cache, so a pass of no LoRA is the base model and a pass of one
+    whole-image LoRA is that LoRA merged alone."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.running: frozenset[str] | None = None
+        self._key_values: dict[frozenset[str], dict[tuple, Any]] = {}
+
+    def _group_states(self, code: int) -> torch.Tensor:
+        if self._run is None:
+            raise RuntimeError("regional: the generation has not started")
+        members = [k for k in code_members(code, len(self.loras))
+                   if self.running is None or self.loras[k].name in self.running]
+        return self._run.conditioning(self.group_branch(members) if members else BASE).embeds
+
+    def predict_running(self, run: Denoiser, step: Step, latents: torch.Tensor, loras: Sequence[LoadedLora],
+                        areas: Sequence[RegionArea]) -> Prediction:
+        """One UNet pass with only ``loras`` running, each inside its region of ``areas``."""
+        self.set_masks(areas)
+        self.running = frozenset(lora.name for lora in loras)
+        if self._patches is not None:
+            self._patches.key_values = self._key_values.setdefault(self.running, {})
+        grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+        self._check_grid(grid)
+        for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
+            self._group_states(code)
+        used = self.running_masks.nonempty(grid)
+        present = [lora for lora, nonempty in zip(self.loras, used) if nonempty and lora.name in self.running]
+        return run.predict(latents, step, [self.branch(*present)])[0]
+
+
 def _stacked(predictions: Sequence[Prediction]) -> Prediction:
     """One-image predictions as one prediction of all the images, in order."""
-    uncond = None if predictions[0].uncond is None else torch.cat([p.uncond for p in predictions])
+    unconds = [p.uncond for p in predictions if p.uncond is not None]
+    uncond = torch.cat(unconds) if len(unconds) == len(predictions) else None
     return Prediction(cond=torch.cat([p.cond for p in predictions]), uncond=uncond)
 
 
@@ -330,5 +448,5 @@ def one_image_view(run: Denoiser) -> Denoiser:
         rows = [half * images for half in range(run.num_halves)]
         return type(full)(full.embeds[rows], {key: value[rows] for key, value in full.added.items()})
 
-    view.conditioning = conditioning
+    view.conditioning = conditioning  # type: ignore[method-assign]  # this view's own rows
     return view
