@@ -48,6 +48,15 @@ def test_all_weights_zero_equals_base_model(setup):
     np.testing.assert_allclose(none.images[0], base, atol=1e-5)
 
 
+def test_auto_without_loras_is_the_base_model(setup):
+    """auto is the default method, so a prompt with no LoRA must give the base model's image."""
+    from loracompose.methods.auto import Auto
+
+    result = setup["pipe"].generate("a cat", [], Auto(), seed=5, **COMMON)
+    base = plain_image(plain_diffusers(setup["model_dir"], setup["sdxl"]), "a cat", 5)
+    np.testing.assert_allclose(result.images[0], base, atol=1e-5)
+
+
 def test_composite_batched_equals_sequential(setup):
     pipe, loras = setup["pipe"], setup["loras"]
     specs = [LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 1.0)]
