@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 # (component, diffusers module name in the tiny model) -> the key prefix a kohya/LyCORIS file uses.
 SD15_LINEAR = {
@@ -50,6 +51,35 @@ SDXL_CONV = {
 TARGETS = {"sd15": (SD15_LINEAR, SD15_CONV), "sdxl": (SDXL_LINEAR, SDXL_CONV)}
 
 Deltas = dict[tuple[str, str], torch.Tensor]
+ATOL, RTOL = 2e-5, 1e-5  # float32 weights after fusing
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def layer_weights(pipe) -> dict[tuple[str, str], torch.Tensor]:
+    """Every Linear/Conv2d weight of the pipeline's models, by (component, module); a PEFT layer by its own
+    name, with its (fused) base weight."""
+    weights = {}
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if ".base_layer" in name or ".lora_" in name:
+                continue
+            layer = getattr(module, "base_layer", module)
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                weights[(component, name)] = layer.weight.detach().clone()
+    return weights
+
+
+def assert_weights(actual, expected, changed: set) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=ATOL, rtol=RTOL,
+                                   msg=lambda message, key=key: f"{key}: {message}")
+    assert changed, "the file changes some layer"
+
+
 
 
 def weight_of(pipe, component: str, module: str) -> torch.Tensor:

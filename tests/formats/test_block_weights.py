@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from lora_files import kohya_lora, write
-from test_lora_formats import _assert_weights, _layer_weights, base_pipes  # noqa: F401 (fixture)
+from lora_files import assert_weights, kohya_lora, layer_weights, write
 
 from loracompose.errors import UserError
 from loracompose.formats import load_lora_file
@@ -22,11 +21,11 @@ BLOCKS = {
 
 def _fused(pipe, name="file"):
     pipe.fuse_lora(components=["unet"], adapter_names=[name])
-    return _layer_weights(pipe)
+    return layer_weights(pipe)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_dict_form_equals_diffusers_set_adapters(base_pipes, tmp_path, arch):  # noqa: F811
+def test_dict_form_equals_diffusers_set_adapters(base_pipes, tmp_path, arch):
     base = base_pipes[arch]
     tensors, deltas = kohya_lora(base, arch, seed=31, conv=True)
     # UNet only (diffusers cannot read the text-encoder keys), and not the time embedding (diffusers'
@@ -40,13 +39,13 @@ def test_dict_form_equals_diffusers_set_adapters(base_pipes, tmp_path, arch):  #
     ours = copy.deepcopy(base)
     load_lora_file(ours, path, "file", block_weights={"unet": BLOCKS[arch]})
     changed = {key for key in deltas if key[0] == "unet" and "time_embedding" not in key[1]}
-    _assert_weights(_fused(ours), _fused(reference), changed)
+    assert_weights(_fused(ours), _fused(reference), changed)
     plain = copy.deepcopy(base)
     load_lora_file(plain, path, "file")
-    assert any(not torch.equal(a, b) for a, b in zip(_fused(plain).values(), _layer_weights(ours).values()))
+    assert any(not torch.equal(a, b) for a, b in zip(_fused(plain).values(), layer_weights(ours).values()))
 
 
-def test_text_encoder_block_weight(base_pipes, tmp_path):  # noqa: F811
+def test_text_encoder_block_weight(base_pipes, tmp_path):
     """The text encoder's value scales its layers' deltas (oracle: the hand deltas times the value)."""
     base = base_pipes["sd15"]
     tensors, deltas = kohya_lora(base, "sd15", seed=32, conv=False)
@@ -54,10 +53,10 @@ def test_text_encoder_block_weight(base_pipes, tmp_path):  # noqa: F811
     ours = copy.deepcopy(base)
     load_lora_file(ours, path, "file", block_weights={"text_encoder": 0.3})
     ours.fuse_lora(components=["unet", "text_encoder"], adapter_names=["file"])
-    expected = _layer_weights(base)
+    expected = layer_weights(base)
     for key, delta in deltas.items():
         expected[key] = expected[key] + delta * (0.3 if key[0] == "text_encoder" else 1.0)
-    _assert_weights(_layer_weights(ours), expected, set(deltas))
+    assert_weights(layer_weights(ours), expected, set(deltas))
 
 
 def test_lbw_vectors_map_to_the_dict_form():

@@ -14,41 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from lora_files import Deltas, attn_processor_lora, kohya_lora, lokr, loha, peft_dora, peft_lokr, write
-from torch import nn
+from lora_files import (COMPONENTS, Deltas, assert_weights, attn_processor_lora, kohya_lora, layer_weights, lokr,
+                        loha, peft_dora, peft_lokr, write)
 
-from loracompose.assets.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from loracompose.errors import UserError
 from loracompose.formats import load_lora_file
 
-ATOL, RTOL = 2e-5, 1e-5
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-@pytest.fixture(scope="module")
-def base_pipes():
-    return {"sd15": tiny_sd15_pipeline(seed=0), "sdxl": tiny_sdxl_pipeline(seed=0)}
-
-
-def _layer_weights(pipe) -> dict[tuple[str, str], torch.Tensor]:
-    """Every Linear/Conv2d weight of the pipeline's models, by (component, module); a PEFT layer by its own
-    name, with its (fused) base weight."""
-    weights = {}
-    for component in COMPONENTS:
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
-        for name, module in model.named_modules():
-            if ".base_layer" in name or ".lora_" in name:
-                continue
-            layer = getattr(module, "base_layer", module)
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                weights[(component, name)] = layer.weight.detach().clone()
-    return weights
 
 
 def _expected(base, deltas: Deltas) -> dict[tuple[str, str], torch.Tensor]:
-    weights = _layer_weights(base)
+    weights = layer_weights(base)
     for key, delta in deltas.items():
         weights[key] = weights[key] + delta
     return weights
@@ -59,15 +34,7 @@ def _loaded_and_fused(base, path: Path, name: str = "file") -> dict[tuple[str, s
     load_lora_file(pipe, path, name)
     components = [component for component in COMPONENTS if getattr(pipe, component, None) is not None]
     pipe.fuse_lora(components=components, adapter_names=[name])
-    return _layer_weights(pipe)
-
-
-def _assert_weights(actual, expected, changed: set) -> None:
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=ATOL, rtol=RTOL,
-                                   msg=lambda message, key=key: f"{key}: {message}")
-    assert changed, "the file changes some layer"
+    return layer_weights(pipe)
 
 
 CASES = {
@@ -93,7 +60,7 @@ def test_file_loads_as_the_hand_computed_delta(base_pipes, tmp_path, arch, case)
     base = base_pipes[arch]
     tensors, deltas = CASES[case](base, arch)
     path = write(tmp_path / "lora.safetensors", tensors)
-    _assert_weights(_loaded_and_fused(base, path), _expected(base, deltas), set(deltas))
+    assert_weights(_loaded_and_fused(base, path), _expected(base, deltas), set(deltas))
 
 
 # ---------------------------------------------------------------------------------- against plain diffusers
@@ -108,7 +75,7 @@ def _diffusers_fused(base, path: Path, name: str = "file", unet_only: bool = Fal
     else:
         pipe.load_lora_weights(str(path), adapter_name=name)
     pipe.fuse_lora(components=["unet"], adapter_names=[name])
-    return _layer_weights(pipe)
+    return layer_weights(pipe)
 
 
 def _unet_only(tensors: dict[str, torch.Tensor], deltas: Deltas):
@@ -123,8 +90,8 @@ def test_kohya_locon_equals_plain_diffusers(base_pipes, tmp_path, arch):
     tensors, deltas = _unet_only(*kohya_lora(base, arch, seed=21, conv=True))
     path = write(tmp_path / "locon.safetensors", tensors)
     ours = _loaded_and_fused(base, path)
-    _assert_weights(ours, _diffusers_fused(base, path), set(deltas))
-    _assert_weights(ours, _expected(base, deltas), set(deltas))
+    assert_weights(ours, _diffusers_fused(base, path), set(deltas))
+    assert_weights(ours, _expected(base, deltas), set(deltas))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -133,8 +100,8 @@ def test_peft_dora_equals_plain_diffusers(base_pipes, tmp_path, arch):
     tensors, deltas, metadata = peft_dora(base, arch, seed=22)
     path = write(tmp_path / "dora.safetensors", tensors, metadata)
     ours = _loaded_and_fused(base, path)
-    _assert_weights(ours, _diffusers_fused(base, path), set(deltas))
-    _assert_weights(ours, _expected(base, deltas), set(deltas))
+    assert_weights(ours, _diffusers_fused(base, path), set(deltas))
+    assert_weights(ours, _expected(base, deltas), set(deltas))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -143,8 +110,8 @@ def test_peft_lokr_equals_plain_diffusers(base_pipes, tmp_path, arch):
     tensors, deltas = peft_lokr(base, arch, seed=23)
     path = write(tmp_path / "lokr.safetensors", tensors)
     ours = _loaded_and_fused(base, path)
-    _assert_weights(ours, _diffusers_fused(base, path, unet_only=True), set(deltas))
-    _assert_weights(ours, _expected(base, deltas), set(deltas))
+    assert_weights(ours, _diffusers_fused(base, path, unet_only=True), set(deltas))
+    assert_weights(ours, _expected(base, deltas), set(deltas))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -153,8 +120,8 @@ def test_old_attention_processor_file(base_pipes, tmp_path, arch):
     tensors, deltas = attn_processor_lora(base, arch, seed=24)
     path = write(tmp_path / "attn-procs.safetensors", tensors)
     ours = _loaded_and_fused(base, path)
-    _assert_weights(ours, _expected(base, deltas), set(deltas))
-    _assert_weights(ours, _diffusers_fused(base, path), set(deltas))
+    assert_weights(ours, _expected(base, deltas), set(deltas))
+    assert_weights(ours, _diffusers_fused(base, path), set(deltas))
 
 
 # ---------------------------------------------------------------------------------- refusals
