@@ -6,7 +6,8 @@ objects at their sides, with Merge (and ``regional`` where it is installed) besi
     python benchmarks/toyworld_auto.py --methods merge 'auto:{"threshold": 0.4}' --sets moxel+lunzor
 
 Each image is one generation with its own seed (20 steps, CFG 4, the shipped toy world); for Merge
-and ``auto``, whose batches equal one-image runs (tested), the seeds run as one batch of images. The detector judges every image:
+and ``auto``, whose batches equal one-image runs (tested), the seeds run as one batch of images. The
+detector judges every image:
 ``all`` = every concept of the set present; ``two objects`` = a red heart on the left AND a yellow
 crescent on the right (shape, colour and side). Writes a table (Markdown) and JSON under
 benchmarks/results/ and, with ``--images DIR``, one x4 grid PNG per method and set.
@@ -30,7 +31,7 @@ from loracompose.assets.embedded import embedded_default
 from loracompose.eval.toyworld import REFERENCE_SETTINGS, composition_sets
 from loracompose.methods import METHODS
 from loracompose.pipelines import load_pipeline
-from loracompose.toyworld.concepts import CONCEPTS, composition
+from loracompose.toyworld.concepts import CONCEPTS
 from loracompose.toyworld.detector import detect
 
 from bench_common import machine_info, write_json
@@ -79,8 +80,10 @@ def generate(pipe: Any, make_method: Any, entry: dict[str, Any], seeds: list[int
     settings = dict(steps=REFERENCE_SETTINGS["steps"], guidance_scale=REFERENCE_SETTINGS["guidance"],
                     append_triggers=False, show_progress=False)
     if _batchable(make_method(entry)) and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-        return pipe.generate(entry["prompt"], specs, make_method(entry), seed=seeds[0], num_images=len(seeds), **settings).images
-    return [pipe.generate(entry["prompt"], specs, make_method(entry), seed=seed, **settings).images[0] for seed in seeds]
+        return pipe.generate(entry["prompt"], specs, make_method(entry), seed=seeds[0], num_images=len(seeds),
+                             **settings).images
+    return [pipe.generate(entry["prompt"], specs, make_method(entry), seed=seed, **settings).images[0]
+            for seed in seeds]
 
 
 def _batchable(method: Any) -> bool:
@@ -144,7 +147,8 @@ def table(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-31", help="seeds: 0-31 (report, default) or 100-131 (tuning)")
-    parser.add_argument("--methods", nargs="+", default=["merge", "regional", "auto"], help="NAME or NAME:{json settings}")
+    parser.add_argument("--methods", nargs="+", default=["merge", "regional", "auto"],
+                        help="NAME or NAME:{json settings}")
     parser.add_argument("--sets", nargs="+", default=None, help="set ids such as moxel+lunzor (default: all)")
     parser.add_argument("--tag", default="report", help="name of the result files: toyworld-auto-TAG.{json,md}")
     parser.add_argument("--images", type=Path, default=None, help="write one grid PNG per method and set here")

@@ -8,8 +8,12 @@
                (the model given by ``map_source``), recording each local LoRA's trigger-token maps
     masks   <- automatic masks from the summed maps (attention/auto_masks.py): per concept smoothed
                and min-max normalised, argmax over concepts, background below ``threshold``
-    regions <- local LoRA: its mask; background LoRA: where no local concept is
-               (``background_outside``); style LoRA: the whole image (``style_inside``)
+    regions <- local LoRA: its mask; background LoRA: where no local concept is, ``background_margin``
+               map cells away (``background_outside``); style LoRA: the whole image (``style_inside``)
+    styles  <- with ``style_combine="noise"`` a style beside other LoRAs is not merged into their pass:
+               eps = eps_main + outside * (eps_style - eps_base), eps_style its own whole-image pass,
+               eps_base the base model's, outside where no local concept is (everywhere without local
+               LoRAs); inside the local regions the style stays in eps_main's weights
     then the generation runs from the initial latents as regional LoRA (compose/methods/regional.py):
     each LoRA's deltas inside its region on every layer in one UNet pass per step (``mode="delta"``),
     or as a latent couple (``mode="latent"``). The masks stay fixed after the probe. With several
@@ -26,6 +30,12 @@ Choices, measured on the shipped toy world (tuning seeds 100-115; benchmarks/toy
 * Background LoRAs outside the objects: applied everywhere, the checkered LoRA turns the objects'
   shapes into circles (moxel+checkered 44%, moxel+lunzor+checkered 0%); outside them, 88% and 56%.
 * Threshold 0.5 (against 0.3): moxel+lunzor+checkered 56% -> 94%, the two objects 94% -> 100%.
+* Styles in noise space (tuning seeds 100-115): merged in weights, the checkered and ambrel LoRAs cancel
+  each other's effect (ambrel found 4/16 beside checkered, warmth a tenth of the alone value); with their
+  effects added in noise space both are found 16/16. Next to objects the style's effect goes only where
+  no object is (over the objects its pass, which lacks the object LoRA, smudged them).
+* Background margin 1: the checkered LoRA painted over the tips of crescents that reach past the lunzor
+  mask (lunzor+checkered 9/16 -> 11/16).
 """
 
 from __future__ import annotations
