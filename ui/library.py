@@ -226,6 +226,7 @@ class UploadStore:
         try:
             shutil.copyfile(source, staging)
             describe_lora_file(staging, "upload", "upload")
+            check_lora_tensors(staging)  # NaN or Inf: refused before it can reach the shared model
             target.parent.mkdir(exist_ok=True)
             os.replace(staging, target)
         except UserError as error:
