@@ -18,7 +18,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from loracompose.errors import UserError
 from loracompose.library import PICKLED_SUFFIXES, library_files, library_root
-from loracompose.lora import ARCHITECTURE_NAMES, LoraSpec, adapter_name_for, inspect_lora
+from loracompose.lora import ARCHITECTURE_NAMES, LoraSpec, adapter_name_for, check_lora_tensors, inspect_lora
 from loracompose.outputs import file_sha256
 
 log = logging.getLogger(__name__)
