@@ -217,11 +217,13 @@ class SelfAttentionRows:
         return args, kwargs
 
     def _add_row_deltas(self, module: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if self.rows.shape[0] != x.shape[0]:
-            raise UserError(f"TARA self-attention rows ({self.rows.shape[0]}) do not match the batch ({x.shape[0]}); "
+        x, rows = args[0], self.rows
+        if rows is None:  # this hook is registered only when rows are given
+            return output
+        if rows.shape[0] != x.shape[0]:
+            raise UserError(f"TARA self-attention rows ({rows.shape[0]}) do not match the batch ({x.shape[0]}); "
                             "run TARA through pipe.generate")
-        rows = self.rows.to(device=x.device, dtype=output.dtype).view(-1, *([1] * (x.ndim - 1)))
+        rows = rows.to(device=x.device, dtype=output.dtype).view(-1, *([1] * (x.ndim - 1)))
         for adapter in active_adapters(module):
             output = output + rows * adapter_delta(module, x, adapter).to(output.dtype)
         return output
