@@ -9,16 +9,21 @@ not inflate; ``--clock wall`` counts elapsed time):
 
 * ``plain``: stock ``diffusers.StableDiffusionPipeline``, DPM-Solver++, no LoRA (1 call/step);
 * ``composite``: ``generate`` with ``Composite(batched=...)`` (N branches per step);
-* ``clora``: ``generate`` with ``CLoRA(batched=...)`` (N + 1 branches per step, plus U optimisation
-  passes: conditional rows of all branches forward with a graph, one backward each).
+* ``clora``: ``generate`` with ``CLoRA(batched=..., gate=...)`` (plus U optimisation passes:
+  conditional rows of all branches forward with a graph, one backward each); ``gate="prediction"``:
+  N + 1 branches' CFG rows per step; ``gate="layers"`` (the default): a map pass of the N + 1
+  branches' conditional rows ending after the map layers, then one regional CFG pass (2 rows).
 
-Cost floor: the UNet passes the algorithm needs and nothing else (no map capture, loss, masks or
-fusion), timed on the pipeline's own UNet with each row routed through its branch's LoRA as
-``generate`` does, random inputs: ``T * F(N+1) + U * FB(N+1)`` plus plain diffusers' non-UNet time
-(text encoders, VAE, scheduler: its wall time minus ``T * F(base)``). ``F(b)`` is a no-grad CFG
-forward of b branches (2b rows); ``FB(b)`` a forward of their b conditional rows with a graph plus a
-backward from the last map layer's output (the loss's deepest layer) to the latents. Composite's
-floor is ``T * F(N)`` plus the same non-UNet time. Target: clora/floor <= 1.1.
+Cost floor: the UNet passes the algorithm needs and nothing else (no map capture, loss, masks,
+fusion or delta masking), timed on the pipeline's own UNet with each row routed through its branch's
+LoRA as ``generate`` does, random inputs: ``T * F(N+1) + U * FB(N+1)`` (prediction) or
+``T * (M(N+1) + F_all) + U * FB(N+1)`` (layers), plus plain diffusers' non-UNet time (text encoders,
+VAE, scheduler: its wall time minus ``T * F(base)``). ``F(b)`` is a no-grad CFG forward of b branches
+(2b rows); ``M(b)`` a no-grad forward of their b conditional rows up to the last map layer; ``F_all``
+a no-grad CFG forward (2 rows) with every LoRA active; ``FB(b)`` a forward of b conditional rows
+with a graph plus a backward from the last map layer's output (the loss's deepest layer) to the
+latents. Map layers as CLoRA picks them for the latent size. Composite's floor is ``T * F(N)`` plus
+the same non-UNet time. Target: clora/floor <= 1.1.
 
 Graph MB: what autograd keeps for one optimisation pass (saved tensors, weights excluded): the memory
 CLoRA needs beyond Composite's.
@@ -49,8 +54,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP workers must 
 import torch  # noqa: E402
 
 from loracompose import Composite, LoraSpec, load_pipeline  # noqa: E402
-from loracompose.attention import attention_map_layers  # noqa: E402
-from loracompose.methods.clora import CLoRA, frozen_parameters  # noqa: E402
+from loracompose.attention import LatentGrid, stop_after_layers  # noqa: E402
+from loracompose.methods.clora import CLoRA, frozen_parameters, map_layers  # noqa: E402
 from loracompose.pipelines.adapters import BASE_ROW, AdapterController  # noqa: E402
 from loracompose.pipelines.compose_pipeline import quiet_loading  # noqa: E402
 from loracompose.pipelines.stats import peak_rss_bytes  # noqa: E402
@@ -87,6 +92,7 @@ class Settings:
 class Row:
     model: str
     num_loras: int
+    gate: str
     batched: bool
     steps: int
     updates: int
@@ -189,7 +195,11 @@ class FloorTimer:
         self.adapters = AdapterController({"unet": pipe.unet})
         self.latent_size, self.repeats = latent_size, repeats
         self.context_dim = pipe.unet.config.cross_attention_dim
-        self.last_map_layer = pipe.unet.get_submodule(attention_map_layers(pipe.unet)[-1].name)
+        defaults = CLoRA()
+        layers = map_layers(pipe.unet, LatentGrid(latent_size, latent_size), defaults.min_map_side,
+                            defaults.map_layers_per_module)
+        self.map_layer_names = [layer.name for layer in layers]
+        self.last_map_layer = pipe.unet.get_submodule(layers[-1].name)
 
     def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = torch.randn(rows, self.unet.config.in_channels, self.latent_size, self.latent_size)
@@ -204,6 +214,27 @@ class FloorTimer:
         sample, context = self._inputs(2 * len(branches))
         with torch.no_grad(), self._routed(list(branches) * 2):
             return best_time(lambda: self.unet(sample, torch.tensor(500), context), self.repeats)
+
+    def map_forward(self, branches: Sequence[str]) -> float:
+        """No-grad forward of one conditional row per branch, ending after the map layers."""
+        sample, context = self._inputs(len(branches))
+
+        def run() -> None:
+            with stop_after_layers(self.unet, self.map_layer_names):
+                self.unet(sample, torch.tensor(500), context)
+
+        with torch.no_grad(), self._routed(list(branches)):
+            return best_time(run, self.repeats)
+
+    def all_loras_forward(self, names: Sequence[str]) -> float:
+        """No-grad CFG forward (2 rows) with every LoRA in ``names`` active."""
+        sample, context = self._inputs(2)
+        self.adapters.activate({name: 1.0 for name in names})
+        try:
+            with torch.no_grad():
+                return best_time(lambda: self.unet(sample, torch.tensor(500), context), self.repeats)
+        finally:
+            self.adapters.activate({})
 
     def forward_backward(self, branches: Sequence[str]) -> float:
         sample, context = self._inputs(len(branches))
@@ -274,9 +305,10 @@ def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list
     plain_seconds, plain_peak, floors = math.inf, math.nan, {}
     for num_loras in settings.num_loras:
         specs = [LoraSpec(path) for path in loras[:num_loras]]
-        for batched in (True, False):
+        for gate, batched in (("layers", True), ("layers", False), ("prediction", True), ("prediction", False)):
             runners = {"composite": generate_runner(pipe, specs, lambda: Composite(batched=batched)),
-                       "clora": generate_runner(pipe, specs, lambda: CLoRA(batched=batched, **settings.clora))}
+                       "clora": generate_runner(pipe, specs,
+                                                lambda: CLoRA(batched=batched, gate=gate, **settings.clora))}
             if not rows:
                 runners = {"plain": plain, **runners}  # plain diffusers has no N: timed with the first row only
             seconds, results, peaks = race(runners, steps, settings.repeats, warm=not batched)
@@ -288,12 +320,13 @@ def benchmark_model(name: str, settings: Settings, work_dir: Path) -> tuple[list
             floor = floors[num_loras]
             stats = results["clora"].stats
             non_unet = max(0.0, plain_seconds - steps * floor["plain_forward"])
-            clora_floor = non_unet + steps * floor["clora_forward"] + stats.backward_passes * floor["clora_forward_backward"]
+            per_step = floor["clora_forward"] if gate == "prediction" else floor["map_forward"] + floor["all_forward"]
+            clora_floor = non_unet + steps * per_step + stats.backward_passes * floor["clora_forward_backward"]
             composite_floor = non_unet + steps * floor["composite_forward"]
-            rows.append(Row(name, num_loras, batched, steps, stats.backward_passes, plain_seconds, seconds["composite"],
+            rows.append(Row(name, num_loras, gate, batched, steps, stats.backward_passes, plain_seconds, seconds["composite"],
                             seconds["clora"], clora_floor, composite_floor, stats.unet_calls,
                             optimisation_graph_mb(pipe, specs, batched), peaks["clora"], peaks["composite"], plain_peak))
-            print(f"  {name} N={num_loras} batched={batched}: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+            print(f"  {name} N={num_loras} gate={gate} batched={batched}: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
                   + f", floor {clora_floor:.2f} s", file=sys.stderr, flush=True)
     return rows, {"size": SIZE, "latent_size": latent_size, "unet_seconds": floors,
                   "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())}
@@ -304,13 +337,14 @@ def unet_floor(pipe: Any, latent_size: int, names: Sequence[str], repeats: int) 
     timer = FloorTimer(pipe, latent_size, repeats)
     return {"plain_forward": timer.forward([BASE_ROW]), "composite_forward": timer.forward(names),
             "clora_forward": timer.forward([BASE_ROW, *names]),
-            "clora_forward_backward": timer.forward_backward([BASE_ROW, *names])}
+            "clora_forward_backward": timer.forward_backward([BASE_ROW, *names]),
+            "map_forward": timer.map_forward([BASE_ROW, *names]), "all_forward": timer.all_loras_forward(names)}
 
 
 # ------------------------------------------------------------------------------------ output
 
 
-COLUMNS = ("model", "N", "batched", "T", "updates", "plain s", "composite s", "clora s", "clora/plain",
+COLUMNS = ("model", "N", "gate", "batched", "T", "updates", "plain s", "composite s", "clora s", "clora/plain",
            "clora/composite", "floor s", "clora/floor", "composite/its floor", "graph MB", "peak MB clora",
            "peak MB composite")
 
@@ -319,7 +353,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|:---|" + "---:|" * (len(COLUMNS) - 1)]
     for r in rows:
         cells = [
-            r.model, r.num_loras, "yes" if r.batched else "no", r.steps, r.updates, f"{r.plain_seconds:.2f}",
+            r.model, r.num_loras, r.gate, "yes" if r.batched else "no", r.steps, r.updates, f"{r.plain_seconds:.2f}",
             f"{r.composite_seconds:.2f}", f"{r.clora_seconds:.2f}", f"{r.clora_vs_plain:.1f}",
             f"{r.clora_vs_composite:.2f}", f"{r.clora_floor_seconds:.2f}", f"{r.clora_vs_floor:.2f}",
             f"{r.composite_vs_floor:.2f}", f"{r.clora_graph_mb:.1f}", f"{r.clora_peak_mb:.0f}", f"{r.composite_peak_mb:.0f}",
