@@ -150,12 +150,26 @@ _UNET_COMMON = {
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
 }
+TINY_SD15_UNET = {**_UNET_COMMON, "cross_attention_dim": 32}
+"""The tiny SD1.5 UNet's config (also the LoRA converter's name skeleton for files made for it)."""
+TINY_SDXL_UNET = {
+    **_UNET_COMMON,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    # 6 micro-conditioning ids x addition_time_embed_dim + the 32-wide pooled text embedding.
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "cross_attention_dim": 64,
+}
+"""The tiny SDXL UNet's config."""
 
 
 def tiny_sd15_pipeline(*, seed: int = 0) -> StableDiffusionPipeline:
     """A random-weight SD1.5 pipeline in memory (49408-token vocabulary)."""
     pipe = StableDiffusionPipeline(
-        unet=_seeded(seed, UNet2DConditionModel, **_UNET_COMMON, cross_attention_dim=32),
+        unet=_seeded(seed, UNet2DConditionModel, **TINY_SD15_UNET),
         vae=_tiny_vae(seed),
         text_encoder=_seeded(seed, CLIPTextModel, _text_config()),
         tokenizer=_clip_tokenizer(),
@@ -170,19 +184,7 @@ def tiny_sd15_pipeline(*, seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_sdxl_pipeline(*, seed: int = 0) -> StableDiffusionXLPipeline:
     """A random-weight SDXL pipeline in memory (two text encoders, added text and time embeddings)."""
-    unet = _seeded(
-        seed,
-        UNet2DConditionModel,
-        **_UNET_COMMON,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        # 6 micro-conditioning ids x addition_time_embed_dim + the 32-wide pooled text embedding.
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
-    )
+    unet = _seeded(seed, UNet2DConditionModel, **TINY_SDXL_UNET)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=_tiny_vae(seed, sample_size=128),

@@ -1,5 +1,5 @@
 """A LoRA file's UNet low-rank factors, as the weight-encoding retriever reads them: per adapted layer
-A (r, d_in) and α/r·B (d_out, r), from diffusers/PEFT files directly or other formats via diffusers."""
+A (r, d_in) and α/r·B (d_out, r), from diffusers/PEFT files directly or other formats via the converter."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from loracompose.errors import UserError, first_line
+from loracompose.errors import UserError
 from loracompose.validation import regular_file
 
 
@@ -33,28 +33,27 @@ class AdaptedLayer:
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, d_in), s·B (d_out, r))
 
 
-def read_unet_factors(path: Path) -> LoraFactors:
-    """The UNet low-rank factors of a LoRA file, with B scaled by alpha/r.
+def read_unet_factors(path: Path, unet: nn.Module | None = None) -> LoraFactors:
+    """The UNet low-rank factors of a LoRA file, with B scaled by its layer's scale.
 
-    diffusers/PEFT files (``unet.<module>.lora_A.weight``) are read directly; other formats (kohya,
-    old diffusers) go through diffusers' own conversion. Conv factors are flattened to matrices
-    (A: (r, d_in·k·k), B: (d_out, r)).
+    diffusers/PEFT LoRA files (``unet.<module>.lora_A.weight``) are read directly; every other format
+    the converter loads (kohya and sgm names, LoCon, LoHa, LoKr, old diffusers) goes through
+    :mod:`loracompose.formats` and gives its exact low-rank factors (LoHa's Khatri-Rao, LoKr's Kronecker
+    factors). Layer names are resolved against ``unet`` when given, else against meta-device skeletons
+    of the known base models (:mod:`loracompose.formats.skeletons`). Conv factors are flattened to
+    matrices (A: (r, d_in·k·k), B: (d_out, r)). Text-encoder weights are ignored.
     """
+    from loracompose.formats.convert import read_lora_tensors
+
     check_safetensors_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            keys = list(handle.keys())
-            direct = _is_peft_unet(keys)
-            state = {key.removeprefix("unet."): handle.get_tensor(key) for key in keys if key.startswith("unet.")} \
-                if direct else None
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"LoRA file {path} cannot be read ({first_line(error)}); remove or replace it") from None
-    if state is None:
-        state, alphas = _converted_unet_state(path)
-    else:
-        alphas = _metadata_alphas(metadata)
-    return _factors(state, alphas)
+    tensors, metadata = read_lora_tensors(path)
+    if _is_peft_unet(list(tensors)):
+        state = {key.removeprefix("unet."): value for key, value in tensors.items() if key.startswith("unet.")}
+        return _factors(state, _metadata_alphas(metadata))
+    converted = _converted_unet(path, _unet_tensors(path, tensors), metadata, unet)
+    return {module: (delta.down.reshape(delta.rank, -1).float(),
+                     delta.up.reshape(delta.up.shape[0], delta.rank).float() * delta.scale)
+            for module, delta in converted.items()}
 
 
 def _is_peft_unet(keys: Sequence[str]) -> bool:
@@ -62,28 +61,41 @@ def _is_peft_unet(keys: Sequence[str]) -> bool:
     return bool(unet) and all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in unet)
 
 
-def _converted_unet_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """UNet LoRA tensors in PEFT naming without the ``unet.`` prefix, and alpha per module, via diffusers."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
+def _unet_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's UNet tensors (and keys no format knows, which the converter names in its refusal)."""
+    from loracompose.formats.keys import parse_key
 
-    from loracompose.pipelines.compose_pipeline import quiet_loading
+    kept = {}
+    for key, tensor in tensors.items():
+        parsed = parse_key(key)
+        if parsed is not None and parsed.component != "unet":
+            continue
+        if parsed is not None and parsed.part == "magnitude":
+            raise UserError(f"LoRA file {path} is a DoRA LoRA, whose weight change depends on the base model's "
+                            "weights, which the retriever does not read; leave DoRA files out of the library")
+        kept[key] = tensor
+    if not kept:
+        raise UserError(f"LoRA file {path} adapts no UNet layer; the retriever needs UNet LoRA layers")
+    return kept
 
-    try:
-        with quiet_loading():
-            state, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path),
-                                                                                      return_lora_metadata=True)
-    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
-        raise UserError(f"LoRA file {path} cannot be read as a LoRA ({first_line(error)}); "
-                        "remove or replace it") from None
-    unet = convert_unet_state_dict_to_peft({key.removeprefix("unet."): value for key, value in state.items()
-                                            if key.startswith("unet.")})
-    if not network_alphas:
-        return unet, _metadata_alphas(metadata or {})
-    named = {key.removeprefix("unet.").removesuffix(".alpha"): value for key, value in network_alphas.items()
-             if key.startswith("unet.")}
-    converted = convert_unet_state_dict_to_peft(named)
-    return unet, {key.removesuffix(".lora_A.weight"): float(value) for key, value in converted.items()}
+
+def _converted_unet(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                    unet: nn.Module | None) -> dict[str, Any]:
+    """The converter's factors per UNet module, against ``unet`` or the first base-model skeleton they fit."""
+    from loracompose.formats.convert import convert_lora
+    from loracompose.formats.skeletons import skeleton_configs, unet_skeleton
+
+    candidates = [unet] if unet is not None else [unet_skeleton(name) for name in skeleton_configs()]
+    refusals = []
+    for candidate in candidates:
+        try:
+            return convert_lora(path, tensors, metadata, {"unet": candidate}).layers.get("unet", {})
+        except UserError as error:
+            refusals.append(str(error))
+    if len(set(refusals)) == 1:  # the same reason on every model: the file's format, not its base model
+        raise UserError(refusals[0])
+    raise UserError(f"LoRA file {path} fits no base model the retriever knows (SD1.5, SD2.x, SDXL, loracompose's "
+                    "tiny models); use LoRAs made for one of them")
 
 
 def _metadata_alphas(metadata: Mapping[str, Any]) -> dict[str, float]:
