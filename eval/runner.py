@@ -153,6 +153,7 @@ def run_job(pipe: Any, scorer: Any, suite: Suite, job: Job, out_dir: Path) -> di
         job.set.prompt, specs, method, negative_prompt=suite.negative_prompt, seed=job.seed, steps=suite.steps,
         guidance_scale=suite.guidance, width=suite.width, height=suite.height, scheduler=suite.scheduler,
         append_triggers=suite.append_triggers, text_encoder_loras=suite.text_encoder_loras, show_progress=False,
+        lora_dir=suite.lora_dir,
     )
     image_path = save_result(result, Path(out_dir) / IMAGES_DIR, job.id, suite.model)[0]
     for path in (image_path, image_path.with_suffix(".json")):  # on disk before the manifest says "done"

@@ -35,7 +35,7 @@ TRIGGERS_FIELD = "{triggers}"
 TOP_LEVEL_KEYS = {
     "name", "model", "config", "vae", "device", "dtype", "loras", "sets", "prompt", "negative_prompt", "methods",
     "seeds", "width", "height", "steps", "guidance", "scheduler", "lora_weight", "append_triggers",
-    "text_encoder_loras", "clipscore", "composlora", "toyworld",
+    "text_encoder_loras", "clipscore", "composlora", "toyworld", "lora_dir",
 }
 TESTBED_KEYS = ("composlora", "toyworld")
 PATH_SETTINGS = {"gates"}  # method settings that name files: relative to the suite file, like every path
@@ -43,7 +43,7 @@ PATH_LIST_SETTINGS = {"masks"}  # method settings that list files (regional's ma
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
     "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
-    "text_encoder_loras": True, "device": "auto", "dtype": "auto", "config": None, "vae": None,
+    "text_encoder_loras": True, "device": "auto", "dtype": "auto", "config": None, "vae": None, "lora_dir": None,
 }
 
 
@@ -173,6 +173,7 @@ class Suite:
     clipscore: ClipSettings | None = None
     style: str | None = None
     detector: str | None = None  # "toyworld": the runner records which concepts each image shows
+    lora_dir: Path | None = None  # the folder <lora:NAME:W> tags in set prompts pick files from
 
     def jobs(self) -> list[Job]:
         """The grid, set-major (set, then seed, then method), so a partial run compares methods."""
@@ -187,10 +188,14 @@ class Suite:
 
     def generation_settings(self) -> dict[str, Any]:
         """Settings shared by every job (part of every job's fingerprint)."""
-        return {"model": _model_label(self.model), "vae": self.vae and _model_label(self.vae), "dtype": self.dtype,
-                "negative_prompt": self.negative_prompt, "width": self.width, "height": self.height,
-                "steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
-                "append_triggers": self.append_triggers, "text_encoder_loras": self.text_encoder_loras}
+        settings: dict[str, Any] = {
+            "model": _model_label(self.model), "vae": self.vae and _model_label(self.vae), "dtype": self.dtype,
+            "negative_prompt": self.negative_prompt, "width": self.width, "height": self.height,
+            "steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
+            "append_triggers": self.append_triggers, "text_encoder_loras": self.text_encoder_loras}
+        if self.lora_dir is not None:  # only then, so the ids of suites without one stay as they were
+            settings["lora_dir"] = str(self.lora_dir)
+        return settings
 
     def describe(self) -> dict[str, Any]:
         """The resolved suite, JSON-ready (written to run.json)."""
@@ -276,9 +281,24 @@ def parse_suite(data: Any, *, base_dir: Path = Path("."), default_name: str = "s
         clipscore=_parse_clipscore(data.get("clipscore"), base_dir),
         style=data.get("style"),
         detector=data.get("detector"),
+        lora_dir=None if data["lora_dir"] is None else _resolve(data["lora_dir"], base_dir),
     )
     _check_set_settings(suite)
+    _check_prompt_tags(suite)
     return suite
+
+
+def _check_prompt_tags(suite: Suite) -> None:
+    """Resolve each set prompt's ``<lora:NAME:W>`` tags now (the runner passes ``lora_dir`` to generate):
+    a missing file or folder fails before any image is made."""
+    from loracompose.formats.prompt_tags import has_lora_tags, split_lora_tags
+
+    for composition_set in suite.sets:
+        if has_lora_tags(composition_set.prompt):
+            try:
+                split_lora_tags(composition_set.prompt, suite.lora_dir)
+            except UserError as error:
+                raise UserError(f"suite set {composition_set.id!r}: {error} (suite key lora_dir)") from None
 
 
 def _check_set_settings(suite: Suite) -> None:

@@ -76,6 +76,7 @@ class AppSettings:
     preselect_library: bool = False
     max_upload_bytes: int = 512 * 1024**2
     title: str = "loracompose"
+    lora_dir: Path | None = None  # the library folder: <lora:NAME:W> prompt tags pick NAME.safetensors from it
 
 
 def readable_errors(handler: Callable) -> Callable:
@@ -124,7 +125,7 @@ def _generation_request(state: SessionState, prompt: str, negative_prompt: str, 
         loras=tuple(selected_specs(table_rows(table), state.catalog)), seed=numbers.seed, steps=numbers.steps,
         guidance_scale=numbers.guidance_scale, width=int(numbers.width or 0), height=int(numbers.height or 0),
         num_images=numbers.num_images, scheduler=str(scheduler), append_triggers=bool(append_triggers),
-        text_encoder_loras=bool(text_encoder_loras),
+        text_encoder_loras=bool(text_encoder_loras), lora_dir=state.lora_dir,
     )
 
 
@@ -143,7 +144,7 @@ class LoraComposeApp:
 
     # ------------------------------------------------------------------ session
     def new_session(self) -> SessionState:
-        return SessionState(catalog=LoraCatalog(self.settings.library))
+        return SessionState(catalog=LoraCatalog(self.settings.library), lora_dir=self.settings.lora_dir)
 
     def initial_table(self) -> list[list[Any]]:
         catalog = LoraCatalog(self.settings.library)

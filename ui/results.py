@@ -30,13 +30,14 @@ class GenerationRequest:
     scheduler: str
     append_triggers: bool = True
     text_encoder_loras: bool = True
+    lora_dir: Path | None = None  # the folder <lora:NAME:W> prompt tags pick files from (the library)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``pipe.generate`` after prompt, loras and method."""
         return dict(negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
                     guidance_scale=self.guidance_scale, width=self.width, height=self.height,
                     num_images=self.num_images, scheduler=self.scheduler, append_triggers=self.append_triggers,
-                    text_encoder_loras=self.text_encoder_loras, show_progress=True)
+                    text_encoder_loras=self.text_encoder_loras, show_progress=True, lora_dir=self.lora_dir)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SessionState:
     history: list[ResultItem] = field(default_factory=list)
     selected: int | None = None
     session_id: str = ""
+    lora_dir: Path | None = None  # the server's library folder: prompt tags pick LoRAs from it
 
     def output_folder(self, root: Path) -> Path:
         if not self.session_id:

@@ -46,6 +46,7 @@ def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
     if options.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb {options.max_upload_mb}: give a positive size in MiB")
     model, library, prompt, preselect = options.model, scan_library(options.library), "", False
+    lora_dir = Path(options.library).resolve() if options.library is not None else None  # prompt tags' folder
     defaults: dict[str, Any] = {}
     if model is None:
         demo = embedded_default()
@@ -53,17 +54,24 @@ def resolve_settings(options: UiOptions) -> tuple[str, AppSettings]:
         defaults = {"default_steps": demo.steps, "default_guidance": demo.guidance_scale}
         if options.library is None:
             library, preselect = _demo_library(demo.loras), True
+            lora_dir = _demo_folder(demo.loras)
     home = ui_home()
     settings = AppSettings(
         model_label=model, library=tuple(library), output_root=Path(options.out or home / "outputs").resolve(),
         upload_root=(home / "uploads").resolve(), default_prompt=prompt, preselect_library=preselect,
-        max_upload_bytes=int(options.max_upload_mb * 1024**2), **defaults,
+        max_upload_bytes=int(options.max_upload_mb * 1024**2), lora_dir=lora_dir, **defaults,
     )
     return model, settings
 
 
 def _demo_library(demo_loras) -> list[LoraEntry]:
     return [describe_lora_file(lora.path, lora.name, "demo") for lora in demo_loras]
+
+
+def _demo_folder(demo_loras) -> Path | None:
+    """The demo LoRAs' folder, when they share one (prompt tags then pick them by file name)."""
+    folders = {Path(lora.path).resolve().parent for lora in demo_loras}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def serve(options: UiOptions, block: bool = True):

@@ -68,7 +68,13 @@ def _number(tag: str, text: str) -> float:
 
 
 def find_lora(name: str, folder: Path) -> Path:
-    """``folder/NAME.safetensors``, else the one file named ``NAME.safetensors`` in its subfolders."""
+    """``folder/NAME.safetensors``, else the one file named ``NAME.safetensors`` in its subfolders.
+
+    A name never leaves the folder (no absolute paths, no ``..``): a served UI takes prompts from anyone.
+    """
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise UserError(f"LoRA name {name!r} in a prompt tag must be a name inside the LoRA folder, e.g. "
+                        "<lora:style:0.8> or <lora:folder/style:0.8>")
     direct = folder / f"{name}.safetensors"
     if direct.is_file():
         return direct
