@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0-31", help="seeds to judge: 0-31 (default, never tuned on) or 1,2,5")
     parser.add_argument("--tag", default="report", help="name of the results file: toyworld-composer-<tag>.json")
     parser.add_argument("--rows", nargs="*", help="only these rows (e.g. 'moxel+lunzor', 'moxel alone (left)')")
+    parser.add_argument("--methods", nargs="*", help="only these methods (e.g. 'composer (boxes, region prompts)')")
     parser.add_argument("--images", type=Path, help="write one x8 grid PNG per row and method here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lora_dir = default.loras[0].path.parent
     results = []
     for row in rows():
-        if args.rows and row["row"] not in args.rows:
+        if (args.rows and row["row"] not in args.rows) or (args.methods and row["method"] not in args.methods):
             continue
         started = time.perf_counter()
         images = generate(pipe, row, seeds, lora_dir)

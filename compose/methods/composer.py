@@ -385,6 +385,8 @@ class Composer(CompositionMethod):
         region_prompts: one per LoRA (None or "": the generation's prompt); None: the prompt for all.
         isolate: concept isolation in self-attention.
         refine: test-time latent refinement with the three losses.
+        refine_with_globals: refine also when a background or style LoRA is in the set (off: its latent
+            updates washed out the toy world's style).
         reinitialise: copy the best window of the initial noise into each box.
         box_weight, fill_weight, region_weight, top_k_ratio: the losses' weights and top-k share.
         step_size: φ at SD1.5's geometry (64 latent numbers per attention-map cell); scaled by the
@@ -410,6 +412,7 @@ class Composer(CompositionMethod):
         "help": "one region prompt per LoRA ('' = the whole prompt, the default)"})
     isolate: bool = field(default=True, metadata={"flag_values": {"--composer-no-isolate": False}})
     refine: bool = field(default=True, metadata={"flag_values": {"--composer-no-refine": False}})
+    refine_with_globals: bool = False
     reinitialise: bool = field(default=True, metadata={"flag_values": {"--composer-no-reinit": False}})
     box_weight: float = BOX_LOSS_WEIGHT
     fill_weight: float = FILL_LOSS_WEIGHT
@@ -522,6 +525,14 @@ class Composer(CompositionMethod):
         return [k for k, area in enumerate(self.areas) if area is not None]
 
     @property
+    def refines(self) -> bool:
+        """Whether this generation refines the latent: ``refine``, a placed concept to refine for, and no
+        global LoRA unless ``refine_with_globals`` (measured: refinement's latent updates wash out a
+        style; toy world, moxel + sepia style, style kept 7/16 with it, 14/16 without)."""
+        has_global = len(self.placed) < len(self.loras)
+        return self.refine and bool(self.placed) and (self.refine_with_globals or not has_global)
+
+    @property
     def placed_boxes(self) -> list[Box]:
         """The boxes of :attr:`placed`, in that order."""
         return [area for area in self.areas if area is not None]
@@ -611,7 +622,7 @@ class Composer(CompositionMethod):
                 self._group_states(code)
             self._install_maps(run, grid)
             self._concepts = self._geometry(latents)
-            self._refining = torch.full((latents.shape[0],), self.refine and bool(self.placed), dtype=torch.bool)
+            self._refining = torch.full((latents.shape[0],), self.refines, dtype=torch.bool)
             self._previous_loss = None
             if self.reinitialise and self.placed:
                 latents = self._reinitialise(run, step, latents)
