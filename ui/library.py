@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
-TABLE_HEADERS = ["use", "LoRA", "weight", "trigger words", "category", "base model", "source"]
-TABLE_TYPES: list[Literal["bool", "str", "number"]] = ["bool", "str", "number", "str", "str", "str", "str"]
-READ_ONLY_COLUMNS = [1, 4, 5, 6]
+TABLE_HEADERS = ["use", "LoRA", "weight", "trigger words", "category", "base model", "source", "display name", "kind"]
+TABLE_TYPES: list[Literal["bool", "str", "number"]] = ["bool", "str", "number", "str", "str", "str", "str", "str",
+                                                       "str"]
+READ_ONLY_COLUMNS = [1, 4, 5, 6, 7, 8]
 METADATA_VALUE_CHARS = 200
 
 
@@ -42,12 +43,15 @@ class LoraEntry:
     architecture: str | None
     source: str
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    display_name: str = ""  # kohya's ss_output_name (else modelspec.title, else the adapter name)
+    kinds: tuple[str, ...] = ()  # LoRA, LoCon, LoHa, LoKr, DoRA (from the file's tensor names and shapes)
 
     def table_row(self, use: bool, weight: float = 1.0, trigger_words: str | None = None) -> list[Any]:
         """This LoRA as a row of the table (``TABLE_HEADERS``)."""
         triggers = ", ".join(self.trigger_words) if trigger_words is None else trigger_words
         base = ARCHITECTURE_NAMES.get(self.architecture or "", "unknown")
-        return [use, self.name, weight, triggers, self.category or "", base, self.source]
+        return [use, self.name, weight, triggers, self.category or "", base, self.source,
+                self.display_name or self.name, ", ".join(self.kinds)]
 
     def details(self) -> dict[str, Any]:
         """File, category and metadata for the details box (long metadata values shortened)."""
@@ -55,6 +59,8 @@ class LoraEntry:
             "name": self.name,
             "file": self.path.name,
             "source": self.source,
+            "display_name": self.display_name or self.name,
+            "kinds": list(self.kinds),
             "category": self.category,
             "trigger_words": list(self.trigger_words),
             "metadata": {key: _shorten(value) for key, value in sorted(self.metadata.items())},
@@ -69,7 +75,18 @@ def describe_lora_file(path: Path, name: str, source: str) -> LoraEntry:
     """Check a LoRA file (header only) and describe it; raises UserError for a bad file."""
     lora = inspect_lora(LoraSpec(path, name=name))
     return LoraEntry(lora.name, lora.path, lora.trigger_words, lora.category, lora.architecture, source,
-                     dict(lora.metadata))
+                     dict(lora.metadata), lora.display_name, _kinds(lora.path))
+
+
+def _kinds(path: Path) -> tuple[str, ...]:
+    """The file's LoRA kinds from its header (tensor names and shapes; no tensor is read)."""
+    from safetensors import safe_open
+
+    from loracompose.formats.keys import kinds_from_shapes
+
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    return kinds_from_shapes(shapes)
 
 
 class LoraCatalog:

@@ -91,3 +91,27 @@ def _split_component(key: str) -> tuple[str, str]:
         if key.startswith(prefix):
             return component, key[len(prefix):]
     return "unet", key
+
+
+def kinds_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The kinds of LoRA a file holds, from its tensor names and shapes alone (a listing's "kind" column).
+
+    LoRA, LoCon (a LoRA factor with a kernel wider than 1x1), LoHa, LoKr, DoRA; a refused format by its
+    name (``"OFT (not loaded)"``); ``"unknown"`` for keys no format has. The converter decides at load time.
+    """
+    kinds: set[str] = set()
+    for key, shape in shapes.items():
+        refused = refused_format(key)
+        parsed = None if refused else parse_key(key)
+        if refused:
+            kinds.add(f"{refused} (not loaded)")
+        elif parsed is None:
+            kinds.add("unknown")
+        elif parsed.family == "lora" and parsed.part in ("down", "mid"):
+            kinds.add("LoCon" if len(shape) == 4 and shape[-1] > 1 else "LoRA")
+        elif parsed.family in _KIND_NAMES:
+            kinds.add(_KIND_NAMES[parsed.family])
+    return tuple(sorted(kinds))
+
+
+_KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
