@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 from loracompose.errors import UserError
+from loracompose.kinds import BACKGROUND, STYLE, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, with_trigger_words
 from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
@@ -242,14 +243,19 @@ def concept_masks(
     morphology: Sequence[str] = (),
     scores: str = "peak",
     smoothing: float = 0.0,
+    claims: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Owner map (images, height, width) from the LoRA branches' maps.
 
     ``maps`` is (branches, images, rows, columns, tokens) with the base first; LoRA branch p's mask
-    reads its own map at ``mask_tokens[p - 1]``, scored by :func:`concept_score`.
+    reads its own map at ``mask_tokens[p - 1]``, scored by :func:`concept_score`. Concepts whose
+    ``claims`` entry is False own no pixel.
     """
     per_concept = [concept_score(maps[p + 1], tokens, scores, smoothing) for p, tokens in enumerate(mask_tokens)]
     scores_map = torch.stack(per_concept, dim=1)
+    if claims is not None:
+        allowed = torch.tensor(list(claims), dtype=torch.bool, device=scores_map.device).view(1, -1, 1, 1)
+        scores_map = scores_map.masked_fill(~allowed, float("-inf"))
     return upsample_owner(owner_map(scores_map, threshold, morphology), level, latent_size)
 
 
@@ -397,6 +403,7 @@ class CLoRA(CompositionMethod):
         self.loss_history: list[tuple[int, float]] = []
         self.branch_prompts: list[str] = []
         self.token_groups: TokenGroups = []
+        self.kinds: list[str | None] = []
         self.branches: list[Branch] = []
         self._recorder: MapRecorder | None = None
 
@@ -524,6 +531,15 @@ class CLoRA(CompositionMethod):
             replace(self.branch(lora), prompt=prompt) for lora, prompt in zip(self.loras, self.branch_prompts[1:])
         ]
         self._recorder = None
+        self.kinds = [lora_kind(lora)[0] for lora in self.loras]
+
+    @property
+    def claims(self) -> list[bool]:
+        """Which LoRAs claim pixels by their maps: all with ``gate="prediction"``; with ``"layers"`` the
+        local ones (a background takes the pixels no concept owns, a style the whole image)."""
+        if self.gate != "layers":
+            return [True] * len(self.loras)
+        return [kind not in (STYLE, BACKGROUND) for kind in self.kinds]
 
     def _recorder_for(self, run: Denoiser, latents: torch.Tensor) -> MapRecorder:
         """The map recorder, installed on the first step (its level depends on the latent size)."""
@@ -615,7 +631,7 @@ class CLoRA(CompositionMethod):
         """Regional LoRA on one image: LoRA p's region is where ``owner`` is p + 1 (the whole image before
         ``masks_from_step``); pixels of no concept see the base model on the base prompt."""
         whole = step.index < self.masks_from_step
-        areas = [None if whole else (owner == index + 1).float() for index in range(len(self.loras))]
+        areas = [None if whole else self._area(index, owner) for index in range(len(self.loras))]
         present = [lora for lora, area in zip(self.loras, areas) if area is None or bool(area.any())]
         if not present:
             return run.predict(latents, step, [self.branches[0]])[0]
@@ -623,7 +639,8 @@ class CLoRA(CompositionMethod):
 
         def states(code: int) -> torch.Tensor:
             members = [index for index in range(len(self.loras)) if code >> index & 1]
-            branch = self.branches[members[0] + 1] if len(members) == 1 else self.branches[0]
+            local = [index for index in members if self.claims[index]] or members
+            branch = self.branches[local[0] + 1] if len(local) == 1 else self.branches[0]
             return run.conditioning(branch).embeds
 
         for code in regions.all_codes(LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))):
@@ -634,12 +651,22 @@ class CLoRA(CompositionMethod):
         finally:
             patches.restore()
 
+    def _area(self, index: int, owner: torch.Tensor) -> torch.Tensor | None:
+        """LoRA ``index``'s region: its concept's pixels; a background LoRA's: where no concept is; a
+        style LoRA's: the whole image (None)."""
+        kind = self.kinds[index]
+        if kind == STYLE and self.gate == "layers":
+            return None
+        if kind == BACKGROUND and self.gate == "layers":
+            return (owner == 0).float()
+        return (owner == index + 1).float()
+
     def masks(self, maps: torch.Tensor, step: Step, level: int, latent_size: tuple[int, int]) -> ConceptMasks:
         """This step's masks from maps at ``level`` (after ``mask_callback``), recorded in ``mask_history``."""
         owner = concept_masks(
             maps, [self.token_groups[c][c + 1] for c in range(len(self.loras))], threshold=self.mask_threshold,
             level=level, latent_size=latent_size, morphology=self.mask_morphology,
-            scores=self.mask_scores, smoothing=self.mask_smoothing,
+            scores=self.mask_scores, smoothing=self.mask_smoothing, claims=self.claims,
         )
         masks = ConceptMasks(step.index, owner, (BASE_NAME, *(lora.name for lora in self.loras)))
         if self.mask_callback is not None:

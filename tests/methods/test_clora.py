@@ -203,9 +203,10 @@ def test_one_update_equals_independent_autograd_step_and_masks_match(sd15):
     with torch.no_grad():
         maps = independent_maps(pipe, seen["after"], seen["timestep"], method.branch_prompts, weights, (16, 24))
     pipe.unet.set_adapters(names, [0.0, 0.0])
+    assert method.claims == [True, False]  # the second LoRA is a style: it covers the image, claims nothing
     expected_owner = concept_masks(maps[:, None], [method.token_groups[0][1], method.token_groups[1][2]],
                                    threshold=method.mask_threshold, level=1, latent_size=(32, 48),
-                                   scores=method.mask_scores, smoothing=method.mask_smoothing)
+                                   scores=method.mask_scores, smoothing=method.mask_smoothing, claims=[True, False])
     owner = method.mask_history[0].owner
     assert owner.shape == (1, 32, 48)
     assert torch.equal(owner, expected_owner)
@@ -218,15 +219,18 @@ def forced_owner(branch: int):
 
 @pytest.mark.parametrize("gate", ["layers", "prediction"])
 def test_forced_masks_without_optimisation_equal_that_loras_single_run(sd15, gate):
+    """Prediction: the style LoRA's branch owns every pixel. Layers: no concept owns any pixel; the
+    character LoRA is then off everywhere and the style LoRA (a global kind) covers the whole image."""
     pipe, loras = sd15
     method = CLoRA(latent_update=False, gate=gate)
-    method.mask_callback = forced_owner(2)
+    forced = 2 if gate == "prediction" else 0
+    method.mask_callback = forced_owner(forced)
     clora = pipe.generate(PROMPT, loras, method, steps=3, output_type="np", **COMMON)
     single = pipe.generate(PROMPT, loras[1:], Merge(), steps=3, output_type="np", **COMMON)
     other = pipe.generate(PROMPT, loras[:1], Merge(), steps=3, output_type="np", **COMMON)
     assert np.abs(single.images[0] - other.images[0]).max() > 1e-3
     np.testing.assert_allclose(clora.images[0], single.images[0], atol=1e-5)
-    assert all((masks.owner == 2).all() for masks in method.mask_history)
+    assert all((masks.owner == forced).all() for masks in method.mask_history)
 
 
 @pytest.mark.parametrize("model,gate", [("sd15", "layers"), ("sd15", "prediction"), ("sdxl", "layers")])
