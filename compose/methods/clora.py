@@ -653,8 +653,10 @@ class CLoRA(CompositionMethod):
 
     def _area(self, index: int, owner: torch.Tensor) -> torch.Tensor | None:
         """LoRA ``index``'s region: its concept's pixels; a background LoRA's: where no concept is; a
-        style LoRA's: the whole image (None)."""
+        style LoRA's, or a LoRA alone: the whole image (None). ``gate="prediction"``: its concept's pixels."""
         kind = self.kinds[index]
+        if len(self.loras) == 1 and self.gate == "layers":  # nothing to keep apart; a mask could only cut it
+            return None
         if kind == STYLE and self.gate == "layers":
             return None
         if kind == BACKGROUND and self.gate == "layers":
