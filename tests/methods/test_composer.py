@@ -44,7 +44,7 @@ from loracompose.methods.composer import (
 COMMON = dict(show_progress=False, append_triggers=False, guidance_scale=6.0)
 LEFT, RIGHT = Box(0.0, 0.0, 0.5, 1.0), Box(0.5, 0.0, 1.0, 1.0)
 EVERY_STEP_REFINED = dict(refine_fraction=1.0, patience_fraction=1.0)  # no stop before the last step
-TOYWORLD_MODEL = Path(__file__).resolve().parents[1] / "compose" / "toyworld" / "weights" / "model"
+TOYWORLD_MODEL = Path(__file__).resolve().parents[2] / "compose" / "toyworld" / "weights" / "model"
 
 
 def keys_kept(source: Path, out: Path, keep) -> Path:
