@@ -88,7 +88,7 @@ def generate(pipe: Any, make_method: Any, entry: dict[str, Any], seeds: list[int
 
 def _batchable(method: Any) -> bool:
     """Whether a batch of images equals one-image runs: Merge, and auto (each image gets its own masks
-    and its own regional pass; tests/test_auto.py checks the equality)."""
+    and its own regional pass; tests/methods/test_auto.py checks the equality)."""
     return method.name in ("merge", "auto")
 
 
