@@ -2,6 +2,7 @@
 
     weights/model/          the base model's diffusers folder (export-toyworld)
     weights/loras/NAME.safetensors   the concept LoRAs (train-toyworld-loras)
+    weights/loras/NAME-tara.safetensors  the object concepts trained with train-tara (TARA's rows)
     weights/gates.safetensors        AutoLoRA gates trained on the four LoRAs (optional)
     weights/manifest.json   sha256 and size of every file, and how the weights were trained
 
@@ -24,6 +25,7 @@ from loracompose.outputs import atomic_write_text, file_sha256, staged_directory
 from loracompose.provenance import machine_specific_strings
 
 MANIFEST = "manifest.json"
+TARA_SUFFIX = "-tara"  # loras/NAME-tara.safetensors: NAME trained with train-tara
 
 
 def weight_files(root: Path) -> dict[str, dict[str, Any]]:
@@ -47,6 +49,9 @@ def ship_weights(model_dir: Path, lora_dir: Path, dest: Path, provenance: Mappin
         (staging / "loras").mkdir()
         for name in CONCEPTS:
             shutil.copy2(Path(lora_dir) / f"{name}.safetensors", staging / "loras" / f"{name}.safetensors")
+            tara = Path(lora_dir) / f"{name}{TARA_SUFFIX}.safetensors"
+            if tara.is_file():  # the concept's TARA-trained LoRA (train-tara), for TARA's benchmark rows
+                shutil.copy2(tara, staging / "loras" / tara.name)
         if gates is not None:
             shutil.copy2(gates, staging / "gates.safetensors")
         check_shippable(staging)

@@ -42,7 +42,8 @@ def test_shipped_weights_are_small_safetensors_and_load_offline(toyworld):
     files = [path for path in PACKAGED_TOYWORLD.rglob("*") if path.is_file()]
     assert sum(path.stat().st_size for path in files) < 30 * 1024**2
     assert not [path for path in files if path.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
-    assert sorted(path.stem for path in (PACKAGED_TOYWORLD / "loras").iterdir()) == sorted(CONCEPTS)
+    tara_trained = [f"{name}-tara" for name in ("moxel", "lunzor")]  # TARA's rows use these (train-tara)
+    assert sorted(path.stem for path in (PACKAGED_TOYWORLD / "loras").iterdir()) == sorted([*CONCEPTS, *tara_trained])
     assert default.model_dir.is_relative_to(Path(os.environ["LORACOMPOSE_HOME"]))  # a copy, not the package
     assert pipe.unet.config.in_channels == 12 and samples(pipe, "a red circle")[0].size == (32, 32)
 
