@@ -20,8 +20,8 @@ METHODS: dict[str, type[CompositionMethod]] = {
     method.name: method for method in (Merge, Switch, Composite, CMLoRA, CMLoRASwitch, CLoRA, Composer, Tara, AutoLoRA,
                                   Regional, Auto)
 }
-# The method the CLI, the web UI and the demo use unless told otherwise: the one that leads the
-# toy-world table (README, benchmarks/results/toyworld-table.md).
+# The method the CLI, the web UI and the demo use unless told otherwise: on the toy world it draws both
+# objects at their sides without being told where (benchmarks/results/toyworld-auto-report.md: 97%, Merge 0%).
 DEFAULT_METHOD = "auto"
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "Auto", "AutoLoRA", "CLoRA", "CMLoRA", "CMLoRASwitch", "Composer", "Composite",
