@@ -47,8 +47,10 @@ CASES = [
     ("clora", "clora", {"iterative_steps": (0,), "extra_iterations": 1, "max_update_step": 2, **CLORA_AS_RECORDED}),
     ("clora-sequential", "clora",
      {"iterative_steps": (), "max_update_step": 1, "batched": False, **CLORA_AS_RECORDED}),
-    ("composer", "composer", {}),
-    ("composer-plain", "composer", {"refine": False, "reinitialise": False, "checkpoint_refinement": False}),
+    # Explicit boxes: by default the one local LoRA here (the style is global) gets the whole image, = Merge.
+    ("composer", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine_with_globals": True}),
+    ("composer-plain", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine": False,
+                                    "reinitialise": False, "checkpoint_refinement": False}),
     ("tara", "tara", {}),
     ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond"}),
     ("tara-off", "tara", {"self_attention": "off"}),
