@@ -144,6 +144,49 @@ def table(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generate_in_batches(pipe: Any, method: Any, entry: dict[str, Any], specs: Sequence[LoraSpec],
+                        seeds: list[int], batch: int) -> list[Image.Image]:
+    """The set's images for consecutive ``seeds``, ``batch`` per call (image k of a call uses seed + k)."""
+    images: list[Image.Image] = []
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        if chunk != list(range(chunk[0], chunk[0] + len(chunk))):
+            raise SystemExit("give consecutive seeds (a batch's image k uses seed + k)")
+        images += pipe.generate(entry["prompt"], specs, method, seed=chunk[0], num_images=len(chunk),
+                                steps=REFERENCE_SETTINGS["steps"], guidance_scale=REFERENCE_SETTINGS["guidance"],
+                                append_triggers=False, show_progress=False).images
+    return images
+
+
+def run_method(label: str, sets: Sequence[str] | None, images_for: Any, images_dir: Path | None,
+               scale: int = 4) -> tuple[list[dict[str, Any]], float]:
+    """One method over the sets: ``images_for(entry)`` makes a set's images, the detector judges them.
+    Returns the judged rows and the wall seconds; prints a line per set and saves grids to ``images_dir``."""
+    started, rows = time.perf_counter(), []
+    for entry in concept_sets(sets):
+        images = images_for(entry)
+        row = judge(entry, images)
+        rows.append(row)
+        print(f"{label:30s} {entry['id']:28s} all {row['all']:.0%}"
+              + (f"  two objects {row['two_objects']:.0%}" if "two_objects" in row else ""), flush=True)
+        if images_dir is not None:
+            folder = images_dir / label.replace("/", "_").replace(" ", "_")
+            save_grid(images, folder / f"{entry['id']}.png", scale=scale)
+    return rows, time.perf_counter() - started
+
+
+def write_report(name: str, tag: str, results: dict[str, list[dict[str, Any]]], seeds: list[int],
+                 timings: dict[str, float], **extra: Any) -> None:
+    """Print the table and write results/toyworld-NAME-TAG.{json,md}."""
+    text_table = table(results, seeds)
+    print(text_table)
+    payload = {"seeds": seeds, "settings": REFERENCE_SETTINGS, "targets": TARGETS, "machine": machine_info(),
+               "wall_seconds": timings, **extra,
+               "methods": {label: {"sets": rows, "summary": summary(rows)} for label, rows in results.items()}}
+    write_json(RESULTS / f"toyworld-{name}-{tag}.json", payload)
+    (RESULTS / f"toyworld-{name}-{tag}.md").write_text(text_table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-31", help="seeds: 0-31 (report, default) or 100-131 (tuning)")
@@ -162,23 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: dict[str, float] = {}
     for text in args.methods:
         label, make_method = parse_method(text)
-        started, results[label] = time.perf_counter(), []
-        for entry in concept_sets(args.sets):
-            images = generate(pipe, make_method, entry, seeds, lora_dir)
-            row = judge(entry, images)
-            results[label].append(row)
-            print(f"{label:30s} {entry['id']:28s} all {row['all']:.0%}"
-                  + (f"  two objects {row['two_objects']:.0%}" if "two_objects" in row else ""), flush=True)
-            if args.images is not None:
-                save_grid(images, args.images / label.replace("/", "_") / f"{entry['id']}.png")
-        timings[label] = time.perf_counter() - started
-    text_table = table(results, seeds)
-    print(text_table)
-    payload = {"seeds": seeds, "settings": REFERENCE_SETTINGS, "targets": TARGETS, "machine": machine_info(),
-               "wall_seconds": timings, "methods": {label: {"sets": rows, "summary": summary(rows)}
-                                                    for label, rows in results.items()}}
-    write_json(RESULTS / f"toyworld-auto-{args.tag}.json", payload)
-    (RESULTS / f"toyworld-auto-{args.tag}.md").write_text(text_table)
+        results[label], timings[label] = run_method(
+            label, args.sets,
+            lambda entry, make_method=make_method: generate(pipe, make_method, entry, seeds, lora_dir), args.images)
+    write_report("auto", args.tag, results, seeds, timings)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,11 +24,9 @@ import torch
 
 from loracompose import LoraSpec
 from loracompose.assets.embedded import embedded_default
-from loracompose.eval.toyworld import REFERENCE_SETTINGS
 from loracompose.pipelines import load_pipeline
 
-from bench_common import machine_info, write_json
-from toyworld_auto import concept_sets, judge, parse_method, parse_seeds, save_grid, summary, table
+from toyworld_auto import generate_in_batches, parse_method, parse_seeds, run_method, write_report
 
 RESULTS = Path(__file__).parent / "results"
 OBJECT_SETS = ["moxel", "lunzor", "moxel+lunzor", "moxel+checkered", "moxel+ambrel", "lunzor+checkered",
@@ -40,15 +37,7 @@ OBJECT_SETS = ["moxel", "lunzor", "moxel+lunzor", "moxel+checkered", "moxel+ambr
 def generate(pipe: Any, make_method: Any, entry: dict[str, Any], seeds: list[int], lora_dir: Path,
              batch: int) -> list[Any]:
     specs = [LoraSpec(lora_dir / f"{name}.safetensors") for name in entry["loras"]]
-    images: list[Any] = []
-    for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
-        if chunk != list(range(chunk[0], chunk[0] + len(chunk))):
-            raise SystemExit("give consecutive seeds (a batch's image k uses seed + k)")
-        images += pipe.generate(entry["prompt"], specs, make_method(entry), seed=chunk[0], num_images=len(chunk),
-                                steps=REFERENCE_SETTINGS["steps"], guidance_scale=REFERENCE_SETTINGS["guidance"],
-                                append_triggers=False, show_progress=False).images
-    return images
+    return generate_in_batches(pipe, make_method(entry), entry, specs, seeds, batch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,22 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: dict[str, float] = {}
     for text in args.methods:
         label, make_method = parse_method(text)
-        started, results[label] = time.perf_counter(), []
-        for entry in concept_sets(args.sets):
-            images = generate(pipe, make_method, entry, seeds, lora_dir, args.batch)
-            row = judge(entry, images)
-            results[label].append(row)
-            print(f"{label:30s} {entry['id']:28s} all {row['all']:.0%}"
-                  + (f"  two objects {row['two_objects']:.0%}" if "two_objects" in row else ""), flush=True)
-            if args.images is not None:
-                save_grid(images, args.images / label.replace("/", "_") / f"{entry['id']}.png", scale=8)
-        timings[label] = time.perf_counter() - started
-    text_table = table(results, seeds)
-    print(text_table)
-    payload = {"seeds": seeds, "settings": REFERENCE_SETTINGS, "machine": machine_info(), "wall_seconds": timings,
-               "methods": {label: {"sets": rows, "summary": summary(rows)} for label, rows in results.items()}}
-    write_json(RESULTS / f"toyworld-clora-{args.tag}.json", payload)
-    (RESULTS / f"toyworld-clora-{args.tag}.md").write_text(text_table)
+        results[label], timings[label] = run_method(
+            label, args.sets,
+            lambda entry, make_method=make_method: generate(pipe, make_method, entry, seeds, lora_dir, args.batch),
+            args.images, scale=8)
+    write_report("clora", args.tag, results, seeds, timings)
     return 0
 
 
