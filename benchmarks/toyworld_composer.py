@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,10 +36,10 @@ from loracompose.eval.toyworld import REFERENCE_SETTINGS
 from loracompose.methods.composer import Composer
 from loracompose.pipelines import load_pipeline
 from loracompose.toyworld.concepts import CONCEPTS, GLYPH_COLORS, OBJECT, OBJECT_SLOTS, SLOT_BOXES, composition
-from loracompose.toyworld.detector import Detection, detect
+from loracompose.toyworld.detector import Detection
 
 from bench_common import machine_info, write_json
-from toyworld_regional import concept_right, generate, parse_seeds, save_grid, table
+from toyworld_regional import concept_right, parse_seeds, run_row, table
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"two objects": 0.85, "alone": 0.90, "set": 0.0}  # "set": at least Merge (compared in the table)
@@ -124,22 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows():
         if (args.rows and row["row"] not in args.rows) or (args.methods and row["method"] not in args.methods):
             continue
-        started = time.perf_counter()
-        images = generate(pipe, row, seeds, lora_dir)
-        detections = [detect(image) for image in images]
-        right = [bool(row["judge"](detection)) for detection in detections]
-        entry = {"row": row["row"], "method": row["method"], "loras": list(row["loras"]), "prompt": row["prompt"],
-                 "right": sum(right), "images": len(right), "share": sum(right) / len(right),
-                 "target": TARGETS[row["target"]], "seconds": round(time.perf_counter() - started, 1),
-                 "wrong_seeds": [seed for seed, ok in zip(seeds, right) if not ok],
-                 "objects": [[f"{o.color} {o.shape} {o.position}" for o in d.objects] for d in detections]}
-        if "present" in row:
-            entry["present"] = sum(bool(row["present"](d)) for d in detections)
-        results.append(entry)
-        if args.images:
-            save_grid(images, args.images / f"{row['row']}--{row['method']}.png".replace(" ", "_"))
-        print(f"{row['row']:26s} {row['method']:50s} {entry['right']:3d}/{len(right)}  ({entry['seconds']} s)",
-              file=sys.stderr, flush=True)
+        results.append(run_row(pipe, row, seeds, lora_dir, args.images, TARGETS))
     print(table(results, seeds).replace(">= 0%", "Merge"))
     write_json(RESULTS / f"toyworld-composer-{args.tag}.json",
                {"seeds": seeds, "settings": REFERENCE_SETTINGS, "machine": machine_info(), "results": results})

@@ -23,7 +23,6 @@ rounding). Prints a Markdown table and writes JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -122,6 +121,27 @@ def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8, scale
     grid.save(path)
 
 
+def run_row(pipe: Any, row: dict[str, Any], seeds: list[int], lora_dir: Path, images_dir: Path | None,
+            targets: dict[str, float] = TARGETS) -> dict[str, Any]:
+    """One table row: its images for ``seeds``, judged by the detector (a grid saved to ``images_dir``)."""
+    started = time.perf_counter()
+    images = generate(pipe, row, seeds, lora_dir)
+    detections = [detect(image) for image in images]
+    right = [bool(row["judge"](detection)) for detection in detections]
+    entry = {"row": row["row"], "method": row["method"], "loras": list(row["loras"]), "prompt": row["prompt"],
+             "right": sum(right), "images": len(right), "share": sum(right) / len(right),
+             "target": targets[row["target"]], "seconds": round(time.perf_counter() - started, 1),
+             "wrong_seeds": [seed for seed, ok in zip(seeds, right) if not ok],
+             "objects": [[f"{o.color} {o.shape} {o.position}" for o in d.objects] for d in detections]}
+    if "present" in row:
+        entry["present"] = sum(bool(row["present"](d)) for d in detections)
+    if images_dir:
+        save_grid(images, images_dir / f"{row['row']}--{row['method']}.png".replace(" ", "_"))
+    print(f"{row['row']:26s} {row['method']:50s} {entry['right']:3d}/{len(right)}  ({entry['seconds']} s)",
+          file=sys.stderr, flush=True)
+    return entry
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-31", help="seeds to judge: 0-31 (default, never tuned on) or 1,2,5")
@@ -138,22 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows():
         if args.rows and row["row"] not in args.rows:
             continue
-        started = time.perf_counter()
-        images = generate(pipe, row, seeds, lora_dir)
-        detections = [detect(image) for image in images]
-        right = [bool(row["judge"](detection)) for detection in detections]
-        entry = {"row": row["row"], "method": row["method"], "loras": list(row["loras"]), "prompt": row["prompt"],
-                 "right": sum(right), "images": len(right), "share": sum(right) / len(right),
-                 "target": TARGETS[row["target"]], "seconds": round(time.perf_counter() - started, 1),
-                 "wrong_seeds": [seed for seed, ok in zip(seeds, right) if not ok],
-                 "objects": [[f"{o.color} {o.shape} {o.position}" for o in d.objects] for d in detections]}
-        if "present" in row:
-            entry["present"] = sum(bool(row["present"](d)) for d in detections)
-        results.append(entry)
-        if args.images:
-            save_grid(images, args.images / f"{row['row']}--{row['method']}.png".replace(" ", "_"))
-        print(f"{row['row']:14s} {row['method']:24s} {entry['right']:3d}/{len(right)}  ({entry['seconds']} s)",
-              file=sys.stderr)
+        results.append(run_row(pipe, row, seeds, lora_dir, args.images))
     print(table(results, seeds))
     write_json(RESULTS / f"toyworld-regional-{args.tag}.json",
                {"seeds": seeds, "settings": REFERENCE_SETTINGS, "machine": machine_info(), "results": results})
