@@ -31,7 +31,6 @@ from loracompose.lora import (
     LoadedLora,
     LoraSpec,
     check_architecture,
-    check_lora_tensors,
     inspect_loras,
     with_trigger_words,
 )
@@ -131,7 +130,6 @@ class ComposeMixin:
         if lora.name in loaded:
             self.delete_adapters(lora.name)
             del loaded[lora.name]
-        check_lora_tensors(lora.path)  # NaN/Inf refused before any layer is touched
         try:
             with quiet_loading():
                 # every format, as exact PEFT LoRA layers
