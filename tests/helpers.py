@@ -3,8 +3,10 @@ text embedder with known behaviour, LoRA file copies with edited metadata, and t
 
 from __future__ import annotations
 
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -83,3 +85,31 @@ def assert_one_line_user_errors(cases: Sequence[tuple[Callable[[], Any], str]]) 
         with pytest.raises(UserError, match=match) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+@contextmanager
+def serve_tiny_ui() -> Iterator[tuple[Any, Any, Any, str]]:
+    """``loracompose ui`` with no model on the embedded tiny SD1.5 variant and its demo LoRAs, served on a
+    free local port: yields (app, blocks, settings, url) and closes the server afterwards."""
+    from loracompose.pipelines import load_pipeline
+    from loracompose.ui import UiOptions, resolve_settings
+    from loracompose.ui.app import LoraComposeApp, launch_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
+        model, settings = resolve_settings(UiOptions())
+    app = LoraComposeApp(load_pipeline(model), settings)
+    blocks = app.build()
+    port = free_port()
+    launch_app(blocks, settings, host="127.0.0.1", port=port, block=False, quiet=True)
+    try:
+        yield app, blocks, settings, f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,39 +14,23 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import serve_tiny_ui
 from hostile_files import poisoned_lora
 from PIL import Image
 
 from loracompose import toyworld
-from loracompose.pipelines import load_pipeline
-from loracompose.ui import UiOptions, resolve_settings
-from loracompose.ui.app import LoraComposeApp, hide_server_paths, launch_app
+from loracompose.ui.app import LoraComposeApp, hide_server_paths
 from loracompose.ui.library import TABLE_HEADERS
 
 REQUEST = dict(prompt="a cat", loras={"character": 0.8, "outfit": 1.0}, method="merge", seed=3, steps=2,
                guidance_scale=6.0, width=64, height=64)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[LoraComposeApp, str]]:
     """The UI on the embedded tiny SD1.5 variant with its demo LoRAs, served on a free port."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
-        model, settings = resolve_settings(UiOptions())
-    app = LoraComposeApp(load_pipeline(model), settings)
-    blocks = app.build()
-    port = free_port()
-    launch_app(blocks, settings, host="127.0.0.1", port=port, block=False, quiet=True)
-    try:
-        yield app, f"http://127.0.0.1:{port}/"
-    finally:
-        blocks.close()
+    with serve_tiny_ui() as (app, _, _, url):
+        yield app, url
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import serve_tiny_ui
 from PIL import Image
 
 from loracompose import METHODS
@@ -28,7 +28,7 @@ from loracompose.errors import UserError
 from loracompose.pipelines import load_pipeline
 from loracompose.pipelines.schedulers import DEFAULT_SCHEDULER
 from loracompose.ui import UiOptions, resolve_settings
-from loracompose.ui.app import AppSettings, LoraComposeApp, launch_app
+from loracompose.ui.app import AppSettings, LoraComposeApp
 from loracompose.library import open_library
 from loracompose.ui.library import TABLE_HEADERS, UploadStore, safe_file_stem, scan_library
 
@@ -52,28 +52,13 @@ class Served:
         return Client(self.url, verbose=False)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
     """``loracompose ui`` with no model on the embedded tiny SD1.5 variant (64x64, SD1.5 layout) and
     its 3 demo LoRAs; the toy-world default is served by test_embedded_toyworld_is_the_ui_default."""
     assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
-        model, settings = resolve_settings(UiOptions())
-    app = LoraComposeApp(load_pipeline(model), settings)
-    blocks = app.build()
-    port = free_port()
-    launch_app(blocks, settings, host="127.0.0.1", port=port, block=False, quiet=True)
-    try:
-        yield Served(app, blocks, settings, f"http://127.0.0.1:{port}/")
-    finally:
-        blocks.close()
+    with serve_tiny_ui() as (app, blocks, settings, url):
+        yield Served(app, blocks, settings, url)
 
 
 # ------------------------------------------------------------------------------------ request helpers
