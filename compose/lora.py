@@ -22,7 +22,14 @@ from loracompose.validation import check_finite_tensors, check_lora_weight, chec
 
 SD15 = "sd15"
 SDXL = "sdxl"
-ARCHITECTURE_NAMES = {**FAMILY_NAMES, SD15: "SD1.5", SDXL: "SDXL"}
+FLUX = "flux"
+SD3 = "sd3"
+ARCHITECTURE_NAMES = {**FAMILY_NAMES, SD15: "SD1.5", SDXL: "SDXL", FLUX: "FLUX", SD3: "SD3"}
+# Key fragments only a FLUX transformer has (diffusers names, then BFL/kohya names); SD3's MMDiT has
+# joint (double-stream) blocks only, and patch-embeds with ``pos_embed`` rather than ``x_embedder``.
+FLUX_KEY_MARKERS = ("single_transformer_blocks", "x_embedder", "guidance_embedder", "double_blocks",
+                    "single_blocks")
+SD3_KEY_MARKERS = ("joint_blocks",)
 
 # Metadata keys that carry trigger words in files found in the wild (first match wins).
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "loracompose.triggers")
@@ -233,10 +240,25 @@ def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> 
     declared = declared_family(metadata)
     if declared:
         return declared[0]
+    dit = _dit_architecture(keys)
+    if dit:
+        return dit
     if any(key.startswith(("text_encoder_2.", "lora_te2_")) for key in keys):
         return SDXL
     if any("transformer_blocks.1." in key or "_transformer_blocks_1_" in key for key in keys):
         return SDXL  # SD1.5 has exactly one transformer block per attention module
+    return None
+
+
+def _dit_architecture(keys: Sequence[str]) -> str | None:
+    """FLUX or SD3 from DiT key names, or None when the keys name no DiT transformer."""
+    if any(marker in key for key in keys for marker in FLUX_KEY_MARKERS):
+        return FLUX
+    if any(marker in key for key in keys for marker in SD3_KEY_MARKERS):
+        return SD3
+    if any(key.startswith(("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_"))
+           for key in keys):
+        return SD3  # joint blocks without FLUX's single-stream blocks or patch embedder
     return None
 
 

@@ -128,3 +128,19 @@ def test_kohya_file_gives_same_output_as_diffusers_file(tmp_path, sd15_pipe, sd1
     ours = sd15_pipe.generate("a cat", [LoraSpec(kohya, 0.8)], **kwargs).latents
     reference = sd15_pipe.generate("a cat", [LoraSpec(sd15_lora_files[0], 0.8)], **kwargs).latents
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("keys, family", [
+    (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight",
+      "transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight"], "flux"),
+    (["transformer.x_embedder.lora_A.weight"], "flux"),
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], "flux"),
+    (["transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight"], "sd3"),
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], "sd3"),
+    (["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.lora_A.weight"], "sdxl"),
+    (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"], None),
+])
+def test_architecture_from_dit_keys(keys, family):
+    from loracompose.lora import architecture_from_file
+
+    assert architecture_from_file({}, keys) == family
