@@ -50,6 +50,8 @@ _CLIP_MERGE_COUNT = 49152 - 256 - 2
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The joint attention of FLUX / SD3 blocks: image-stream and text-stream projections.
+DIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _ADAPTER_NAME = "tiny"
 T = TypeVar("T")
 Pipeline = TypeVar("Pipeline", bound=DiffusionPipeline)
@@ -260,8 +262,33 @@ def is_sdxl_model(model_dir: str | Path) -> bool:
     return "XL" in index["_class_name"]
 
 
+def model_family(model_dir: str | Path) -> str:
+    """``sd15``, ``sdxl``, ``flux`` or ``sd3``: the family of the diffusers folder ``model_dir``."""
+    class_name = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    families = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+    return families.get(class_name, "sdxl" if "XL" in class_name else "sd15")
+
+
+def _dit_lora_targets(model_dir: Path, family: str, text_encoder: bool) -> dict[str, torch.nn.Module]:
+    """A DiT LoRA adapts the transformer and, with ``text_encoder``, the CLIP encoder(s) diffusers'
+    loader takes for that family (FLUX: the one CLIP; SD3: both CLIPs; never T5)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    transformer_class = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    models: dict[str, torch.nn.Module] = {"transformer": transformer_class.from_pretrained(model_dir,
+                                                                                            subfolder="transformer")}
+    encoders = ("text_encoder",) if family == "flux" else ("text_encoder", "text_encoder_2")
+    for encoder in encoders if text_encoder else ():
+        encoder_class = CLIPTextModel if family == "flux" else CLIPTextModelWithProjection
+        models[encoder] = encoder_class.from_pretrained(model_dir, subfolder=encoder)
+    return models
+
+
 def _load_lora_targets(model_dir: Path, *, sdxl: bool, text_encoder: bool) -> dict[str, torch.nn.Module]:
     """The models a LoRA adapts, keyed by their ``save_lora_weights`` argument prefix."""
+    family = model_family(model_dir)
+    if family in ("flux", "sd3"):
+        return _dit_lora_targets(model_dir, family, text_encoder)
     models: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")}
     if text_encoder:
         models["text_encoder"] = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
@@ -271,7 +298,7 @@ def _load_lora_targets(model_dir: Path, *, sdxl: bool, text_encoder: bool) -> di
 
 
 def _lora_config(prefix: str, rank: int, alpha: float) -> LoraConfig:
-    targets = UNET_LORA_TARGETS if prefix == "unet" else TEXT_ENCODER_LORA_TARGETS
+    targets = {"unet": UNET_LORA_TARGETS, "transformer": DIT_LORA_TARGETS}.get(prefix, TEXT_ENCODER_LORA_TARGETS)
     # init_lora_weights=False draws lora_B at random too, so a fresh adapter already changes outputs.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(targets))
 
@@ -325,6 +352,14 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadat
     return out_file
 
 
+def _pipeline_class(family: str) -> Any:
+    """The diffusers pipeline class whose ``save_lora_weights`` writes a LoRA for ``family``."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline,
+            "sd3": StableDiffusion3Pipeline}[family]
+
+
 def build_tiny_lora(
     model_dir: str | Path,
     out_file: str | Path,
@@ -341,7 +376,8 @@ def build_tiny_lora(
     """Write a random LoRA for the tiny model at ``model_dir`` as a diffusers-format safetensors file.
 
     Args:
-        model_dir: a folder from :func:`build_tiny_sd15` or :func:`build_tiny_sdxl`.
+        model_dir: a folder from :func:`build_tiny_sd15`, :func:`build_tiny_sdxl`, :func:`build_tiny_flux`
+            or :func:`build_tiny_sd3` (DiT LoRAs adapt the transformer's joint attention, ``transformer.`` keys).
         out_file: the ``.safetensors`` file to write (replaced atomically).
         seed: different seeds give different LoRAs.
         trigger_words: stored as ``modelspec.trigger_phrase``, comma-separated.
@@ -349,7 +385,7 @@ def build_tiny_lora(
         category: stored as ``loracompose.category`` (character, clothing, style, ...).
         rank: LoRA rank ``r``.
         alpha: LoRA alpha; default ``rank`` (scaling 1).
-        text_encoder: also adapt the text encoder(s) (both of them on SDXL).
+        text_encoder: also adapt the CLIP text encoder(s) (both of them on SDXL and SD3; T5 never).
         init_scale: multiplies every ``lora_B`` weight; larger values change images more.
     """
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -359,9 +395,9 @@ def build_tiny_lora(
     configs = {prefix: _lora_config(prefix, rank, alpha) for prefix in models}
     torch.manual_seed(seed)
     layers = {prefix: _attach_random_adapter(model, configs[prefix], init_scale) for prefix, model in models.items()}
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    tensors, metadata = _diffusers_lora_tensors(pipeline_class, layers, configs)
-    architecture, base_version = _SDXL_ARCHITECTURE if sdxl else _SD15_ARCHITECTURE
+    family = model_family(model_dir)
+    tensors, metadata = _diffusers_lora_tensors(_pipeline_class(family), layers, configs)
+    architecture, base_version = _ARCHITECTURES[family]
     metadata |= {
         "modelspec.trigger_phrase": ", ".join(trigger_words),
         "modelspec.title": name or out_file.stem,
@@ -420,3 +456,124 @@ def write_kohya_lora(diffusers_lora_file: str | Path, out_file: str | Path) -> P
             tensors[f"{module}.alpha"] = torch.tensor(float(metadata.get("loracompose.alpha", rank)))
     metadata.pop("lora_adapter_metadata", None)
     return _write_safetensors(tensors, Path(out_file), metadata)
+
+
+# --- tiny DiTs: FLUX.1 and SD3 ---------------------------------------------------------------------
+# Sizes as diffusers' own FLUX / SD3 pipeline tests build them (one double-stream and one single-stream
+# block, 32-wide joint attention); the T5 tokenizer is a small Unigram model built here, so nothing
+# comes from a hub. FLUX gets the guidance embedding of FLUX.1-dev, so distilled guidance is exercised.
+
+_T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+_T5_MAX_LENGTH = 32
+TINY_FLUX_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 4, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+    "axes_dims_rope": [4, 4, 8],
+}
+"""The tiny FLUX transformer's config (FLUX.1-dev's layout: guidance embedding on)."""
+TINY_SD3_TRANSFORMER = {
+    "sample_size": 32, "patch_size": 1, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 4, "caption_projection_dim": 32, "joint_attention_dim": 32,
+    "pooled_projection_dim": 64, "out_channels": 4,
+}
+"""The tiny SD3 transformer's config (two joint blocks, so the last one is context-pre-only as in SD3)."""
+# The flow-matching schedules of FLUX.1-dev (resolution-dependent shift) and SD3 (fixed shift 3).
+_FLUX_SCHEDULE = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
+_SD3_SCHEDULE = {"shift": 3.0}
+_ARCHITECTURES = {"sd15": _SD15_ARCHITECTURE, "sdxl": _SDXL_ARCHITECTURE, "flux": ("flux-1-dev/lora", "flux1"),
+                  "sd3": ("stable-diffusion-v3-medium/lora", "sd3")}
+
+
+def _t5_pieces() -> list[tuple[str, float]]:
+    """A small Unigram vocabulary: the specials, then word-start and inner letters, digits and
+    punctuation (so every plain-ASCII prompt tokenizes without <unk>)."""
+    symbols = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'-:;()"
+    pieces = [(token, 0.0) for token in _T5_SPECIAL] + [("\u2581", -2.0)]
+    pieces += [("\u2581" + symbol, -3.0) for symbol in symbols]
+    pieces += [(symbol, -4.0) for symbol in symbols]
+    return pieces
+
+
+def build_t5_tokenizer(out_dir: str | Path) -> Any:
+    """Write a tiny T5 tokenizer (``tokenizer.json``, a Unigram model) to ``out_dir`` and load it as
+    ``T5TokenizerFast``: pad id 0, ``</s>`` id 1 appended to every sequence, ``<unk>`` id 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.Unigram(_t5_pieces(), unk_id=_T5_SPECIAL.index("<unk>")))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"), extra_ids=0, pad_token="<pad>",
+                           eos_token="</s>", unk_token="<unk>", model_max_length=_T5_MAX_LENGTH)
+
+
+def _t5_tokenizer() -> Any:
+    with tempfile.TemporaryDirectory(prefix="loracompose-t5-") as scratch:
+        return build_t5_tokenizer(scratch)
+
+
+def _t5_encoder(seed: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(_t5_pieces()), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return _seeded(seed, T5EncoderModel, config)
+
+
+def _flow_vae(seed: int, latent_channels: int) -> AutoencoderKL:
+    """A one-level VAE (no spatial compression) with FLUX's latent shift and scale."""
+    return _seeded(seed, AutoencoderKL, block_out_channels=(4,), layers_per_block=1, in_channels=3, out_channels=3,
+                   down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+                   latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                   use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux_pipeline(*, seed: int = 0) -> Any:
+    """A random-weight FLUX.1 pipeline in memory (CLIP + T5 text encoders, guidance embedding)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    pipe = FluxPipeline(
+        transformer=_seeded(seed, FluxTransformer2DModel, **TINY_FLUX_TRANSFORMER),
+        vae=_flow_vae(seed, latent_channels=1),
+        text_encoder=_seeded(seed, CLIPTextModel, _text_config()),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(seed + 1),
+        tokenizer_2=_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULE),
+    )
+    return _ready(pipe)
+
+
+def tiny_sd3_pipeline(*, seed: int = 0) -> Any:
+    """A random-weight SD3 pipeline in memory (two CLIP encoders with projection + T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=_seeded(seed, SD3Transformer2DModel, **TINY_SD3_TRANSFORMER),
+        vae=_flow_vae(seed, latent_channels=4),
+        text_encoder=_seeded(seed, CLIPTextModelWithProjection, _text_config()),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_seeded(seed + 1, CLIPTextModelWithProjection, _text_config()),
+        tokenizer_2=_clip_tokenizer(pad_token="!"),
+        text_encoder_3=_t5_encoder(seed + 2),
+        tokenizer_3=_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**_SD3_SCHEDULE),
+    )
+    return _ready(pipe)
+
+
+def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build a tiny random FLUX.1 model and save it as a diffusers folder at ``out_dir`` (must not
+    exist or be empty); it loads offline with ``FluxPipeline.from_pretrained(out_dir)``."""
+    return _save_pipeline(functools.partial(tiny_flux_pipeline, seed=seed), out_dir)
+
+
+def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build a tiny random SD3 model and save it as a diffusers folder at ``out_dir`` (must not exist
+    or be empty); it loads offline with ``StableDiffusion3Pipeline.from_pretrained(out_dir)``."""
+    return _save_pipeline(functools.partial(tiny_sd3_pipeline, seed=seed), out_dir)
