@@ -52,6 +52,7 @@ class LoraSpec:
             ``<lora:NAME:TE_W:UNET_W>``); None: ``weight``.
         block_weights: per-block strengths in diffusers' ``set_adapters`` dict form (see
             :mod:`loracompose.formats.block_weights`), multiplied by ``weight``; None: every layer alike.
+            A string is an A1111 lora-block-weight vector or preset name, as after ``lbw=`` ("INALL").
     """
 
     path: Path
@@ -60,7 +61,7 @@ class LoraSpec:
     trigger_words: tuple[str, ...] | None = None
     category: str | None = None
     text_encoder_weight: float | None = None
-    block_weights: Mapping[str, Any] | None = field(default=None, compare=False)
+    block_weights: Mapping[str, Any] | str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -70,10 +71,16 @@ class LoraSpec:
         if self.text_encoder_weight is not None:
             object.__setattr__(self, "text_encoder_weight", check_lora_weight(
                 self.text_encoder_weight, f"LoRA {self.name or self.path.name} text-encoder weight"))
+        if isinstance(self.block_weights, str):
+            from loracompose.formats.block_weights import lbw_block_weights
+
+            object.__setattr__(self, "block_weights", lbw_block_weights(
+                self.block_weights, f"LoRA {self.name or self.path.name}"))
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """Parse the CLI form ``PATH[:WEIGHT][:lbw=V1,V2,...]`` (an A1111 lora-block-weight vector)."""
+        """Parse the CLI form ``PATH[:WEIGHT][:lbw=V1,V2,...]`` (an A1111 lora-block-weight vector or
+        preset name, e.g. ``lbw=INALL``)."""
         head, marker, vector = text.partition(":lbw=")
         if marker:
             from loracompose.formats.block_weights import lbw_block_weights

@@ -57,14 +57,16 @@ class LoraDefinition:
     trigger_words: tuple[str, ...]
     category: str | None = None
     references: tuple[Path, ...] = ()
+    lbw: str | None = None  # per-block strengths: a lora-block-weight vector or preset name ("INALL")
 
     def spec(self) -> LoraSpec:
         return LoraSpec(self.file, self.weight, name=self.name, trigger_words=self.trigger_words,
-                        category=self.category)
+                        category=self.category, block_weights=self.lbw)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.file.name, "weight": self.weight,
-                "trigger_words": list(self.trigger_words), "category": self.category}
+        described = {"name": self.name, "file": self.file.name, "weight": self.weight,
+                     "trigger_words": list(self.trigger_words), "category": self.category}
+        return {**described, "lbw": self.lbw} if self.lbw is not None else described
 
 
 @dataclass(frozen=True)
@@ -362,10 +364,10 @@ def _parse_lora(name: str, entry: Any, base_dir: Path, default_weight: Any) -> L
         entry = {"file": entry}
     if not isinstance(entry, Mapping) or "file" not in entry:
         raise UserError(f"suite LoRA {name!r}: give at least file: PATH.safetensors")
-    unknown = sorted(set(entry) - {"file", "weight", "triggers", "category", "references"})
+    unknown = sorted(set(entry) - {"file", "weight", "triggers", "category", "references", "lbw"})
     if unknown:
         raise UserError(f"suite LoRA {name!r}: key {unknown[0]!r} is not known; use file, weight, triggers, "
-                        "category, references")
+                        "category, references, lbw")
     file = _resolve(entry["file"], base_dir)
     triggers, category = _triggers(entry.get("triggers"), name), entry.get("category")
     if triggers is None or (category is None and file.is_file()):  # from the file's metadata, as `generate` does
@@ -373,7 +375,19 @@ def _parse_lora(name: str, entry: Any, base_dir: Path, default_weight: Any) -> L
         triggers = found.trigger_words if triggers is None else triggers
         category = found.category if category is None else str(category)
     return LoraDefinition(name, file, _number(entry.get("weight", default_weight), f"LoRA {name!r} weight"),
-                          triggers, category, _references(entry.get("references"), base_dir, name))
+                          triggers, category, _references(entry.get("references"), base_dir, name),
+                          _lbw(entry.get("lbw"), name))
+
+
+def _lbw(value: Any, name: str) -> str | None:
+    """A LoRA's ``lbw:`` (preset name, comma-separated string or list of numbers), checked now."""
+    if value is None:
+        return None
+    text = ",".join(str(number) for number in value) if isinstance(value, list) else str(value)
+    from loracompose.formats.block_weights import lbw_block_weights
+
+    lbw_block_weights(text, f"suite LoRA {name!r}")  # a bad vector fails when the suite is read
+    return text
 
 
 def _triggers(value: Any, name: str) -> tuple[str, ...] | None:

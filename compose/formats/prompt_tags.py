@@ -3,7 +3,8 @@
 
 A tag is removed from the prompt and becomes a :class:`~loracompose.lora.LoraSpec` at that weight, so
 ``"a cat <lora:zkx:0.8>"`` is exactly ``"a cat"`` with ``--lora DIR/zkx.safetensors:0.8``. The weight
-defaults to 1. ``<lora:NAME:TE_W:UNET_W>`` gives the text encoders their own strength.
+defaults to 1. ``<lora:NAME:TE_W:UNET_W>`` gives the text encoders their own strength, and a last
+``:lbw=...`` item per-block strengths (a lora-block-weight vector or preset name: ``<lora:zkx:0.8:lbw=INALL>``).
 """
 
 from __future__ import annotations
@@ -50,14 +51,19 @@ def split_lora_tags(prompt: str, lora_dir: str | Path | None = None) -> tuple[st
 
 def _spec(tag: str, body: str, folder: Path) -> LoraSpec:
     name, *weights = [part.strip() for part in body.split(":")]
+    block_weights = weights.pop()[len("lbw="):] if weights and weights[-1].startswith("lbw=") else None
     if not name or len(weights) > 2:
         raise UserError(f"prompt tag {tag!r} is malformed; write <lora:NAME>, <lora:NAME:WEIGHT> or "
-                        "<lora:NAME:TE_WEIGHT:UNET_WEIGHT>")
+                        "<lora:NAME:TE_WEIGHT:UNET_WEIGHT>, optionally ending in :lbw=PRESET_OR_VECTOR")
     numbers = [_number(tag, value) for value in weights]
+    if block_weights is not None:
+        from loracompose.formats.block_weights import lbw_block_weights
+
+        block_weights = lbw_block_weights(block_weights, f"prompt tag {tag!r}")
     path = find_lora(name, folder)
     if len(numbers) == 2:
-        return LoraSpec(path, weight=numbers[1], text_encoder_weight=numbers[0])
-    return LoraSpec(path, weight=numbers[0] if numbers else 1.0)
+        return LoraSpec(path, weight=numbers[1], text_encoder_weight=numbers[0], block_weights=block_weights)
+    return LoraSpec(path, weight=numbers[0] if numbers else 1.0, block_weights=block_weights)
 
 
 def _number(tag: str, text: str) -> float:

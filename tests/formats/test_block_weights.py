@@ -70,7 +70,7 @@ def test_lbw_vectors_map_to_the_dict_form():
                     "text_encoder": 1.0, "text_encoder_2": 1.0}
     spec = LoraSpec.parse("style.safetensors:0.8:lbw=1,0,0,1,1,0.5,1,1,1,0,0,0")
     assert spec.weight == 0.8 and str(spec.path) == "style.safetensors" and spec.block_weights == sdxl
-    with pytest.raises(UserError, match=r"--lora 'x.safetensors:lbw=1,2': lbw='1,2' must be 17 numbers") as caught:
+    with pytest.raises(UserError, match=r"--lora 'x.safetensors:lbw=1,2': lbw='1,2' must be a preset name") as caught:
         LoraSpec.parse("x.safetensors:lbw=1,2")
     assert "\n" not in str(caught.value)
 
