@@ -1,4 +1,4 @@
-"""Our diffusers pipelines (SD1.5, SDXL) and the one denoising loop.
+"""Our diffusers pipelines (SD1.5, SDXL, FLUX.1, SD3) and the one denoising loop.
 
 The names below are imported on first use (PEP 562), so importing a light submodule such as
 ``loracompose.pipelines.values`` does not load diffusers.
@@ -12,13 +12,15 @@ if TYPE_CHECKING:
     from .compose_pipeline import ComposeMixin, GenerationResult, LoraComposeSDPipeline, LoraComposeSDXLPipeline
     from .loading import load_pipeline
     from .denoiser import Denoiser
+    from .dit_pipelines import LoraComposeFluxPipeline, LoraComposeSD3Pipeline
     from .loop import denoise
     from .stats import GenerationStats
     from .values import BASE, Branch, Conditioning, Prediction, Step
 
 __all__ = [
     "BASE", "Branch", "ComposeMixin", "Conditioning", "Denoiser", "GenerationResult", "GenerationStats",
-    "LoraComposeSDPipeline", "LoraComposeSDXLPipeline", "Prediction", "Step", "denoise", "load_pipeline",
+    "LoraComposeFluxPipeline", "LoraComposeSD3Pipeline", "LoraComposeSDPipeline", "LoraComposeSDXLPipeline",
+    "Prediction", "Step", "denoise", "load_pipeline",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
@@ -27,6 +29,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "load_pipeline": f"{__name__}.loading",
     **dict.fromkeys(["BASE", "Branch", "Conditioning", "Prediction", "Step"], f"{__name__}.values"),
     "Denoiser": f"{__name__}.denoiser",
+    **dict.fromkeys(["LoraComposeFluxPipeline", "LoraComposeSD3Pipeline"], f"{__name__}.dit_pipelines"),
     "GenerationStats": f"{__name__}.stats",
     "denoise": f"{__name__}.loop",
 })

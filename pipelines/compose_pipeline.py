@@ -45,6 +45,7 @@ from loracompose.validation import (
 
 from .adapters import AdapterController
 from .denoiser import Denoiser
+from .denoiser_models import UNetModel
 from .loop import denoise
 from .patches import assert_unchanged, fingerprint, quick_fingerprint
 from .stats import GenerationStats, MemoryMeter
@@ -94,6 +95,10 @@ class ComposeMixin:
         def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any: ...
 
     architecture: str = ""
+    # The text encoders a branch's LoRAs reach (adapter-controller components besides the denoiser).
+    text_components: tuple[str, ...] = TEXT_COMPONENTS
+    default_guidance_scale: float = 7.5
+    default_scheduler: str = DEFAULT_SCHEDULER
     # Check after every generation that the model is as it was before. True: every weight summed
     # twice (a debug aid); "quick": structure and a strided sample of the LoRA layers' base weights
     # (the UI's shared pipeline, every request); None: full when LORACOMPOSE_VERIFY_CLEAN=1 (the tests).
@@ -132,9 +137,7 @@ class ComposeMixin:
             del loaded[lora.name]
         try:
             with quiet_loading():
-                # every format, as exact PEFT LoRA layers
-                load_lora_file(self, lora.path, lora.name, text_encoder_scale=lora.text_encoder_scale,
-                               block_weights=lora.block_weights)
+                self._load_lora_file(lora)
         except UserError:
             raise  # the converter's one-line reason, raised before any layer is touched
         except (ValueError, RuntimeError, KeyError) as error:
@@ -152,11 +155,23 @@ class ComposeMixin:
             )
         loaded[lora.name] = identity
 
+    def _load_lora_file(self, lora: LoadedLora) -> None:
+        """Load one checked LoRA file as the PEFT adapter ``lora.name`` (every format, exact PEFT layers)."""
+        load_lora_file(self, lora.path, lora.name, text_encoder_scale=lora.text_encoder_scale,
+                       block_weights=lora.block_weights)
+
     def _adapter_names(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}
 
+    @property
+    def denoiser_module(self) -> torch.nn.Module:
+        """The denoiser network: the UNet here, the transformer on DiTs."""
+        return self.unet
+
     def _adapter_controller(self) -> AdapterController:
-        modules = {"unet": self.unet, **{name: getattr(self, name, None) for name in TEXT_COMPONENTS}}
+        # The denoiser is the "unet" component whatever the family: methods address its LoRA layers so.
+        modules = {"unet": self.denoiser_module,
+                   **{name: getattr(self, name, None) for name in self.text_components}}
         return AdapterController(modules)
 
     # ------------------------------------------------------------------ generation
@@ -169,17 +184,18 @@ class ComposeMixin:
         negative_prompt: str | None = None,
         seed: int = 0,
         steps: int = 30,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
-        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler: str | None = None,
         append_triggers: bool = True,
         text_encoder_loras: bool = True,
         max_batch_rows: int | None = None,
         output_type: str = "pil",
         show_progress: bool = True,
         lora_dir: str | Path | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> GenerationResult:
         """Generate images with several LoRAs composed by ``method`` (default: Merge).
 
@@ -188,12 +204,18 @@ class ComposeMixin:
                 (``append_triggers``), as the composition papers do.
             loras: LoRA specs (file, strength, optional name/triggers/category) in order.
             method: a composition method object (``Merge()``, ``Switch(period=5)``, ``Composite()``...).
+            guidance_scale: the CFG scale (default 7.5; SD3: 7.0); on FLUX the distilled guidance the
+                model is conditioned on (default 3.5), with no CFG halves.
+            scheduler: a name of :data:`~loracompose.pipelines.schedulers.SCHEDULERS` (default DPM-Solver++;
+                FLUX/SD3: their flow-matching Euler, the only one they take).
             seed: image k uses seed ``seed + k``, so it equals a one-image run with that seed.
             text_encoder_loras: apply each branch's LoRAs to the text encoder(s) as well.
             max_batch_rows: cap on rows per UNet call; branches beyond it run one call each.
             output_type: "pil", "np" or "latent".
             lora_dir: the folder ``<lora:NAME:WEIGHT>`` prompt tags pick ``NAME.safetensors`` from (default:
                 ``$LORACOMPOSE_LORA_DIR``); each tag is removed from the prompt and added to ``loras``.
+            true_cfg_scale: FLUX only: real CFG on top of the distilled guidance when above 1 (two rows
+                per image, the negative prompt or "" as the unconditional one).
         """
         from loracompose.formats.prompt_tags import with_prompt_loras
         from loracompose.methods.merge import Merge
@@ -202,6 +224,10 @@ class ComposeMixin:
             prompt, loras = with_prompt_loras(prompt, loras, lora_dir)
         method = method if method is not None else Merge()
         self._check_generate_args(prompt, output_type)
+        check_method_family(method, self.architecture)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self._check_scheduler(scheduler if scheduler is not None else self.default_scheduler)
+        true_cfg_scale = self._check_true_cfg(true_cfg_scale)
         numbers = check_generation_numbers(steps=steps, guidance_scale=guidance_scale, num_images=num_images,
                                            seed=seed, width=width, height=height, max_batch_rows=max_batch_rows,
                                            limits=self.limits)
@@ -211,7 +237,8 @@ class ComposeMixin:
         max_batch_rows = numbers.max_batch_rows
         check_request_size(width, height, num_images, steps, self.limits)
         if self.limits.check_memory:
-            needed = estimate_generation_bytes(self, width, height, num_images, 2 if guidance_scale > 1 else 1)
+            rows_per_image = 2 if self._cfg(guidance_scale, true_cfg_scale)[1] else 1
+            needed = self._generation_bytes(width, height, num_images, rows_per_image)
             check_memory(needed, self._execution_device, f"{num_images} image(s) of {width}x{height}",
                          "ask for fewer or smaller images")
         with self._lock():
@@ -228,17 +255,19 @@ class ComposeMixin:
                 latents, stats = self._denoise(
                     method, adapters, prompt, full_prompt, negative_prompt, seed, steps, guidance_scale,
                     height, width, num_images, scheduler, text_encoder_loras, max_batch_rows, device,
-                    show_progress,
+                    show_progress, true_cfg_scale=true_cfg_scale,
                 )
             finally:  # also when the loop never started (its patch stack resets the adapters itself)
                 adapters.activate({})
             if before is not None:
                 assert_unchanged(before, self._model_state())
-            images = self._decode(latents, output_type)
+            images = self._decode(self._image_latents(latents, height, width), output_type)
             stats.wall_seconds = time.perf_counter() - started
             stats.peak_memory_bytes, stats.peak_memory_source = meter.peak()
         settings = dict(steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                         num_images=num_images, scheduler=scheduler, text_encoder_loras=text_encoder_loras)
+        if true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = true_cfg_scale
         return GenerationResult(
             images=images, stats=stats, prompt=full_prompt, negative_prompt=negative_prompt,
             seeds=[seed + k for k in range(num_images)], loras=loaded, method=method.settings(),
@@ -253,37 +282,69 @@ class ComposeMixin:
     def _model_state(self) -> dict[str, Any]:
         """What a generation must leave as it found it (see :func:`~loracompose.pipelines.patches.fingerprint`)."""
         if self._verifies_clean() == "quick":
-            return quick_fingerprint({"unet": self.unet})
-        text_encoders = {name: getattr(self, name, None) for name in TEXT_COMPONENTS}
-        return {**fingerprint({"unet": self.unet}), **fingerprint(text_encoders, structure=False)}
+            return quick_fingerprint({"unet": self.denoiser_module})
+        text_encoders = {name: getattr(self, name, None) for name in self.text_components}
+        return {**fingerprint({"unet": self.denoiser_module}), **fingerprint(text_encoders, structure=False)}
 
     def _denoise(self, method, adapters, base_prompt, prompt, negative_prompt, seed, steps, guidance_scale, height,
-                 width, num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress):
-        do_cfg = guidance_scale > 1.0
-        scheduler = make_scheduler(scheduler_name, self.scheduler.config)
-        scheduler.set_timesteps(steps, device=device)
+                 width, num_images, scheduler_name, text_encoder_loras, max_batch_rows, device, show_progress,
+                 *, true_cfg_scale=1.0):
+        cfg_scale, do_cfg = self._cfg(guidance_scale, true_cfg_scale)
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        scale = self.vae_scale_factor
-        shape = (num_images, self.unet.config.in_channels, height // scale, width // scale)
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        scheduler, latents, model = self._start_sampling(scheduler_name, steps, generators, height, width,
+                                                         guidance_scale, device)
 
         def encode(branch: Branch) -> Conditioning:
-            adapters.activate(branch.weights if text_encoder_loras else {}, components=list(TEXT_COMPONENTS))
+            adapters.activate(branch.weights if text_encoder_loras else {}, components=list(self.text_components))
             branch_prompt = branch.prompt if branch.prompt is not None else prompt
             return self._encode_conditioning(branch_prompt, negative_prompt, num_images, do_cfg, height, width, device)
 
         run = Denoiser(
-            unet=self.unet, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode, adapters=adapters,
-            guidance_scale=guidance_scale, do_cfg=do_cfg, batch_size=num_images,
+            unet=self.denoiser_module, scheduler=scheduler, timesteps=scheduler.timesteps, encode=encode,
+            adapters=adapters, guidance_scale=cfg_scale, do_cfg=do_cfg, batch_size=num_images,
             extra_step_kwargs=_extra_step_kwargs(scheduler, generators), max_batch_rows=max_batch_rows,
             prompt=prompt, base_prompt=base_prompt,
-            tokenizers=pipeline_tokenizers(self),
+            tokenizers=self._text_tokenizers(), model=model,
         )
         self.set_progress_bar_config(disable=not show_progress)
         with self.progress_bar(total=steps) as bar:
             latents = denoise(run, method, latents, progress=bar.update)
         return latents, run.stats
+
+    # ------------------------------------------------------------------ family hooks (DiTs override them)
+    def _cfg(self, guidance_scale: float, true_cfg_scale: float) -> tuple[float, bool]:
+        """The CFG scale the loop applies and whether rows come in CFG halves."""
+        return guidance_scale, guidance_scale > 1.0
+
+    def _check_scheduler(self, name: str) -> str:
+        return name
+
+    def _check_true_cfg(self, true_cfg_scale: float) -> float:
+        if true_cfg_scale != 1.0:
+            raise UserError(f"true_cfg_scale={true_cfg_scale} is for FLUX; on {self.architecture.upper()} "
+                            "guidance_scale is the CFG scale")
+        return 1.0
+
+    def _start_sampling(self, scheduler_name: str, steps: int, generators: list[torch.Generator], height: int,
+                        width: int, guidance_scale: float, device: torch.device) -> tuple[Any, torch.Tensor, Any]:
+        """A fresh scheduler with its timesteps set, the initial latents and the denoiser model call."""
+        scheduler = make_scheduler(scheduler_name, self.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        scale = self.vae_scale_factor
+        shape = (len(generators), self.unet.config.in_channels, height // scale, width // scale)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
+        return scheduler, latents * scheduler.init_noise_sigma, UNetModel(self.unet, scheduler)
+
+    def _text_tokenizers(self) -> list[Any]:
+        """The tokenizers of the text sequence the denoiser attends to (``Denoiser.tokenizers``)."""
+        return pipeline_tokenizers(self)
+
+    def _generation_bytes(self, width: int, height: int, num_images: int, rows_per_image: int) -> int:
+        return estimate_generation_bytes(self, width, height, num_images, rows_per_image)
+
+    def _image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The loop's latents as (B, C, H, W) VAE latents (FLUX unpacks its image tokens)."""
+        return latents
 
     # ------------------------------------------------------------------ checks and decoding
     def _check_generate_args(self, prompt, output_type) -> None:
@@ -386,6 +447,16 @@ def quiet_loading() -> Iterator[None]:
         transformers_logging.enable_progress_bar()
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def check_method_family(method: Any, architecture: str) -> None:
+    """Refuse a method not ported to this model family, in one line."""
+    families = getattr(method, "families", None)
+    if families is not None and architecture not in families:
+        from loracompose.lora import ARCHITECTURE_NAMES
+
+        raise UserError(f"method {method.name} does not support {ARCHITECTURE_NAMES.get(architecture, architecture)} "
+                        "yet; use merge, switch or composite")
 
 
 def _as_spec(spec: LoraSpec | LoadedLora) -> LoraSpec:

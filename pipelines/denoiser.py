@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from .adapters import AdapterController
+from .denoiser_models import DenoiserModel, UNetModel
 from .patches import PatchStack
 from .stats import GenerationStats
 from .values import Branch, Conditioning, Prediction, Step
@@ -53,8 +54,14 @@ UNetPass = Callable[[BranchBatch], torch.Tensor]
 
 
 class Denoiser:
-    """UNet passes for branches, with batching, conditioning and counting; owner of the model
-    patches of one generation (:attr:`patches`)."""
+    """Denoiser-model passes for branches, with batching, conditioning and counting; owner of the model
+    patches of one generation (:attr:`patches`).
+
+    ``unet`` is the denoiser network whatever the family (a UNet on SD1.5/SDXL, the transformer on
+    FLUX/SD3): methods reach its attention modules there. ``model`` says how to call it on rows
+    (:mod:`~loracompose.pipelines.denoiser_models`; default: a UNet). The stats' ``unet_calls`` and
+    ``unet_rows`` count calls and rows of that network (``model_calls`` / ``model_rows`` alias them).
+    """
 
     def __init__(
         self,
@@ -74,8 +81,10 @@ class Denoiser:
         prompt: str | None = None,
         base_prompt: str | None = None,
         tokenizers: Sequence[Any] | None = None,
+        model: DenoiserModel | None = None,
     ):
         self.unet = unet
+        self.model = model if model is not None else UNetModel(unet, scheduler)
         self.scheduler = scheduler
         self.timesteps = timesteps
         self.adapters = adapters
@@ -88,7 +97,8 @@ class Denoiser:
         self.stats = stats or GenerationStats()
         self.prompt = prompt  # the prompt as encoded (after trigger words were appended)
         self.base_prompt = base_prompt if base_prompt is not None else prompt  # the user's prompt as given
-        self.tokenizers = None if tokenizers is None else list(tokenizers)  # SD1.5: one, SDXL: two
+        # SD1.5: one, SDXL: two; DiTs: those of the text-token sequence (FLUX: T5; SD3: CLIP-L, CLIP-G, T5)
+        self.tokenizers = None if tokenizers is None else list(tokenizers)
         self.patches = PatchStack()
         self.patches.on_unwind(lambda: adapters.activate({}))  # unwound last: no LoRA left active
         self._encode = encode
@@ -108,8 +118,7 @@ class Denoiser:
         return self.scheduler.step(noise, step.timestep, latents, **self.extra_step_kwargs, return_dict=False)[0]
 
     def model_input(self, latents: torch.Tensor, step: Step, copies: int) -> torch.Tensor:
-        rows = torch.cat([latents] * copies) if copies > 1 else latents
-        return self.scheduler.scale_model_input(rows, step.timestep)
+        return self.model.model_input(latents, step.timestep, copies)
 
     # ----------------------------------------------------------------- conditioning
     def conditioning(self, branch: Branch) -> Conditioning:
@@ -229,17 +238,12 @@ class Denoiser:
         *,
         cross_attention_kwargs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """One UNet forward on prepared rows (already scaled, rows matching the conditioning)."""
+        """One denoiser-model forward on prepared rows (from :meth:`model_input`, rows matching the
+        conditioning); ``cross_attention_kwargs`` reach the attention processors (DiTs: as
+        ``joint_attention_kwargs``)."""
         self.stats.unet_calls += 1
         self.stats.unet_rows += latents.shape[0]
-        return self.unet(
-            latents,
-            timestep,
-            encoder_hidden_states=conditioning.embeds,
-            added_cond_kwargs=conditioning.added or None,
-            cross_attention_kwargs=dict(cross_attention_kwargs) if cross_attention_kwargs else None,
-            return_dict=False,
-        )[0]
+        return self.model(latents, timestep, conditioning, cross_attention_kwargs)
 
     def _note_execution(self, kind: str, note: str) -> None:
         self._executions.add(kind)

@@ -1,7 +1,8 @@
 """``load_pipeline``: a hub id, a local diffusers folder or a single-file checkpoint -> our pipeline.
 
-SD1.5-family and SDXL are told apart from ``model_index.json`` (folders, hub ids) or from the
-checkpoint's keys (single files). Weights load from safetensors only.
+SD1.5-family, SDXL, FLUX.1 and SD3 are told apart from ``model_index.json`` (folders, hub ids: its
+``_class_name``) or from the checkpoint's keys (single files). Other families are refused in one line.
+Weights load from safetensors only.
 """
 
 from __future__ import annotations
@@ -40,8 +41,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-def pipeline_class_for_index(model_index: dict) -> type[ComposeMixin]:
+# Key fragments of single-file DiT checkpoints (BFL's FLUX names, Stability's SD3 MMDiT names).
+FLUX_CHECKPOINT_KEY = "double_blocks."
+SD3_CHECKPOINT_KEY = "joint_blocks."
+SUPPORTED_FAMILIES = "SD1.5/SD2, SDXL, FLUX.1 and SD3/SD3.5"
+
+
+def pipeline_class_for_index(model_index: dict, source: str = "model") -> type[ComposeMixin]:
+    """Our pipeline class for a ``model_index.json``, by its diffusers ``_class_name``."""
     class_name = str(model_index.get("_class_name", ""))
+    if class_name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        from .dit_pipelines import LoraComposeFluxPipeline, LoraComposeSD3Pipeline
+
+        return LoraComposeFluxPipeline if class_name == "FluxPipeline" else LoraComposeSD3Pipeline
+    if class_name and "StableDiffusion" not in class_name and "LatentConsistency" not in class_name:
+        raise UserError(f"{source} is a {class_name}, a model family loracompose does not run; "
+                        f"use a {SUPPORTED_FAMILIES} model")
     return LoraComposeSDXLPipeline if "XL" in class_name else LoraComposeSDPipeline
 
 
@@ -87,7 +102,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> ComposeMixin:
     index_file = path / "model_index.json"
     if not index_file.exists():
         raise UserError(f"model folder {path} has no model_index.json; pass a diffusers pipeline folder")
-    cls = pipeline_class_for_index(json.loads(index_file.read_text()))
+    cls = pipeline_class_for_index(json.loads(index_file.read_text()), f"model folder {path}")
     return _from_pretrained(cls, str(path), dtype)
 
 
@@ -99,7 +114,7 @@ def _load_hub(model_id: str, dtype: torch.dtype) -> ComposeMixin:
             f"model {model_id!r} is not a local folder or file and could not be fetched from the hub "
             f"({type(error).__name__}); download it first or pass a local path"
         ) from None
-    return _from_pretrained(pipeline_class_for_index(index), model_id, dtype)
+    return _from_pretrained(pipeline_class_for_index(index, f"model {model_id}"), model_id, dtype)
 
 
 def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -> ComposeMixin:
@@ -109,6 +124,19 @@ def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -
             return cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load model {source}: {first_line(error)}") from None
+
+
+def _single_file_class(keys: set[str]) -> type[ComposeMixin]:
+    """Our pipeline class for a single-file checkpoint, from its keys."""
+    if any(key.startswith(FLUX_CHECKPOINT_KEY) or f".{FLUX_CHECKPOINT_KEY}" in key for key in keys):
+        from .dit_pipelines import LoraComposeFluxPipeline
+
+        return LoraComposeFluxPipeline
+    if any(key.startswith(SD3_CHECKPOINT_KEY) or f".{SD3_CHECKPOINT_KEY}" in key for key in keys):
+        from .dit_pipelines import LoraComposeSD3Pipeline
+
+        return LoraComposeSD3Pipeline
+    return LoraComposeSDXLPipeline if SDXL_CHECKPOINT_KEY in keys else LoraComposeSDPipeline
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None) -> ComposeMixin:
@@ -127,8 +155,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     if keys and all("lora" in key.lower() or key.endswith(".alpha") for key in keys):
         raise UserError(f"{path} is a LoRA file, not a model checkpoint; pass it with --lora and give the base "
                         "model with --model")
-    is_sdxl = SDXL_CHECKPOINT_KEY in keys
-    cls = LoraComposeSDXLPipeline if is_sdxl else LoraComposeSDPipeline
+    cls = _single_file_class(keys)
     extra = {"config": str(config)} if config else {}
     try:
         with quiet_loading():

@@ -12,8 +12,9 @@ import torch
 
 @dataclass
 class GenerationStats:
-    """What a generation cost. ``unet_calls`` counts UNet forward calls, ``unet_rows`` the samples
-    they evaluated; partial passes (feature caching) and backward passes are counted apart."""
+    """What a generation cost. ``unet_calls`` counts forward calls of the denoiser model (the UNet, or
+    the transformer of a DiT), ``unet_rows`` the samples they evaluated; partial passes (feature
+    caching) and backward passes are counted apart."""
 
     unet_calls: int = 0
     unet_rows: int = 0
@@ -26,6 +27,16 @@ class GenerationStats:
     wall_seconds: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_source: str = ""
+
+    @property
+    def model_calls(self) -> int:
+        """Denoiser-model calls (UNet or DiT transformer): ``unet_calls`` by its family-neutral name."""
+        return self.unet_calls
+
+    @property
+    def model_rows(self) -> int:
+        """Rows those calls evaluated: ``unet_rows`` by its family-neutral name."""
+        return self.unet_rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

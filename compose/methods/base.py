@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 from loracompose.errors import UserError
-from loracompose.lora import LoadedLora
+from loracompose.lora import FLUX, SD3, SD15, SDXL, LoadedLora
 from loracompose.pipelines.values import Branch, Prediction, Step
 
 if TYPE_CHECKING:
@@ -40,11 +40,17 @@ if TYPE_CHECKING:
     from loracompose.pipelines.denoiser import Denoiser
 
 
+# Every family the engine runs: the UNet families and the DiTs (FLUX.1, SD3/SD3.5).
+ALL_FAMILIES = frozenset({SD15, SDXL, FLUX, SD3})
+
+
 @dataclass
 class CompositionMethod:
     """Base class of all methods; subclasses are dataclasses whose fields are their settings."""
 
     name: ClassVar[str] = ""
+    # The model families (loracompose.lora architecture ids) the method runs on; generate refuses others.
+    families: ClassVar[frozenset[str]] = frozenset({SD15, SDXL})
 
     def __post_init__(self) -> None:
         self.loras: list[LoadedLora] = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.pipelines.values import Prediction, Step
 from loracompose.validation import check_mixing_weights
 
@@ -29,6 +29,7 @@ class Composite(CompositionMethod):
     """Average of the per-LoRA guided noise predictions."""
 
     name: ClassVar[str] = "composite"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     mixing_weights: tuple[float, ...] | None = field(default=None, metadata={
         "flags": ("--mixing-weights",), "help": "one mixing weight per LoRA (normalised to sum 1; default: equal)"})
     batched: bool = field(default=True, metadata={

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod
 from loracompose.pipelines.values import Branch, Prediction, Step
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class Merge(CompositionMethod):
     """All LoRAs active at once in a single UNet pass per step."""
 
     name: ClassVar[str] = "merge"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     combine: str = field(default="sum", metadata={
         "choices": ("sum", "mean"), "help": "sum the LoRAs' deltas, or average them (strengths divided by N)"})
     fuse: bool = field(default=False, metadata={

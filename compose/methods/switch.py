@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.pipelines.values import Prediction, Step
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class Switch(CompositionMethod):
     """One LoRA active at a time, switching every ``period`` steps in the given order."""
 
     name: ClassVar[str] = "switch"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     period: int = field(default=5, metadata={"help": "steps per LoRA turn"})
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
