@@ -259,10 +259,10 @@ def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> 
 
 def _dit_architecture(keys: Sequence[str]) -> str | None:
     """FLUX or SD3 from DiT key names, or None when the keys name no DiT transformer."""
+    if any(marker in key for key in keys for marker in SD3_KEY_MARKERS):
+        return SD3  # first: SD3's reference names have an x_embedder too (joint_blocks / x_embedder.proj)
     if any(marker in key for key in keys for marker in FLUX_KEY_MARKERS):
         return FLUX
-    if any(marker in key for key in keys for marker in SD3_KEY_MARKERS):
-        return SD3
     if any(key.startswith(("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_"))
            for key in keys):
         return SD3  # joint blocks without FLUX's single-stream blocks or patch embedder

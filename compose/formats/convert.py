@@ -16,11 +16,13 @@ from torch import nn
 from loracompose.errors import UserError, first_line
 from loracompose.validation import check_finite_tensors
 
+from .dit_names import FAMILY_NAMES, RowSplit, model_family, spelling_family
 from .factors import LowRankDelta, dora_delta, fit_to_layer, full_rank, lokr_factors, loha_factors, lora_factors
 from .keys import parse_key, refused_format
-from .names import ModuleIndex
+from .names import ModuleIndex, flat
 
-COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
+COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_DENOISERS = ("unet", "transformer")  # a file's denoiser keys go to whichever of the two the model has
 _FAMILY_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
@@ -72,24 +74,61 @@ def convert_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     Args:
         path: the file (named in every error).
         tensors, metadata: its contents.
-        components: the model's ``unet``, ``text_encoder`` and ``text_encoder_2`` modules (those present).
+        components: the model's ``unet`` or ``transformer`` and its text encoders (those present).
 
     Raises:
-        UserError: one line naming the file and the reason (a refused format, an unknown key, a layer
-            the model lacks, factors that do not fit it).
+        UserError: one line naming the file and the reason (a refused format, an unknown key, a LoRA
+            made for another model family, a layer the model lacks, factors that do not fit it).
     """
-    groups = _group_keys(path, tensors)
+    groups = _on_denoiser(path, _group_keys(path, tensors), components)
     indexes = {name: ModuleIndex.of(module) for name, module in components.items()}
     alphas = _metadata_alphas(metadata)
     converted = ConvertedLora(path, ())
     kinds: set[str] = set()
     for (component, spelling), parts in groups.items():
-        module, layer = _resolve(path, component, spelling, indexes)
-        delta, kind_names = _layer_delta(path, module, parts, layer, alphas.get(component))
+        module, weight, split = _resolve(path, component, spelling, indexes)
+        delta, kind_names = _layer_delta(path, module, parts, weight, alphas.get(component))
         kinds |= kind_names
-        converted.layers.setdefault(component, {})[module] = delta
+        layers = converted.layers.setdefault(component, {})
+        for target, target_delta in _split_delta(module, delta, split).items():
+            if target in layers:
+                raise UserError(f"LoRA file {path} has two sets of weights for layer {target} of the {component} "
+                                f"(one of them {spelling!r}); use a file with one set per layer")
+            layers[target] = target_delta
     converted.kinds = tuple(sorted(kinds))
     return converted
+
+
+def _on_denoiser(path: Path, groups: dict[tuple[str, str], dict[str, Any]],
+                 components: Mapping[str, nn.Module]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The groups with their denoiser keys (``unet``/``transformer``) on the model's denoiser, after
+    refusing a file whose layer names belong to another model family (before any layer is resolved)."""
+    denoiser = next((name for name in _DENOISERS if name in components), None)
+    if denoiser is None:
+        return groups
+    family = model_family(components[denoiser])
+    moved: dict[tuple[str, str], dict[str, Any]] = {}
+    for (component, spelling), parts in groups.items():
+        if component in _DENOISERS:
+            file_family = spelling_family(flat(spelling))
+            if family and file_family and file_family != family:
+                raise UserError(f"LoRA file {path} is made for {FAMILY_NAMES[file_family]} (key "
+                                f"{parts['keys'][0]!r}) but the model is {FAMILY_NAMES[family]}; use a LoRA "
+                                "trained for this base model")
+            component = denoiser
+        if (component, spelling) in moved:
+            raise UserError(f"LoRA file {path} has weights for layer {spelling!r} under two prefixes (key "
+                            f"{parts['keys'][0]!r}); use a file with one set per layer")
+        moved[(component, spelling)] = parts
+    return moved
+
+
+def _split_delta(module: str, delta: LowRankDelta, split: RowSplit | None) -> dict[str, LowRankDelta]:
+    """The layer's delta, or for a fused reference layer each diffusers layer's rows of it (same down
+    factor and scale: exact)."""
+    if split is None:
+        return {module: delta}
+    return {target: LowRankDelta(delta.down, up, delta.alpha) for target, up in split.split_rows(delta.up).items()}
 
 
 def _group_keys(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -111,19 +150,24 @@ def _group_keys(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[tuple[s
 
 
 def _resolve(path: Path, component: str, spelling: str,
-             indexes: Mapping[str, ModuleIndex]) -> tuple[str, nn.Module]:
+             indexes: Mapping[str, ModuleIndex]) -> tuple[str, torch.Tensor, RowSplit | None]:
+    """(module name, its weight, None), or for a fused FLUX/SD3 reference layer (its name, the weight
+    assembled from its diffusers layers, its row split)."""
     index = indexes.get(component)
     if index is None:
         raise UserError(f"LoRA file {path} has weights for a {component} this model does not have "
                         f"(layer {spelling!r}); use a LoRA made for this base model")
     module = index.resolve(spelling)
-    if module is None:
-        raise UserError(f"LoRA file {path} adapts layer {spelling!r} of the {component}, which this model does "
-                        "not have; use a LoRA made for this base model")
-    return module, index.layers[module]
+    if module is not None:
+        return module, cast(torch.Tensor, index.layers[module].weight), None
+    split = index.resolve_split(spelling)
+    if split is not None:
+        return spelling, split.fused_weight(index.layers), split
+    raise UserError(f"LoRA file {path} adapts layer {spelling!r} of the {component}, which this model does "
+                    "not have; use a LoRA made for this base model")
 
 
-def _layer_delta(path: Path, module: str, parts: dict[str, Any], layer: nn.Module,
+def _layer_delta(path: Path, module: str, parts: dict[str, Any], weight: torch.Tensor,
                  metadata_alpha: Any) -> tuple[LowRankDelta, set[str]]:
     families = parts["families"] - {"any", "dora"}
     if len(families) != 1:
@@ -131,7 +175,6 @@ def _layer_delta(path: Path, module: str, parts: dict[str, Any], layer: nn.Modul
         raise UserError(f"LoRA file {path} has {found} weights for layer {module}; "
                         "each layer needs exactly one LoRA, LoHa or LoKr set of weights")
     family = families.pop()
-    weight = cast(torch.Tensor, layer.weight)
     alpha = _alpha(parts, module, metadata_alpha)
     try:
         delta = _family_delta(family, parts, alpha, weight.shape)
@@ -223,10 +266,13 @@ def load_lora_file(pipe: Any, path: Path, adapter_name: str, text_encoder_scale:
             delta.alpha *= factors[module]
     for component in converted.layers:
         state, config = converted.peft_state_dict(component), converted.lora_config(component)
-        if component == "unet":
-            pipe.load_lora_into_unet({f"unet.{key}": value for key, value in state.items()}, network_alphas=None,
-                                     unet=pipe.unet, adapter_name=adapter_name, _pipeline=pipe,
-                                     metadata={f"unet.{key}": value for key, value in config.items()})
+        if component in _DENOISERS:
+            # diffusers' own PEFT entry point of the UNet / transformer (what load_lora_into_unet and
+            # FluxLoraLoaderMixin / SD3LoraLoaderMixin.load_lora_into_transformer call)
+            components[component].load_lora_adapter(
+                {f"{component}.{key}": value for key, value in state.items()}, prefix=component,
+                adapter_name=adapter_name, _pipeline=pipe,
+                metadata={f"{component}.{key}": value for key, value in config.items()})
         else:
             # transformers' own PEFT entry point: diffusers' text-encoder loader re-converts the keys and
             # handles the attention projections only (not an MLP-only adapter).

@@ -1,8 +1,9 @@
 """Tensor keys of a LoRA file, split into (component, module spelling, part), and refused formats.
 
 A key is ``<component prefix><module><part suffix>``: the component prefix is kohya's
-(``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``) or diffusers' (``unet.``,
-``text_encoder.``, ``text_encoder_2.``; none in the oldest UNet-only files); the part suffix names
+(``lora_unet_``, ``lora_te_``, ``lora_te1_``..``lora_te3_``), OneTrainer's (``lora_transformer_``),
+ComfyUI's (``diffusion_model.``) or diffusers' (``unet.``, ``transformer.``, ``text_encoder.``..
+``text_encoder_3.``; none in the oldest UNet-only files and in XLabs FLUX files); the part suffix names
 the tensor's role in its format (``lora_down.weight``, ``hada_w1_a``, ``lokr_w2_b``, ...).
 """
 
@@ -12,14 +13,22 @@ import re
 from dataclasses import dataclass
 
 # kohya / LyCORIS component prefixes, then diffusers ones (longest first where one is a prefix of another).
+# FLUX/SD3 files name the denoiser "transformer" (diffusers, ai-toolkit), "lora_transformer_"
+# (OneTrainer) or "diffusion_model." (ComfyUI / BFL); kohya's "lora_unet_" names it there too, and the
+# converter maps "unet" and "transformer" to whichever of the two the model has.
 COMPONENT_PREFIXES = (
     ("lora_unet_", "unet"),
+    ("lora_transformer_", "transformer"),
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
+    ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
     ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder_3.", "text_encoder_3"),
     ("text_encoder.", "text_encoder"),
     ("unet.", "unet"),
+    ("transformer.", "transformer"),
+    ("diffusion_model.", "transformer"),
 )
 
 # part suffix -> (format family, part name)
@@ -45,6 +54,10 @@ PARTS = {
 _ATTN_PROCESSOR = re.compile(r"^(?P<module>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\."
                              r"(?P<part>down|up)\.weight$")
 
+# XLabs FLUX LoRA processors: double_blocks.0.processor.qkv_lora1.down.weight (dit_names maps the module)
+_XLABS_PROCESSOR = re.compile(r"^(?P<module>(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora[12]?)\."
+                              r"(?P<part>down|up)\.weight$")
+
 # Formats we recognise and refuse: (pattern on the key, format name).
 REFUSED = (
     (re.compile(r"\.boft_"), "BOFT"),
@@ -55,6 +68,7 @@ REFUSED = (
     (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer weights"),
     (re.compile(r"\.lora_B\.bias$"), "LoRA with bias terms (lora_bias)"),
     (re.compile(r"^bundle_emb\.|\.string_to_param\."), "embedded textual inversion (bundle_emb)"),
+    (re.compile(r"(query|key)_norm\.scale$"), "FLUX Control LoRA (norm weights and a widened input layer)"),
 )
 
 
@@ -80,6 +94,9 @@ def parse_key(key: str) -> ParsedKey | None:
     if processor:
         projection = "to_out.0" if processor["projection"] == "to_out" else processor["projection"]
         return ParsedKey(component, f"{processor['module']}.{projection}", "lora", processor["part"])
+    xlabs = _XLABS_PROCESSOR.match(rest)
+    if xlabs:
+        return ParsedKey(component, xlabs["module"], "lora", xlabs["part"])
     for suffix, (family, part) in PARTS.items():
         if rest.endswith(suffix):
             return ParsedKey(component, rest[: -len(suffix)], family, part)

@@ -8,8 +8,9 @@ SDXL kohya files, the original Stability ("sgm") UNet layout (``input_blocks_4_1
 
 Rather than rewriting each spelling by rules, :class:`ModuleIndex` lists the adaptable modules of the
 model itself (``nn.Linear`` / ``nn.Conv2d``), flattens their names, and adds the aliases: the name with
-and without ``text_model.``, and the sgm name of every UNet module (from the UNet's config). A key
-then resolves by flattening its module part and looking it up.
+and without ``text_model.``, the sgm name of every UNet module (from the UNet's config) and the
+reference names of FLUX and SD3 transformer layers (:mod:`.dit_names`; a fused reference layer resolves
+to its row split). A key then resolves by flattening its module part and looking it up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from torch import nn
+
+from .dit_names import RowSplit, original_layers
 
 _AMBIGUOUS = "\0ambiguous"
 # diffusers ResnetBlock2D layer -> the sgm ResBlock layer it came from.
@@ -68,6 +71,8 @@ class ModuleIndex:
 
     layers: dict[str, nn.Module]
     _by_flat_name: dict[str, str] = field(default_factory=dict, repr=False)
+    # FLUX/SD3 reference layers that are several diffusers layers (fused qkv) or reordered rows
+    _splits: dict[str, RowSplit] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModuleIndex:
@@ -79,6 +84,11 @@ class ModuleIndex:
                        name)
             if sgm is not None and (alias := sgm(name)) is not None:
                 index._add(alias, name)
+        for spelling, split in original_layers(model, index.layers).items():
+            if split.is_rename:
+                index._add(spelling, split.parts[0][0])
+            else:
+                index._splits[flat(spelling)] = split
         return index
 
     def _add(self, spelling: str, name: str) -> None:
@@ -90,6 +100,10 @@ class ModuleIndex:
         """The dotted module name for a dotted or flattened spelling; None if no (single) layer has it."""
         name = self._by_flat_name.get(flat(spelling))
         return None if name in (None, _AMBIGUOUS) else name
+
+    def resolve_split(self, spelling: str) -> RowSplit | None:
+        """The diffusers layers and rows a fused FLUX/SD3 reference layer (``img_attn.qkv``) stands for."""
+        return self._splits.get(flat(spelling))
 
 
 def _sgm_names(config: Mapping[str, Any] | None):
