@@ -7,6 +7,10 @@ Loaded (see README "LoRA files"):
 * kohya-ss and LyCORIS files for SD1.x and SDXL: ``lora_unet_``, ``lora_te_``, ``lora_te1_``,
   ``lora_te2_`` names, diffusers-style or sgm (``input_blocks``/``middle_block``/``output_blocks``)
   UNet names, text-encoder names with or without transformers 4's ``text_model.`` level;
+* FLUX.1 and SD3/SD3.5 files (:mod:`.dit_names`): diffusers/PEFT and ai-toolkit (``transformer.``),
+  OneTrainer (``lora_transformer_``), kohya (``lora_unet_double_blocks_``, ``single_blocks_``,
+  ``joint_blocks_``; ``lora_te1_``..``lora_te3_``), ComfyUI/BFL (``diffusion_model.``) and XLabs
+  (``processor.qkv_lora1``) names, a fused reference layer (``qkv``, ``linear1``) split by rows;
 * in those files: LoRA and LoCon (with the Tucker ``lora_mid``), LoHa (``hada_*``, Tucker
   ``hada_t1``/``hada_t2``), LoKr (``lokr_w1`` or ``lokr_w1_a/_b``, ``lokr_w2`` or ``lokr_w2_a/_b``,
   ``lokr_t2``) and DoRA (``dora_scale``).
@@ -20,8 +24,9 @@ with a LoRA adapter in diffusers' adapter handling. DoRA layers are materialised
 weight change linearly, as ComfyUI does.
 
 Refused, in one line naming the file and the format: OFT, BOFT, GLoRA, full weight differences
-(``diff``), (IA)^3, norm-layer weights, LoRA bias terms, embedded textual inversions, and any key
-this module does not recognise.
+(``diff``), (IA)^3, norm-layer weights, LoRA bias terms, embedded textual inversions, FLUX Control
+LoRAs, any key this module does not recognise, and layer names of another model family than the
+model's (an SD UNet LoRA on FLUX, a FLUX LoRA on SD3, ...), naming both.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
-from lora_files import write
+from lora_files import _dora, weight_of, write
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
@@ -337,6 +337,22 @@ def test_lokr_on_a_fused_layer_is_split_by_rows(flux, tmp_path):
         (start, stop), = ranges
         lora.deltas[("transformer", module)] = delta[start:stop]
     path = lora.save(tmp_path / "lokr.safetensors")
+    _assert_weights(_loaded(flux, path), _expected(flux, lora))
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_dora_on_a_fused_layer_is_taken_on_the_fused_weight(flux, tmp_path, axis):
+    """LyCORIS DoRA (dora_scale per output row or per input column) on kohya's img_attn.qkv: the norm is
+    over the reference layer's weight (q; k; v stacked), and the resulting change is split by rows."""
+    parts = FLUX_REFERENCE["double_blocks.0.img_attn.qkv"]
+    lora = _kohya(flux, {"double_blocks.0.img_attn.qkv": parts}, 61)
+    fused = torch.cat([weight_of(flux, "transformer", module) for module, _ in parts])
+    fused_delta = torch.cat([lora.deltas[("transformer", module)] for module, _ in parts])
+    magnitude, delta = _dora(fused, fused_delta, axis, torch.Generator().manual_seed(62))
+    lora.tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = magnitude
+    for module, ((start, stop),) in parts:
+        lora.deltas[("transformer", module)] = delta[start:stop]
+    path = lora.save(tmp_path / "dora.safetensors")
     _assert_weights(_loaded(flux, path), _expected(flux, lora))
 
 
