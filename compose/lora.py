@@ -30,6 +30,8 @@ ARCHITECTURE_NAMES = {**FAMILY_NAMES, SD15: "SD1.5", SDXL: "SDXL", FLUX: "FLUX",
 FLUX_KEY_MARKERS = ("single_transformer_blocks", "x_embedder", "guidance_embedder", "double_blocks",
                     "single_blocks")
 SD3_KEY_MARKERS = ("joint_blocks",)
+FLUX_DOUBLE_BLOCKS = 19
+_JOINT_BLOCK = re.compile(r"^(?:transformer\.transformer_blocks\.|lora_transformer_transformer_blocks_)(\d+)[._]")
 
 # Metadata keys that carry trigger words in files found in the wild (first match wins).
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words", "loracompose.triggers")
@@ -132,14 +134,19 @@ class LoadedLora:
         return display_name(self.metadata) or self.name
 
     def describe(self) -> dict:
-        """A JSON-ready summary for sidecars and reports."""
-        return {
+        """A JSON-ready summary for sidecars and reports (strengths other than ``weight`` only when set)."""
+        described = {
             "path": str(self.path),
             "name": self.name,
             "weight": self.weight,
             "trigger_words": list(self.trigger_words),
             "category": self.category,
         }
+        if self.text_encoder_weight is not None:
+            described["text_encoder_weight"] = self.text_encoder_weight
+        if self.block_weights is not None:  # the lbw text as written, else the dict form
+            described["block_weights"] = getattr(self.block_weights, "spelled", "") or dict(self.block_weights)
+        return described
 
 
 def _looks_like_number(text: str) -> bool:
@@ -263,10 +270,14 @@ def _dit_architecture(keys: Sequence[str]) -> str | None:
         return SD3  # first: SD3's reference names have an x_embedder too (joint_blocks / x_embedder.proj)
     if any(marker in key for key in keys for marker in FLUX_KEY_MARKERS):
         return FLUX
-    if any(key.startswith(("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_"))
-           for key in keys):
-        return SD3  # joint blocks without FLUX's single-stream blocks or patch embedder
-    return None
+    if any(_joint_block_index(key) >= FLUX_DOUBLE_BLOCKS for key in keys):
+        return SD3  # a joint block past FLUX.1's last double block (SD3 medium has 24, SD3.5 large 38)
+    return None  # diffusers names of the first joint blocks only: FLUX's double blocks and SD3's look alike
+
+
+def _joint_block_index(key: str) -> int:
+    match = _JOINT_BLOCK.match(key)
+    return int(match[1]) if match else -1
 
 
 def inspect_lora(spec: LoraSpec) -> LoadedLora:

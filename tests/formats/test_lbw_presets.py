@@ -207,3 +207,15 @@ def test_suite_loras_take_lbw(tmp_path):
     with pytest.raises(UserError, match=r"suite LoRA 'a': lbw='MIDDLE' must be a preset name") as caught:
         suite(lbw="MIDDLE")
     _single_line(caught)
+
+
+def test_sidecar_records_block_weights_as_written(sd15_lora_files):
+    from loracompose.lora import inspect_lora
+
+    file = sd15_lora_files[0]
+    assert inspect_lora(LoraSpec.parse(f"{file}:0.8:lbw=MIDD")).describe()["block_weights"] == "MIDD"
+    as_dict = inspect_lora(LoraSpec(file, block_weights={"unet": {"mid": 0.0}})).describe()
+    assert as_dict["block_weights"] == {"unet": {"mid": 0.0}}
+    plain = inspect_lora(LoraSpec(file)).describe()
+    assert "block_weights" not in plain and "text_encoder_weight" not in plain
+    assert inspect_lora(LoraSpec(file, 0.5, text_encoder_weight=0.2)).describe()["text_encoder_weight"] == 0.2
