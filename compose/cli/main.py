@@ -75,9 +75,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     common.add_argument("--seed", type=int, default=0, help="random seed of the first image (image k: seed + k)")
     common.add_argument("--steps", type=int, help="denoising steps (default 30; the embedded model's own: 20)")
-    common.add_argument("--guidance", type=float, help="CFG scale (default 7.5; the embedded model's own: 4)")
+    common.add_argument("--guidance", type=float,
+                        help="CFG scale (default 7.5; SD3: 7; the embedded model's own: 4); on FLUX the distilled "
+                             "guidance the model is conditioned on (default 3.5)")
+    common.add_argument("--true-cfg", type=float, default=1.0,
+                        help="FLUX only: real CFG scale on top of the distilled guidance (above 1: two rows per image)")
     common.add_argument("--negative-prompt")
-    common.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS))
+    common.add_argument("--scheduler", choices=list(SCHEDULERS),
+                        help=f"sampler (default: {DEFAULT_SCHEDULER}; FLUX/SD3: euler, their flow-matching Euler)")
     common.add_argument("--num-images", type=int, default=1)
     common.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     common.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
@@ -133,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
     specs = lora_specs(args)
     method = build_method(args)
     prompt, model = args.prompt, args.model
-    default_steps, default_guidance = 30, 7.5
+    default_steps, default_guidance = 30, None  # None: the model family's own (pipe.default_guidance_scale)
     if model is None:
         from loracompose.assets.embedded import embedded_default
 
@@ -150,8 +155,9 @@ def run_generate(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else default_steps
     guidance = args.guidance if args.guidance is not None else default_guidance
     limits = limits_from_args(args)
-    check_generation_numbers(steps=steps, guidance_scale=guidance, num_images=args.num_images, seed=args.seed,
-                             width=args.width, height=args.height, max_batch_rows=args.max_batch_rows, limits=limits)
+    check_generation_numbers(steps=steps, guidance_scale=7.5 if guidance is None else guidance,
+                             num_images=args.num_images, seed=args.seed, width=args.width, height=args.height,
+                             max_batch_rows=args.max_batch_rows, limits=limits)
     name = plain_file_name(args.name, "--name") if args.name is not None else f"{method.name}-{args.seed}"
     inspect_loras(specs)  # fail on a bad LoRA file before the (slow) model load
     check_auto_lora_arguments(args)
@@ -165,15 +171,15 @@ def run_generate(args: argparse.Namespace) -> int:
         guidance_scale=guidance, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, append_triggers=not args.no_append_triggers,
         text_encoder_loras=not args.no_text_encoder_loras, max_batch_rows=args.max_batch_rows,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet, true_cfg_scale=args.true_cfg,
     )
     prepare_output_dir(args.out)
     written = save_result(result, args.out, name, model)
     stats = result.stats
     for path in written:
         print(path)
-    print(f"{method.name}: {stats.unet_calls} UNet calls, {stats.unet_rows} rows, {stats.wall_seconds:.2f} s "
-          f"({stats.execution})", file=sys.stderr)
+    print(f"{method.name}: {stats.unet_calls} {pipe.denoiser_name} calls, {stats.unet_rows} rows, "
+          f"{stats.wall_seconds:.2f} s ({stats.execution})", file=sys.stderr)
     return 0
 
 
@@ -194,6 +200,9 @@ def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) 
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (SDXL)")
+    parser.add_argument("--targets", nargs="+", metavar="NAME",
+                        help="UNet projections that get the LoRA, as name suffixes (default: to_q to_k to_v "
+                             "to_out.0, every attention's; attn2.to_k attn2.to_v: cross-attention keys and values)")
     parser.add_argument("--probe-timesteps", type=int, default=8,
                         help="timesteps per image of the fixed-draw loss logged before and after training (0: off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -207,6 +216,7 @@ def lora_training_settings(args: argparse.Namespace, **extra: Any) -> LoraTraini
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
         resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype, config=args.config,
         gradient_checkpointing=args.gradient_checkpointing, probe_timesteps=args.probe_timesteps,
+        targets=tuple(args.targets) if args.targets else None,
         show_progress=not args.quiet, **checkpoint_options(args), **extra,
     )
 
