@@ -168,6 +168,11 @@ class ComposeMixin:
         """The denoiser network: the UNet here, the transformer on DiTs."""
         return self.unet
 
+    @property
+    def denoiser_name(self) -> str:
+        """What the denoiser network is called in reports ("UNet", "transformer")."""
+        return "UNet"
+
     def _adapter_controller(self) -> AdapterController:
         # The denoiser is the "unet" component whatever the family: methods address its LoRA layers so.
         modules = {"unet": self.denoiser_module,

@@ -54,6 +54,10 @@ class DiTComposeMixin(ComposeMixin):
         return self.transformer
 
     @property
+    def denoiser_name(self) -> str:
+        return "transformer"
+
+    @property
     def native_size(self) -> int:
         """The image side (pixels) the model was trained at: 1024 on the real FLUX.1 / SD3 checkpoints."""
         return int(self.default_sample_size * self.vae_scale_factor)
