@@ -257,6 +257,8 @@ def architecture_from_file(metadata: Mapping[str, str], keys: Sequence[str]) -> 
     dit = _dit_architecture(keys)
     if dit:
         return dit
+    if any(key.startswith(("transformer.", "lora_transformer_")) for key in keys):
+        return None  # a transformer's first joint blocks by diffusers names: FLUX or SD3 (the converter checks)
     if any(key.startswith(("text_encoder_2.", "lora_te2_")) for key in keys):
         return SDXL
     if any("transformer_blocks.1." in key or "_transformer_blocks_1_" in key for key in keys):

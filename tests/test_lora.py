@@ -135,7 +135,8 @@ def test_kohya_file_gives_same_output_as_diffusers_file(tmp_path, sd15_pipe, sd1
       "transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight"], "flux"),
     (["transformer.x_embedder.lora_A.weight"], "flux"),
     (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], "flux"),
-    (["transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight"], "sd3"),
+    (["transformer.transformer_blocks.1.attn.add_k_proj.lora_A.weight"], None),  # FLUX double or SD3 joint block
+    (["transformer.transformer_blocks.20.attn.add_k_proj.lora_A.weight"], "sd3"),  # FLUX.1 has 19 double blocks
     (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], "sd3"),
     (["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.lora_A.weight"], "sdxl"),
     (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"], None),

@@ -440,6 +440,16 @@ def _zero_lora(base: str, rows: int, down: str = "lora_down.weight", up: str = "
     return {f"{base}.{down}": torch.zeros(RANK, 32), f"{base}.{up}": torch.zeros(rows, RANK)}
 
 
+def test_flux_lora_on_double_blocks_only_is_not_taken_for_sd3(flux, tmp_path):
+    """diffusers names of joint blocks alone fit FLUX and SD3 alike: the architecture check leaves the
+    file to the converter, which loads it on FLUX."""
+    reference = {name: parts for name, parts in FLUX_REFERENCE.items() if name.startswith("double_blocks.")}
+    lora = _dotted(flux, _diffusers_reference(reference), 71, "transformer.", "lora_A.weight", "lora_B.weight", None)
+    path = lora.save(tmp_path / "double_only.safetensors")
+    check_architecture(inspect_lora(LoraSpec(path)), "flux")
+    _assert_weights(_loaded(flux, path), _expected(flux, lora))
+
+
 REFUSED_FILES = {
     "a key in no format": ({"transformer.transformer_blocks.0.attn.to_q.weight": torch.zeros(32, 32)},
                            "no format"),
