@@ -23,6 +23,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 
 from loracompose.errors import UserError
+from loracompose.formats import load_lora_file
 from loracompose.lora import ARCHITECTURE_NAMES, FLUX, SD3, LoadedLora
 from loracompose.validation import finite_number
 
@@ -64,14 +65,15 @@ class DiTComposeMixin(ComposeMixin):
 
     # ------------------------------------------------------------------ LoRAs
     def _load_lora_file(self, lora: LoadedLora) -> None:
-        """diffusers' own loader for this family (diffusers/PEFT format and the formats it converts)."""
+        """The one converter (loracompose.formats): diffusers/PEFT, ai-toolkit, kohya, ComfyUI/BFL, XLabs
+        and OneTrainer files as exact PEFT LoRA layers on the transformer and text encoders."""
         if lora.block_weights is not None:
             raise UserError(f"LoRA {lora.path}: per-block weights are not supported on {self.family_name} yet; "
                             "give one strength")
         if lora.text_encoder_scale != 1.0 and lora.has_text_encoder:
             raise UserError(f"LoRA {lora.path}: a separate text-encoder strength is not supported on "
                             f"{self.family_name} yet; give one strength")
-        self.load_lora_weights(str(lora.path), adapter_name=lora.name)
+        load_lora_file(self, lora.path, lora.name)
 
     # ------------------------------------------------------------------ checks
     def _check_scheduler(self, name: str) -> str:
