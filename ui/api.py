@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypedDict
 
+import gradio as gr
 from gradio.data_classes import FileData
 from PIL import Image
 
@@ -110,7 +111,8 @@ the server's library). method: the composition method. method_settings: the meth
 name (e.g. {"period": 3} for switch); missing ones keep their defaults. trigger_words: LoRA name -> its
 trigger words, replacing the library's. seed: image k uses seed + k. region_masks: LoRA name -> mask
 image (white = its region; methods with a masks setting, e.g. regional), for every LoRA or for each
-local one (style and background LoRAs then get the whole image). The rest as in the page."""
+local one (style and background LoRAs then get the whole image). The rest as in the page. One request
+per client session at a time: one sent while the session's previous request runs or waits is refused."""
 
 
 def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> inspect.Signature:
@@ -134,6 +136,7 @@ def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> 
         ("text_encoder_loras", bool, True),
         ("trigger_words", dict[str, list[str]], {}),
         ("region_masks", dict[str, FileData], {}),
+        ("request", gr.Request | None, None),  # Gradio fills it in (the caller's session); not an API input
     ]
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
                                                 annotation=hint) for name, hint, default in parameters],

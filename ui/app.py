@@ -15,17 +15,21 @@ Endpoints (``api_name``):
 * ``/reuse_settings``: puts the selected result's settings back into the controls.
 * ``/suggest_loras``: prompt, LoRA table, how many -> the table with the best-fitting LoRAs ticked.
 
-Per-session data (LoRAs, results) lives in a ``gr.State``; the pipeline is shared and its
-``generate`` holds a lock, and the queue runs one pipeline event at a time (``PIPELINE_CONCURRENCY``).
+Per-session data (LoRAs, results) lives in a ``gr.State``; the pipeline is shared. Gradio's queue
+starts up to ``WAITING_SESSIONS`` pipeline events at once and ui/turns.py hands the pipeline to one at
+a time, one request per session, sessions in arrival order: a small request waits for at most one
+request of each session ahead of it, never for a queue of one user's requests.
 
 Annotations here are real objects (no ``from __future__ import annotations``): Gradio finds
-``gr.SelectData`` and ``gr.Progress`` parameters by inspecting the handlers' signatures.
+``gr.SelectData``, ``gr.Request`` and ``gr.Progress`` parameters by inspecting the handlers' signatures.
 """
 
 import functools
 import logging
 import os
 import re
+import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -50,10 +54,12 @@ from .library import (
 from .method_forms import MethodForms
 from .method_views import method_view
 from .results import GenerationRequest, ResultItem, SessionState, run_generation
+from .turns import PipelineTurns
 
 log = logging.getLogger(__name__)
 
-PIPELINE_CONCURRENCY = 1  # one pipeline: one generation at a time; more would only queue on its lock
+# Pipeline events Gradio starts at once; they wait in PipelineTurns, which runs one at a time.
+WAITING_SESSIONS = 16
 PIPELINE_EVENTS = "pipeline"
 QUEUE_SIZE = 64
 DEFAULT_STEPS = 30
@@ -139,6 +145,7 @@ class LoraComposeApp:
         self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
         self.default_size = pipe.native_size
         self.limits: Limits = getattr(pipe, "limits", Limits())
+        self.turns = PipelineTurns()  # who holds the shared pipeline now, and who waits
         if hasattr(pipe, "verify_clean") and not pipe.verify_clean:
             pipe.verify_clean = "quick"  # one model shared by every user: checked after every request
 
@@ -154,15 +161,16 @@ class LoraComposeApp:
     @readable_errors
     def generate(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
                  guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str, append_triggers: bool,
-                 text_encoder_loras: bool, method_name: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
-                 *method_values: Any) -> tuple:
+                 text_encoder_loras: bool, method_name: str, session: gr.Request,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True), *method_values: Any) -> tuple:
         """Generate with the picked method; results go first in the session's gallery."""
         request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance, width, height,
                                       num_images, scheduler, append_triggers, text_encoder_loras, self.limits)
         method = self.forms.method(method_name, method_values)
-        progress(0, desc=f"{method_name}: preparing")
-        items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
-                               self.settings.model_label)
+        with self._pipeline_turn(session, progress):
+            progress(0, desc=f"{method_name}: preparing")
+            items = run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
+                                   self.settings.model_label)
         state.remember(items)
         with Image.open(items[0].png) as image:
             overlays, note = method_view(method, image)
@@ -173,28 +181,29 @@ class LoraComposeApp:
     def generate_api(self, *, prompt: str, loras: Mapping[str, float], method: str, method_settings: Mapping[str, Any],
                      negative_prompt: str, seed: int, steps: int, guidance_scale: float, width: int, height: int,
                      num_images: int, scheduler: str, append_triggers: bool, text_encoder_loras: bool,
-                     trigger_words: Mapping[str, Sequence[str]],
-                     region_masks: Mapping[str, Any]) -> list[GeneratedImage]:
+                     trigger_words: Mapping[str, Sequence[str]], region_masks: Mapping[str, Any],
+                     request: gr.Request | None = None) -> list[GeneratedImage]:
         """The named ``/generate`` endpoint (ui/api.py): LoRAs by name from the server's library."""
         state = self.new_session()
         table = self._api_table(state, loras, trigger_words)
-        request = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance_scale, width,
-                                      height, num_images, scheduler, append_triggers, text_encoder_loras,
-                                      self.limits)
+        generation = _generation_request(state, prompt, negative_prompt, table, seed, steps, guidance_scale, width,
+                                         height, num_images, scheduler, append_triggers, text_encoder_loras,
+                                         self.limits)
         if method not in self.methods:
             raise UserError(f"method {method!r} is not available; choose one of {', '.join(self.methods)}")
-        categories = {str(spec.name): spec.category for spec in request.loras}  # UI specs are named
+        categories = {str(spec.name): spec.category for spec in generation.loras}  # UI specs are named
         method_settings = with_region_masks(method, self.methods[method], method_settings, region_masks, categories)
         chosen = method_from_settings(method, self.methods[method], method_settings)
-        items = run_generation(self.pipe, request, chosen, state.output_folder(self.settings.output_root),
-                               self.settings.model_label)
+        with self._pipeline_turn(request):
+            items = run_generation(self.pipe, generation, chosen, state.output_folder(self.settings.output_root),
+                                   self.settings.model_label)
         concepts = save_concepts(chosen, items[0])  # the method's view of the first image, as the page shows
         return [generated_image(item, concepts if index == 0 else ()) for index, item in enumerate(items)]
 
     @readable_errors
     def compare(self, state: SessionState, prompt: str, negative_prompt: str, table: Any, seed: Any, steps: Any,
                 guidance: Any, width: Any, height: Any, num_images: Any, scheduler: str, append_triggers: bool,
-                text_encoder_loras: bool, method_names: list[str],
+                text_encoder_loras: bool, method_names: list[str], session: gr.Request,
                 progress: gr.Progress = gr.Progress(track_tqdm=True), *method_values: Any) -> tuple:
         """One image per chosen method, same prompt, LoRAs and seed, each with its time and UNet calls."""
         if not method_names:
@@ -203,10 +212,11 @@ class LoraComposeApp:
                                       1, scheduler, append_triggers, text_encoder_loras, self.limits)
         methods = [self.forms.method(name, method_values) for name in method_names]  # check all before running
         items: list[ResultItem] = []
-        for index, method in enumerate(methods):
-            progress(index / len(methods), desc=f"{method.name} ({index + 1}/{len(methods)})")
-            items += run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
-                                    self.settings.model_label)
+        with self._pipeline_turn(session, progress):
+            for index, method in enumerate(methods):
+                progress(index / len(methods), desc=f"{method.name} ({index + 1}/{len(methods)})")
+                items += run_generation(self.pipe, request, method, state.output_folder(self.settings.output_root),
+                                        self.settings.model_label)
         state.remember(items)
         side_by_side = [(str(item.png), f"{item.method_name} · {item.seconds:.2f} s · {item.unet_calls} UNet calls")
                         for item in items]
@@ -235,13 +245,13 @@ class LoraComposeApp:
         return state, rows, None, message
 
     @readable_errors
-    def suggest(self, state: SessionState, prompt: str, table: Any, count: Any) -> tuple:
+    def suggest(self, state: SessionState, prompt: str, table: Any, count: Any, session: gr.Request) -> tuple:
         """Tick the session's LoRAs that best fit the prompt (AutoLoRA's training-free retrieval: the
         model's text encoder on each LoRA's name, triggers, category and description)."""
         from loracompose.retrieval import rank_lora_files
 
         top_k = whole_number(count, "number of LoRAs to suggest", low=1, high=len(state.catalog.entries) or 1)
-        with self.pipe.exclusive():
+        with self._pipeline_turn(session), self.pipe.exclusive():
             ranked = rank_lora_files(self.pipe, str(prompt or ""), {entry.name: entry.path for entry in
                                                                     state.catalog.entries.values()}, top_k)
         chosen = {item.entry.name: item for item in ranked}
@@ -317,13 +327,25 @@ class LoraComposeApp:
             gr.Warning(f"reuse settings: LoRA(s) {', '.join(missing)} are no longer in this session; upload them again")
         return rows
 
+    def _pipeline_turn(self, session: gr.Request | None,
+                       progress: gr.Progress | None = None) -> AbstractContextManager[None]:
+        """Hold the shared pipeline for this session's request (ui/turns.py); the page shows the wait.
+        A caller without a session (Gradio's plain HTTP call route) gets a turn of its own."""
+        session_id = getattr(session, "session_hash", None) or uuid.uuid4().hex
+
+        def show_wait(ahead: int) -> None:
+            if progress is not None:
+                progress(0, desc=f"waiting for the model: {ahead} request(s) ahead")
+
+        return self.turns.turn(session_id, show_wait)
+
     def _downloads(self, state: SessionState) -> list[str]:
         item = state.selected_item()
         return [str(item.png), str(item.sidecar)] if item else []
 
     # ------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
-        """The page with its queue set (one pipeline event at a time); serve it with :func:`launch_app`."""
+        """The page with its queue set (pipeline events take turns, ui/turns.py); serve it with :func:`launch_app`."""
         with gr.Blocks(title=self.settings.title, delete_cache=(3600, 24 * 3600)) as blocks:
             state = gr.State(self.new_session())
             gr.Markdown(f"# {self.settings.title}\nTraining-free multi-LoRA composition · model: "
@@ -337,7 +359,7 @@ class LoraComposeApp:
                     with gr.Tab("Compare"):
                         self._compare_tab(state, shared, gallery, downloads)
             self._wire_reuse(state, shared, generate_outputs)
-        blocks.queue(default_concurrency_limit=PIPELINE_CONCURRENCY, max_size=QUEUE_SIZE)
+        blocks.queue(default_concurrency_limit=WAITING_SESSIONS, max_size=QUEUE_SIZE)
         return blocks
 
     def _shared_controls(self, state: gr.State) -> list[gr.components.Component]:
@@ -453,7 +475,7 @@ def default_first(methods: Mapping[str, type[CompositionMethod]]) -> dict[str, t
 
 
 def build_app(pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS) -> gr.Blocks:
-    """The Blocks app around ``pipe``, with its queue set: one pipeline event at a time."""
+    """The Blocks app around ``pipe``, with its queue set: pipeline events take turns (ui/turns.py)."""
     return LoraComposeApp(pipe, settings, methods).build()
 
 
