@@ -17,7 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd15, build_tiny_sdxl  # noqa: E402
-from helpers import CATEGORIES, SUBJECTS, TRAINING_TEMPLATES, BagOfTokensEmbedder, with_metadata  # noqa: E402
+from helpers import (  # noqa: E402
+    CATEGORIES, ORACLE_PROMPT, ORACLE_SETTINGS, SUBJECTS, TRAINING_TEMPLATES, BagOfTokensEmbedder, with_metadata,
+)
 
 # The tiny models are far too small to gain from threads, and on a busy shared machine torch's
 # OpenMP workers spin-wait: a 0.4 s generation took 5-12 s with 2 threads under load.
@@ -70,6 +72,23 @@ def sd15_lora_files(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactor
 def sdxl_lora_files(tiny_sdxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two SDXL LoRAs: ``character.safetensors`` (trigger "zkx") and ``style.safetensors`` ("qwv")."""
     return _build_loras(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-loras"))
+
+
+@pytest.fixture(scope="session")
+def specs(sd15_lora_files):
+    """The two tiny SD1.5 LoRAs at weights 0.8 and 1.0."""
+    from loracompose import LoraSpec
+
+    return [LoraSpec(sd15_lora_files[0], 0.8), LoraSpec(sd15_lora_files[1], 1.0)]
+
+
+@pytest.fixture(scope="session")
+def fresh_merge(tiny_sd15_dir, specs) -> torch.Tensor:
+    """Merge of ``specs`` (ORACLE_PROMPT, ORACLE_SETTINGS) on a pipeline nothing else ran on: the oracle the
+    next Merge on a shared pipeline must equal, bit for bit, after a failing or hostile request."""
+    from loracompose import Merge, load_pipeline
+
+    return load_pipeline(tiny_sd15_dir).generate(ORACLE_PROMPT, specs, Merge(), **ORACLE_SETTINGS).latents
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,12 @@ CATEGORIES = ("character", "style", "background", "object")
 TRAINING_TEMPLATES = ("{}", "a photo of a {}", "{}, detailed illustration")
 HELD_OUT_TEMPLATES = ("a {} standing in the rain", "portrait of a {} at sunset")
 
+# The request of the "next Merge equals a fresh pipeline's" oracle (conftest's fresh_merge): the two tiny
+# SD1.5 LoRAs' triggers, 2 steps, latents out.
+ORACLE_PROMPT = "a zkx cat and a qwv dog"
+ORACLE_SETTINGS = dict(steps=2, guidance_scale=6.0, width=64, height=64, output_type="latent", show_progress=False,
+                       seed=5)
+
 
 def plain_diffusers(model_dir: Path, sdxl: bool) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The stock diffusers pipeline of a model folder, with DPM-Solver++ (loracompose's default sampler)."""

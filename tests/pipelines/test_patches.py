@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ORACLE_PROMPT, ORACLE_SETTINGS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -16,8 +17,7 @@ from loracompose.methods import METHODS
 from loracompose.pipelines.adapters import AdapterController
 from loracompose.pipelines.patches import PatchLeak, PatchStack, assert_unchanged, fingerprint
 
-PROMPT = "a zkx cat and a qwv dog"
-COMMON = dict(steps=2, guidance_scale=6.0, width=64, height=64, output_type="latent", show_progress=False, seed=5)
+PROMPT, COMMON = ORACLE_PROMPT, ORACLE_SETTINGS  # the request of the fresh_merge oracle (conftest)
 
 # (label, registry name, settings): every method, cheap settings, and the paths that fold weights.
 METHOD_CASES = [
@@ -72,17 +72,6 @@ def model_state(pipe) -> dict:
     """The pipeline's fingerprint, less the poisoned test LoRA's own layers (loading a LoRA is no patch)."""
     state = {**fingerprint({"unet": pipe.unet}), **fingerprint({"text_encoder": pipe.text_encoder}, structure=False)}
     return {key: value for key, value in state.items() if ".poison" not in key}
-
-
-@pytest.fixture(scope="module")
-def specs(sd15_lora_files):
-    return [LoraSpec(sd15_lora_files[0], 0.8), LoraSpec(sd15_lora_files[1], 1.0)]
-
-
-@pytest.fixture(scope="module")
-def fresh_merge(tiny_sd15_dir, specs) -> torch.Tensor:
-    """Merge on a pipeline nothing else ran on."""
-    return load_pipeline(tiny_sd15_dir).generate(PROMPT, specs, Merge(), **COMMON).latents
 
 
 @pytest.fixture(scope="module")

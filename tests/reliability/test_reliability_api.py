@@ -7,25 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import ORACLE_PROMPT, ORACLE_SETTINGS
 from hostile_files import fifo, misshapen_lora, poisoned_lora, sparse_huge_lora
 
 from loracompose import Composite, LoraSpec, Merge, UserError, load_pipeline
 from loracompose.methods import METHODS
 from loracompose.validation import Limits
 
-PROMPT = "a zkx cat and a qwv dog"
-COMMON = dict(steps=2, guidance_scale=6.0, width=64, height=64, output_type="latent", show_progress=False, seed=5)
-
-
-@pytest.fixture(scope="module")
-def specs(sd15_lora_files):
-    return [LoraSpec(sd15_lora_files[0], 0.8), LoraSpec(sd15_lora_files[1], 1.0)]
-
-
-@pytest.fixture(scope="module")
-def fresh_merge(tiny_sd15_dir, specs) -> torch.Tensor:
-    """Merge on a pipeline nothing else ran on: the oracle every later Merge must equal."""
-    return load_pipeline(tiny_sd15_dir).generate(PROMPT, specs, Merge(), **COMMON).latents
+PROMPT, COMMON = ORACLE_PROMPT, ORACLE_SETTINGS  # the request of the fresh_merge oracle (conftest)
 
 
 @pytest.fixture(scope="module")
