@@ -159,6 +159,16 @@ def machine_info(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     return info
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(path: Path) -> str:
+    """``path`` as a results file records it: relative to the repository when inside it (no machine's
+    folder names in committed results), else as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """``payload`` as indented JSON at ``path``, written atomically (its folder made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,9 @@ from loracompose import LoraSpec, Merge, load_pipeline
 from loracompose.assets.tiny import build_tiny_lora
 from loracompose.methods.regional import Regional
 
-from bench_common import build_sd15_unet_model, interleaved, machine_info, stock_pipeline, write_json
+from bench_common import (
+    build_sd15_unet_model, interleaved, machine_info, repo_relative, stock_pipeline, write_json,
+)
 
 PROMPT = "a photo of a cat and a dog"
 RESULTS = Path(__file__).parent / "results"
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in names}
             hidden = ("child", "model_dir", "lora_files")
             settings = {key: value for key, value in vars(args).items() if key not in hidden}
-            settings["out"] = str(args.out)
+            settings["out"] = repo_relative(args.out)
         memory = measure_memory(names, model, loras, args) if args.memory or args.memory_only else {}
     for name, row in rows.items():
         row.update(memory.get(name, {}))
