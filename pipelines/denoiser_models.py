@@ -14,8 +14,9 @@ turns the loop's latents into model input (``model_input``) and runs one forward
 
 For DiTs, ``conditioning.embeds`` is the text-token sequence of the joint attention and
 ``conditioning.added["pooled_projections"]`` the pooled text vector. ``token_grid`` is the image-token
-grid (rows, columns) in the order the transformer flattens it (row-major), for methods that map
-image tokens back to image regions.
+grid (rows, columns) in the order the transformer flattens it (row-major), and ``joint_order`` the
+order of the two streams in the joint attention's sequence (FLUX: text then image; SD3: image then
+text), for methods that map attention tokens back to image regions and prompt words.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class FluxModel:
         self.text_ids = text_ids
         self.guidance_scale = float(guidance_scale)
         self.token_grid = token_grid
+        self.joint_order = ("text", "image")
 
     def model_input(self, latents: torch.Tensor, timestep: torch.Tensor, copies: int) -> torch.Tensor:
         return _stack(latents, copies)
@@ -116,6 +118,7 @@ class SD3Model:
     def __init__(self, transformer: torch.nn.Module, token_grid: tuple[int, int]):
         self.module = transformer
         self.token_grid = token_grid
+        self.joint_order = ("image", "text")
 
     def model_input(self, latents: torch.Tensor, timestep: torch.Tensor, copies: int) -> torch.Tensor:
         return _stack(latents, copies)

@@ -79,7 +79,7 @@ def _diffusers_latents(family: str, model: Path, loras: list[Path], weights: lis
 
 
 def test_tiny_folders_load_as_our_dit_pipelines(family, dit_dirs, pipes):
-    model, loras = dit_dirs[family]
+    _, loras = dit_dirs[family]
     pipe = pipes[family]
     assert isinstance(pipe, FAMILIES[family][2]) and pipe.architecture == family
     assert inspect_lora(LoraSpec(loras[0])).architecture == family
@@ -144,6 +144,41 @@ def test_composite_of_one_lora_equals_merge(family, dit_dirs, pipes):
                                _generate(pipes[family], one, Merge()).latents, atol=EXACT, rtol=0)
 
 
+def test_fused_merge_equals_unfused_and_leaves_the_transformer_clean(family, dit_dirs, pipes):
+    _, loras = dit_dirs[family]
+    specs = [LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 0.6)]
+    pipes[family].prepare_loras(specs)  # the LoRA layers exist before the snapshot
+    before = {name: value.clone() for name, value in pipes[family].transformer.state_dict().items()}
+    fused = _generate(pipes[family], specs, Merge(fuse=True))
+    torch.testing.assert_close(fused.latents, _generate(pipes[family], specs, Merge()).latents,
+                               atol=BATCHING_NOISE, rtol=0)
+    after = pipes[family].transformer.state_dict()
+    assert all(torch.equal(value, after[name]) for name, value in before.items())
+
+
+def test_model_call_exposes_the_image_token_layout(family, dit_dirs, pipes):
+    _, loras = dit_dirs[family]
+    seen = {}
+
+    class Probe(Merge):
+        def start(self, run):
+            seen["grid"], seen["order"] = run.model.token_grid, run.model.joint_order
+            seen["module"] = run.unet
+
+    _generate(pipes[family], [LoraSpec(loras[0])], Probe(), width=SIZE, height=2 * SIZE)
+    expected_grid = (SIZE, SIZE // 2) if family == "flux" else (2 * SIZE, SIZE)  # FLUX: 2x2 latents per token
+    assert seen["grid"] == expected_grid and seen["module"] is pipes[family].transformer
+    assert seen["order"] == (("text", "image") if family == "flux" else ("image", "text"))
+
+
+def test_a_lora_for_another_family_is_refused(family, dit_dirs, pipes, sd15_lora_files):
+    with pytest.raises(UserError, match=r"is made for SD1\.5 .* but the model is "):
+        _generate(pipes[family], [LoraSpec(sd15_lora_files[0])], Merge())
+    other = "sd3" if family == "flux" else "flux"
+    with pytest.raises(UserError, match=f"is made for {other.upper() if other == 'sd3' else 'FLUX'}"):
+        _generate(pipes[family], [LoraSpec(dit_dirs[other][1][0])], Merge())
+
+
 def test_switch_runs_one_lora_per_step_in_order(family, dit_dirs, pipes):
     _, loras = dit_dirs[family]
     pipe = pipes[family]
@@ -189,12 +224,12 @@ def test_flux_sizes_must_split_into_whole_tokens(pipes, monkeypatch):
     pipe = pipes["flux"]
     monkeypatch.setattr(pipe, "vae_scale_factor", 8)  # the real FLUX VAE: 8x, then 2x2 latents per token
     assert pipe._latent_side(48, "width") == 6
-    with pytest.raises(UserError, match="^width 40 is not a multiple of 16 on FLUX; use e.g. 32$"):
+    with pytest.raises(UserError, match=r"^width 40 is not a multiple of 16 on FLUX; use e\.g\. 32$"):
         pipe._latent_side(40, "width")
 
 
 def test_true_cfg_is_refused_on_unet_families(sd15):
-    with pytest.raises(UserError, match="true_cfg_scale=2.0 is for FLUX"):
+    with pytest.raises(UserError, match=r"true_cfg_scale=2\.0 is for FLUX"):
         sd15.generate("a cat", [], Merge(), steps=1, width=64, height=64, true_cfg_scale=2.0, show_progress=False)
 
 
