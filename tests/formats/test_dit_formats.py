@@ -391,6 +391,84 @@ def test_sd3_peft_file_loads_as_diffusers_loads_it(sd3, tmp_path):
     _assert_weights(_loaded(sd3, path), _diffusers_loaded(sd3, path))
 
 
+# --- a kohya file through the pipeline, against plain diffusers with the same LoRA in diffusers format --
+
+# diffusers projection -> (reference layer, position in its fused qkv or None)
+_TO_REFERENCE = {
+    "flux": {r"transformer_blocks\.(\d+)\.attn\.to_([qkv])$": "double_blocks.{}.img_attn.qkv",
+             r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$": "double_blocks.{}.txt_attn.qkv",
+             r"single_transformer_blocks\.(\d+)\.attn\.to_([qkv])$": "single_blocks.{}.linear1",
+             r"transformer_blocks\.(\d+)\.attn\.to_out\.0$": "double_blocks.{}.img_attn.proj",
+             r"transformer_blocks\.(\d+)\.attn\.to_add_out$": "double_blocks.{}.txt_attn.proj"},
+    "sd3": {r"transformer_blocks\.(\d+)\.attn\.to_([qkv])$": "joint_blocks.{}.x_block.attn.qkv",
+            r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$": "joint_blocks.{}.context_block.attn.qkv",
+            r"transformer_blocks\.(\d+)\.attn\.to_out\.0$": "joint_blocks.{}.x_block.attn.proj",
+            r"transformer_blocks\.(\d+)\.attn\.to_add_out$": "joint_blocks.{}.context_block.attn.proj"},
+}
+
+
+def _as_kohya(peft_file: Path, family: str, alpha: float, out: Path) -> Path:
+    """The diffusers-format LoRA as kohya saves it with split q/k/v (``split_qkv``): one fused layer per qkv,
+    down factors stacked, up factors block-diagonal (FLUX's single-block MLP rows zero), alpha times 3 for
+    the tripled rank, so every projection keeps its scale."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(peft_file))
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key in [key for key in tensors if key.startswith("transformer.") and key.endswith(".lora_A.weight")]:
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        match, name = next((match, name) for pattern, name in _TO_REFERENCE[family].items()
+                           if (match := re.fullmatch(pattern, module)))
+        part = match.group(2) if match.lastindex == 2 else "whole"
+        fused.setdefault(name.format(match.group(1)), {})[part] = (
+            tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")])
+    kohya = {}
+    for name, parts in fused.items():
+        base = "lora_unet_" + name.replace(".", "_")
+        if "whole" in parts:
+            down, up = parts["whole"]
+            kohya_alpha = alpha
+        else:
+            down = torch.cat([parts[part][0] for part in "qkv"])
+            up = torch.block_diag(*[parts[part][1] for part in "qkv"])
+            if name.endswith("linear1"):  # q, k, v, then the MLP input (128 rows), not adapted here
+                up = torch.cat([up, torch.zeros(128, up.shape[1])])
+            kohya_alpha = 3 * alpha
+        kohya |= {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up,
+                  f"{base}.alpha": torch.tensor(kohya_alpha)}
+    return write(out, kohya)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_kohya_file_generates_as_plain_diffusers_with_the_diffusers_file(tmp_path, family):
+    from loracompose import load_pipeline
+    from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
+    from loracompose.methods.merge import Merge
+
+    build, reference_class = {"flux": (build_tiny_flux, FluxPipeline),
+                              "sd3": (build_tiny_sd3, StableDiffusion3Pipeline)}[family]
+    model = build(tmp_path / "model", seed=0)
+    peft_file = build_tiny_lora(model, tmp_path / "peft.safetensors", seed=1, alpha=8.0, text_encoder=False,
+                                init_scale=2.0)
+    kohya_file = _as_kohya(peft_file, family, 8.0, tmp_path / "kohya.safetensors")
+    options = {"height": 32, "width": 32, "guidance_scale": 5.0}
+    pipe = load_pipeline(model, device="cpu")
+    ours = pipe.generate("a cat on a mat", [LoraSpec(kohya_file, 0.8)], Merge(), steps=3, seed=0,
+                         output_type="latent", append_triggers=False, show_progress=False, **options).latents
+    reference = reference_class.from_pretrained(model)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(peft_file), adapter_name="a")
+    reference.set_adapters(["a"], [0.8])
+    expected = reference("a cat on a mat", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                         output_type="latent", max_sequence_length=32, **options).images
+    plain = reference_class.from_pretrained(model)
+    plain.set_progress_bar_config(disable=True)
+    without = plain("a cat on a mat", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="latent", max_sequence_length=32, **options).images
+    assert (expected - without).abs().max() > 1e-2, "the LoRA changes the result"
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
 # --- refusals ------------------------------------------------------------------------------------------
 
 def _refusal(pipe, path: Path) -> str:
