@@ -28,7 +28,7 @@ The tests check the result against diffusers' own loading where diffusers loads 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
 from torch import nn
@@ -109,10 +109,10 @@ class RowSplit:
 
     def fused_weight(self, layers: Mapping[str, nn.Module]) -> torch.Tensor:
         """The reference layer's weight, assembled from the diffusers layers' weights."""
-        first = layers[self.parts[0][0]].weight
+        first = _weight(layers, self.parts[0][0])
         fused = torch.empty((self.rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
         for module, ranges in self.parts:
-            weight, offset = layers[module].weight.detach(), 0
+            weight, offset = _weight(layers, module).detach(), 0
             for start, stop in ranges:
                 fused[start:stop] = weight[offset:offset + stop - start]
                 offset += stop - start
@@ -169,10 +169,15 @@ def _block_table(model: nn.Module, reference: str, diffusers: str,
             for index in range(count) for name, targets in per_block.items()}
 
 
+def _weight(layers: Mapping[str, nn.Module], name: str) -> torch.Tensor:
+    return cast(torch.Tensor, layers[name].weight)
+
+
 def _split(model: nn.Module, layers: Mapping[str, nn.Module], targets: tuple[str, ...]) -> RowSplit:
     parts, start = [], 0
     for target in targets:
-        rows = int(layers[target].weight.shape[0])
+        rows = int(_weight(layers, target).shape[0])
+        ranges: tuple[tuple[int, int], ...]
         if _swaps_scale_shift(model, target):
             half = rows // 2
             ranges = ((start + half, start + rows), (start, start + half))
