@@ -71,7 +71,7 @@ def sd3():
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**SD3_TRANSFORMER), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
         text_encoder=_clip(projection=True), tokenizer=None, text_encoder_2=_clip(projection=True), tokenizer_2=None,
-        text_encoder_3=None, tokenizer_3=None)
+        text_encoder_3=_t5(), tokenizer_3=None)
 
 
 def _rows(start: int, stop: int) -> list[tuple[int, int]]:
@@ -152,6 +152,8 @@ SD3_CLIP_LAYERS = {
         ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"),
     "lora_te2_text_model_encoder_layers_1_self_attn_v_proj":
         ("text_encoder_2", "text_model.encoder.layers.1.self_attn.v_proj"),
+    "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi":
+        ("text_encoder_3", "encoder.block.0.layer.1.DenseReluDense.wi"),
 }
 
 
@@ -295,7 +297,7 @@ FLUX_CASES = {
                             text_layers=CLIP_LAYERS),
 }
 SD3_CASES = {
-    "kohya-style (lora_unet_joint_blocks_, CLIP-L lora_te1_, CLIP-G lora_te2_)":
+    "kohya-style (lora_unet_joint_blocks_, CLIP-L lora_te1_, CLIP-G lora_te2_, T5 lora_te3_)":
         lambda pipe: _kohya(pipe, SD3_REFERENCE, 11, alpha=2.0, text_layers=SD3_CLIP_LAYERS),
     "ComfyUI names (diffusion_model.joint_blocks, lora_A/B)":
         lambda pipe: _dotted(pipe, SD3_REFERENCE, 12, "diffusion_model.", "lora_A.weight", "lora_B.weight", None),
