@@ -101,15 +101,17 @@ def convert_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
 
 def _on_denoiser(path: Path, groups: dict[tuple[str, str], dict[str, Any]],
                  components: Mapping[str, nn.Module]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The groups with their denoiser keys (``unet``/``transformer``) on the model's denoiser, after
-    refusing a file whose layer names belong to another model family (before any layer is resolved)."""
+    """The groups with their denoiser keys (``unet``/``transformer``) on the model's denoiser and ComfyUI's
+    T5 keys on its T5 encoder, after refusing a file whose layer names belong to another model family
+    (before any layer is resolved)."""
     denoiser = next((name for name in _DENOISERS if name in components), None)
-    if denoiser is None:
-        return groups
-    family = model_family(components[denoiser])
+    family = model_family(components[denoiser]) if denoiser else None
+    t5 = next((name for name, model in components.items() if type(model).__name__.startswith("T5")), "t5")
     moved: dict[tuple[str, str], dict[str, Any]] = {}
     for (component, spelling), parts in groups.items():
-        if component in _DENOISERS:
+        if component == "t5":
+            component = t5
+        elif component in _DENOISERS and denoiser is not None:
             file_family = spelling_family(flat(spelling))
             if family and file_family and file_family != family:
                 raise UserError(f"LoRA file {path} is made for {FAMILY_NAMES[file_family]} (key "

@@ -29,6 +29,10 @@ COMPONENT_PREFIXES = (
     ("unet.", "unet"),
     ("transformer.", "transformer"),
     ("diffusion_model.", "transformer"),
+    # ComfyUI's text encoders; "t5" is the model's T5 encoder (FLUX's text_encoder_2, SD3's text_encoder_3)
+    ("text_encoders.clip_l.transformer.", "text_encoder"),
+    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+    ("text_encoders.t5xxl.transformer.", "t5"),
 )
 
 # part suffix -> (format family, part name)

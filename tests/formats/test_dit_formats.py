@@ -228,15 +228,28 @@ def _rows_of(pipe, component: str, module: str) -> int:
     return int(getattr(pipe, component).get_submodule(module).weight.shape[0])
 
 
-def _dotted(pipe, reference: dict, seed: int, prefix: str, down: str, up: str, alpha: float | None) -> Lora:
+def _dotted(pipe, reference: dict, seed: int, prefix: str, down: str, up: str, alpha: float | None,
+            text_layers: dict | None = None) -> Lora:
     """Dotted names (ComfyUI/BFL ``diffusion_model.``, XLabs, diffusers/PEFT, ai-toolkit) with an optional
-    ``.alpha`` tensor."""
+    ``.alpha`` tensor; ``text_layers``: full key stems of text-encoder layers -> (component, module)."""
     lora = Lora(seed)
-    for name, parts in reference.items():
-        lora.layer(pipe, "transformer", parts, (f"{prefix}{name}.{down}", f"{prefix}{name}.{up}"), alpha)
+    layers = [("transformer", prefix + name, parts) for name, parts in reference.items()]
+    layers += [(component, stem, [(module, _rows(0, _rows_of(pipe, component, module)))])
+               for stem, (component, module) in (text_layers or {}).items()]
+    for component, stem, parts in layers:
+        lora.layer(pipe, component, parts, (f"{stem}.{down}", f"{stem}.{up}"), alpha)
         if alpha is not None:
-            lora.tensors[f"{prefix}{name}.alpha"] = torch.tensor(alpha)
+            lora.tensors[f"{stem}.alpha"] = torch.tensor(alpha)
     return lora
+
+
+# ComfyUI's text-encoder names
+COMFY_TEXT_LAYERS = {
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.1.self_attn.k_proj":
+        ("text_encoder", "encoder.layers.1.self_attn.k_proj"),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.o":
+        ("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.o"),
+}
 
 
 def _diffusers_reference(reference: dict) -> dict:
@@ -280,8 +293,9 @@ FLUX_CASES = {
     "kohya (lora_unet_ BFL names, CLIP lora_te1_, T5 lora_te2_)":
         lambda pipe: _kohya(pipe, FLUX_REFERENCE, 1, text_layers=CLIP_LAYERS | T5_LAYERS),
     "kohya without alpha (scale 1)": lambda pipe: _kohya(pipe, FLUX_REFERENCE, 2, alpha=None),
-    "ComfyUI / BFL names (diffusion_model., lora_down/up, alpha)":
-        lambda pipe: _dotted(pipe, FLUX_REFERENCE, 3, "diffusion_model.", "lora_down.weight", "lora_up.weight", 2.0),
+    "ComfyUI / BFL names (diffusion_model., lora_down/up, alpha, text_encoders.clip_l/t5xxl)":
+        lambda pipe: _dotted(pipe, FLUX_REFERENCE, 3, "diffusion_model.", "lora_down.weight", "lora_up.weight", 2.0,
+                             text_layers=COMFY_TEXT_LAYERS),
     "BFL names with lora_A/B (no alpha)":
         lambda pipe: _dotted(pipe, FLUX_REFERENCE, 4, "diffusion_model.", "lora_A.weight", "lora_B.weight", None),
     "XLabs (processor.qkv_lora1 ...)":
