@@ -250,7 +250,8 @@ def add_train_tara_arguments(parser: argparse.ArgumentParser) -> None:
     add_lora_training_arguments(parser, "1000 steps; SD1.5 rank 8, alpha 32, lr 1e-4; SDXL rank 4, lr 5e-5")
     parser.add_argument("--token", required=True, help="the rare token naming the concept, e.g. sks")
     parser.add_argument("--class-word", required=True, help="the concept's class word, e.g. dog")
-    parser.add_argument("--prompt", help="training prompt (default: 'a photo of TOKEN CLASS')")
+    parser.add_argument("--prompt", help="caption of every image without a NAME.txt caption file beside it "
+                        "(default: 'a photo of TOKEN CLASS'); every caption must hold TOKEN")
     parser.add_argument("--align-weight", type=float, default=1.0, help="weight of the key alignment loss (default 1)")
 
 

@@ -2,21 +2,26 @@
 
 Inference is :mod:`loracompose.methods.tara`; the DreamBooth loop itself is :mod:`loracompose.training.trainer`::
 
-    prompt <- "a photo of <rare> <class>";  c <- frozen text encoder(s)(prompt)
-    m <- mask of <rare>'s tokens;  R, C <- token positions of <rare> and <class>
-    LoRA (rank r, alpha α) on to_q/k/v/out.0 of every attention; attn2 K/V deltas multiplied by m
-    for each step:
-        L_ε     <- ‖ε − UNet(x_t, t, c)‖²                               (DreamBooth, no prior loss)
-        L_align <- mean_l mean_{j∈R} mean_d |(W_K^l + Δ_K^l)·c_j − mean_{k∈C} W_K^l·c_k|
+    caption_i <- image i's caption file, else the prompt "a photo of <rare> <class>"
+    c_i <- frozen text encoder(s)(caption_i)
+    m_i <- mask of <rare>'s tokens in caption_i;  R_i <- their positions
+    class context of image i: caption_i itself if it holds <class>, else caption_i with <rare>
+        replaced by <class>;  k_i <- mean over <class>'s tokens there of W_K^l·(its text state)
+    LoRA (rank r, alpha α) on to_q/k/v/out.0 of every attention; attn2 K/V deltas multiplied by m_i
+    for each step, batch B:
+        L_ε     <- ‖ε − UNet(x_t, t, c_B)‖²  with the masks m_B                  (DreamBooth, no prior loss)
+        L_align <- mean_l mean_{i∈B} mean_{j∈R_i} mean_d |(W_K^l + Δ_K^l)·c_{i,j} − k_i^l|
         AdamW step on L_ε + λ·L_align
-        focus   <- mean_l mean_{j∉R} (|Δ_K^l·c_j| + |Δ_V^l·c_j|)       (logged, not optimised)
+        focus   <- mean_l mean_{i∈B} mean_{j∉R_i} (|Δ_K^l·c_{i,j}| + |Δ_V^l·c_{i,j}|)   (logged, not optimised)
 
 Every rare token (a rare word may be several BPE tokens) is pulled to the *mean* base key of the class
-word's tokens; the K/V deltas are masked by the same processors inference installs.
+word's tokens; the K/V deltas are masked by the same processors inference installs. Masks and
+alignment targets are found per caption, so the deltas learn the rare word wherever captions put it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
@@ -25,7 +30,7 @@ from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import LoraLayer
 
 from loracompose.attention import LoraTokenMasks
-from loracompose.attention.lora_deltas import adapter_delta
+from loracompose.attention.lora_deltas import adapter_delta, token_mask
 from loracompose.errors import UserError
 from loracompose.lora import SD15, SDXL
 from loracompose.methods.tara import TARA_CLASS_KEY, TARA_TOKEN_KEY, attention_modules, \
@@ -46,9 +51,44 @@ TARA_DEFAULTS: dict[str, TrainingDefaults] = {
 TARA_ALIGN_WEIGHT = 1.0
 
 
+@dataclass(frozen=True)
+class CaptionTokens:
+    """Where TARA looks in one training caption: the rare word's token positions, and the caption
+    (the training caption itself, or it with the rare word replaced by the class word) whose
+    class-word tokens give the key-alignment target."""
+
+    rare: tuple[int, ...]
+    class_caption: str
+    classes: tuple[int, ...]
+
+
+def caption_tokens(tokenizers: Sequence[Any], caption: str, token: str, class_word: str) -> CaptionTokens:
+    """The rare word's positions in ``caption`` and the class word's, in the caption if it holds the
+    class word (the paper's "a photo of sks dog"), else in the caption with the rare word replaced by
+    the class word (the class word's key in the same sentence)."""
+    rare = trigger_positions(tokenizers, caption, [token]).positions
+    if not rare:
+        raise UserError(f"the rare token {token!r} is not in the training prompt or caption {caption!r}; put it "
+                        "in the prompt or in that image's caption file")
+    classes = trigger_positions(tokenizers, caption, [class_word]).positions
+    if classes:
+        if set(rare) & set(classes):
+            raise UserError(f"the rare token {token!r} and the class word {class_word!r} share tokens; pick a rare "
+                            "token that is not part of the class word")
+        return CaptionTokens(tuple(rare), caption, tuple(classes))
+    stand_in = re.sub(rf"(?<![\w]){re.escape(token)}(?![\w])", class_word, caption, flags=re.IGNORECASE)
+    classes = trigger_positions(tokenizers, stand_in, [class_word]).positions
+    if stand_in == caption or not classes:
+        raise UserError(f"the rare token {token!r} is not a word of its own within the first tokens of the caption "
+                        f"{caption!r}, so the class word {class_word!r} cannot stand in for it; write it as a "
+                        "separate word")
+    return CaptionTokens(tuple(rare), stand_in, tuple(classes))
+
+
 @dataclass
 class TaraObjective:
-    """TARA's additions to DreamBooth LoRA training: token-masked K/V deltas and key alignment."""
+    """TARA's additions to DreamBooth LoRA training: token-masked K/V deltas and key alignment,
+    both found per training caption."""
 
     token: str
     class_word: str
@@ -57,9 +97,11 @@ class TaraObjective:
     name: ClassVar[str] = "tara"
 
     def __post_init__(self) -> None:
-        self.rare_positions: list[int] = []
-        self.class_positions: list[int] = []
+        self.caption_tokens: list[CaptionTokens] = []  # per distinct caption (row of the text states)
+        self._rare_masks = torch.zeros(0)  # (captions, tokens)
+        self._class_keys: list[torch.Tensor] = []  # per attn2 layer: (captions, key width), no grad
         self._layers: list[Attention] = []
+        self._token_masks = LoraTokenMasks()
         self._patches = PatchStack()
 
     def settings(self) -> dict[str, Any]:
@@ -67,49 +109,76 @@ class TaraObjective:
                 "align_weight": self.align_weight}
 
     def prepare(self, model: TrainingModel) -> None:
-        """Find the rare and class tokens in the training prompt; mask the attn2 K/V deltas with the
-        same processors inference uses (every training row is conditional)."""
-        self.rare_positions, self.class_positions = rare_and_class_positions(
-            model.tokenizers, model.prompt, self.token, self.class_word)
-        mask = torch.zeros(model.conditioning.embeds.shape[1])
-        mask[self.rare_positions] = 1.0
+        """Find the rare and class tokens of every caption, the class keys, and mask the attn2 K/V
+        deltas with the processors inference uses (every training row is conditional)."""
+        captions = caption_per_row(model)
+        self.caption_tokens = [caption_tokens(model.tokenizers, caption, self.token, self.class_word)
+                               for caption in captions]
+        length = model.conditioning.embeds.shape[1]
+        self._rare_masks = torch.stack([token_mask(found.rare, length) for found in self.caption_tokens]
+                                       ).to(model.device)
         self._layers = attention_modules(model.unet, cross=True)
-        install_token_masked_cross_attention(self._patches, model.unet, LoraTokenMasks({model.adapter: mask}),
-                                             self.backend)
+        self._class_keys = self._encode_class_keys(model, captions)
+        install_token_masked_cross_attention(self._patches, model.unet, self._token_masks, self.backend)
 
-    def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]:
-        """λ·L_align (the ε-loss is the trainer's)."""
-        align = key_alignment_loss(self._layers, model.conditioning.embeds, self.rare_positions,
-                                   self.class_positions, model.adapter)
+    def _encode_class_keys(self, model: TrainingModel, captions: Sequence[str]) -> list[torch.Tensor]:
+        states = model.conditioning.embeds.clone()
+        stand_ins = [row for row, found in enumerate(self.caption_tokens) if found.class_caption != captions[row]]
+        if stand_ins:
+            states[stand_ins] = text_states(model.pipe, [self.caption_tokens[row].class_caption for row in stand_ins],
+                                            model.device).to(states.dtype)
+        length = states.shape[1]
+        class_masks = torch.stack([token_mask(found.classes, length) for found in self.caption_tokens]).to(model.device)
+        return class_keys(self._layers, states, class_masks)
+
+    def start_batch(self, model: TrainingModel, indices: Sequence[int]) -> None:
+        """The batch's token masks: row b masks to the rare word's tokens in image b's caption."""
+        self._token_masks.masks = {model.adapter: self._rare_masks[model.conditioning.rows(indices)]}
+
+    def losses(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """λ·L_align over the batch's captions (the ε-loss is the trainer's)."""
+        rows = model.conditioning.rows(indices)
+        align = key_alignment_loss(self._layers, model.conditioning.embeds[rows], self._rare_masks[rows],
+                                   [keys[rows] for keys in self._class_keys], model.adapter)
         return {"align": self.align_weight * align}
 
-    def metrics(self, model: TrainingModel) -> dict[str, float]:
+    def metrics(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, float]:
         """The focus L1 on the K/V deltas the mask removes (logged, not optimised)."""
+        rows = model.conditioning.rows(indices)
         with torch.no_grad():
-            return {"focus": float(unmasked_kv_delta(self._layers, model.conditioning.embeds,
-                                                     self.rare_positions, model.adapter))}
+            return {"focus": float(unmasked_kv_delta(self._layers, model.conditioning.embeds[rows],
+                                                     self._rare_masks[rows], model.adapter))}
 
     def metadata(self) -> dict[str, str]:
         return {TARA_TOKEN_KEY: self.token, TARA_CLASS_KEY: self.class_word,
                 "loracompose.tara_align_weight": repr(float(self.align_weight)), "loracompose.method": self.name}
 
     def close(self) -> None:
+        self._token_masks.masks = {}
         self._patches.unwind()
 
 
-def rare_and_class_positions(tokenizers: Sequence[Any], prompt: str, token: str,
-                             class_word: str) -> tuple[list[int], list[int]]:
-    """Token positions of the rare word and the class word in the training prompt (both required, disjoint)."""
-    rare = trigger_positions(tokenizers, prompt, [token]).positions
-    classes = trigger_positions(tokenizers, prompt, [class_word]).positions
-    if not rare:
-        raise UserError(f"the rare token {token!r} is not in the training prompt {prompt!r}; put it in the prompt")
-    if not classes:
-        raise UserError(f"the class word {class_word!r} is not in the training prompt {prompt!r}; put it in the prompt")
-    if set(rare) & set(classes):
-        raise UserError(f"the rare token {token!r} and the class word {class_word!r} share tokens; pick a rare "
-                        "token that is not part of the class word")
-    return rare, classes
+def caption_per_row(model: TrainingModel) -> list[str]:
+    """The caption of each row of the cached text states (one row per distinct caption)."""
+    rows = model.conditioning.rows(range(model.num_images))
+    captions = [""] * int(model.conditioning.embeds.shape[0])
+    for image, row in enumerate(rows):
+        captions[row] = model.captions[image]
+    return captions
+
+
+def text_states(pipe: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """(prompts, tokens, width) text states as ``generate`` computes them, on the text encoders'
+    own device (the trainer moves them off the GPU), returned on ``device``."""
+    encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.text_encoder_2
+    on = encoder.device
+    with torch.no_grad():
+        if pipe.architecture == SDXL:
+            states = [pipe.encode_prompt(prompt, device=on, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)[0] for prompt in prompts]
+        else:
+            states = [pipe.encode_prompt(prompt, on, 1, False)[0] for prompt in prompts]
+    return torch.cat(states).to(device)
 
 
 def _attention_context(attn: Attention, context: torch.Tensor) -> torch.Tensor:
@@ -121,33 +190,47 @@ def _base(layer: torch.nn.Module) -> torch.nn.Module:
     return layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
 
 
-def key_alignment_loss(layers: Sequence[Attention], context: torch.Tensor, rare_positions: Sequence[int],
-                       class_positions: Sequence[int], adapter: str) -> torch.Tensor:
-    """L_align = mean_l mean_{j∈rare} mean_d |(W_K^l + Δ_K^l)·c_j − mean_{k∈class} W_K^l·c_k|.
+def _row_means(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, tokens) weights that average each row over its masked tokens."""
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
-    Several class tokens are pooled to their mean base key explicitly, and every rare token (a rare
-    word may be several BPE tokens) is pulled to that one key: nothing broadcasts by accident.
+
+def class_keys(layers: Sequence[Attention], context: torch.Tensor, class_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, (rows, key width): the mean base key W_K^l·c over each row's class-word tokens."""
+    weights = _row_means(class_mask)
+    with torch.no_grad():
+        return [torch.einsum("bt,btd->bd", weights.to(torch.float32),
+                             _base(attn.to_k)(_attention_context(attn, context)).float()) for attn in layers]
+
+
+def key_alignment_loss(layers: Sequence[Attention], context: torch.Tensor, rare_mask: torch.Tensor,
+                       class_keys: Sequence[torch.Tensor], adapter: str) -> torch.Tensor:
+    """L_align = mean_l mean_rows mean_{j∈rare} mean_d |(W_K^l + Δ_K^l)·c_j − k^l|.
+
+    ``context`` (rows, tokens, width); ``rare_mask`` (rows, tokens) 1 at each row's rare tokens;
+    ``class_keys[l]`` (rows, key width) each row's target, the mean base key of its class-word
+    tokens (:func:`class_keys`). Every rare token of a row is pulled to that one key.
     """
+    weights = _row_means(rare_mask).float()
     per_layer = []
-    for attn in layers:
+    for attn, target in zip(layers, class_keys, strict=True):
         states = _attention_context(attn, context)
-        rare_states = states[:, list(rare_positions)]
-        rare_keys = _base(attn.to_k)(rare_states) + adapter_delta(attn.to_k, rare_states, adapter)
-        with torch.no_grad():
-            class_key = _base(attn.to_k)(states[:, list(class_positions)]).mean(dim=1, keepdim=True)
-        per_layer.append((rare_keys.float() - class_key.float()).abs().mean())
+        keys = _base(attn.to_k)(states) + adapter_delta(attn.to_k, states, adapter)
+        distance = (keys.float() - target[:, None, :].float()).abs().mean(dim=-1)
+        per_layer.append((distance * weights).sum(dim=1).mean())
     return torch.stack(per_layer).mean()
 
 
-def unmasked_kv_delta(layers: Sequence[Attention], context: torch.Tensor, rare_positions: Sequence[int],
+def unmasked_kv_delta(layers: Sequence[Attention], context: torch.Tensor, rare_mask: torch.Tensor,
                       adapter: str) -> torch.Tensor:
-    """mean_l mean_{j∉rare} (|Δ_K^l·c_j| + |Δ_V^l·c_j|): the K/V deltas the token mask removes."""
-    others = [j for j in range(context.shape[1]) if j not in set(rare_positions)]
+    """mean_l mean_rows mean_{j∉rare} (|Δ_K^l·c_j| + |Δ_V^l·c_j|): the K/V deltas the token mask removes."""
+    weights = _row_means(1.0 - rare_mask).float()
     per_layer = []
     for attn in layers:
-        states = _attention_context(attn, context)[:, others]
-        per_layer.append(adapter_delta(attn.to_k, states, adapter).abs().mean()
-                         + adapter_delta(attn.to_v, states, adapter).abs().mean())
+        states = _attention_context(attn, context)
+        size = (adapter_delta(attn.to_k, states, adapter).abs().mean(dim=-1)
+                + adapter_delta(attn.to_v, states, adapter).abs().mean(dim=-1))
+        per_layer.append((size.float() * weights).sum(dim=1).mean())
     return torch.stack(per_layer).mean()
 
 
@@ -156,7 +239,9 @@ class TaraTrainingSettings:
     """``train-tara``: a DreamBooth folder, its rare token and class word, and the training settings.
 
     ``training`` fields left as None take TARA's defaults for the model's architecture
-    (:data:`TARA_DEFAULTS`); its ``prompt`` defaults to ``"a photo of <token> <class_word>"``.
+    (:data:`TARA_DEFAULTS`). Each image is trained on its caption file (``name.txt``) where it has
+    one, else on ``training.prompt``, which defaults to ``"a photo of <token> <class_word>"``; every
+    caption must hold the token (see :func:`caption_tokens` for the class word).
     """
 
     token: str
@@ -176,7 +261,6 @@ def train_tara(settings: TaraTrainingSettings) -> TrainingResult:
         settings.training,
         prompt=settings.training.prompt or settings.prompt_template.format(token=token, class_word=class_word),
         trigger_words=(token,),
-        use_caption_files=False,  # the token masks are found in the one training prompt
     )
     objective = TaraObjective(token, class_word, settings.align_weight)
     return train_lora(training, objective, TARA_DEFAULTS)

@@ -5,11 +5,12 @@
                them) where there is one, else the instance prompt
     x0 dist <- VAE posterior (mean, std) of each image, computed once
     c_i     <- frozen text encoder(s)(caption of image i), computed once per distinct caption
-    LoRA (rank r, alpha α) on to_q/k/v/out.0 of every UNet attention; everything else frozen
+    LoRA (rank r, alpha α) on the targets (default: to_q/k/v/out.0 of every UNet attention); the rest frozen
     objective.prepare(model)                        # extra parts, e.g. TARA's token-masked K/V (tara.py)
     for step = start .. S-1:                        # every random draw seeded by (seed, step)
-        x0 ~ posterior of the step's images;  ε ~ N(0, I);  t ~ U{0 .. T-1}
-        loss <- ‖target(x0, ε, t) − UNet(add_noise(x0, ε, t), t, c_i)‖² + Σ objective.losses(model)
+        B <- the step's images;  objective.start_batch(model, B)   # e.g. TARA's masks of B's captions
+        x0 ~ posterior of B's images;  ε ~ N(0, I);  t ~ U{0 .. T-1}
+        loss <- ‖target(x0, ε, t) − UNet(add_noise(x0, ε, t), t, c_i)‖² + Σ objective.losses(model, B)
         AdamW step on the LoRA weights
         every K steps and at the end: checkpoint (LoRA and AdamW state as safetensors, state.json)
     write the LoRA as a diffusers-format .safetensors file with its metadata
@@ -86,12 +87,15 @@ class LoraTrainingSettings(CheckpointSettings):
         out: the ``.safetensors`` LoRA file to write.
         prompt: the instance prompt: the caption of every image without a caption file.
         use_caption_files: read ``name.txt`` beside ``name.png`` as that image's caption (TARA
-            turns this off: its token masks are found in one prompt).
+            finds its token masks in each image's own caption).
         resolution: training size in pixels (default: the model's native size).
         probe_timesteps: timesteps per image of the fixed-draw probe loss taken before the first
             and after the last step (0: no probe).
         dtype: base weights' dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"; LoRA
             weights always train in fp32.
+        targets: the UNet projections that get a LoRA, as PEFT matches module-name suffixes
+            (default :data:`UNET_LORA_TARGETS`, every attention's; ``("attn2.to_k", "attn2.to_v")``:
+            the cross-attention keys and values only).
 
     Checkpointing (``checkpoint_every``, ``keep_checkpoints``, ``work_dir``, ``resume``): :class:`CheckpointSettings`.
     """
@@ -112,6 +116,7 @@ class LoraTrainingSettings(CheckpointSettings):
     dtype: str = "auto"
     config: str | None = None
     gradient_checkpointing: bool = False
+    targets: tuple[str, ...] | None = None
     trigger_words: tuple[str, ...] = ()
     title: str | None = None
     category: str | None = None
@@ -143,15 +148,20 @@ class ResolvedSettings(CheckpointRecipe):
 
 
 class TrainingObjective(Protocol):
-    """The extra parts of a training recipe on top of the ε-loss (TARA's are in tara.py)."""
+    """The extra parts of a training recipe on top of the ε-loss (TARA's are in tara.py).
+
+    ``indices`` are the images of the UNet batch (``model.captions[i]`` is image i's caption):
+    ``start_batch`` runs before the batch's UNet call, ``losses`` and ``metrics`` after it.
+    """
 
     @property
     def name(self) -> str: ...  # a class constant in the objectives
 
     def settings(self) -> dict[str, Any]: ...
     def prepare(self, model: TrainingModel) -> None: ...
-    def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]: ...
-    def metrics(self, model: TrainingModel) -> dict[str, float]: ...
+    def start_batch(self, model: TrainingModel, indices: Sequence[int]) -> None: ...
+    def losses(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
+    def metrics(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, float]: ...
     def metadata(self) -> dict[str, str]: ...
     def close(self) -> None: ...
 
@@ -167,10 +177,13 @@ class PlainObjective:
     def prepare(self, model: TrainingModel) -> None:
         pass
 
-    def losses(self, model: TrainingModel) -> dict[str, torch.Tensor]:
+    def start_batch(self, model: TrainingModel, indices: Sequence[int]) -> None:
+        pass
+
+    def losses(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return {}
 
-    def metrics(self, model: TrainingModel) -> dict[str, float]:
+    def metrics(self, model: TrainingModel, indices: Sequence[int]) -> dict[str, float]:
         return {}
 
     def metadata(self) -> dict[str, str]:
@@ -260,14 +273,15 @@ class TrainingConditioning:
 
     def states(self, indices: Sequence[int]) -> torch.Tensor:
         """The text states of the images at ``indices`` (batch, tokens, width)."""
-        return self.embeds[self._rows(indices)]
+        return self.embeds[self.rows(indices)]
 
     def added(self, indices: Sequence[int]) -> dict[str, torch.Tensor] | None:
         if self.pooled is None or self.time_ids is None:  # SDXL has both, SD1.5 neither
             return None
-        return {"text_embeds": self.pooled[self._rows(indices)], "time_ids": self.time_ids[list(indices)]}
+        return {"text_embeds": self.pooled[self.rows(indices)], "time_ids": self.time_ids[list(indices)]}
 
-    def _rows(self, indices: Sequence[int]) -> list[int]:
+    def rows(self, indices: Sequence[int]) -> list[int]:
+        """Which row of ``embeds`` (which distinct caption) each image at ``indices`` has."""
         if self.caption_of_image is None:
             return [0] * len(indices)
         return [self.caption_of_image[index] for index in indices]
@@ -281,6 +295,7 @@ class TrainingModel:
     unet: UNet2DConditionModel
     adapter: str
     prompt: str
+    captions: tuple[str, ...]  # per image
     tokenizers: list[Any]
     conditioning: TrainingConditioning
     latent_mean: torch.Tensor  # (images, C, h, w)
@@ -377,20 +392,25 @@ def offload_frozen_encoders(pipe: Any, device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, seed: int) -> dict[str, torch.nn.Parameter]:
-    """Freeze the UNet, add a LoRA on every attention projection (B = 0, A Gaussian), return its weights."""
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, seed: int,
+             targets: Sequence[str] = UNET_LORA_TARGETS) -> dict[str, torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA on the ``targets`` projections (B = 0, A Gaussian), return its weights."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(UNET_LORA_TARGETS))
-    with seeded_global_rng(derived_seed(seed, "init", 0)):
-        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
-    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        with seeded_global_rng(derived_seed(seed, "init", 0)):
+            unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    except ValueError:  # PEFT: no module matches the targets
+        trainable = {}
+    else:
+        trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     for parameter in trainable.values():
         parameter.data = parameter.data.float()
     if not trainable:
-        raise UserError("the model has no to_q/to_k/to_v/to_out.0 attention layers to train a LoRA on; "
-                        "use an SD1.5 or SDXL UNet")
+        raise UserError(f"--targets {' '.join(targets)}: no UNet layer matches; name attention projections such as "
+                        f"{' '.join(UNET_LORA_TARGETS)} (or attn2.to_k attn2.to_v) of an SD1.5 or SDXL UNet")
     return trainable
 
 
@@ -412,9 +432,10 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
     mean, std = encode_images(pipe, images, device)
     conditioning = encode_captions(pipe, resolved.captions, images, resolved.resolution, device)
     offload_frozen_encoders(pipe, device)
-    trainable = add_lora(pipe.unet, resolved.rank, resolved.alpha, resolved.seed)
+    trainable = add_lora(pipe.unet, resolved.rank, resolved.alpha, resolved.seed, resolved.targets)
     model = TrainingModel(
-        pipe=pipe, unet=pipe.unet, adapter=ADAPTER_NAME, prompt=resolved.prompt, tokenizers=pipeline_tokenizers(pipe),
+        pipe=pipe, unet=pipe.unet, adapter=ADAPTER_NAME, prompt=resolved.prompt, captions=resolved.captions,
+        tokenizers=pipeline_tokenizers(pipe),
         conditioning=conditioning, latent_mean=mean, latent_std=std,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), device=device, dtype=dtype,
         architecture=pipe.architecture, trainable=trainable,
@@ -434,7 +455,8 @@ def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults,
         learning_rate=float(settings.learning_rate or defaults.learning_rate),
         batch_size=int(settings.batch_size or defaults.batch_size),
         resolution=int(settings.resolution or pipe.native_size), seed=int(settings.seed),
-        dtype=str(dtype).removeprefix("torch."), targets=UNET_LORA_TARGETS, objective=objective.settings(),
+        dtype=str(dtype).removeprefix("torch."), targets=tuple(settings.targets or UNET_LORA_TARGETS),
+        objective=objective.settings(),
     )
     for label, value in (("--rank", resolved.rank), ("--batch-size", resolved.batch_size)):
         if value < 1:
@@ -494,13 +516,14 @@ def training_step(model: TrainingModel, objective: TrainingObjective, optimizer:
     """One optimisation step; returns its loss terms and the objective's metrics."""
     indices = batch_indices(step, resolved.batch_size, model.num_images, resolved.seed)
     x0, noise, timesteps = step_draws(model, indices, generator(resolved.seed, "step", step))
-    terms = {"mse": denoising_loss(model, indices, noise, timesteps, x0), **objective.losses(model)}
+    objective.start_batch(model, indices)
+    terms = {"mse": denoising_loss(model, indices, noise, timesteps, x0), **objective.losses(model, indices)}
     loss = torch.stack([term.float() for term in terms.values()]).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     values = {name: float(term.detach()) for name, term in terms.items()}
-    return {"step": step + 1, "loss": float(loss.detach()), **values, **objective.metrics(model)}
+    return {"step": step + 1, "loss": float(loss.detach()), **values, **objective.metrics(model, indices)}
 
 
 def probe_loss(model: TrainingModel, objective: TrainingObjective, seed: int, count: int) -> dict[str, float]:
@@ -514,8 +537,10 @@ def probe_loss(model: TrainingModel, objective: TrainingObjective, seed: int, co
         for index in range(model.num_images):
             x0 = model.latent_mean[[index]].expand(count, -1, -1, -1)
             noise = torch.randn(x0.shape, generator=rng).to(model.device)
+            objective.start_batch(model, [index] * count)
             losses.append(denoising_loss(model, [index] * count, noise, timesteps, x0))
-        extra = {name: float(term) for name, term in objective.losses(model).items()}
+        every_image = list(range(model.num_images))
+        extra = {name: float(term) for name, term in objective.losses(model, every_image).items()}
     mse = float(torch.stack(losses).mean())
     return {"loss": mse + sum(extra.values()), "mse": mse, **extra}
 

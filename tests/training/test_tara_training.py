@@ -4,7 +4,9 @@ models, CPU)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -18,8 +20,12 @@ from loracompose.lora import inspect_lora
 from loracompose.methods.tara import TARA_TOKEN_KEY, is_tara_trained
 from loracompose.pipelines.compose_pipeline import quiet_loading
 from loracompose.tokens import pipeline_tokenizers
-from loracompose.training.tara import TaraTrainingSettings, key_alignment_loss, rare_and_class_positions, train_tara
-from loracompose.training.trainer import LoraTrainingSettings
+from loracompose.attention.lora_deltas import token_mask
+import loracompose.training.tara as tara_training
+from loracompose.tokens import trigger_positions
+from loracompose.training.tara import (TaraObjective, TaraTrainingSettings, caption_tokens, class_keys,
+                                      key_alignment_loss, train_tara)
+from loracompose.training.trainer import LoraTrainingSettings, batch_indices
 
 COMMON = dict(show_progress=False, output_type="latent", append_triggers=False)
 
@@ -58,23 +64,30 @@ def test_training_loss_decreases(trained):
     assert [path.name for path in sorted(trained.work_dir.iterdir())] == ["step-000025", "step-000050"]
 
 
-def test_alignment_loss_equals_its_formula(sd15, trained):
+@pytest.mark.parametrize("caption, class_context", [
+    ("a photo of zkx teddy bear", "a photo of zkx teddy bear"),  # the class word in the caption (the paper's)
+    ("a zkx on the grass", "a teddy bear on the grass"),  # no class word: it stands in for the rare word
+])
+def test_alignment_loss_equals_its_formula(sd15, trained, caption, class_context):
     with quiet_loading():
         sd15.load_lora_weights(str(trained.path), adapter_name="aligned")
     try:
-        prompt = "a photo of zkx teddy bear"
-        rare, classes = rare_and_class_positions(pipeline_tokenizers(sd15), prompt, "zkx", "teddy bear")
+        found = caption_tokens(pipeline_tokenizers(sd15), caption, "zkx", "teddy bear")
+        assert found.class_caption == class_context
+        rare, classes = found.rare, found.classes
         assert len(rare) == 2 and len(classes) == 2, "multi-token rare word and class word"
         with torch.no_grad():
-            context, _ = sd15.encode_prompt(prompt, "cpu", 1, False)
+            context, _ = sd15.encode_prompt(caption, "cpu", 1, False)
+            class_states, _ = sd15.encode_prompt(class_context, "cpu", 1, False)
             attn2 = [module for name, module in sd15.unet.named_modules() if name.endswith("attn2")]
-            loss = key_alignment_loss(attn2, context, rare, classes, "aligned")
+            targets = class_keys(attn2, class_states, token_mask(classes)[None])
+            loss = key_alignment_loss(attn2, context, token_mask(rare)[None], targets, "aligned")
             per_layer = []
             for attn in attn2:
                 layer = attn.to_k
                 weight, a, b = layer.base_layer.weight, layer.lora_A["aligned"].weight, layer.lora_B["aligned"].weight
                 scale = layer.scaling["aligned"]
-                class_key = sum(weight @ context[0, k] for k in classes) / len(classes)
+                class_key = sum(weight @ class_states[0, k] for k in classes) / len(classes)
                 distances = [((weight + scale * b @ a) @ context[0, j] - class_key).abs().mean() for j in rare]
                 per_layer.append(sum(distances) / len(distances))
             expected = sum(per_layer) / len(per_layer)
@@ -83,6 +96,53 @@ def test_alignment_loss_equals_its_formula(sd15, trained):
     finally:
         with quiet_loading():
             sd15.delete_adapters("aligned")
+
+
+CAPTIONS = {"shape0": "a zkx", "shape1": "a red ball on the left and a zkx on the right",
+            "shape2": "a zkx teddy bear on the grass", "shape3": None}  # None: no caption file
+
+
+@pytest.fixture(scope="module")
+def captioned_folder(image_folder, tmp_path_factory) -> Path:
+    """The four images, three with caption files that put the rare word at different positions."""
+    folder = tmp_path_factory.mktemp("tara-captions")
+    for stem, caption in CAPTIONS.items():
+        shutil.copy(image_folder / f"{stem}.png", folder / f"{stem}.png")
+        if caption:
+            (folder / f"{stem}.txt").write_text(caption + "\n")
+    return folder
+
+
+class RecordingTara(TaraObjective):
+    """TARA's objective, recording each batch's images and the token masks set for it."""
+
+    instances: ClassVar[list[RecordingTara]] = []
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.batches: list[tuple[list[int], torch.Tensor]] = []
+        RecordingTara.instances.append(self)
+
+    def start_batch(self, model, indices) -> None:
+        super().start_batch(model, indices)
+        self.batches.append((list(indices), self._token_masks.masks[model.adapter].clone()))
+
+
+def test_masks_and_alignment_follow_each_image_caption(sd15, tiny_sd15_dir, captioned_folder, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setattr(tara_training, "TaraObjective", RecordingTara)
+    train_tara(tara_settings(tiny_sd15_dir, captioned_folder, tmp_path / "c.safetensors", steps=4, batch_size=2))
+    objective = RecordingTara.instances[-1]
+    captions = [CAPTIONS[f"shape{index}"] or "a photo of zkx teddy bear" for index in range(4)]
+    tokenizers = pipeline_tokenizers(sd15)
+    assert [indices for indices, _ in objective.batches] == [batch_indices(step, 2, 4, 0) for step in range(4)]
+    for indices, masks in objective.batches:
+        expected = torch.stack([trigger_positions(tokenizers, captions[i], ["zkx"]).mask() for i in indices])
+        torch.testing.assert_close(masks.cpu(), expected, rtol=0, atol=0)
+    assert len({tuple(trigger_positions(tokenizers, caption, ["zkx"]).positions) for caption in captions}) == 3
+    class_captions = sorted(found.class_caption for found in objective.caption_tokens)
+    assert class_captions == sorted(["a teddy bear", "a red ball on the left and a teddy bear on the right",
+                                     "a zkx teddy bear on the grass", "a photo of zkx teddy bear"])
 
 
 def test_saved_lora_loads_back_exactly(sd15, trained):
@@ -126,6 +186,20 @@ def test_sdxl_training_runs_and_loads(tiny_sdxl_dir, sdxl, image_folder, tmp_pat
     assert float(lora.metadata["loracompose.alpha"]) == 4.0, "SDXL default: alpha = rank (scale 1)"
     generated = sdxl.generate("a zkx", [LoraSpec(result.path, name="xl_zkx")], Tara(), steps=1, **COMMON)
     assert generated.stats.unet_calls == 1
+
+
+def test_cross_attention_kv_targets_train_only_those_layers(sd15, tiny_sd15_dir, image_folder, tmp_path):
+    result = train_tara(tara_settings(tiny_sd15_dir, image_folder, tmp_path / "kv.safetensors", steps=1,
+                                      targets=("attn2.to_k", "attn2.to_v")))
+    layers = {key.rsplit(".lora_", 1)[0] for key in result.lora_state}
+    expected = {f"{name}.{projection}" for name, module in sd15.unet.named_modules() if name.endswith("attn2")
+                for projection in ("to_k", "to_v")}
+    assert layers == expected and len(expected) > 2
+    recipe = json.loads(inspect_lora(LoraSpec(result.path)).metadata["loracompose.training"])
+    assert recipe["targets"] == ["attn2.to_k", "attn2.to_v"]
+    with pytest.raises(UserError, match="--targets to_nothing"):
+        train_tara(tara_settings(tiny_sd15_dir, image_folder, tmp_path / "none.safetensors", steps=1,
+                                 targets=("to_nothing",)))
 
 
 def test_trainer_bad_inputs_are_user_errors(tiny_sd15_dir, image_folder, tmp_path):
