@@ -2,38 +2,51 @@
 
 The dict form (``{"unet": {"down": 0.5, "mid": 1.0, "up": {"block_1": [0.2, 0.6, 1.0]}},
 "text_encoder": 0.8}``) means what it means in diffusers: each attention block's layers at its value,
-a ResNet beside the attention of the same index at that attention's value, everything else at 1. The
-factors are baked into the loaded layers (so every method, not only Merge, sees them); the LoRA's
-weight then scales them all.
+a ResNet beside the attention of the same index at that attention's value, everything else at 1.
 
 An A1111 lora-block-weight vector (``lbw=``) lists one strength per block with attention, in the
-order BASE (text encoders), IN.., MID, OUT.. of the original UNet: 17 values for SD1.5 (BASE, IN01,
-IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11) or 12 for SDXL (BASE, IN04, IN05, IN07, IN08, MID,
-OUT00..OUT05). It is turned into the dict form for the standard SD1.5 / SDXL UNets. ``lbw=NAME`` names
-one of the extension's default presets (:data:`LBW_PRESETS`, SD1.5 vectors; case as in the extension).
-A vector must match the UNet's block layout: an SD1.5 vector on an SDXL model is refused when the LoRA
-is loaded.
+order BASE (text encoders), IN.., MID, OUT.. of the original (sgm) UNet: 17 values for SD1.5 (BASE,
+IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11) or 12 for SDXL (BASE, IN04, IN05, IN07, IN08,
+MID, OUT00..OUT05). It means what it means in the sd-webui-lora-block-weight extension, for every
+layer a LoRA, LoCon, LoHa or LoKr touches: a layer takes the strength of the sgm block it sits in
+(``conv_in`` is IN00, the mid block's ResNets are MID, an upsampler is in the output block it closes),
+0 for a block the vector does not list (SD1.5: IN00, IN03, IN06, IN09-IN11, OUT00-OUT02; SDXL: IN00-IN03,
+IN06, OUT06-OUT08), and a layer outside the blocks (time and label embeddings, ``conv_out``) keeps 1.
+``lbw=NAME`` names one of the extension's default presets (:data:`LBW_PRESETS`, SD1.5 vectors; case as
+in the extension). A vector must match the UNet's block layout: an SD1.5 vector on an SDXL model is
+refused when the LoRA is loaded.
+
+Either way the factors are baked into the loaded layers' deltas (so every method, not only Merge, sees
+them); the LoRA's weight then scales them all.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from loracompose.errors import UserError
 
-# For each architecture's vector: the dict-form slot of every value after BASE.
-_SD15_SLOTS = [("down", 0), ("down", 0), ("down", 1), ("down", 1), ("down", 2), ("down", 2), ("mid", None),
-               *[("up", block) for block in (1, 2, 3) for _ in range(3)]]
-_SDXL_SLOTS = [("down", 1), ("down", 1), ("down", 2), ("down", 2), ("mid", None),
-               *[("up", block) for block in (0, 1) for _ in range(3)]]
-LBW_LENGTHS = {17: ("SD1.5", _SD15_SLOTS, ("text_encoder",)),
-               12: ("SDXL", _SDXL_SLOTS, ("text_encoder", "text_encoder_2"))}
-# Attentions per down block, whether the mid block has one, attentions per up block: the layout a vector's
-# blocks are for (diffusers' standard SD1.x/2.x and SDXL UNets).
-_LAYOUTS = {"SD1.5": ((2, 2, 2, 0), True, (0, 3, 3, 3)), "SDXL": ((0, 2, 2), True, (3, 3, 0))}
+from .names import _sgm_names
+
+
+def _sgm_blocks(count: int) -> tuple[str, ...]:
+    """Every block of an sgm UNet with ``count`` input and output blocks, as the extension names them
+    (its M00 is MID here)."""
+    return ("BASE", *(f"IN{index:02d}" for index in range(count)), "MID",
+            *(f"OUT{index:02d}" for index in range(count)))
+
 
 SD15_LBW_BLOCKS = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
                    "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+SDXL_LBW_BLOCKS = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+# vector length -> (layout, the blocks the vector lists, every block of that layout's UNet)
+LBW_LENGTHS = {17: ("SD1.5", SD15_LBW_BLOCKS, _sgm_blocks(12)), 12: ("SDXL", SDXL_LBW_BLOCKS, _sgm_blocks(9))}
+# (ResNets, attentions) per down block, whether the mid block has attention, the same per up block: the
+# layout a vector's blocks are for (diffusers' standard SD1.x/2.x and SDXL UNets).
+_LAYOUTS = {"SD1.5": (((2, 2), (2, 2), (2, 2), (2, 0)), True, ((3, 0), (3, 3), (3, 3), (3, 3))),
+            "SDXL": (((2, 0), (2, 2), (2, 2)), True, ((3, 3), (3, 3), (3, 0)))}
+
 # The default presets of A1111's sd-webui-lora-block-weight extension (all SD1.5 vectors; it ships no SDXL
 # ones): the blocks at 1, every other block at 0; ALL0.5 is every block at 0.5.
 _PRESET_BLOCKS = {
@@ -55,7 +68,9 @@ LBW_PRESETS: dict[str, tuple[float, ...]] = {
 
 
 class LbwBlockWeights(dict):
-    """The dict form made from an lbw vector; remembers what the user wrote and which layout it is for."""
+    """An lbw vector as the strength of every block of its layout's UNet (``{"BASE": 1.0, "IN00": 0.0,
+    "IN01": 1.0, ..., "MID": 1.0, "OUT00": 0.0, ...}``, the blocks it does not list at 0, as the extension
+    fills them); remembers what the user wrote and which layout it is for."""
 
     spelled: str = ""
     architecture: str = ""
@@ -63,20 +78,14 @@ class LbwBlockWeights(dict):
 
 def lbw_block_weights(text: str, source: str) -> dict[str, Any]:
     """An A1111 lora-block-weight vector (17 or 12 comma-separated numbers, or a preset name from
-    :data:`LBW_PRESETS`) as diffusers' dict form."""
+    :data:`LBW_PRESETS`) as the strength of each block of the UNet (:class:`LbwBlockWeights`)."""
     values = _lbw_values(text.strip(), source)
     if len(values) not in LBW_LENGTHS:
         raise UserError(f"{source}: lbw={text!r} must be a preset name ({', '.join(LBW_PRESETS)}), 17 numbers "
                         "(SD1.5: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11) or 12 (SDXL: BASE, "
                         "IN04, IN05, IN07, IN08, MID, OUT00..OUT05)")
-    architecture, slots, text_encoders = LBW_LENGTHS[len(values)]
-    unet: dict[str, Any] = {"down": {}, "up": {}}
-    for (side, block), value in zip(slots, values[1:]):
-        if side == "mid":
-            unet["mid"] = value
-        else:
-            unet[side].setdefault(f"block_{block}", []).append(value)
-    result = LbwBlockWeights({"unet": unet, **dict.fromkeys(text_encoders, values[0])})
+    architecture, listed, every_block = LBW_LENGTHS[len(values)]
+    result = LbwBlockWeights({**dict.fromkeys(every_block, 0.0), **dict(zip(listed, values))})
     result.spelled, result.architecture = text.strip(), architecture
     return result
 
@@ -103,7 +112,7 @@ def check_lbw_layout(block_weights: Mapping[str, Any], unet: Any, source: str) -
     architecture = getattr(block_weights, "architecture", "")
     if not architecture or unet is None:
         return
-    found = _attention_layout(unet)
+    found = _block_layout(unet)
     if found == _LAYOUTS[architecture]:
         return
     other = next((name for name, layout in _LAYOUTS.items() if layout == found), None)
@@ -114,18 +123,23 @@ def check_lbw_layout(block_weights: Mapping[str, Any], unet: Any, source: str) -
                     f"{'the ' + other if other else 'neither the SD1.5 nor the SDXL'} block layout; {fix}")
 
 
-def _attention_layout(unet: Any) -> tuple[tuple[int, ...], bool, tuple[int, ...]]:
-    def attentions(block: Any) -> int:
-        return len(getattr(block, "attentions", None) or ())
+def _block_layout(unet: Any) -> tuple[tuple[tuple[int, int], ...], bool, tuple[tuple[int, int], ...]]:
+    def count(block: Any, kind: str) -> int:
+        return len(getattr(block, kind, None) or ())
 
-    return (tuple(attentions(block) for block in unet.down_blocks), attentions(unet.mid_block) > 0,
-            tuple(attentions(block) for block in unet.up_blocks))
+    def side(blocks: Any) -> tuple[tuple[int, int], ...]:
+        return tuple((count(block, "resnets"), count(block, "attentions")) for block in blocks)
+
+    return side(unet.down_blocks), count(unet.mid_block, "attentions") > 0, side(unet.up_blocks)
 
 
 def layer_factors(block_weights: Mapping[str, Any], component: str, modules: list[str], unet: Any,
                   source: str) -> dict[str, float]:
-    """Each module's factor under the dict form, as diffusers' ``set_adapters`` would scale it."""
+    """Each module's factor: the extension's rule for an lbw vector (:class:`LbwBlockWeights`), else
+    the dict form as diffusers' ``set_adapters`` would scale it."""
     check_lbw_layout(block_weights, unet, source)
+    if isinstance(block_weights, LbwBlockWeights):
+        return _lbw_factors(block_weights, component, modules, unet, source)
     value = block_weights.get(component, 1.0)
     if component != "unet":
         if isinstance(value, Mapping):
@@ -140,6 +154,32 @@ def layer_factors(block_weights: Mapping[str, Any], component: str, modules: lis
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{source}: block weights {dict(value)} do not fit this UNet ({error})") from None
     return {module: float(_module_weight(expanded, module)) for module in modules}
+
+
+def _lbw_factors(block_weights: LbwBlockWeights, component: str, modules: list[str], unet: Any,
+                 source: str) -> dict[str, float]:
+    """The extension's rule: a text encoder's layers take BASE; a UNet layer the strength of the sgm
+    block it is in (0 where the vector lists none), a layer outside the blocks 1."""
+    if component.startswith("text_encoder"):
+        return dict.fromkeys(modules, float(block_weights["BASE"]))
+    if component != "unet" or unet is None:
+        raise UserError(f"{source}: lbw= vectors are for SD1.5/SDXL UNets, not a {component}; give one strength")
+    sgm_name = _sgm_names(unet.config)
+    return {module: _sgm_block_strength(block_weights, sgm_name(module) if sgm_name else None)
+            for module in modules}
+
+
+_SGM_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+_BLOCK_PREFIX = {"input_blocks": "IN", "output_blocks": "OUT"}
+
+
+def _sgm_block_strength(block_weights: Mapping[str, float], sgm_name: str | None) -> float:
+    found = _SGM_BLOCK.match(sgm_name or "")
+    if found is None:
+        return 1.0  # time_embed, label_emb, out: in no block
+    if found[1] == "middle_block":
+        return float(block_weights["MID"])
+    return float(block_weights[f"{_BLOCK_PREFIX[found[1]]}{int(found[2]):02d}"])
 
 
 def _module_weight(expanded: Mapping[str, float], module: str) -> float:

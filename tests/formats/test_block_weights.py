@@ -59,15 +59,17 @@ def test_text_encoder_block_weight(base_pipes, tmp_path):
     assert_weights(layer_weights(ours), expected, set(deltas))
 
 
-def test_lbw_vectors_map_to_the_dict_form():
+def test_lbw_vectors_give_every_block_of_the_unet_a_strength():
+    """As the extension fills a 17/12-value vector: the listed blocks their values, the others 0."""
     sd15 = lbw_block_weights("0.5,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16", "test")
-    assert sd15 == {"unet": {"down": {"block_0": [1, 2], "block_1": [3, 4], "block_2": [5, 6]}, "mid": 7,
-                             "up": {"block_1": [8, 9, 10], "block_2": [11, 12, 13], "block_3": [14, 15, 16]}},
-                    "text_encoder": 0.5}
+    assert sd15 == {"BASE": 0.5, "IN00": 0, "IN01": 1, "IN02": 2, "IN03": 0, "IN04": 3, "IN05": 4, "IN06": 0,
+                    "IN07": 5, "IN08": 6, "IN09": 0, "IN10": 0, "IN11": 0, "MID": 7, "OUT00": 0, "OUT01": 0,
+                    "OUT02": 0, "OUT03": 8, "OUT04": 9, "OUT05": 10, "OUT06": 11, "OUT07": 12, "OUT08": 13,
+                    "OUT09": 14, "OUT10": 15, "OUT11": 16}
     sdxl = lbw_block_weights("1,0,0,1,1,0.5,1,1,1,0,0,0", "test")
-    assert sdxl == {"unet": {"down": {"block_1": [0, 0], "block_2": [1, 1]}, "mid": 0.5,
-                             "up": {"block_0": [1, 1, 1], "block_1": [0, 0, 0]}},
-                    "text_encoder": 1.0, "text_encoder_2": 1.0}
+    assert sdxl == {"BASE": 1, "IN00": 0, "IN01": 0, "IN02": 0, "IN03": 0, "IN04": 0, "IN05": 0, "IN06": 0,
+                    "IN07": 1, "IN08": 1, "MID": 0.5, "OUT00": 1, "OUT01": 1, "OUT02": 1, "OUT03": 0, "OUT04": 0,
+                    "OUT05": 0, "OUT06": 0, "OUT07": 0, "OUT08": 0}
     spec = LoraSpec.parse("style.safetensors:0.8:lbw=1,0,0,1,1,0.5,1,1,1,0,0,0")
     assert spec.weight == 0.8 and str(spec.path) == "style.safetensors" and spec.block_weights == sdxl
     with pytest.raises(UserError, match=r"--lora 'x.safetensors:lbw=1,2': lbw='1,2' must be a preset name") as caught:
