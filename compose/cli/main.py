@@ -62,8 +62,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
     common = parser.add_argument_group("generation")
     common.add_argument("--prompt", help="the prompt (default with the embedded model: its demo prompt)")
-    common.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-                        help="a .safetensors LoRA and its strength (repeatable, in order)")
+    common.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT][:lbw=BLOCKS]",
+                        help="a .safetensors LoRA and its strength (repeatable, in order); :lbw= takes per-block "
+                             "strengths, an A1111 lora-block-weight preset name or 17 (SD1.5) / 12 (SDXL) numbers")
     common.add_argument("--trigger", action="append", default=[], metavar="WORDS",
                         help="trigger words for the --lora at the same position, comma-separated (overrides the file)")
     common.add_argument("--lora-dir", metavar="DIR",
