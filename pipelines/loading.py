@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline
@@ -67,30 +68,45 @@ def load_pipeline(
     dtype: str | torch.dtype | None = "auto",
     config: str | Path | None = None,
 ) -> ComposeMixin:
-    """Load a Stable Diffusion model as a loracompose pipeline.
+    """Load an SD1.5/SDXL, FLUX.1 or SD3 model as a loracompose pipeline.
 
     Args:
         model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers folder,
             or a single-file ``.safetensors`` checkpoint.
         device: "auto" (CUDA if present), "cpu", "cuda", ...
-        dtype: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch dtype.
+        dtype: "auto" (on CUDA fp16, bf16 for FLUX/SD3; fp32 on CPU), "fp32", "fp16", "bf16" or a
+            torch dtype.
         config: for single-file checkpoints offline, a diffusers folder (or hub id) of the same
             architecture whose configs describe the checkpoint.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+
+    def dtype_for(cls: type[ComposeMixin]) -> torch.dtype:
+        return auto_dtype(cls, torch_device) if dtype in (None, "auto") else torch_dtype
+
     path = Path(str(model)).expanduser()
     if path.exists() and not path.is_dir():
         regular_file(path, "model file")  # a FIFO would block the reader forever
     if path.is_dir():
-        pipe = _load_folder(path, torch_dtype)
+        pipe = _load_folder(path, dtype_for)
     elif path.is_file():
-        pipe = _load_single_file(path, torch_dtype, config)
+        pipe = _load_single_file(path, dtype_for, config)
     elif _looks_like_local_path(str(model)):
         raise UserError(f"model {model} not found; pass a diffusers folder, a .safetensors checkpoint or a hub id")
     else:
-        pipe = _load_hub(str(model), torch_dtype)
+        pipe = _load_hub(str(model), dtype_for)
     return pipe.to(torch_device)
+
+
+def auto_dtype(cls: type[ComposeMixin], device: torch.device) -> torch.dtype:
+    """``dtype="auto"`` for a pipeline class: fp32 on CPU; on CUDA fp16, but bf16 for the DiTs, whose
+    activations overflow fp16 (FLUX.1 and SD3 are released and run in bf16)."""
+    from .dit_pipelines import DiTComposeMixin
+
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if issubclass(cls, DiTComposeMixin) else torch.float16
 
 
 def _looks_like_local_path(text: str) -> bool:
@@ -98,7 +114,10 @@ def _looks_like_local_path(text: str) -> bool:
             or text.count("/") != 1)
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> ComposeMixin:
+DtypeFor = Callable[[type[ComposeMixin]], torch.dtype]
+
+
+def _load_folder(path: Path, dtype: DtypeFor) -> ComposeMixin:
     index_file = path / "model_index.json"
     if not index_file.exists():
         raise UserError(f"model folder {path} has no model_index.json; pass a diffusers pipeline folder")
@@ -106,7 +125,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> ComposeMixin:
     return _from_pretrained(cls, str(path), dtype)
 
 
-def _load_hub(model_id: str, dtype: torch.dtype) -> ComposeMixin:
+def _load_hub(model_id: str, dtype: DtypeFor) -> ComposeMixin:
     try:
         index = DiffusionPipeline.load_config(model_id)
     except Exception as error:  # hub client errors have many types; all mean "not reachable here"
@@ -117,11 +136,11 @@ def _load_hub(model_id: str, dtype: torch.dtype) -> ComposeMixin:
     return _from_pretrained(pipeline_class_for_index(index, f"model {model_id}"), model_id, dtype)
 
 
-def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: torch.dtype) -> ComposeMixin:
+def _from_pretrained(cls: type[ComposeMixin], source: str, dtype: DtypeFor) -> ComposeMixin:
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is LoraComposeSDPipeline else {}
     try:
         with quiet_loading():
-            return cls.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **extra)
+            return cls.from_pretrained(source, torch_dtype=dtype(cls), use_safetensors=True, **extra)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load model {source}: {first_line(error)}") from None
 
@@ -139,7 +158,7 @@ def _single_file_class(keys: set[str]) -> type[ComposeMixin]:
     return LoraComposeSDXLPipeline if SDXL_CHECKPOINT_KEY in keys else LoraComposeSDPipeline
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None) -> ComposeMixin:
+def _load_single_file(path: Path, dtype: DtypeFor, config: str | Path | None) -> ComposeMixin:
     if path.suffix.lower() in PICKLED_SUFFIXES:
         raise UserError(f"checkpoint {path} is a pickled file; only .safetensors checkpoints are loaded "
                         "(pickles can run code)")
@@ -159,7 +178,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     extra = {"config": str(config)} if config else {}
     try:
         with quiet_loading():
-            return cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+            return cls.from_single_file(str(path), torch_dtype=dtype(cls), **extra)
     except Exception as error:  # diffusers raises many types here (missing config offline, bad keys)
         hint = "" if config else "; offline, pass --config with a diffusers folder of the same architecture"
         raise UserError(f"could not load checkpoint {path}: {first_line(error)}{hint}") from None

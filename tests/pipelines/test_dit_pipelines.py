@@ -241,6 +241,16 @@ def test_other_families_are_refused_in_one_line(tmp_path):
         load_pipeline(folder, device="cpu")
 
 
+def test_auto_dtype_is_bf16_for_dits_on_cuda():
+    from loracompose.pipelines import LoraComposeSDPipeline
+    from loracompose.pipelines.loading import auto_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto_dtype(LoraComposeFluxPipeline, cuda) == auto_dtype(LoraComposeSD3Pipeline, cuda) == torch.bfloat16
+    assert auto_dtype(LoraComposeSDPipeline, cuda) == torch.float16
+    assert auto_dtype(LoraComposeFluxPipeline, cpu) == torch.float32
+
+
 def test_single_files_are_told_apart_by_their_keys():
     from loracompose.pipelines.loading import _single_file_class
 
