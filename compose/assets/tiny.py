@@ -477,6 +477,9 @@ TINY_SD3_TRANSFORMER = {
     "pooled_projection_dim": 64, "out_channels": 4,
 }
 """The tiny SD3 transformer's config (two joint blocks, so the last one is context-pre-only as in SD3)."""
+TINY_SD35_TRANSFORMER = {**TINY_SD3_TRANSFORMER, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
+"""SD3.5 Medium's layout in small: RMS-normed queries and keys, and a second (image-only) attention in
+the first block (MMDiT-X)."""
 # The flow-matching schedules of FLUX.1-dev (resolution-dependent shift) and SD3 (fixed shift 3).
 _FLUX_SCHEDULE = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
@@ -549,12 +552,13 @@ def tiny_flux_pipeline(*, seed: int = 0) -> Any:
     return _ready(pipe)
 
 
-def tiny_sd3_pipeline(*, seed: int = 0) -> Any:
-    """A random-weight SD3 pipeline in memory (two CLIP encoders with projection + T5)."""
+def tiny_sd3_pipeline(*, seed: int = 0, sd35: bool = False) -> Any:
+    """A random-weight SD3 pipeline in memory (two CLIP encoders with projection + T5); ``sd35``: with
+    SD3.5 Medium's transformer layout (:data:`TINY_SD35_TRANSFORMER`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline(
-        transformer=_seeded(seed, SD3Transformer2DModel, **TINY_SD3_TRANSFORMER),
+        transformer=_seeded(seed, SD3Transformer2DModel, **(TINY_SD35_TRANSFORMER if sd35 else TINY_SD3_TRANSFORMER)),
         vae=_flow_vae(seed, latent_channels=4),
         text_encoder=_seeded(seed, CLIPTextModelWithProjection, _text_config()),
         tokenizer=_clip_tokenizer(),
@@ -573,7 +577,8 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save_pipeline(functools.partial(tiny_flux_pipeline, seed=seed), out_dir)
 
 
-def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build a tiny random SD3 model and save it as a diffusers folder at ``out_dir`` (must not exist
-    or be empty); it loads offline with ``StableDiffusion3Pipeline.from_pretrained(out_dir)``."""
-    return _save_pipeline(functools.partial(tiny_sd3_pipeline, seed=seed), out_dir)
+def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, sd35: bool = False) -> Path:
+    """Build a tiny random SD3 model (``sd35``: SD3.5 Medium's layout) and save it as a diffusers folder
+    at ``out_dir`` (must not exist or be empty); it loads offline with
+    ``StableDiffusion3Pipeline.from_pretrained(out_dir)``."""
+    return _save_pipeline(functools.partial(tiny_sd3_pipeline, seed=seed, sd35=sd35), out_dir)

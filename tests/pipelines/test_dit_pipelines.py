@@ -99,6 +99,20 @@ def test_merge_equals_plain_diffusers(family, dit_dirs, pipes, guidance):
     assert (result.stats.model_calls, result.stats.model_rows) == (result.stats.unet_calls, result.stats.unet_rows)
 
 
+def test_sd35_layout_merge_equals_diffusers_and_composite_batches(tmp_path):
+    model = build_tiny_sd3(tmp_path / "sd35", seed=0, sd35=True)
+    loras = [build_tiny_lora(model, tmp_path / f"{seed}.safetensors", seed=seed, init_scale=2.0) for seed in (1, 2)]
+    pipe = load_pipeline(model, device="cpu")
+    assert any(name.endswith("attn2") for name, _ in pipe.transformer.named_modules())  # MMDiT-X block
+    result = _generate(pipe, [LoraSpec(loras[0], 0.8)], Merge())
+    expected = _diffusers_latents("sd3", model, loras[:1], [0.8], guidance_scale=pipe.default_guidance_scale)
+    torch.testing.assert_close(result.latents, expected, atol=EXACT, rtol=0)
+    specs = [LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 0.5)]
+    batched, sequential = _generate(pipe, specs, Composite()), _generate(pipe, specs, Composite(batched=False))
+    torch.testing.assert_close(batched.latents, sequential.latents, atol=BATCHING_NOISE, rtol=0)
+    assert (batched.stats.unet_calls, batched.stats.unet_rows) == (STEPS, STEPS * 2 * 2)
+
+
 def test_flux_true_cfg_equals_plain_diffusers(dit_dirs, pipes):
     model, loras = dit_dirs["flux"]
     result = _generate(pipes["flux"], [LoraSpec(loras[0])], Merge(), true_cfg_scale=2.0, negative_prompt="blurry")
