@@ -135,11 +135,12 @@ def _split_delta(module: str, delta: LowRankDelta, split: RowSplit | None) -> di
 
 def _group_keys(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
-    for key, tensor in tensors.items():
+    for key in tensors:  # first, so a refused format is named whatever the key order ((IA)^3's '.weight')
         refused = refused_format(key)
         if refused:
             raise UserError(f"LoRA file {path} is in the {refused} format (key {key!r}), which loracompose does "
                             "not load; use a LoRA, LoCon, LoHa, LoKr or DoRA file")
+    for key, tensor in tensors.items():
         parsed = parse_key(key)
         if parsed is None:
             raise UserError(f"LoRA file {path} has a key in no format loracompose knows ({key!r}); it loads "

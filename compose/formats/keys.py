@@ -70,7 +70,7 @@ REFUSED = (
     (re.compile(r"\.diff(_b)?$"), "full weight difference ('diff', LyCORIS full)"),
     (re.compile(r"\.on_input$"), "(IA)^3"),
     (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer weights"),
-    (re.compile(r"\.lora_B\.bias$"), "LoRA with bias terms (lora_bias)"),
+    (re.compile(r"\.(lora_up|lora_down|lora_A|lora_B)\.bias$"), "LoRA bias terms"),
     (re.compile(r"^bundle_emb\.|\.string_to_param\."), "embedded textual inversion (bundle_emb)"),
     (re.compile(r"(query|key)_norm\.scale$"), "FLUX Control LoRA (norm weights and a widened input layer)"),
 )
