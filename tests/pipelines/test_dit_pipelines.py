@@ -99,6 +99,20 @@ def test_merge_equals_plain_diffusers(family, dit_dirs, pipes, guidance):
     assert (result.stats.model_calls, result.stats.model_rows) == (result.stats.unet_calls, result.stats.unet_rows)
 
 
+def test_tiny_t5_tokenizer_round_trips_plain_prompts(tmp_path):
+    from transformers import T5TokenizerFast
+
+    from loracompose.assets.tiny import build_t5_tokenizer
+
+    build_t5_tokenizer(tmp_path)
+    tokenizer = T5TokenizerFast.from_pretrained(tmp_path)  # as the pipeline folders load it
+    ids = tokenizer("A Red cat, 2 dogs!").input_ids
+    assert tokenizer.unk_token_id not in ids and ids[-1] == tokenizer.eos_token_id == 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "A Red cat, 2 dogs!"
+    padded = tokenizer("a cat", padding="max_length", max_length=TEXT_TOKENS).input_ids
+    assert len(padded) == TEXT_TOKENS and padded[-1] == tokenizer.pad_token_id == 0
+
+
 def test_sd35_layout_merge_equals_diffusers_and_composite_batches(tmp_path):
     model = build_tiny_sd3(tmp_path / "sd35", seed=0, sd35=True)
     loras = [build_tiny_lora(model, tmp_path / f"{seed}.safetensors", seed=seed, init_scale=2.0) for seed in (1, 2)]
