@@ -97,7 +97,8 @@ class FluxModel:
                  attention_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
         rows = sample.shape[0]
         guidance = None
-        if self.module.config.guidance_embeds:
+        config: Any = self.module.config
+        if config.guidance_embeds:
             guidance = torch.full([1], self.guidance_scale, device=sample.device, dtype=torch.float32).expand(rows)
         return self.module(
             hidden_states=sample,

@@ -39,7 +39,7 @@ class DiTComposeMixin(ComposeMixin):
     diffusers-format LoRAs through diffusers' loader, flow-matching sampling, (latent / scale + shift)."""
 
     if TYPE_CHECKING:  # what the diffusers pipeline class this mixin is combined with provides
-        transformer: torch.nn.Module
+        transformer: Any  # FluxTransformer2DModel / SD3Transformer2DModel
         default_sample_size: int
 
     default_scheduler = FLOW_SCHEDULER
