@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 from safetensors import SafetensorError, safe_open
 
@@ -298,7 +298,7 @@ def inspect_lora(spec: LoraSpec) -> LoadedLora:
         architecture=architecture_from_file(metadata, keys),
         has_text_encoder=any(key.startswith(("text_encoder", "lora_te")) for key in keys),
         text_encoder_weight=spec.text_encoder_weight,
-        block_weights=spec.block_weights,
+        block_weights=cast("Mapping[str, Any] | None", spec.block_weights),  # a string was parsed in __post_init__
         metadata=metadata,
     )
 

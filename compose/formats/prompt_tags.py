@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lora import LoraSpec
@@ -51,15 +51,16 @@ def split_lora_tags(prompt: str, lora_dir: str | Path | None = None) -> tuple[st
 
 def _spec(tag: str, body: str, folder: Path) -> LoraSpec:
     name, *weights = [part.strip() for part in body.split(":")]
-    block_weights = weights.pop()[len("lbw="):] if weights and weights[-1].startswith("lbw=") else None
+    lbw_text = weights.pop()[len("lbw="):] if weights and weights[-1].startswith("lbw=") else None
     if not name or len(weights) > 2:
         raise UserError(f"prompt tag {tag!r} is malformed; write <lora:NAME>, <lora:NAME:WEIGHT> or "
                         "<lora:NAME:TE_WEIGHT:UNET_WEIGHT>, optionally ending in :lbw=PRESET_OR_VECTOR")
     numbers = [_number(tag, value) for value in weights]
-    if block_weights is not None:
+    block_weights: Mapping[str, Any] | None = None
+    if lbw_text is not None:
         from loracompose.formats.block_weights import lbw_block_weights
 
-        block_weights = lbw_block_weights(block_weights, f"prompt tag {tag!r}")
+        block_weights = lbw_block_weights(lbw_text, f"prompt tag {tag!r}")
     path = find_lora(name, folder)
     if len(numbers) == 2:
         return LoraSpec(path, weight=numbers[1], text_encoder_weight=numbers[0], block_weights=block_weights)
