@@ -16,7 +16,7 @@ from torch import nn
 from loracompose.errors import UserError, first_line
 from loracompose.validation import check_finite_tensors
 
-from .dit_names import FAMILY_NAMES, RowSplit, model_family, spelling_family
+from .dit_names import DIT, FAMILY_NAMES, RowSplit, fits_family, model_family, spelling_family
 from .factors import LowRankDelta, dora_delta, fit_to_layer, full_rank, lokr_factors, loha_factors, lora_factors
 from .keys import parse_key, refused_format
 from .names import ModuleIndex, flat
@@ -112,8 +112,8 @@ def _on_denoiser(path: Path, groups: dict[tuple[str, str], dict[str, Any]],
         if component == "t5":
             component = t5
         elif component in _DENOISERS and denoiser is not None:
-            file_family = spelling_family(flat(spelling))
-            if family and file_family and file_family != family:
+            file_family = spelling_family(flat(spelling)) or (DIT if component == "transformer" else None)
+            if not fits_family(file_family, family):
                 raise UserError(f"LoRA file {path} is made for {FAMILY_NAMES[file_family]} (key "
                                 f"{parts['keys'][0]!r}) but the model is {FAMILY_NAMES[family]}; use a LoRA "
                                 "trained for this base model")

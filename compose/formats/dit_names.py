@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 UNET, FLUX, SD3 = "unet", "flux", "sd3"
-FAMILY_NAMES = {UNET: "Stable Diffusion (an SD1.x/SD2/SDXL UNet)", FLUX: "FLUX", SD3: "SD3"}
+DIT = "dit"  # a file's "transformer." / "lora_transformer_" keys: FLUX or SD3, not a UNet
+FAMILY_NAMES = {UNET: "Stable Diffusion (an SD1.x/SD2/SDXL UNet)", FLUX: "FLUX", SD3: "SD3",
+                DIT: "a diffusion transformer (FLUX or SD3)"}
 
 _QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _CONTEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
@@ -138,6 +140,14 @@ def model_family(model: nn.Module) -> str | None:
 def spelling_family(flat_spelling: str) -> str | None:
     """The model family only whose layers a (flattened) layer name can belong to; None when ambiguous."""
     return next((family for family, starts in _FAMILY_MARKERS if flat_spelling.startswith(starts)), None)
+
+
+def fits_family(file_family: str | None, family: str | None) -> bool:
+    """Whether layer names of ``file_family`` (from :func:`spelling_family`, or DIT) can be a model's of
+    ``family``; unknown on either side fits."""
+    if file_family is None or family is None or file_family == family:
+        return True
+    return file_family == DIT and family in (FLUX, SD3)
 
 
 def original_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, RowSplit]:

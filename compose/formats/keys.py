@@ -28,7 +28,7 @@ COMPONENT_PREFIXES = (
     ("text_encoder.", "text_encoder"),
     ("unet.", "unet"),
     ("transformer.", "transformer"),
-    ("diffusion_model.", "transformer"),
+    ("diffusion_model.", "unet"),  # ComfyUI's denoiser prefix, on UNets and DiTs alike
     # ComfyUI's text encoders; "t5" is the model's T5 encoder (FLUX's text_encoder_2, SD3's text_encoder_3)
     ("text_encoders.clip_l.transformer.", "text_encoder"),
     ("text_encoders.clip_g.transformer.", "text_encoder_2"),

@@ -511,6 +511,32 @@ def test_flux_lora_on_sd_model_is_refused_naming_both(base_pipes, flux, tmp_path
         check_architecture(lora, "sd15")
 
 
+def test_diffusers_named_dit_lora_on_sd_model_is_refused_naming_both(base_pipes, flux, tmp_path):
+    """transformer. / lora_transformer_ keys of joint blocks only (FLUX or SD3 alike) on an SD UNet."""
+    reference = _diffusers_reference({"double_blocks.0.img_attn.proj": FLUX_REFERENCE["double_blocks.0.img_attn.proj"]})
+    for prefix in ("transformer.", "lora_transformer_"):
+        lora = (_dotted(flux, reference, 55, prefix, "lora_A.weight", "lora_B.weight", None) if prefix.endswith(".")
+                else _kohya(flux, reference, 55, prefix=prefix))
+        message = _refusal(base_pipes["sd15"], lora.save(tmp_path / "dit.safetensors"))
+        assert "a diffusion transformer (FLUX or SD3)" in message and "Stable Diffusion" in message
+
+
+def test_comfyui_sd_unet_names_load_on_sd15(base_pipes, tmp_path):
+    """ComfyUI's diffusion_model. prefix on an SD1.5 UNet file (sgm names) is the UNet's, not a DiT's."""
+    lora = Lora(56)
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    stem = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    lora.layer(base_pipes["sd15"], "unet", [(module, _rows(0, _rows_of(base_pipes["sd15"], "unet", module)))],
+               (f"{stem}.lora_down.weight", f"{stem}.lora_up.weight"), None)
+    path = lora.save(tmp_path / "comfy_sd15.safetensors")
+    pipe = copy.deepcopy(base_pipes["sd15"])
+    load_lora_file(pipe, path, "file")
+    layer = pipe.unet.get_submodule(module)
+    expected = layer.get_base_layer().weight + lora.deltas[("unet", module)]
+    torch.testing.assert_close(layer.get_base_layer().weight + layer.get_delta_weight("file"), expected,
+                               atol=ATOL, rtol=RTOL)
+
+
 def test_sd_lora_on_flux_and_sd3_is_refused_naming_both(flux, sd3, tmp_path):
     path = write(tmp_path / "sd15.safetensors", {
         "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
