@@ -601,3 +601,62 @@ def test_non_finite_flux_file_is_refused(flux, tmp_path):
     path = tmp_path / "nan.safetensors"
     save_file(lora.tensors, str(path))
     assert "NaN or infinite" in _refusal(flux, path)
+
+
+# --- full-size models (meta device: names and shapes only) -------------------------------------------
+
+FLUX_1_DEV = {"in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+              "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+              "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+               "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+               "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+               "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm"}
+# kohya name -> the diffusers layer it renames, or its split [(diffusers layer, rows of the kohya layer)], or None
+FLUX_1_DEV_NAMES = {
+    "double_blocks_18_img_attn_qkv": [("transformer_blocks.18.attn.to_q", [(0, 3072)]),
+                                      ("transformer_blocks.18.attn.to_k", [(3072, 6144)]),
+                                      ("transformer_blocks.18.attn.to_v", [(6144, 9216)])],
+    "double_blocks_3_txt_mod_lin": "transformer_blocks.3.norm1_context.linear",
+    "single_blocks_37_linear1": [("single_transformer_blocks.37.attn.to_q", [(0, 3072)]),
+                                 ("single_transformer_blocks.37.attn.to_k", [(3072, 6144)]),
+                                 ("single_transformer_blocks.37.attn.to_v", [(6144, 9216)]),
+                                 ("single_transformer_blocks.37.proj_mlp", [(9216, 21504)])],
+    "single_blocks_20_linear2": "single_transformer_blocks.20.proj_out",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_adaLN_modulation_1": [("norm_out.linear", [(3072, 6144), (0, 3072)])],
+    "double_blocks_19_img_attn_qkv": None,  # FLUX.1 has 19 double blocks
+    "single_blocks_38_linear1": None,
+}
+SD35_MEDIUM_NAMES = {
+    "joint_blocks_12_x_block_attn2_qkv": [("transformer_blocks.12.attn2.to_q", [(0, 1536)]),
+                                          ("transformer_blocks.12.attn2.to_k", [(1536, 3072)]),
+                                          ("transformer_blocks.12.attn2.to_v", [(3072, 4608)])],
+    "joint_blocks_13_x_block_attn2_qkv": None,  # dual attention in blocks 0-12 only
+    "joint_blocks_0_x_block_adaLN_modulation_1": "transformer_blocks.0.norm1.linear",  # 9 x 1536 rows, in order
+    "joint_blocks_22_context_block_adaLN_modulation_1": "transformer_blocks.22.norm1_context.linear",
+    "joint_blocks_23_context_block_adaLN_modulation_1": [("transformer_blocks.23.norm1_context.linear",
+                                                          [(1536, 3072), (0, 1536)])],
+    "joint_blocks_23_context_block_attn_proj": None,  # the last context block is pre-only
+    "joint_blocks_23_context_block_attn_qkv": [("transformer_blocks.23.attn.add_q_proj", [(0, 1536)]),
+                                               ("transformer_blocks.23.attn.add_k_proj", [(1536, 3072)]),
+                                               ("transformer_blocks.23.attn.add_v_proj", [(3072, 4608)])],
+    "x_embedder_proj": "pos_embed.proj",
+    "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+}
+
+
+@pytest.mark.parametrize("model_class, config, names", [
+    (FluxTransformer2DModel, FLUX_1_DEV, FLUX_1_DEV_NAMES),
+    (SD3Transformer2DModel, SD35_MEDIUM, SD35_MEDIUM_NAMES),
+], ids=["FLUX.1-dev", "SD3.5-medium"])
+def test_reference_names_resolve_on_full_size_models(model_class, config, names):
+    from loracompose.formats.names import ModuleIndex
+
+    with torch.device("meta"):
+        model = model_class(**config)
+    index = ModuleIndex.of(model)
+    for name, expected in names.items():
+        split = index.resolve_split(name)
+        found = index.resolve(name) or (split and [(module, list(ranges)) for module, ranges in split.parts])
+        assert found == expected, name
