@@ -29,6 +29,7 @@ COMPONENT_PREFIXES = (
     ("unet.", "unet"),
     ("transformer.", "transformer"),
     ("diffusion_model.", "unet"),  # ComfyUI's denoiser prefix, on UNets and DiTs alike
+    ("lycoris_", "unet"),  # LyCORIS's own wrapper (SimpleTuner's FLUX LoKr files): flattened diffusers names
     # ComfyUI's text encoders; "t5" is the model's T5 encoder (FLUX's text_encoder_2, SD3's text_encoder_3)
     ("text_encoders.clip_l.transformer.", "text_encoder"),
     ("text_encoders.clip_g.transformer.", "text_encoder_2"),

@@ -374,6 +374,21 @@ def test_dora_on_a_fused_layer_is_taken_on_the_fused_weight(flux, tmp_path, axis
     _assert_weights(_loaded(flux, path), _expected(flux, lora))
 
 
+def test_simpletuner_lycoris_lokr_loads(flux, tmp_path):
+    """LyCORIS's wrapper names (lycoris_<flattened diffusers name>), as SimpleTuner saves FLUX LoKr files:
+    lokr_w1 whole, lokr_w2 decomposed (scale alpha / rows of lokr_w2_b)."""
+    generator = torch.Generator().manual_seed(32)
+    w1 = torch.randn(4, 4, generator=generator)
+    w2_a, w2_b = torch.randn(8, 2, generator=generator), torch.randn(2, 8, generator=generator) * 0.1
+    stem = "lycoris_single_transformer_blocks_0_attn_to_v"
+    lora = Lora(0)
+    lora.tensors = {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2_a": w2_a, f"{stem}.lokr_w2_b": w2_b,
+                    f"{stem}.alpha": torch.tensor(1.0)}
+    lora.deltas[("transformer", SINGLE + "attn.to_v")] = 0.5 * torch.kron(w1, w2_a @ w2_b)
+    path = lora.save(tmp_path / "lycoris.safetensors")
+    _assert_weights(_loaded(flux, path), _expected(flux, lora))
+
+
 # --- equality with diffusers' own loading ------------------------------------------------------------
 
 def _diffusers_loaded(base, path: Path) -> dict[tuple[str, str], torch.Tensor]:
