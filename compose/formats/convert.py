@@ -113,7 +113,7 @@ def _on_denoiser(path: Path, groups: dict[tuple[str, str], dict[str, Any]],
             component = t5
         elif component in _DENOISERS and denoiser is not None:
             file_family = spelling_family(flat(spelling)) or (DIT if component == "transformer" else None)
-            if not fits_family(file_family, family):
+            if file_family and family and not fits_family(file_family, family):
                 raise UserError(f"LoRA file {path} is made for {FAMILY_NAMES[file_family]} (key "
                                 f"{parts['keys'][0]!r}) but the model is {FAMILY_NAMES[family]}; use a LoRA "
                                 "trained for this base model")
