@@ -18,9 +18,11 @@ rows it becomes. The sizes come from the model's own layers, so the table holds 
 smaller variants and the tiny test models alike. The table is written here rather than taken from
 diffusers' LoRA converters (``_convert_kohya_flux_lora_to_diffusers`` and friends in
 ``diffusers.loaders.lora_conversion_utils``), which serve the same mapping but fix FLUX.1's sizes
-(19 double and 38 single blocks, 3072 / 12288 rows in ``linear1``), fold alpha into the tensors, drop
-keys they do not know with a log message (``diff_b``, norm ``diff``, T5 and DoRA weights) and have no
-SD3 counterpart; the names and the scale/shift swap follow their single-file checkpoint converters
+(19 double and 38 single blocks, 3072 / 12288 rows in ``linear1``: any other width fails an assert),
+fold alpha into the tensors, drop keys with only a log message (``diff_b``, norm ``diff``, T5 and DoRA
+weights; in 0.42 also a kohya file's embedder and final layers, written without the ``transformer.``
+prefix the loader keeps) and have no SD3 counterpart; the names and the scale/shift swap follow their
+single-file checkpoint converters
 (``convert_flux_transformer_checkpoint_to_diffusers``, ``convert_sd3_transformer_checkpoint_to_diffusers``).
 The tests check the result against diffusers' own loading where diffusers loads a format.
 """
