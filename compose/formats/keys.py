@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 
 # kohya / LyCORIS component prefixes, then diffusers ones (longest first where one is a prefix of another).
-# FLUX/SD3 files name the denoiser "transformer" (diffusers, ai-toolkit), "lora_transformer_"
-# (OneTrainer) or "diffusion_model." (ComfyUI / BFL); kohya's "lora_unet_" names it there too, and the
-# converter maps "unet" and "transformer" to whichever of the two the model has.
+# FLUX/SD3 files name the denoiser "transformer." (diffusers, ai-toolkit) or "lora_transformer_"
+# (OneTrainer): only a transformer has those. kohya's "lora_unet_", ComfyUI's "diffusion_model." and
+# LyCORIS's "lycoris_" name any denoiser ("unet"); the converter maps "unet" and "transformer" to
+# whichever of the two the model has, after checking the layer names' family.
 COMPONENT_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lora_transformer_", "transformer"),
