@@ -7,11 +7,13 @@ a ResNet beside the attention of the same index at that attention's value, every
 An A1111 lora-block-weight vector (``lbw=``) lists one strength per block with attention, in the
 order BASE (text encoders), IN.., MID, OUT.. of the original (sgm) UNet: 17 values for SD1.5 (BASE,
 IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11) or 12 for SDXL (BASE, IN04, IN05, IN07, IN08,
-MID, OUT00..OUT05). It means what it means in the sd-webui-lora-block-weight extension, for every
-layer a LoRA, LoCon, LoHa or LoKr touches: a layer takes the strength of the sgm block it sits in
-(``conv_in`` is IN00, the mid block's ResNets are MID, an upsampler is in the output block it closes),
-0 for a block the vector does not list (SD1.5: IN00, IN03, IN06, IN09-IN11, OUT00-OUT02; SDXL: IN00-IN03,
-IN06, OUT06-OUT08), and a layer outside the blocks (time and label embeddings, ``conv_out``) keeps 1.
+MID, OUT00..OUT05); the extension's full forms list every block (26 for SD1.5: BASE, IN00..IN11, MID,
+OUT00..OUT11; 20 for SDXL: BASE, IN00..IN08, MID, OUT00..OUT08). It means what it means in the
+sd-webui-lora-block-weight extension, for every layer a LoRA, LoCon, LoHa or LoKr touches: a layer
+takes the strength of the sgm block it sits in (``conv_in`` is IN00, the mid block's ResNets are MID,
+an upsampler is in the output block it closes), 0 for a block the vector does not list (SD1.5: IN00,
+IN03, IN06, IN09-IN11, OUT00-OUT02; SDXL: IN00-IN03, IN06, OUT06-OUT08), and a layer outside the
+blocks (time and label embeddings, ``conv_out``) keeps 1.
 ``lbw=NAME`` names one of the extension's default presets (:data:`LBW_PRESETS`, SD1.5 vectors; case as
 in the extension). A vector must match the UNet's block layout: an SD1.5 vector on an SDXL model is
 refused when the LoRA is loaded.
@@ -41,7 +43,9 @@ SD15_LBW_BLOCKS = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID"
                    "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
 SDXL_LBW_BLOCKS = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
 # vector length -> (layout, the blocks the vector lists, every block of that layout's UNet)
-LBW_LENGTHS = {17: ("SD1.5", SD15_LBW_BLOCKS, _sgm_blocks(12)), 12: ("SDXL", SDXL_LBW_BLOCKS, _sgm_blocks(9))}
+# (the extension's full 26- and 20-value vectors list every block)
+LBW_LENGTHS = {17: ("SD1.5", SD15_LBW_BLOCKS, _sgm_blocks(12)), 26: ("SD1.5", _sgm_blocks(12), _sgm_blocks(12)),
+               12: ("SDXL", SDXL_LBW_BLOCKS, _sgm_blocks(9)), 20: ("SDXL", _sgm_blocks(9), _sgm_blocks(9))}
 # (ResNets, attentions) per down block, whether the mid block has attention, the same per up block: the
 # layout a vector's blocks are for (diffusers' standard SD1.x/2.x and SDXL UNets).
 _LAYOUTS = {"SD1.5": (((2, 2), (2, 2), (2, 2), (2, 0)), True, ((3, 0), (3, 3), (3, 3), (3, 3))),
@@ -77,13 +81,15 @@ class LbwBlockWeights(dict):
 
 
 def lbw_block_weights(text: str, source: str) -> dict[str, Any]:
-    """An A1111 lora-block-weight vector (17 or 12 comma-separated numbers, or a preset name from
-    :data:`LBW_PRESETS`) as the strength of each block of the UNet (:class:`LbwBlockWeights`)."""
+    """An A1111 lora-block-weight vector (17 or 26 comma-separated numbers for SD1.5, 12 or 20 for SDXL, or
+    a preset name from :data:`LBW_PRESETS`) as the strength of each block of the UNet
+    (:class:`LbwBlockWeights`)."""
     values = _lbw_values(text.strip(), source)
     if len(values) not in LBW_LENGTHS:
         raise UserError(f"{source}: lbw={text!r} must be a preset name ({', '.join(LBW_PRESETS)}), 17 numbers "
-                        "(SD1.5: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11) or 12 (SDXL: BASE, "
-                        "IN04, IN05, IN07, IN08, MID, OUT00..OUT05)")
+                        "(SD1.5: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11), 12 (SDXL: BASE, "
+                        "IN04, IN05, IN07, IN08, MID, OUT00..OUT05), or every block: 26 (SD1.5: BASE, IN00..IN11, "
+                        "MID, OUT00..OUT11) or 20 (SDXL: BASE, IN00..IN08, MID, OUT00..OUT08)")
     architecture, listed, every_block = LBW_LENGTHS[len(values)]
     result = LbwBlockWeights({**dict.fromkeys(every_block, 0.0), **dict(zip(listed, values))})
     result.spelled, result.architecture = text.strip(), architecture
@@ -117,7 +123,7 @@ def check_lbw_layout(block_weights: Mapping[str, Any], unet: Any, source: str) -
         return
     other = next((name for name, layout in _LAYOUTS.items() if layout == found), None)
     spelled = getattr(block_weights, "spelled", "")
-    wanted = {"SD1.5": "12 numbers (SDXL)", "SDXL": "17 numbers or a preset name (SD1.5)"}
+    wanted = {"SD1.5": "12 or 20 numbers (SDXL)", "SDXL": "17 or 26 numbers or a preset name (SD1.5)"}
     fix = f"give {wanted[architecture]}" if other else "use the block_weights dict form"
     raise UserError(f"{source}: lbw={spelled} is an {architecture} vector, but this model's UNet has "
                     f"{'the ' + other if other else 'neither the SD1.5 nor the SDXL'} block layout; {fix}")

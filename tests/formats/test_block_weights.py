@@ -70,6 +70,9 @@ def test_lbw_vectors_give_every_block_of_the_unet_a_strength():
     assert sdxl == {"BASE": 1, "IN00": 0, "IN01": 0, "IN02": 0, "IN03": 0, "IN04": 0, "IN05": 0, "IN06": 0,
                     "IN07": 1, "IN08": 1, "MID": 0.5, "OUT00": 1, "OUT01": 1, "OUT02": 1, "OUT03": 0, "OUT04": 0,
                     "OUT05": 0, "OUT06": 0, "OUT07": 0, "OUT08": 0}
+    # the extension's full forms: every block written out, the unlisted ones at 0 here
+    assert lbw_block_weights("0.5,0,1,2,0,3,4,0,5,6,0,0,0,7,0,0,0,8,9,10,11,12,13,14,15,16", "test") == sd15
+    assert lbw_block_weights("1,0,0,0,0,0,0,0,1,1,0.5,1,1,1,0,0,0,0,0,0", "test") == sdxl
     spec = LoraSpec.parse("style.safetensors:0.8:lbw=1,0,0,1,1,0.5,1,1,1,0,0,0")
     assert spec.weight == 0.8 and str(spec.path) == "style.safetensors" and spec.block_weights == sdxl
     with pytest.raises(UserError, match=r"--lora 'x.safetensors:lbw=1,2': lbw='1,2' must be a preset name") as caught:

@@ -46,6 +46,11 @@ BLOCKS = {
              "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"],
     "sdxl": ["BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"],
 }
+# A full vector (26 values for SD1.5, 20 for SDXL) lists every block of the original UNet.
+FULL_BLOCKS = {
+    "sd15": ["BASE", *[f"IN{index:02d}" for index in range(12)], "MID", *[f"OUT{index:02d}" for index in range(12)]],
+    "sdxl": ["BASE", *[f"IN{index:02d}" for index in range(9)], "MID", *[f"OUT{index:02d}" for index in range(9)]],
+}
 # The standard UNets' block layouts at tiny width (SDXL with fewer transformer layers: the layout is what counts).
 SD15_LAYOUT = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=32)
 SDXL_LAYOUT = dict(
@@ -100,13 +105,15 @@ def _extension_block(module: str) -> str | None:
     SDXL_LAYOUT, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
     attention_head_dim=(5, 10, 20), cross_attention_dim=2048, addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816))])
-def test_vector_values_land_on_the_extensions_blocks(arch, config):
+@pytest.mark.parametrize("form", ["listed", "full"])
+def test_vector_values_land_on_the_extensions_blocks(arch, config, form):
     """On the full-size UNets (meta device), every Linear/Conv2d: a block the vector lists gives its value
     (all values distinct), a block it does not list 0, a layer in no block (time/label embedding,
-    conv_out) 1, as the extension does."""
+    conv_out) 1, as the extension does; a full vector (26/20 values) gives every block its own value."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-    values = [float(index + 1) for index in range(len(BLOCKS[arch]))]
+    blocks = BLOCKS[arch] if form == "listed" else FULL_BLOCKS[arch]
+    values = [float(index + 1) for index in range(len(blocks))]
     weights = lbw_block_weights(",".join(map(str, values)), "test")
     modules = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     factors = layer_factors(weights, "unet", modules, unet, "test")
@@ -115,12 +122,12 @@ def test_vector_values_land_on_the_extensions_blocks(arch, config):
         block = _extension_block(module)
         if block is None:
             assert factor == 1.0, module
-        elif block in BLOCKS[arch]:
-            assert factor == values[BLOCKS[arch].index(block)], module
+        elif block in blocks:
+            assert factor == values[blocks.index(block)], module
         else:
             assert factor == 0.0, module
             unlisted.add(block)
-    assert unlisted == UNLISTED[arch]
+    assert unlisted == (UNLISTED[arch] if form == "listed" else set())
     assert {module for module in factors if _extension_block(module) is None} == OUTSIDE_BLOCKS[arch]
     assert layer_factors(weights, "text_encoder", ["encoder.layers.0.mlp.fc1"], unet, "test") == {
         "encoder.layers.0.mlp.fc1": values[0]}
@@ -279,7 +286,7 @@ def test_sdxl_vector_applies_and_an_sd15_preset_is_refused(sdxl_layout):
     assert np.array_equal(_pixels(pipe, [LoraSpec.parse(f"{lora}:lbw=1,0,0,0,0,0,0,0,0,0,0,0")]),
                           _pixels(pipe, [LoraSpec(lora, block_weights={"unet": 0.0})]))
     with pytest.raises(UserError, match=r"lbw=INALL is an SD1\.5 vector, but this model's UNet has the SDXL block "
-                                        r"layout; give 12 numbers \(SDXL\)") as caught:
+                                        r"layout; give 12 or 20 numbers \(SDXL\)") as caught:
         pipe.generate("a cat", [LoraSpec.parse(f"{lora}:lbw=INALL")], steps=1, width=32, height=32)
     assert str(lora) in _single_line(caught)
 
@@ -287,7 +294,7 @@ def test_sdxl_vector_applies_and_an_sd15_preset_is_refused(sdxl_layout):
 def test_sdxl_vector_on_sd15_and_any_vector_on_another_layout_are_refused(sd15_layout, sd15, sd15_lora_files):
     pipe, lora = sd15_layout
     with pytest.raises(UserError, match=r"is an SDXL vector, but this model's UNet has the SD1\.5 block layout; "
-                                        r"give 17 numbers or a preset name") as caught:
+                                        r"give 17 or 26 numbers or a preset name") as caught:
         pipe.generate("a cat", [LoraSpec(lora, block_weights=SDXL_VECTOR)], steps=1, width=32, height=32)
     _single_line(caught)
     with pytest.raises(UserError, match=r"has neither the SD1\.5 nor the SDXL block layout; use the block_weights "
