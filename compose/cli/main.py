@@ -189,6 +189,9 @@ def add_lora_training_arguments(parser: argparse.ArgumentParser, defaults: str) 
     parser.add_argument("--model", required=True, help="hub id, diffusers folder or .safetensors checkpoint")
     parser.add_argument("--config", help="diffusers folder describing a single-file --model (needed offline)")
     parser.add_argument("--images", type=Path, required=True, help="folder of training images of the concept")
+    parser.add_argument("--prior-images", type=Path,
+                        help="folder of regularisation images without the concept, each with its NAME.txt caption "
+                             "(DreamBooth prior preservation): the LoRA learns to leave such scenes unchanged")
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors LoRA file to write")
     parser.add_argument("--steps", type=int, help=f"optimisation steps (default: the recipe's; recipe: {defaults})")
     parser.add_argument("--rank", type=int, help="LoRA rank (default: the recipe's, see --steps)")
@@ -213,7 +216,8 @@ def lora_training_settings(args: argparse.Namespace, **extra: Any) -> LoraTraini
     from loracompose.training.trainer import LoraTrainingSettings
 
     return LoraTrainingSettings(
-        model=args.model, images=args.images, out=args.out, prompt=args.prompt or "", steps=args.steps,
+        model=args.model, images=args.images, prior_images=args.prior_images, out=args.out, prompt=args.prompt or "",
+        steps=args.steps,
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, batch_size=args.batch_size,
         resolution=args.resolution, seed=args.seed, device=args.device, dtype=args.dtype, config=args.config,
         gradient_checkpointing=args.gradient_checkpointing, probe_timesteps=args.probe_timesteps,

@@ -111,15 +111,21 @@ class TaraObjective:
     def prepare(self, model: TrainingModel) -> None:
         """Find the rare and class tokens of every caption, the class keys, and mask the attn2 K/V
         deltas with the processors inference uses (every training row is conditional)."""
-        captions = caption_per_row(model)
-        self.caption_tokens = [caption_tokens(model.tokenizers, caption, self.token, self.class_word)
-                               for caption in captions]
+        captions, instance = caption_per_row(model)
+        self.caption_tokens = [self._tokens(model, caption, needs_token)
+                               for caption, needs_token in zip(captions, instance, strict=True)]
         length = model.conditioning.embeds.shape[1]
         self._rare_masks = torch.stack([token_mask(found.rare, length) for found in self.caption_tokens]
                                        ).to(model.device)
         self._layers = attention_modules(model.unet, cross=True)
         self._class_keys = self._encode_class_keys(model, captions)
         install_token_masked_cross_attention(self._patches, model.unet, self._token_masks, self.backend)
+
+    def _tokens(self, model: TrainingModel, caption: str, needs_token: bool) -> CaptionTokens:
+        """A regularisation image's caption without the rare word gets no mask and no alignment."""
+        if not needs_token and not trigger_positions(model.tokenizers, caption, [self.token]).found:
+            return CaptionTokens((), caption, ())
+        return caption_tokens(model.tokenizers, caption, self.token, self.class_word)
 
     def _encode_class_keys(self, model: TrainingModel, captions: Sequence[str]) -> list[torch.Tensor]:
         states = model.conditioning.embeds.clone()
@@ -158,13 +164,16 @@ class TaraObjective:
         self._patches.unwind()
 
 
-def caption_per_row(model: TrainingModel) -> list[str]:
-    """The caption of each row of the cached text states (one row per distinct caption)."""
+def caption_per_row(model: TrainingModel) -> tuple[list[str], list[bool]]:
+    """The caption of each row of the cached text states (one row per distinct caption), and
+    whether a training image (not only regularisation images) has it."""
     rows = model.conditioning.rows(range(model.num_images))
     captions = [""] * int(model.conditioning.embeds.shape[0])
+    instance = [False] * len(captions)
     for image, row in enumerate(rows):
         captions[row] = model.captions[image]
-    return captions
+        instance[row] |= image < model.num_images - model.prior_images
+    return captions, instance
 
 
 def text_states(pipe: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -209,15 +218,17 @@ def key_alignment_loss(layers: Sequence[Attention], context: torch.Tensor, rare_
 
     ``context`` (rows, tokens, width); ``rare_mask`` (rows, tokens) 1 at each row's rare tokens;
     ``class_keys[l]`` (rows, key width) each row's target, the mean base key of its class-word
-    tokens (:func:`class_keys`). Every rare token of a row is pulled to that one key.
+    tokens (:func:`class_keys`). Every rare token of a row is pulled to that one key. Rows without
+    rare tokens (regularisation captions) are left out of the mean.
     """
     weights = _row_means(rare_mask).float()
+    rows = (rare_mask.sum(dim=1) > 0).sum().clamp(min=1)
     per_layer = []
     for attn, target in zip(layers, class_keys, strict=True):
         states = _attention_context(attn, context)
         keys = _base(attn.to_k)(states) + adapter_delta(attn.to_k, states, adapter)
         distance = (keys.float() - target[:, None, :].float()).abs().mean(dim=-1)
-        per_layer.append((distance * weights).sum(dim=1).mean())
+        per_layer.append((distance * weights).sum() / rows)
     return torch.stack(per_layer).mean()
 
 

@@ -3,6 +3,8 @@
     images  <- every picture in the folder, short side resized to the resolution, centre-cropped
     caption <- the image's caption file (``name.txt`` beside ``name.png``, as kohya's scripts read
                them) where there is one, else the instance prompt
+    prior   <- optional regularisation images with their caption files (DreamBooth's prior
+               preservation, kohya's reg images), drawn into the batches like the others (weight 1)
     x0 dist <- VAE posterior (mean, std) of each image, computed once
     c_i     <- frozen text encoder(s)(caption of image i), computed once per distinct caption
     LoRA (rank r, alpha α) on the targets (default: to_q/k/v/out.0 of every UNet attention); the rest frozen
@@ -93,6 +95,8 @@ class LoraTrainingSettings(CheckpointSettings):
             and after the last step (0: no probe).
         dtype: base weights' dtype: "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"; LoRA
             weights always train in fp32.
+        prior_images: a folder of regularisation images (each with its caption file) trained with
+            the same loss, so the LoRA learns to leave scenes without the concept as they are.
         targets: the UNet projections that get a LoRA, as PEFT matches module-name suffixes
             (default :data:`UNET_LORA_TARGETS`, every attention's; ``("attn2.to_k", "attn2.to_v")``:
             the cross-attention keys and values only).
@@ -105,6 +109,7 @@ class LoraTrainingSettings(CheckpointSettings):
     out: Path
     prompt: str = ""
     use_caption_files: bool = True
+    prior_images: Path | None = None
     steps: int | None = None
     rank: int | None = None
     alpha: float | None = None
@@ -125,6 +130,7 @@ class LoraTrainingSettings(CheckpointSettings):
 
     def __post_init__(self) -> None:
         self.images, self.out = Path(self.images), Path(self.out)
+        self.prior_images = Path(self.prior_images) if self.prior_images else None
         super().__post_init__()
 
 
@@ -136,6 +142,7 @@ class ResolvedSettings(CheckpointRecipe):
     images: tuple[str, ...]
     prompt: str
     captions: tuple[str, ...]  # per image, in ``images`` order
+    prior_images: int  # the last ``prior_images`` of ``images`` are regularisation images
     rank: int
     alpha: float
     learning_rate: float
@@ -213,19 +220,20 @@ class TrainingImage:
     crop_top_left: tuple[int, int]
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The images of a training folder, sorted by name."""
+def image_files(folder: Path, option: str = "--images") -> list[Path]:
+    """The images of a training folder (given by ``option``), sorted by name."""
     if not folder.exists():
-        raise UserError(f"--images {folder}: folder not found; give the folder of training images")
+        raise UserError(f"{option} {folder}: folder not found; give the folder of training images")
     if not folder.is_dir():
-        raise UserError(f"--images {folder} is a file; give the folder that holds the training images")
+        raise UserError(f"{option} {folder} is a file; give the folder that holds the training images")
     files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
     if not files:
-        raise UserError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files; add training images")
+        raise UserError(f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files; add training images")
     return files
 
 
-def image_captions(files: Sequence[Path], prompt: str, use_caption_files: bool) -> tuple[str, ...]:
+def image_captions(files: Sequence[Path], prompt: str, use_caption_files: bool,
+                   option: str = "--prompt") -> tuple[str, ...]:
     """Each image's caption: its ``.txt`` file beside it when there is one, else ``prompt``."""
     captions = []
     for path in files:
@@ -235,8 +243,8 @@ def image_captions(files: Sequence[Path], prompt: str, use_caption_files: bool) 
             caption = " ".join(sidecar.read_text(encoding="utf-8", errors="replace").split())
         caption = caption or prompt
         if not caption:
-            raise UserError(f"training image {path.name} has no caption: give --prompt or write {sidecar.name} "
-                            "beside it")
+            fix = "give --prompt or write" if option == "--prompt" else f"{option} images need"
+            raise UserError(f"training image {path.name} has no caption: {fix} {sidecar.name} beside it")
         captions.append(caption)
     return tuple(captions)
 
@@ -297,6 +305,7 @@ class TrainingModel:
     prompt: str
     captions: tuple[str, ...]  # per image
     tokenizers: list[Any]
+    prior_images: int  # the last ``prior_images`` images are regularisation images
     conditioning: TrainingConditioning
     latent_mean: torch.Tensor  # (images, C, h, w)
     latent_std: torch.Tensor
@@ -421,12 +430,13 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
     from loracompose.pipelines.compose_pipeline import quiet_loading
     from loracompose.pipelines.loading import resolve_device
 
-    files = image_files(settings.images)
+    prior = image_files(settings.prior_images, "--prior-images") if settings.prior_images else []
+    files = image_files(settings.images) + prior
     device = resolve_device(settings.device)
     dtype = resolve_training_dtype(settings.dtype, device)
     with quiet_loading():
         pipe = load_pipeline(settings.model, device=device, dtype=dtype, config=settings.config)
-    resolved = resolve_settings(settings, defaults[pipe.architecture], pipe, files, dtype, objective)
+    resolved = resolve_settings(settings, defaults[pipe.architecture], pipe, files, dtype, objective, len(prior))
     check_resolution(pipe, resolved.resolution)
     images = [load_training_image(path, resolved.resolution) for path in files]
     mean, std = encode_images(pipe, images, device)
@@ -435,7 +445,7 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
     trainable = add_lora(pipe.unet, resolved.rank, resolved.alpha, resolved.seed, resolved.targets)
     model = TrainingModel(
         pipe=pipe, unet=pipe.unet, adapter=ADAPTER_NAME, prompt=resolved.prompt, captions=resolved.captions,
-        tokenizers=pipeline_tokenizers(pipe),
+        tokenizers=pipeline_tokenizers(pipe), prior_images=resolved.prior_images,
         conditioning=conditioning, latent_mean=mean, latent_std=std,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), device=device, dtype=dtype,
         architecture=pipe.architecture, trainable=trainable,
@@ -444,12 +454,16 @@ def build_training_model(settings: LoraTrainingSettings, defaults: Mapping[str, 
 
 
 def resolve_settings(settings: LoraTrainingSettings, defaults: TrainingDefaults, pipe: Any, files: Sequence[Path],
-                     dtype: torch.dtype, objective: TrainingObjective) -> ResolvedSettings:
-    """Fill the None settings from the recipe's defaults and check them."""
+                     dtype: torch.dtype, objective: TrainingObjective, prior_images: int = 0) -> ResolvedSettings:
+    """Fill the None settings from the recipe's defaults and check them (the last ``prior_images``
+    files are regularisation images: they need caption files)."""
     prompt = settings.prompt.strip()
+    instance = len(files) - prior_images
     resolved = ResolvedSettings(
         model=str(settings.model), images=tuple(path.name for path in files), prompt=prompt,
-        captions=image_captions(files, prompt, settings.use_caption_files),
+        captions=(image_captions(files[:instance], prompt, settings.use_caption_files)
+                  + image_captions(files[instance:], "", True, "--prior-images")),
+        prior_images=prior_images,
         rank=int(settings.rank or defaults.rank),
         alpha=float(settings.alpha or defaults.alpha or settings.rank or defaults.rank),
         learning_rate=float(settings.learning_rate or defaults.learning_rate),

@@ -188,6 +188,54 @@ def test_sdxl_training_runs_and_loads(tiny_sdxl_dir, sdxl, image_folder, tmp_pat
     assert generated.stats.unet_calls == 1
 
 
+@pytest.fixture(scope="module")
+def prior_folder(image_folder, tmp_path_factory) -> Path:
+    """Two regularisation images with captions that do not name the concept."""
+    folder = tmp_path_factory.mktemp("tara-prior")
+    for index, caption in enumerate(["a green ball", "a blue box on the left"]):
+        shutil.copy(image_folder / f"shape{index + 2}.png", folder / f"prior{index}.png")
+        (folder / f"prior{index}.txt").write_text(caption + "\n")
+    return folder
+
+
+def test_prior_images_get_no_mask_and_no_alignment(sd15, tiny_sd15_dir, captioned_folder, prior_folder, tmp_path,
+                                                   monkeypatch):
+    monkeypatch.setattr(tara_training, "TaraObjective", RecordingTara)
+    result = train_tara(tara_settings(tiny_sd15_dir, captioned_folder, tmp_path / "p.safetensors", steps=3,
+                                      batch_size=3, prior_images=prior_folder))
+    objective = RecordingTara.instances[-1]
+    assert json.loads(inspect_lora(LoraSpec(result.path)).metadata["loracompose.training"])["images"] == 6
+    seen = {index for indices, _ in objective.batches for index in indices}
+    assert {4, 5} & seen, "the regularisation images (after the four training images) are drawn"
+    for indices, masks in objective.batches:
+        for index, mask in zip(indices, masks):
+            assert (mask.sum() == 0) == (index >= 4)
+    with quiet_loading():
+        sd15.load_lora_weights(str(result.path), adapter_name="prior")
+    try:
+        attn2 = [module for name, module in sd15.unet.named_modules() if name.endswith("attn2")]
+        with torch.no_grad():
+            context = torch.cat([sd15.encode_prompt(text, "cpu", 1, False)[0] for text in ("a zkx", "a green ball")])
+            class_states = sd15.encode_prompt("a teddy bear", "cpu", 1, False)[0]
+            classes = caption_tokens(pipeline_tokenizers(sd15), "a zkx", "zkx", "teddy bear")
+            targets = class_keys(attn2, class_states, token_mask(classes.classes)[None])
+            alone = key_alignment_loss(attn2, context[:1], token_mask(classes.rare)[None], targets, "prior")
+            rare_mask = torch.stack([token_mask(classes.rare), torch.zeros(77)])
+            padded = [torch.cat([target, torch.zeros_like(target)]) for target in targets]
+            with_prior = key_alignment_loss(attn2, context, rare_mask, padded, "prior")
+        torch.testing.assert_close(with_prior, alone, rtol=1e-6, atol=1e-7)
+    finally:
+        with quiet_loading():
+            sd15.delete_adapters("prior")
+    (prior_folder / "prior0.txt").rename(tmp_path / "moved.txt")
+    try:
+        with pytest.raises(UserError, match=r"--prior-images images need prior0\.txt"):
+            train_tara(tara_settings(tiny_sd15_dir, captioned_folder, tmp_path / "q.safetensors", steps=1,
+                                     prior_images=prior_folder))
+    finally:
+        (tmp_path / "moved.txt").rename(prior_folder / "prior0.txt")
+
+
 def test_cross_attention_kv_targets_train_only_those_layers(sd15, tiny_sd15_dir, image_folder, tmp_path):
     result = train_tara(tara_settings(tiny_sd15_dir, image_folder, tmp_path / "kv.safetensors", steps=1,
                                       targets=("attn2.to_k", "attn2.to_v")))
