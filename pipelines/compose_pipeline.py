@@ -463,7 +463,14 @@ def check_method_family(method: Any, architecture: str) -> None:
         from loracompose.lora import ARCHITECTURE_NAMES
 
         raise UserError(f"method {method.name} does not support {ARCHITECTURE_NAMES.get(architecture, architecture)} "
-                        "yet; use merge, switch or composite")
+                        f"yet; use {', '.join(methods_for_family(architecture))}")
+
+
+def methods_for_family(architecture: str) -> list[str]:
+    """The registered methods that run on a model family (architecture id), in registry order."""
+    from loracompose.methods import METHODS
+
+    return [name for name, cls in METHODS.items() if architecture in getattr(cls, "families", (architecture,))]
 
 
 def _as_spec(spec: LoraSpec | LoadedLora) -> LoraSpec:

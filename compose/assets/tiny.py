@@ -19,7 +19,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from diffusers import (
@@ -536,12 +536,13 @@ def _flow_vae(seed: int, latent_channels: int) -> AutoencoderKL:
                    use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-def tiny_flux_pipeline(*, seed: int = 0) -> Any:
-    """A random-weight FLUX.1 pipeline in memory (CLIP + T5 text encoders, guidance embedding)."""
+def tiny_flux_pipeline(*, seed: int = 0, transformer: Mapping[str, Any] | None = None) -> Any:
+    """A random-weight FLUX.1 pipeline in memory (CLIP + T5 text encoders, guidance embedding);
+    ``transformer``: entries replacing those of :data:`TINY_FLUX_TRANSFORMER` (more blocks, wider)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     pipe = FluxPipeline(
-        transformer=_seeded(seed, FluxTransformer2DModel, **TINY_FLUX_TRANSFORMER),
+        transformer=_seeded(seed, FluxTransformer2DModel, **{**TINY_FLUX_TRANSFORMER, **(transformer or {})}),
         vae=_flow_vae(seed, latent_channels=1),
         text_encoder=_seeded(seed, CLIPTextModel, _text_config()),
         tokenizer=_clip_tokenizer(),
@@ -552,13 +553,15 @@ def tiny_flux_pipeline(*, seed: int = 0) -> Any:
     return _ready(pipe)
 
 
-def tiny_sd3_pipeline(*, seed: int = 0, sd35: bool = False) -> Any:
+def tiny_sd3_pipeline(*, seed: int = 0, sd35: bool = False, transformer: Mapping[str, Any] | None = None) -> Any:
     """A random-weight SD3 pipeline in memory (two CLIP encoders with projection + T5); ``sd35``: with
-    SD3.5 Medium's transformer layout (:data:`TINY_SD35_TRANSFORMER`)."""
+    SD3.5 Medium's transformer layout (:data:`TINY_SD35_TRANSFORMER`); ``transformer``: entries replacing
+    those of the transformer's config."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline(
-        transformer=_seeded(seed, SD3Transformer2DModel, **(TINY_SD35_TRANSFORMER if sd35 else TINY_SD3_TRANSFORMER)),
+        transformer=_seeded(seed, SD3Transformer2DModel,
+                            **{**(TINY_SD35_TRANSFORMER if sd35 else TINY_SD3_TRANSFORMER), **(transformer or {})}),
         vae=_flow_vae(seed, latent_channels=4),
         text_encoder=_seeded(seed, CLIPTextModelWithProjection, _text_config()),
         tokenizer=_clip_tokenizer(),
@@ -571,14 +574,18 @@ def tiny_sd3_pipeline(*, seed: int = 0, sd35: bool = False) -> Any:
     return _ready(pipe)
 
 
-def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_flux(out_dir: str | Path, *, seed: int = 0, transformer: Mapping[str, Any] | None = None) -> Path:
     """Build a tiny random FLUX.1 model and save it as a diffusers folder at ``out_dir`` (must not
-    exist or be empty); it loads offline with ``FluxPipeline.from_pretrained(out_dir)``."""
-    return _save_pipeline(functools.partial(tiny_flux_pipeline, seed=seed), out_dir)
+    exist or be empty); it loads offline with ``FluxPipeline.from_pretrained(out_dir)``. ``transformer``:
+    config entries replacing the tiny ones (e.g. ``{"num_layers": 2, "num_single_layers": 2}``)."""
+    return _save_pipeline(functools.partial(tiny_flux_pipeline, seed=seed, transformer=transformer), out_dir)
 
 
-def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, sd35: bool = False) -> Path:
+def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, sd35: bool = False,
+                   transformer: Mapping[str, Any] | None = None) -> Path:
     """Build a tiny random SD3 model (``sd35``: SD3.5 Medium's layout) and save it as a diffusers folder
     at ``out_dir`` (must not exist or be empty); it loads offline with
-    ``StableDiffusion3Pipeline.from_pretrained(out_dir)``."""
-    return _save_pipeline(functools.partial(tiny_sd3_pipeline, seed=seed, sd35=sd35), out_dir)
+    ``StableDiffusion3Pipeline.from_pretrained(out_dir)``. ``transformer``: config entries replacing the
+    tiny ones (e.g. ``{"num_layers": 4}``)."""
+    return _save_pipeline(functools.partial(tiny_sd3_pipeline, seed=seed, sd35=sd35, transformer=transformer),
+                          out_dir)

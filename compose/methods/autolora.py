@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport, lazy_exports
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.pipelines.values import Prediction, Step
 
 if TYPE_CHECKING:
@@ -156,6 +156,7 @@ class AutoLoRA(CompositionMethod):
     """
 
     name: ClassVar[str] = "autolora"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     gates: str | None = None
 
     def __post_init__(self) -> None:

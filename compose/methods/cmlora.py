@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Collection, Mapping, Sequence
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, LoraSpec, inspect_lora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.pipelines.values import Branch, Prediction, Step
 from loracompose.validation import Limits, check_image_side
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import torch
 
     from loracompose.pipelines.denoiser import BranchBatch, Denoiser
-    from loracompose.pipelines.unet_cache import DeepFeature, check_cacheable
+    from loracompose.pipelines.unet_cache import check_cacheable
 else:
     check_cacheable = LazyImport("loracompose.pipelines.unet_cache", "check_cacheable")
 
@@ -215,6 +215,8 @@ class FrequencyOrdered(CompositionMethod):
         profile_steps: profiling denoising steps.
     """
 
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
+
     frequency_scores: dict[str, float] | None = None
     frequency_classes: dict[str, str] | None = field(default=None, metadata={
         "flags": ("--cmlora-class",), "choices": ("high", "low"), "metavar": "NAME=high|low",
@@ -344,8 +346,8 @@ class CMLoRA(FrequencyOrdered):
         last_early_step = end_of_early_phase(num_steps, self.phase_fraction)
         self.plan = cmlora_plan(num_steps, self.order, refresh, last_early_step)
         self.caching = len(refresh) < num_steps
-        self.caches: dict[int, DeepFeature] = {}
-        if self.caching:
+        self.caches: dict[int, Any] = {}  # per LoRA: a DeepFeature (UNet) or a BlockResidual (DiT)
+        if self.caching and not is_transformer(run):
             check_cacheable(run.unet)
 
     def mixing_weights(self, dominant: int) -> list[float]:
@@ -394,9 +396,12 @@ class CMLoRA(FrequencyOrdered):
 
 def predict_keeping_deep_features(
     run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], *, batch: bool = True
-) -> tuple[list[Prediction], list[DeepFeature]]:
-    """Full UNet passes as ``run.predict`` (counted in ``unet_calls``), plus each branch's deep feature
-    (the hidden state entering the last up block) for later :func:`predict_shallow`."""
+) -> tuple[list[Prediction], list[Any]]:
+    """Full passes as ``run.predict`` (counted in ``unet_calls``), plus each branch's cache for later
+    :func:`predict_shallow`: on a UNet its deep feature (the hidden state entering the last up block,
+    a ``DeepFeature``), on a DiT its middle blocks' residual (a ``BlockResidual``)."""
+    if is_transformer(run):
+        return _full_passes_keeping_residuals(run, latents, step, branches, batch)
     from loracompose.pipelines.unet_cache import DeepFeature, capture_deep_features
 
     features: dict[int, torch.Tensor] = {}
@@ -412,21 +417,66 @@ def predict_keeping_deep_features(
 
 
 def predict_shallow(
-    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], caches: Sequence[DeepFeature],
+    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], caches: Sequence[Any],
     *, batch: bool = True,
 ) -> list[Prediction]:
-    """Noise predictions of each branch from the shallow UNet path around its cached deep feature
-    (counted in ``partial_unet_calls``), batched as ``run.predict``."""
+    """Predictions of each branch from the shallow path around its cache (UNet: the shallow UNet path
+    around the deep feature; DiT: the first and last blocks around the middle's residual), counted in
+    ``partial_unet_calls``, batched as ``run.predict``."""
+    if is_transformer(run):
+        return _shallow_transformer_passes(run, latents, step, branches, caches, batch)
     from loracompose.pipelines.unet_cache import shallow_unet_forward
 
     def shallow_pass(rows: BranchBatch) -> torch.Tensor:
-        run.stats.partial_unet_calls += 1
-        run.stats.partial_unet_rows += rows.sample.shape[0]
+        _count_partial(run, rows)
         return shallow_unet_forward(
             run.unet, rows.sample, rows.timestep, rows.conditioning.embeds,
             rows.rows([caches[index].hidden for index in rows.branches]),
             added_cond_kwargs=rows.conditioning.added or None, cross_attention_kwargs=rows.cross_attention_kwargs,
         )
+
+    return run.predict(latents, step, branches, batch=batch, unet_pass=shallow_pass)
+
+
+def is_transformer(run: Denoiser) -> bool:
+    """Whether the run's denoiser network is a DiT (FLUX.1, SD3): its model call has a joint order."""
+    return hasattr(run.model, "joint_order")
+
+
+def _count_partial(run: Denoiser, rows: BranchBatch) -> None:
+    run.stats.partial_unet_calls += 1
+    run.stats.partial_unet_rows += rows.sample.shape[0]
+
+
+def _full_passes_keeping_residuals(
+    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], batch: bool
+) -> tuple[list[Prediction], list[Any]]:
+    from loracompose.pipelines.dit_cache import BlockResidual, capture_block_residuals
+
+    residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def full_pass(rows: BranchBatch) -> torch.Tensor:
+        with capture_block_residuals(run.unet) as captured:
+            noise = run.unet_pass(rows)
+        image, text = captured[0]
+        residuals.update(zip(rows.branches, zip(rows.split(image), rows.split(text))))
+        return noise
+
+    predictions = run.predict(latents, step, branches, batch=batch, unet_pass=full_pass)
+    return predictions, [BlockResidual(*residuals[index], step.index) for index in range(len(branches))]
+
+
+def _shallow_transformer_passes(
+    run: Denoiser, latents: torch.Tensor, step: Step, branches: Sequence[Branch], caches: Sequence[Any], batch: bool
+) -> list[Prediction]:
+    from loracompose.pipelines.dit_cache import skipping_middle_blocks
+
+    def shallow_pass(rows: BranchBatch) -> torch.Tensor:
+        _count_partial(run, rows)
+        image = rows.rows([caches[index].image for index in rows.branches])
+        text = rows.rows([caches[index].text for index in rows.branches])
+        with skipping_middle_blocks(run.unet, image, text):
+            return run.model(rows.sample, rows.timestep, rows.conditioning, rows.cross_attention_kwargs)
 
     return run.predict(latents, step, branches, batch=batch, unet_pass=shallow_pass)
 
