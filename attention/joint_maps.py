@@ -241,7 +241,7 @@ class JointMapRecorder:
         self._sum: torch.Tensor | None = None
         self._previous: dict[str, Any] = {}
         for name in self.blocks:
-            attn = transformer.get_submodule(name)
+            attn: Any = transformer.get_submodule(name)
             self._previous[name] = attn.processor
             attn.set_processor(JointMapProcessor(
                 attn.processor, name, self._keep, token_indices=tokens, image_tokens=self._image_tokens,
@@ -291,5 +291,6 @@ class JointMapRecorder:
             return
         self._hook.remove()
         for name, processor in self._previous.items():
-            self.transformer.get_submodule(name).set_processor(processor)
+            attn: Any = self.transformer.get_submodule(name)
+            attn.set_processor(processor)
         self._previous = {}
