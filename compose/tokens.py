@@ -11,7 +11,9 @@ positions are found the reference's way, on token ids rather than on text::
 
 A word cut off by the 77-token limit is absent. CLIP's BPE ends each word's last token with
 ``</w>``, so a match always ends on a word boundary; the start is checked against the previous
-token, which must be the start-of-text token or end a word itself.
+token, which must be the start-of-text token or end a word itself. T5's SentencePiece tokens (FLUX,
+SD3) mark a word's first token with ``▁`` instead: a match starts there and must be followed by a
+special token, a word start or a token that does not begin with a letter or digit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 WORD_END = "</w>"
+WORD_START = "\u2581"  # SentencePiece's word-start mark (T5)
 
 
 def word_token_ids(tokenizer: Any, word: str) -> list[int]:
@@ -49,7 +52,11 @@ def word_positions(tokenizer: Any, prompt_ids: Sequence[int], word: str) -> list
     special = set(tokenizer.all_special_ids)
     positions: list[int] = []
     for start in _match_starts(prompt_ids, pieces):
-        if _starts_word(tokenizer, prompt_ids, start, special):
+        if _is_sentencepiece_word(tokenizer, pieces):
+            if not _ends_sentencepiece_word(tokenizer, prompt_ids, start + len(pieces), special):
+                continue
+            positions.extend(range(start, start + len(pieces)))
+        elif _starts_word(tokenizer, prompt_ids, start, special):
             positions.extend(range(start, start + len(pieces)))
     return positions
 
@@ -64,6 +71,19 @@ def _match_starts(ids: Sequence[int], pieces: Sequence[int]) -> list[int]:
         else:
             start += 1
     return starts
+
+
+def _is_sentencepiece_word(tokenizer: Any, pieces: Sequence[int]) -> bool:
+    """Whether the word's tokens carry SentencePiece's word-start mark (T5), not CLIP's word end."""
+    return str(tokenizer.convert_ids_to_tokens(pieces[0])).startswith(WORD_START)
+
+
+def _ends_sentencepiece_word(tokenizer: Any, ids: Sequence[int], after: int, special: set[int]) -> bool:
+    """Whether a SentencePiece match ending before ``after`` ends a word ("zkx" does not match in "zkxy")."""
+    if after >= len(ids) or ids[after] in special:
+        return True
+    following = str(tokenizer.convert_ids_to_tokens(ids[after]))
+    return following.startswith(WORD_START) or not following[:1].isalnum()
 
 
 def _starts_word(tokenizer: Any, ids: Sequence[int], start: int, special: set[int]) -> bool:

@@ -48,8 +48,8 @@ from PIL import Image, UnidentifiedImageError
 from loracompose.errors import UserError
 from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
-from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
+from loracompose.lora import FLUX, SD3, LoadedLora
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.methods.composer import as_box, parse_box, side_by_side_boxes
 from loracompose.pipelines.values import BASE, Branch, Prediction, Step
 
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from loracompose.attention.masks import Box, LatentGrid
     from loracompose.attention.regional import (RegionArea, RegionalPatches, RegionMasks, code_members,
                                                 install_regional)
+    from loracompose.attention.regional_dit import install_regional_dit
     from loracompose.pipelines.denoiser import Denoiser
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
@@ -68,6 +69,7 @@ else:  # imported on first use: the settings dataclass imports without the model
     RegionArea, RegionalPatches, RegionMasks, code_members, install_regional = (
         LazyImport("loracompose.attention.regional", name) for name in (
             "RegionArea", "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
+    install_regional_dit = LazyImport("loracompose.attention.regional_dit", "install_regional_dit")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Regional(CompositionMethod):
     (``mode="delta"``) or as a latent couple of N+1 branches (``mode="latent"``). See the module text."""
 
     name: ClassVar[str] = "regional"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     boxes: tuple[Box, ...] | None = field(default=None, metadata={
         "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
         "help": "one box per LoRA (or per local LoRA), relative x0,y0,x1,y1 with y down, e.g. 0,0,0.5,1; "
@@ -120,6 +123,10 @@ class Regional(CompositionMethod):
         if self.region_prompts is not None and len(self.region_prompts) != len(loras):
             raise UserError(f"regional: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
                             "per LoRA ('' for the whole prompt)")
+        if self.mode == "delta" and any(self.region_prompt(k) for k in range(len(loras))) and \
+                any(lora.architecture in (FLUX, SD3) for lora in loras):
+            raise UserError("regional: region prompts on FLUX/SD3 need mode='latent' (--regional-mode latent); in delta mode "
+                            "every region shares the one text stream of joint attention")
         self.areas(loras)
 
     def areas(self, loras: Sequence[LoadedLora]) -> list[RegionArea]:
@@ -167,7 +174,9 @@ class Regional(CompositionMethod):
         self._run = run
         self.region_masks = RegionMasks([lora.name for lora in self.loras], self.areas(self.loras))
         self._checked_grid = None
-        if self.mode == "delta":
+        if self.mode == "delta" and _token_grid(run) is not None:  # a DiT: masks on its token grid
+            install_regional_dit(run.unet, self.region_masks, _token_grid(run), run.model.joint_order, run.patches)
+        elif self.mode == "delta":
             self._patches = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
 
     @property
@@ -184,23 +193,24 @@ class Regional(CompositionMethod):
         return self._run.conditioning(self.group_branch(members) if members else BASE).embeds
 
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
-        grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+        tokens = _token_grid(run)
+        grid = LatentGrid(*tokens) if tokens is not None else LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
         self._check_grid(grid)
         self.latent_grid = grid
         if self.mode == "latent":
             return self._latent_couple(run, step, latents, grid)
-        for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
-            self._group_states(code)
+        if tokens is None:
+            for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
+                self._group_states(code)
         present = [lora for lora, used in zip(self.loras, self.running_masks.nonempty(grid)) if used]
         return run.predict(latents, step, [self.branch(*present)])[0]
 
     def _latent_couple(self, run: Denoiser, step: Step, latents: torch.Tensor, grid: LatentGrid) -> Prediction:
         members = self.running_masks.members(grid, 0, latents.device).to(latents.dtype)
         cover = members.sum(dim=0)
-        shape = (1, 1, grid.height, grid.width)
         weighted = [(Branch.of({lora.name: lora.weight}, prompt=self.region_prompt(k)),
-                     (members[k] / cover.clamp(min=1)).view(shape)) for k, lora in enumerate(self.loras)]
-        weighted.insert(0, (BASE, (cover == 0).to(latents.dtype).view(shape)))
+                     _on_latents(members[k] / cover.clamp(min=1), grid, latents)) for k, lora in enumerate(self.loras)]
+        weighted.insert(0, (BASE, _on_latents((cover == 0).to(latents.dtype), grid, latents)))
         weighted = [(branch, weight) for branch, weight in weighted if bool(weight.any())]
         predictions = run.predict(latents, step, [branch for branch, _ in weighted])
         weights: list[Any] = [weight for _, weight in weighted]  # latent masks: mix multiplies elementwise
@@ -229,6 +239,24 @@ class Regional(CompositionMethod):
         if self.boxes:
             settings["boxes"] = [list(_region_box(box).as_tuple()) for box in self.boxes]
         return settings
+
+
+def _token_grid(run: Denoiser) -> tuple[int, int] | None:
+    """The image-token grid of a DiT's model call; None on a UNet."""
+    grid = getattr(run.model, "token_grid", None)
+    return None if grid is None else (int(grid[0]), int(grid[1]))
+
+
+def _on_latents(weights: torch.Tensor, grid: LatentGrid, latents: torch.Tensor) -> torch.Tensor:
+    """(cells,) weights of ``grid`` shaped to multiply predictions like ``latents``: (1, 1, H, W) maps,
+    each token's weight spread over its latent patch (SD3), or (1, tokens, 1) for FLUX's packed tokens."""
+    if latents.ndim == 3:
+        return weights.view(1, -1, 1)
+    weights = weights.view(1, 1, grid.height, grid.width)
+    rows, columns = int(latents.shape[-2]) // grid.height, int(latents.shape[-1]) // grid.width
+    if rows > 1 or columns > 1:
+        weights = weights.repeat_interleave(rows, dim=-2).repeat_interleave(columns, dim=-1)
+    return weights
 
 
 # ------------------------------------------------------------------------------------ regions

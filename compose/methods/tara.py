@@ -17,6 +17,11 @@ unconditional half runs the base self-attention as it runs the base K/V; ``"off"
 ``fuse=True`` folds every unmasked delta into the UNet weights for the generation (as Merge's
 ``fuse``), leaving only the cross-attention K/V products over the 77 text tokens to run per step.
 
+On FLUX.1 and SD3 (joint attention, no separate cross-attention) the masks go on the text part of
+the joint attention's K/V deltas (``attention/tara_dit.py``): the token positions come from the
+tokenizers of the joint text stream (FLUX: T5; SD3: the 77 CLIP positions, both CLIPs OR'd, then
+T5's); every other delta is unmasked, as Merge. ``self_attention`` must stay ``"keep"`` there.
+
 Training: :mod:`loracompose.training.tara`.
 
 Departures from the reference code (its pitfalls): masks are per batch row, so the
@@ -36,9 +41,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
-from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, require_loras
-from loracompose.tokens import WordPositions, trigger_positions
+from loracompose.lora import FLUX, SD3, LoadedLora
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
+from loracompose.tokens import WordPositions, trigger_positions, word_positions
 from loracompose.pipelines.values import BASE_ROW, Prediction, Step
 
 if TYPE_CHECKING:
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
 
     from loracompose.attention import ComposeAttnProcessor, LoraTokenMasks
     from loracompose.attention.lora_deltas import active_adapters, adapter_delta
+    from loracompose.attention.tara_dit import install_text_kv_token_masks
     from loracompose.pipelines.denoiser import Denoiser
     from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
@@ -58,11 +64,13 @@ else:  # imported on first use: the settings dataclass imports without the model
     LoraTokenMasks = LazyImport("loracompose.attention", "LoraTokenMasks")
     active_adapters = LazyImport("loracompose.attention.lora_deltas", "active_adapters")
     adapter_delta = LazyImport("loracompose.attention.lora_deltas", "adapter_delta")
+    install_text_kv_token_masks = LazyImport("loracompose.attention.tara_dit", "install_text_kv_token_masks")
 
 TARA_TOKEN_KEY = "loracompose.tara_token"
 TARA_CLASS_KEY = "loracompose.tara_class"
 SELF_ATTENTION_MODES = ("keep", "cond", "off")
 MISSING_TRIGGER_MODES = ("error", "warn")
+T5_MAX_TOKENS = 512  # the longest T5 sequence the DiT pipelines encode
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -83,6 +91,7 @@ class Tara(CompositionMethod):
     """
 
     name: ClassVar[str] = "tara"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     self_attention: str = field(default="keep", metadata={"choices": SELF_ATTENTION_MODES})
     missing_trigger: str = field(default="error", metadata={"choices": MISSING_TRIGGER_MODES})
     fuse: bool = field(default=False, metadata={"flags": ("--fuse",)})
@@ -101,8 +110,14 @@ class Tara(CompositionMethod):
             if not lora.trigger_words:
                 raise UserError(f"LoRA {lora.name} has no trigger words, so TARA cannot place it in the prompt; "
                                 "give them with --trigger WORDS or LoraSpec(trigger_words=...)")
+        if self.self_attention != "keep" and any(lora.architecture in (FLUX, SD3) for lora in loras):
+            raise UserError(f"tara self_attention={self.self_attention!r} is for SD1.5/SDXL UNets; on FLUX/SD3 use "
+                            "'keep' (joint attention has no separate self-attention)")
 
     def start(self, run: Denoiser) -> None:
+        if getattr(run.model, "token_grid", None) is not None:
+            self._start_dit(run)
+            return
         prompt, tokenizers = prompt_and_tokenizers(run)
         token_masks = self.trigger_masks(prompt, tokenizers)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
@@ -115,9 +130,28 @@ class Tara(CompositionMethod):
             run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])
             run.patches.fuse(unmasked_lora_layers(run.unet, self.self_attention), [lora.name for lora in self.loras])
 
-    def trigger_masks(self, prompt: str, tokenizers: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Each LoRA's (tokens,) 0/1 mask: 1 at its trigger words' tokens in the prompt."""
-        self.positions = {lora.name: trigger_positions(tokenizers, prompt, lora.trigger_words) for lora in self.loras}
+    def _start_dit(self, run: Denoiser) -> None:
+        """FLUX/SD3: token masks on the text rows of joint attention's K/V deltas, the rest as Merge."""
+        prompt, tokenizers = prompt_and_tokenizers(run)
+        token_masks = self.trigger_masks(prompt, tokenizers, joint_text=True)
+        self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
+                                   for name, mask in token_masks.items()}
+        rows, columns = run.model.token_grid
+        masked = install_text_kv_token_masks(run.unet, self._token_masks, rows * columns, run.model.joint_order,
+                                             run.patches)
+        if self.fuse:
+            run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])
+            masked_ids = {id(layer) for layer in masked}
+            run.patches.fuse([layer for layer in run.unet.modules()
+                              if isinstance(layer, LoraLayer) and id(layer) not in masked_ids],
+                             [lora.name for lora in self.loras])
+
+    def trigger_masks(self, prompt: str, tokenizers: Sequence[Any],
+                      joint_text: bool = False) -> dict[str, torch.Tensor]:
+        """Each LoRA's (tokens,) 0/1 mask: 1 at its trigger words' tokens in the prompt (``joint_text``:
+        over a DiT's text sequence, see :func:`joint_text_positions`)."""
+        find = joint_text_positions if joint_text else trigger_positions
+        self.positions = {lora.name: find(tokenizers, prompt, lora.trigger_words) for lora in self.loras}
         for lora in self.loras:
             if not self.positions[lora.name].found:
                 self._report_missing(lora, prompt)
@@ -141,6 +175,36 @@ class Tara(CompositionMethod):
 def _check_choice(label: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise UserError(f"{label}={value!r} is not known; use one of {', '.join(map(repr, choices))}")
+
+
+def joint_text_positions(tokenizers: Sequence[Any], prompt: str, words: Sequence[str]) -> WordPositions:
+    """Trigger positions in a DiT's joint text sequence: the CLIP tokenizers' 77 positions (SD3: CLIP-L and
+    CLIP-G side by side in channels, so one position each, OR'd), then the T5 tokenizer's, offset by the
+    CLIP part (FLUX: T5 only). ``length`` is the CLIP part plus the prompt's T5 tokens (unpadded): the
+    mask is zero-padded or cut to the encoded sequence's length when applied."""
+    tokenizers = [tokenizer for tokenizer in tokenizers if tokenizer is not None]  # SD3 may run without T5
+    clip = [tokenizer for tokenizer in tokenizers if not _is_t5(tokenizer)]
+    t5 = [tokenizer for tokenizer in tokenizers if _is_t5(tokenizer)]
+    per_tokenizer: list[tuple[int, ...]] = []
+    missing = set(words)
+    length = 0
+    if clip:
+        found = trigger_positions(clip, prompt, words)
+        per_tokenizer += found.per_tokenizer
+        missing &= set(found.missing_words)
+        length = found.length
+    for tokenizer in t5:
+        limit = min(int(tokenizer.model_max_length), T5_MAX_TOKENS)
+        ids = tokenizer(prompt, truncation=True, max_length=limit).input_ids
+        found_words = {word: word_positions(tokenizer, ids, word) for word in words}
+        per_tokenizer.append(tuple(length + p for p in sorted({p for hits in found_words.values() for p in hits})))
+        missing &= {word for word, hits in found_words.items() if not hits}
+        length += len(ids)
+    return WordPositions(tuple(per_tokenizer), tuple(word for word in words if word in missing), length)
+
+
+def _is_t5(tokenizer: Any) -> bool:
+    return "T5" in type(tokenizer).__name__
 
 
 def cfg_rows(batch_size: int, do_cfg: bool) -> torch.Tensor:
