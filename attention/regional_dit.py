@@ -80,10 +80,9 @@ class DiTRegionalPatches:
 
     def _weight(self, region: int, role: str, output: torch.Tensor, layer_name: str) -> torch.Tensor:
         """Region ``region``'s 0/1 weights shaped to broadcast over ``output`` (tokens or a conv map)."""
-        key = (region, role, tuple(output.shape[1:]), output.dtype, str(output.device))
-        if key not in self._weights:
-            self._weights[key] = self._build_weight(region, role, output, layer_name)
-        return self._weights[key]
+        key = ("dit", region, role, tuple(output.shape[1:]), output.dtype, str(output.device))
+        # kept in the masks' own cache, which set_areas clears (auto sets each image's masks in turn)
+        return self.masks._cached(key, lambda: self._build_weight(region, role, output, layer_name))
 
     def _build_weight(self, region: int, role: str, output: torch.Tensor, layer_name: str) -> torch.Tensor:
         image = self.masks.weights(self.grid, 0, output.dtype, output.device)[region]

@@ -139,3 +139,34 @@ def trigger_positions(tokenizers: Sequence[Any], prompt: str, words: Sequence[st
 def pipeline_tokenizers(pipe: Any) -> list[Any]:
     """The tokenizers of an SD1.5 (one) or SDXL (two) pipeline, skipping absent ones."""
     return [tok for tok in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if tok is not None]
+
+
+# --- DiT text streams (FLUX.1: T5; SD3: CLIP-L/G then T5) --------------------------------------------
+
+
+def stream_trigger_positions(streams: Sequence[tuple[Sequence[Any], int]], prompt: str,
+                             words: Sequence[str]) -> WordPositions:
+    """Positions of ``words`` in a DiT's joint text sequence, made of consecutive streams.
+
+    Each stream is (tokenizers side by side, its token count): FLUX.1 ``[([T5], L)]``; SD3
+    ``[([CLIP-L, CLIP-G], 77), ([T5], L)]``. Each tokenizer encodes the prompt as the pipeline does
+    (padded and truncated to the stream's length); a stream's positions are offset by the lengths of
+    the streams before it, so they index the text tokens the transformer attends to.
+    """
+    if not streams or not all(tokenizers for tokenizers, _ in streams):
+        raise UserError("no tokenizer given; trigger positions need the pipeline's tokenizer(s)")
+    per_tokenizer: list[tuple[int, ...]] = []
+    found_any = dict.fromkeys(words, False)
+    offset = 0
+    for tokenizers, length in streams:
+        for tokenizer in tokenizers:
+            ids = list(tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids)
+            positions: set[int] = set()
+            for word in words:
+                hits = word_positions(tokenizer, ids, word)
+                found_any[word] = found_any[word] or bool(hits)
+                positions.update(offset + position for position in hits)
+            per_tokenizer.append(tuple(sorted(positions)))
+        offset += length
+    missing = tuple(word for word in words if not found_any[word])
+    return WordPositions(tuple(per_tokenizer), missing, offset)

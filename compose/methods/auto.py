@@ -50,17 +50,18 @@ from loracompose.errors import UserError
 from loracompose.kinds import BACKGROUND, STYLE, check_overrides, is_local, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod
 from loracompose.methods.merge import Merge
 from loracompose.methods.regional import Regional
 from loracompose.pipelines.values import BASE, Branch, Prediction, Step
-from loracompose.tokens import trigger_positions
+from loracompose.tokens import stream_trigger_positions, trigger_positions
 
 if TYPE_CHECKING:
     import torch
 
     from loracompose.attention.auto_masks import (AutoMasks, MaskSettings, TriggerMapRecorder, auto_mask_layers,
                                                  concept_scores, masks_from_scores)
+    from loracompose.attention.joint_maps import JointMapRecorder
     from loracompose.attention.masks import LatentGrid
     from loracompose.attention.regional import RegionArea, code_members
     from loracompose.pipelines.denoiser import Denoiser
@@ -71,6 +72,7 @@ else:  # imported on first use: the settings dataclass imports without the model
             "AutoMasks", "MaskSettings", "TriggerMapRecorder", "auto_mask_layers", "concept_scores",
             "masks_from_scores"))
     LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
+    JointMapRecorder = LazyImport("loracompose.attention.joint_maps", "JointMapRecorder")
     code_members = LazyImport("loracompose.attention.regional", "code_members")
 
 MAP_SOURCES = ("base", "own", "merged")
@@ -83,6 +85,7 @@ class Auto(CompositionMethod):
     """Kind-aware composition: automatic regions for local concepts, the whole image for global ones."""
 
     name: ClassVar[str] = "auto"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     kinds: dict[str, str] = field(default_factory=dict, metadata={
         "flags": ("--kind",),
         "help": "a LoRA's kind by name, overriding its metadata: NAME=object|character|clothing|style|background"})
@@ -124,7 +127,7 @@ class Auto(CompositionMethod):
         self._masks: torch.Tensor | None = None  # (images, local concepts, height, width)
         self._outside: torch.Tensor | None = None  # (images, height, width): where a background goes
         self._outside_exact: torch.Tensor | None = None  # (images, height, width): where no local concept is
-        self._recorder: TriggerMapRecorder | None = None
+        self._recorder: TriggerMapRecorder | JointMapRecorder | None = None
         self._regional: Regional | None = None
         self._view: Denoiser | None = None
         self._initial: torch.Tensor | None = None
@@ -150,12 +153,15 @@ class Auto(CompositionMethod):
         return MaskSettings(self.threshold, self.smoothing)
 
     # -- kinds -----------------------------------------------------------------------------
-    def plan(self, prompt: str, tokenizers: Sequence[Any] | None) -> None:
-        """Split the LoRAs into local (with their trigger tokens) and global, recording why."""
+    def plan(self, prompt: str, tokenizers: Sequence[Any] | None,
+             streams: Sequence[tuple[Sequence[Any], int]] | None = None) -> None:
+        """Split the LoRAs into local (with their trigger tokens) and global, recording why. On a DiT
+        ``streams`` describes its joint text sequence (:func:`text_streams`); positions index it."""
         self.local, self.global_, self._token_groups, self.decisions = [], [], [], {}
         for lora in self.loras:
             kind, source = lora_kind(lora, self.kinds)
-            positions = self._trigger_tokens(lora, prompt, tokenizers) if kind is None or is_local(kind) else []
+            local = kind is None or is_local(kind)
+            positions = self._trigger_tokens(lora, prompt, tokenizers, streams) if local else []
             if positions:
                 self.local.append(lora)
                 self._token_groups.append(positions)
@@ -181,9 +187,12 @@ class Auto(CompositionMethod):
         return [lora for lora in self.global_ if self.decisions[lora.name]["kind"] == STYLE]
 
     @staticmethod
-    def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None) -> list[int]:
+    def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None,
+                        streams: Sequence[tuple[Sequence[Any], int]] | None = None) -> list[int]:
         if not lora.trigger_words or not tokenizers:
             return []
+        if streams is not None:
+            return stream_trigger_positions(streams, prompt, lora.trigger_words).positions
         return trigger_positions(tokenizers, prompt, lora.trigger_words).positions
 
     @staticmethod
@@ -210,7 +219,8 @@ class Auto(CompositionMethod):
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, run: Denoiser) -> None:
         self.mask_history, self._masks = [], None
-        self.plan(run.prompt or "", run.tokenizers)
+        streams = text_streams(run, encoded=len(self.loras) > 1) if _token_grid(run) is not None else None
+        self.plan(run.prompt or "", run.tokenizers, streams)
         if self.merges:
             self._merge = Merge()
             self._merge.bind(self.loras)
@@ -277,9 +287,15 @@ class Auto(CompositionMethod):
 
     def _start_recording(self, run: Denoiser, latents: torch.Tensor) -> None:
         self._stop_recording()
+        tokens = sorted({token for group in self._token_groups for token in group})
+        token_grid = _token_grid(run)
+        if token_grid is not None:  # a DiT: every joint block sees the one token grid (docs/methods/auto.md)
+            recorder = JointMapRecorder(run.unet, token_grid, tokens, conditional_rows=run.do_cfg)
+            _undo_on_unwind(run, recorder.remove)
+            self._recorder = recorder
+            return
         grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
         layers = auto_mask_layers(run.unet, grid, self.min_map_side)
-        tokens = sorted({token for group in self._token_groups for token in group})
         self._recorder = TriggerMapRecorder(run.unet, layers, tokens, conditional_rows=run.do_cfg)
         _undo_on_unwind(run, self._recorder.remove)
 
@@ -303,7 +319,7 @@ class Auto(CompositionMethod):
         columns = self._recorder.token_columns(self._token_groups)
         self._stop_recording()
         found = masks_from_scores(self._concept_scores(maps, columns, latents.shape[0]), self.mask_settings,
-                                  (int(latents.shape[-2]), int(latents.shape[-1])))
+                                  _mask_size(run, latents))
         if self.mask_callback is not None:
             found = self.mask_callback(step.index, found) or found
         self.mask_history.append((step.index, found))
@@ -339,7 +355,7 @@ class Auto(CompositionMethod):
         base = regional.predict_running(run, step, latents, [], areas)
         styles = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
                   for lora in self.styles]
-        outside = self._placed()[2][image].view(1, 1, *latents.shape[-2:])
+        outside = _on_latents(self._placed()[2][image], latents)
         return _with_effects(main, styles, base, outside)
 
     def _start_regional(self, run: Denoiser) -> Regional:
@@ -387,6 +403,44 @@ class Auto(CompositionMethod):
         return settings
 
 
+def _token_grid(run: Denoiser) -> tuple[int, int] | None:
+    """The image-token grid of a DiT's model call (rows, columns); None on a UNet."""
+    grid = getattr(run.model, "token_grid", None)
+    return None if grid is None else (int(grid[0]), int(grid[1]))
+
+
+def _mask_size(run: Denoiser, latents: torch.Tensor) -> tuple[int, int]:
+    """Where automatic masks live: the latent (UNets) or the image-token grid (DiTs: regional's masks
+    are per token, and FLUX's latents are packed tokens)."""
+    return _token_grid(run) or (int(latents.shape[-2]), int(latents.shape[-1]))
+
+
+def _on_latents(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A (rows, columns) mask shaped to multiply predictions like ``latents``: (1, 1, H, W) latent maps
+    (a DiT token's value spread over its latent patch: SD3), or (1, tokens, 1) for FLUX's packed tokens."""
+    if latents.ndim == 3:
+        return mask.reshape(1, -1, 1)
+    rows, columns = int(latents.shape[-2]) // mask.shape[-2], int(latents.shape[-1]) // mask.shape[-1]
+    if rows > 1 or columns > 1:
+        mask = mask.repeat_interleave(rows, dim=-2).repeat_interleave(columns, dim=-1)
+    return mask.view(1, 1, *latents.shape[-2:])
+
+
+def text_streams(run: Denoiser, encoded: bool = True) -> list[tuple[list[Any], int]]:
+    """A DiT's joint text sequence as (tokenizers side by side, tokens) streams: FLUX one T5 stream;
+    SD3 the CLIP-L/CLIP-G stream (their length, 77) then T5's. With ``encoded`` the total length is the
+    encoded prompt's (the pipeline caps T5's length), read from the base model's conditioning; without
+    it (one LoRA: auto is Merge, the positions only explain the decision) T5's own maximum."""
+    tokenizers = list(run.tokenizers or [])
+    if not tokenizers:
+        return []
+    clip = int(tokenizers[0].model_max_length) if len(tokenizers) > 1 else 0
+    total = int(run.conditioning(BASE).embeds.shape[1]) if encoded else clip + int(tokenizers[-1].model_max_length)
+    if len(tokenizers) <= 1:
+        return [(tokenizers, total)]
+    return [(tokenizers[:-1], clip), (tokenizers[-1:], total - clip)]
+
+
 def _undo_on_unwind(run: Denoiser, undo: Any) -> None:
     """Register an idempotent undo on the run's patch stack, where the loop has one."""
     patches = getattr(run, "patches", None)
@@ -432,10 +486,11 @@ class PassRegional(Regional):
         self.running = frozenset(lora.name for lora in loras)
         if self._patches is not None:
             self._patches.key_values = self._key_values.setdefault(self.running, {})
-        grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+        grid = LatentGrid(*_mask_size(run, latents))
         self._check_grid(grid)
-        for code in self.running_masks.all_codes(grid):  # encode every group's prompt outside the UNet call
-            self._group_states(code)
+        if _token_grid(run) is None:  # UNets: encode every group's prompt outside the UNet call
+            for code in self.running_masks.all_codes(grid):
+                self._group_states(code)
         used = self.running_masks.nonempty(grid)
         present = [lora for lora, nonempty in zip(self.loras, used) if nonempty and lora.name in self.running]
         return run.predict(latents, step, [self.branch(*present)])[0]
