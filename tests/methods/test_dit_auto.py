@@ -191,3 +191,18 @@ def test_several_images_each_get_their_masks_and_equal_one_image_runs(family, di
     for image in range(2):
         alone = _generate(pipe, specs, Auto(probe_steps=1), seed=3 + image)
         torch.testing.assert_close(batch.latents[image], alone.latents[0], rtol=0, atol=1e-4)
+
+
+def test_cli_runs_auto_on_dits(family, dits, tmp_path, capsys):
+    from loracompose.cli.main import main
+
+    pipe, loras = dits[family]
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(pipe.name_or_path), "--prompt", PROMPT, "--lora", str(loras[0]),
+                 "--lora", str(loras[1]), "--method", "auto", "--kind", "character=object", "--kind", "other=object",
+                 "--auto-probe-steps", "1", "--width", str(SIZE), "--height", str(SIZE), "--steps", "2", "--quiet",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out / "auto-0.png").exists()
+    assert "auto: 3 transformer calls" in captured.err  # 1 probe call, then one regional pass per step
