@@ -128,10 +128,34 @@ def test_regional_latent_couple_keeps_each_branch_in_its_tokens(family, dits):
         torch.testing.assert_close(couple.latents[:, ~left], alone[1][:, ~left], **TOLERANCE)
 
 
-def test_regional_layers_add_masked_deltas_per_stream(family, dits):
-    """Each LoRA layer's output == base + Σ_k m_k ⊙ Δ_k, m_k the region on image tokens and 1 on text tokens."""
-    _, pipe, loras = dits[family]
-    specs = _specs(loras)
+def _every_layer_lora(pipe, path: Path, seed: int, rank: int = 2) -> Path:
+    """A diffusers-format LoRA on every Linear and Conv2d of the transformer: embeddings, modulations
+    (vector outputs), both streams, FLUX's single blocks, SD3's patchify convolution."""
+    from safetensors.torch import save_file
+
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    wrapped = [name + "." for name, module in pipe.transformer.named_modules() if isinstance(module, LoraLayer)]
+    for name, module in pipe.transformer.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapped):  # a LoRA layer's own parts
+            continue
+        module = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        if isinstance(module, torch.nn.Linear):
+            shapes = (rank, module.in_features), (module.out_features, rank)
+        elif isinstance(module, torch.nn.Conv2d):
+            shapes = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+        else:
+            continue
+        for part, shape in zip(("lora_A", "lora_B"), shapes):
+            tensors[f"transformer.{name}.{part}.weight"] = torch.randn(*shape, generator=generator) * 0.3
+    save_file(tensors, str(path))
+    return path
+
+
+def _masked_layer_outputs(pipe, specs, method) -> dict[str, list]:
+    """Per LoRA layer of the transformer, at its first call: [base(x), {adapter: Δ(x)}, output]."""
     seen: dict[str, list] = {}
     handles = []
 
@@ -143,32 +167,64 @@ def test_regional_layers_add_masked_deltas_per_stream(family, dits):
                 seen[name] = [layer.get_base_layer()(x), deltas, output]
         return record
 
+    pipe.prepare_loras(specs)  # the LoRA layers exist before the hooks go on
     for name, module in pipe.transformer.named_modules():
         if hasattr(module, "lora_A") and any(module.lora_A):
             handles.append(module.register_forward_hook(hook(name)))
     try:
-        _generate(pipe, specs, Regional(boxes=[(0.0, 0.0, 0.5, 1.0), (0.0, 0.5, 1.0, 1.0)]), steps=1)
+        _generate(pipe, specs, method, steps=1)
     finally:
         for handle in handles:
             handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("lora_kind", ["attention", "every layer"])
+def test_regional_layers_add_masked_deltas_per_stream(family, dits, lora_kind, tmp_path):
+    """Each LoRA layer's output == base + Σ_k m_k ⊙ Δ_k: m_k the region on image tokens (and on the
+    patchify convolution's map), 1 on text tokens and on vector outputs (both regions are non-empty)."""
+    _, pipe, loras = dits[family]
+    if lora_kind == "every layer":
+        loras = [_every_layer_lora(pipe, tmp_path / f"every{seed}.safetensors", seed) for seed in (1, 2)]
+    seen = _masked_layer_outputs(pipe, _specs(loras), Regional(boxes=[(0.0, 0.0, 0.5, 1.0), (0.0, 0.5, 1.0, 1.0)]))
     rows, columns = (SIZE // pipe.vae_scale_factor // pipe.token_patch,) * 2
     left = (torch.arange(rows * columns) % columns < columns // 2).float()
     bottom = (torch.arange(rows * columns) // columns >= rows // 2).float()
     names = [path.stem for path in loras]
     roles = set()
     for name, (base, deltas, output) in seen.items():
-        role = stream_role(name)
+        role = "vector" if output.ndim == 2 else "conv" if output.ndim == 4 else stream_role(name)
         roles.add(role)
-        text = output.shape[1] - rows * columns if role == "joint" else (output.shape[1] if role == "text" else 0)
         masks = []
         for region in (left, bottom):
-            mask = torch.ones(output.shape[1])
-            if role != "text":  # image tokens: the region; FLUX's joint sequence puts text first
-                mask[text:] = region
-            masks.append(mask.view(1, -1, 1))
+            if role == "vector":
+                masks.append(torch.ones(()))
+            elif role == "conv":
+                masks.append(region.view(1, 1, rows, columns))
+            else:  # image tokens: the region; FLUX's joint sequence puts text first
+                mask = torch.ones(output.shape[1])
+                if role != "text":
+                    mask[output.shape[1] - rows * columns:] = region
+                masks.append(mask.view(1, -1, 1))
         expected = base + deltas[names[0]] * masks[0] + deltas[names[1]] * masks[1]
         torch.testing.assert_close(output, expected, **TOLERANCE)
-    assert roles == ({"image", "text", "joint"} if family == "flux" else {"image", "text"})
+    expected_roles = {"image", "text", "joint"} if family == "flux" else {"image", "text"}
+    if lora_kind == "every layer":
+        expected_roles |= {"vector", "conv"} if family == "sd3" else {"vector"}
+    assert roles == expected_roles
+
+
+def test_regional_oracles_hold_with_loras_on_every_layer(family, dits, tmp_path):
+    _, pipe, _ = dits[family]
+    specs = _specs([_every_layer_lora(pipe, tmp_path / f"every{seed}.safetensors", seed) for seed in (3, 4)])
+    merged = _generate(pipe, specs, Merge())
+    torch.testing.assert_close(_generate(pipe, specs, Regional(boxes=[WHOLE, WHOLE])).latents, merged.latents,
+                               **TOLERANCE)
+    base = _generate(pipe, [], Merge())
+    empty = [torch.zeros(2, 2), torch.zeros(2, 2)]
+    torch.testing.assert_close(_generate(pipe, specs, Regional(masks=empty)).latents, base.latents, **TOLERANCE)
+    assert (merged.latents - base.latents).abs().max() > 1e-2
+    assert _restored(pipe.transformer)
 
 
 def test_regional_refusals_on_dits_are_one_line(family, dits):
@@ -321,3 +377,16 @@ def test_cli_refuses_region_prompts_in_delta_mode_on_dits(family, dits, tmp_path
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("loracompose: error: regional: region prompts on FLUX/SD3 need mode='latent'")
+
+
+def test_tara_with_loras_on_every_layer(family, dits, tmp_path):
+    """All-ones masks == Merge and fused == unfused when the LoRAs also adapt embeddings, modulations,
+    feed-forwards and (SD3) the patchify convolution."""
+    _, pipe, _ = dits[family]
+    files = [_every_layer_lora(pipe, tmp_path / f"every{seed}.safetensors", seed) for seed in (5, 6)]
+    specs = [LoraSpec(path, 0.7, trigger_words=[word]) for path, word in zip(files, ("zkx", "qwv"))]
+    merged = _generate(pipe, specs, Merge())
+    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara()).latents, merged.latents, **TOLERANCE)
+    tara = _generate(pipe, specs, Tara())
+    torch.testing.assert_close(_generate(pipe, specs, Tara(fuse=True)).latents, tara.latents, rtol=0, atol=1e-4)
+    assert (tara.latents - merged.latents).abs().max() > 1e-4
