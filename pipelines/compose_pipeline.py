@@ -462,8 +462,9 @@ def check_method_family(method: Any, architecture: str) -> None:
     if families is not None and architecture not in families:
         from loracompose.lora import ARCHITECTURE_NAMES
 
+        why = getattr(method, "not_ported_why", "")
         raise UserError(f"method {method.name} does not support {ARCHITECTURE_NAMES.get(architecture, architecture)} "
-                        f"yet; use {', '.join(methods_for_family(architecture))}")
+                        f"yet; use {', '.join(methods_for_family(architecture))}" + (f" ({why})" if why else ""))
 
 
 def methods_for_family(architecture: str) -> list[str]:

@@ -51,6 +51,8 @@ class CompositionMethod:
     name: ClassVar[str] = ""
     # The model families (loracompose.lora architecture ids) the method runs on; generate refuses others.
     families: ClassVar[frozenset[str]] = frozenset({SD15, SDXL})
+    # Why the method does not run on the other families yet (the refusal's last words), if it says.
+    not_ported_why: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.loras: list[LoadedLora] = []

@@ -403,6 +403,9 @@ class Composer(CompositionMethod):
     """
 
     name: ClassVar[str] = "composer"
+    not_ported_why: ClassVar[str] = ("composer restricts each region's cross-attention to its concept's words, "
+                                     "which on a DiT means masking the joint attention per region, not built "
+                                     "yet; docs/dit.md")
     boxes: tuple[Box, ...] | None = field(default=None, metadata={
         "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
         "help": "one box per LoRA (or per local LoRA) in the LoRAs' order, relative x0,y0,x1,y1 (0..1, y down); "

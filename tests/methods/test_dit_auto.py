@@ -206,3 +206,16 @@ def test_cli_runs_auto_on_dits(family, dits, tmp_path, capsys):
     assert code == 0, captured.err
     assert (out / "auto-0.png").exists()
     assert "auto: 3 transformer calls" in captured.err  # 1 probe call, then one regional pass per step
+
+
+@pytest.mark.parametrize("name,why", [("clora", "gradient"), ("composer", "masking the joint attention")])
+def test_clora_and_composer_refuse_dits_in_one_line_saying_why(family, dits, name, why):
+    from loracompose import UserError
+    from loracompose.methods import METHODS
+
+    pipe, loras = dits[family]
+    with pytest.raises(UserError) as refused:
+        _generate(pipe, [LoraSpec(path) for path in loras], METHODS[name]())
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"method {name} does not support ")
+    assert "auto" in message.split("; use ")[1] and why in message and message.endswith("docs/dit.md)")
