@@ -182,6 +182,9 @@ class JointMapProcessor:
 
     def _maps(self, attn: Any, outputs: dict[str, torch.Tensor], hidden_states: torch.Tensor,
               encoder_hidden_states: torch.Tensor | None, rotary: Any) -> torch.Tensor:
+        if "to_q" not in outputs or "to_k" not in outputs:
+            raise UserError(f"attention maps of {self.name} need its separate query/key projections; this block "
+                            "runs fused ones (unfuse them with transformer.unfuse_qkv_projections())")
         query, key = outputs["to_q"], outputs["to_k"]
         norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
         if encoder_hidden_states is not None:  # two streams: image in hidden_states, text in the other

@@ -150,3 +150,12 @@ def test_default_blocks_are_the_later_joint_blocks_and_bad_names_are_refused(tra
         JointMapRecorder(transformers["sd35"], GRID, TOKENS, blocks=["transformer_blocks.0.attn2"])
     with pytest.raises(UserError, match="normaliser"):
         JointMapRecorder(transformers["flux"], GRID, TOKENS, normaliser="image")
+
+
+def test_fused_projections_are_refused_in_one_line():
+    transformer = tiny_flux_pipeline(seed=0).transformer
+    transformer.fuse_qkv_projections()
+    recorder = JointMapRecorder(transformer, GRID, TOKENS, blocks=["transformer_blocks.0.attn"])
+    with pytest.raises(UserError, match="separate query/key projections"):
+        _forward(transformer, "flux")
+    recorder.remove()
