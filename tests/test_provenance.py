@@ -61,7 +61,8 @@ def test_shipped_training_records_name_the_base_model_by_its_digest() -> None:
     loras = {path.stem: path for path in sorted((PACKAGED_TOYWORLD / "loras").glob("*.safetensors"))}
     for path in loras.values():
         training = json.loads(metadata_of(path)["loracompose.training"])
-        assert training["model"] == base and training["images"] == 256 and "captions" not in training
+        images = training["images"] - training.get("prior_images", 0)  # TARA's: plus its regularisation images
+        assert training["model"] == base and images == 256 and "captions" not in training
     gates = json.loads(metadata_of(PACKAGED_TOYWORLD / "gates.safetensors")["loracompose.training"])
     assert gates["model"] == base
     ordinary = {name: path for name, path in loras.items() if not name.endswith("-tara")}  # gates: the four concepts
