@@ -38,11 +38,12 @@ TOP_LEVEL_KEYS = {
     "text_encoder_loras", "clipscore", "composlora", "toyworld", "lora_dir",
 }
 TESTBED_KEYS = ("composlora", "toyworld")
+LEGACY_DEFAULT_SCHEDULER = "dpmsolver++"
 PATH_SETTINGS = {"gates"}  # method settings that name files: relative to the suite file, like every path
 PATH_LIST_SETTINGS = {"masks"}  # method settings that list files (regional's masks), the same way
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
-    "guidance": 7.5, "scheduler": "dpmsolver++", "lora_weight": 1.0, "append_triggers": True,
+    "guidance": 7.5, "scheduler": None, "lora_weight": 1.0, "append_triggers": True,
     "text_encoder_loras": True, "device": "auto", "dtype": "auto", "config": None, "vae": None, "lora_dir": None,
 }
 
@@ -165,7 +166,7 @@ class Suite:
     height: int | None = None
     steps: int = 30
     guidance: float = 7.5
-    scheduler: str = "dpmsolver++"
+    scheduler: str | None = None  # None: the model family's own (SD1.5/SDXL DPM-Solver++, FLUX/SD3 Euler)
     append_triggers: bool = True
     text_encoder_loras: bool = True
     config: str | None = None
@@ -215,7 +216,9 @@ class Suite:
         }
 
     def _fingerprint(self, method: MethodEntry, composition_set: CompositionSet, seed: int) -> str:
-        payload = {**self.generation_settings(), "method": method.describe() | {"label": None}, "seed": seed,
+        # A suite without a scheduler hashes as DPM-Solver++, the default before DiTs, so its job ids stay the same.
+        generation = self.generation_settings() | {"scheduler": self.scheduler or LEGACY_DEFAULT_SCHEDULER}
+        payload = {**generation, "method": method.describe() | {"label": None}, "seed": seed,
                    "prompt": composition_set.prompt,
                    "loras": [lora.describe() for lora in self.set_loras(composition_set)]}
         payload |= _json_ready(method.set_settings(composition_set))  # only what this method uses
@@ -609,9 +612,11 @@ def _guidance(value: Any) -> float:
     return guidance
 
 
-def _scheduler(value: Any) -> str:
+def _scheduler(value: Any) -> str | None:
     from loracompose.pipelines.schedulers import SCHEDULERS
 
+    if value is None:  # the model family's own default
+        return None
     if value not in SCHEDULERS:
         raise UserError(f"suite scheduler {value!r} is not known; use one of {', '.join(SCHEDULERS)}")
     return str(value)

@@ -94,16 +94,18 @@ def assert_one_line_user_errors(cases: Sequence[tuple[Callable[[], Any], str]]) 
 
 
 @contextmanager
-def serve_tiny_ui() -> Iterator[tuple[Any, Any, Any, str]]:
-    """``loracompose ui`` with no model on the embedded tiny SD1.5 variant and its demo LoRAs, served on a
-    free local port: yields (app, blocks, settings, url) and closes the server afterwards."""
+def serve_tiny_ui(model: Path | None = None, library: Path | None = None) -> Iterator[tuple[Any, Any, Any, str]]:
+    """``loracompose ui`` with no model on the embedded tiny SD1.5 variant and its demo LoRAs (or
+    ``loracompose ui --model MODEL --library LIBRARY``), served on a free local port: yields (app, blocks,
+    settings, url) and closes the server afterwards."""
     from loracompose.pipelines import load_pipeline
     from loracompose.ui import UiOptions, resolve_settings
     from loracompose.ui.app import LoraComposeApp, launch_app
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORACOMPOSE_EMBEDDED", "tiny-sd15")
-        model, settings = resolve_settings(UiOptions())
+        options = UiOptions() if model is None else UiOptions(model=str(model), library=library)
+        model, settings = resolve_settings(options)
     app = LoraComposeApp(load_pipeline(model), settings)
     blocks = app.build()
     port = free_port()

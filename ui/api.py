@@ -118,7 +118,7 @@ per client session at a time: one sent while the session's previous request runs
 def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> inspect.Signature:
     """The named, typed parameters of ``/generate`` (keyword names as in ``pipe.generate``)."""
     method_choice = Literal[tuple(method_names)]  # type: ignore[valid-type]
-    scheduler_choice = Literal[tuple(sorted(SCHEDULERS))]  # type: ignore[valid-type]
+    scheduler_choice = Literal[tuple(defaults.get("schedulers") or sorted(SCHEDULERS))]  # type: ignore[valid-type]
     parameters = [
         ("prompt", str, inspect.Parameter.empty),
         ("loras", dict[str, float], {}),
@@ -131,7 +131,7 @@ def generate_signature(method_names: list[str], defaults: Mapping[str, Any]) -> 
         ("width", int, defaults["width"]),
         ("height", int, defaults["height"]),
         ("num_images", int, 1),
-        ("scheduler", scheduler_choice, DEFAULT_SCHEDULER),
+        ("scheduler", scheduler_choice, defaults.get("scheduler", DEFAULT_SCHEDULER)),
         ("append_triggers", bool, True),
         ("text_encoder_loras", bool, True),
         ("trigger_words", dict[str, list[str]], {}),

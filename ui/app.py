@@ -78,7 +78,7 @@ class AppSettings:
     upload_root: Path
     default_prompt: str = ""
     default_steps: int = DEFAULT_STEPS
-    default_guidance: float = 7.5
+    default_guidance: float | None = None  # None: the model's own (SD1.5/SDXL 7.5, FLUX 3.5, SD3 7)
     preselect_library: bool = False
     max_upload_bytes: int = 512 * 1024**2
     title: str = "loracompose"
@@ -141,7 +141,12 @@ class LoraComposeApp:
     def __init__(self, pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS):
         self.pipe = pipe
         self.settings = settings
-        self.methods = default_first(methods)  # the first is the dropdown's and the /generate API's default
+        # Only the methods that run on this model's family; the first is the dropdown's and /generate's default.
+        self.methods = default_first(methods_for_pipeline(methods, pipe))
+        self.schedulers = schedulers_for_pipeline(pipe)
+        self.default_scheduler = getattr(pipe, "default_scheduler", DEFAULT_SCHEDULER)
+        self.default_guidance = (settings.default_guidance if settings.default_guidance is not None
+                                 else getattr(pipe, "default_guidance_scale", 7.5))
         self.uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
         self.default_size = pipe.native_size
         self.limits: Limits = getattr(pipe, "limits", Limits())
@@ -382,14 +387,14 @@ class LoraComposeApp:
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
                 steps = gr.Slider(1, 150, value=self.settings.default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=self.settings.default_guidance, step=0.5, label="Guidance (CFG)")
+                guidance = gr.Slider(0, 20, value=self.default_guidance, step=0.5, label="Guidance (CFG)")
             with gr.Row():
                 width = gr.Number(label="Width", value=self.default_size, precision=0, step=SIZE_STEP, elem_id="width")
                 height = gr.Number(label="Height", value=self.default_size, precision=0, step=SIZE_STEP,
                                    elem_id="height")
                 num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
             with gr.Row():
-                scheduler = gr.Dropdown(sorted(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
+                scheduler = gr.Dropdown(self.schedulers, value=self.default_scheduler, label="Scheduler")
                 append_triggers = gr.Checkbox(value=True, label="Append missing trigger words")
                 text_encoder_loras = gr.Checkbox(value=True, label="LoRAs on the text encoder")
         table.select(self.show_lora, [state, table], details, api_visibility="private", concurrency_limit=None)
@@ -418,8 +423,9 @@ class LoraComposeApp:
         button.click(self.generate, [state, *shared, method, *self.forms.components],
                      [state, gallery, downloads, status, concepts], api_name="generate_form",
                      api_visibility="undocumented", concurrency_id=PIPELINE_EVENTS)
-        defaults = {"steps": self.settings.default_steps, "guidance_scale": self.settings.default_guidance,
-                    "width": self.default_size, "height": self.default_size}
+        defaults = {"steps": self.settings.default_steps, "guidance_scale": self.default_guidance,
+                    "width": self.default_size, "height": self.default_size, "scheduler": self.default_scheduler,
+                    "schedulers": self.schedulers}
         gr.api(generate_endpoint(self.generate_api, self.methods, defaults), api_name="generate",
                concurrency_id=PIPELINE_EVENTS)
         gallery.select(self.select_result, [state], [state, downloads], api_visibility="private",
@@ -472,6 +478,30 @@ def default_first(methods: Mapping[str, type[CompositionMethod]]) -> dict[str, t
     """The methods in their order, but DEFAULT_METHOD (the CLI's default too) first where it is offered."""
     first = {name: methods[name] for name in (DEFAULT_METHOD,) if name in methods}
     return first | {name: method for name, method in methods.items() if name not in first}
+
+
+def methods_for_pipeline(methods: Mapping[str, type[CompositionMethod]],
+                         pipe: Any) -> dict[str, type[CompositionMethod]]:
+    """The methods that run on ``pipe``'s model family (every one where the pipeline names none)."""
+    family = getattr(pipe, "architecture", "")
+    if not family:
+        return dict(methods)
+    return {name: method for name, method in methods.items() if family in getattr(method, "families", (family,))}
+
+
+def schedulers_for_pipeline(pipe: Any) -> list[str]:
+    """The sampler names ``pipe`` accepts (FLUX/SD3: their flow-matching Euler only), sorted."""
+    check = getattr(pipe, "_check_scheduler", None)
+    if check is None:
+        return sorted(SCHEDULERS)
+    accepted = []
+    for name in sorted(SCHEDULERS):
+        try:
+            check(name)
+        except UserError:
+            continue
+        accepted.append(name)
+    return accepted
 
 
 def build_app(pipe: Any, settings: AppSettings, methods: Mapping[str, type[CompositionMethod]] = METHODS) -> gr.Blocks:
