@@ -139,19 +139,26 @@ def batch_safe(label: str) -> bool:
     return bool(json.loads(BATCH_CHECK.read_text())["methods"].get(label, {}).get("batch_equals_single"))
 
 
-def run_method(pipe: Any, suite: Suite, method: MethodEntry, images_dir: Path) -> dict[str, Any]:
-    """Every set of the suite for one method: per image judgements, per set wall time."""
+def run_method(pipe: Any, suite: Suite, method: MethodEntry, images_dir: Path,
+               only_sets: Sequence[str] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every set of the suite for one method (or only ``only_sets``, the other entries kept from
+    ``previous``): per image judgements, per set wall time, commit and toy-world weights."""
     seeds = list(suite.seeds)
     batched = batch_safe(method.label) and consecutive(seeds)
+    kept = {entry["set"]: entry for entry in (previous or {}).get("sets", [])}
     sets = []
     for composition_set in suite.sets:
+        if only_sets is not None and composition_set.id not in only_sets and composition_set.id in kept:
+            sets.append(kept[composition_set.id])
+            continue
         started = time.perf_counter()
         images = generate(pipe, suite, method, composition_set, seeds, batched)
         seconds = time.perf_counter() - started
         save_native_grid(images, images_dir / method.label / f"{composition_set.id}.png")
         judged = [judge_image(detect(image), composition_set) for image in images]
         sets.append({"set": composition_set.id, "n": len(composition_set.loras), "prompt": composition_set.prompt,
-                     "seeds": seeds, "images": judged, "wall_seconds": seconds})
+                     "seeds": seeds, "images": judged, "wall_seconds": seconds, "commit": git_commit(),
+                     "weights": weights_digest()})
         row = summarise_set(sets[-1])
         print(f"{method.label:12s} {composition_set.id:28s} all present {row['all_present']:.0%}  "
               f"all exact {row['all_exact']:.0%}  ({seconds:.0f} s)", flush=True)
@@ -171,6 +178,14 @@ def save_native_grid(images: Sequence[Image.Image], path: Path, columns: int = 8
     temp = path.with_suffix(".tmp.png")
     grid.save(temp)
     temp.replace(path)
+
+
+def weights_digest() -> str:
+    """The shipped toy-world weights a set was generated with (their manifest's short digest)."""
+    from loracompose.assets.embedded import PACKAGED_TOYWORLD
+    from loracompose.toyworld.shipping import manifest_digest
+
+    return manifest_digest(PACKAGED_TOYWORLD)
 
 
 def uncommitted(path: str) -> bool | None:
@@ -376,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", type=Path, default=SUITE)
     parser.add_argument("--methods", nargs="+", help="only these method labels (default: the suite's)")
     parser.add_argument("--rerun", nargs="+", default=[], metavar="LABEL", help="run these methods' rows again")
+    parser.add_argument("--sets", nargs="+", metavar="SET",
+                        help="with --rerun: regenerate only these sets, keeping the rows' other entries")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--check-batches", action="store_true", help="compare batches with one-image runs per method")
     parser.add_argument("--images", type=Path, default=HERE.parent / "toyworld_runs" / "table-images",
@@ -393,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = OUT / "rows" / f"{method.label}.json"
             if path.is_file() and method.label not in args.rerun:
                 continue
+            previous = json.loads(path.read_text()) if path.is_file() and args.sets else None
             try:
-                write_json(path, run_method(pipe, suite, method, args.images))
+                write_json(path, run_method(pipe, suite, method, args.images, args.sets, previous))
             except Exception as error:  # one broken method (e.g. mid-edit) must not lose the others' rows
                 print(f"{method.label}: failed, its row is not written: {type(error).__name__}: {error}", flush=True)
     write_report(suite, args.images)
