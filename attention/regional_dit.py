@@ -26,7 +26,7 @@ from peft.tuners.lora import LoraLayer
 from loracompose.errors import UserError
 from loracompose.pipelines.patches import PatchStack
 
-from .dit_layers import image_rows, stream_role, text_rows
+from .dit_layers import StreamRole, image_rows, stream_role, text_rows
 from .lora_deltas import active_adapters, adapter_delta
 from .masks import LatentGrid
 from .regional import RegionMasks
@@ -70,7 +70,7 @@ class DiTRegionalPatches:
                 if state == "empty":
                     continue
                 delta = adapter_delta(layer, x, name)
-                if state == "full" or result.ndim == 2 or role == "text":
+                if region is None or state == "full" or result.ndim == 2 or role == "text":
                     result = result + delta
                 else:
                     result = result + delta * self._weight(region, role, result, layer_name)
@@ -78,13 +78,13 @@ class DiTRegionalPatches:
 
         return masked_forward
 
-    def _weight(self, region: int, role: str, output: torch.Tensor, layer_name: str) -> torch.Tensor:
+    def _weight(self, region: int, role: StreamRole, output: torch.Tensor, layer_name: str) -> torch.Tensor:
         """Region ``region``'s 0/1 weights shaped to broadcast over ``output`` (tokens or a conv map)."""
         key = ("dit", region, role, tuple(output.shape[1:]), output.dtype, str(output.device))
         # kept in the masks' own cache, which set_areas clears (auto sets each image's masks in turn)
         return self.masks._cached(key, lambda: self._build_weight(region, role, output, layer_name))
 
-    def _build_weight(self, region: int, role: str, output: torch.Tensor, layer_name: str) -> torch.Tensor:
+    def _build_weight(self, region: int, role: StreamRole, output: torch.Tensor, layer_name: str) -> torch.Tensor:
         image = self.masks.weights(self.grid, 0, output.dtype, output.device)[region]
         if output.ndim == 4:  # SD3's patchify convolution: (batch, channels, token rows, token columns)
             if tuple(output.shape[-2:]) != (self.grid.height, self.grid.width):

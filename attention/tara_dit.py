@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from loracompose.errors import UserError
 from loracompose.pipelines.patches import PatchStack
 
-from .dit_layers import stream_role, text_key_value_layers, text_rows
+from .dit_layers import StreamRole, stream_role, text_key_value_layers, text_rows
 from .lora_deltas import LoraTokenMasks, active_adapters, adapter_delta
 
 
@@ -68,7 +68,7 @@ def _masked_kv_forward(layer_name: str, token_masks: LoraTokenMasks, image_token
     return masked_forward
 
 
-def _row_token_weights(mask: torch.Tensor, x: torch.Tensor, role: str, image_tokens: int,
+def _row_token_weights(mask: torch.Tensor, x: torch.Tensor, role: StreamRole, image_tokens: int,
                        joint_order: tuple[str, ...], layer_name: str) -> torch.Tensor:
     """(rows, tokens, 1) weights: the token mask on the text rows, 1 on image rows (single-stream blocks)."""
     rows, tokens = int(x.shape[0]), int(x.shape[1])

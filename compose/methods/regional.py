@@ -125,8 +125,8 @@ class Regional(CompositionMethod):
                             "per LoRA ('' for the whole prompt)")
         if self.mode == "delta" and any(self.region_prompt(k) for k in range(len(loras))) and \
                 any(lora.architecture in (FLUX, SD3) for lora in loras):
-            raise UserError("regional: region prompts on FLUX/SD3 need mode='latent' (--regional-mode latent); in delta mode "
-                            "every region shares the one text stream of joint attention")
+            raise UserError("regional: region prompts on FLUX/SD3 need mode='latent' (--regional-mode latent); in "
+                            "delta mode every region shares the one text stream of joint attention")
         self.areas(loras)
 
     def areas(self, loras: Sequence[LoadedLora]) -> list[RegionArea]:
@@ -174,8 +174,9 @@ class Regional(CompositionMethod):
         self._run = run
         self.region_masks = RegionMasks([lora.name for lora in self.loras], self.areas(self.loras))
         self._checked_grid = None
-        if self.mode == "delta" and _token_grid(run) is not None:  # a DiT: masks on its token grid
-            install_regional_dit(run.unet, self.region_masks, _token_grid(run), run.model.joint_order, run.patches)
+        tokens = _token_grid(run)
+        if self.mode == "delta" and tokens is not None:  # a DiT: masks on its token grid
+            install_regional_dit(run.unet, self.region_masks, tokens, _joint_order(run), run.patches)
         elif self.mode == "delta":
             self._patches = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
 
@@ -245,6 +246,12 @@ def _token_grid(run: Denoiser) -> tuple[int, int] | None:
     """The image-token grid of a DiT's model call; None on a UNet."""
     grid = getattr(run.model, "token_grid", None)
     return None if grid is None else (int(grid[0]), int(grid[1]))
+
+
+def _joint_order(run: Denoiser) -> tuple[str, ...]:
+    """The order of the text and image streams in a DiT's joint sequence."""
+    model: Any = run.model  # DenoiserModel declares no layout; the DiT model calls have one
+    return tuple(model.joint_order)
 
 
 def _on_latents(weights: torch.Tensor, grid: LatentGrid, latents: torch.Tensor) -> torch.Tensor:

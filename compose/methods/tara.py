@@ -43,6 +43,7 @@ from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
 from loracompose.lora import FLUX, SD3, LoadedLora
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
+from loracompose.methods.regional import _joint_order, _token_grid
 from loracompose.tokens import WordPositions, trigger_positions, word_positions
 from loracompose.pipelines.values import BASE_ROW, Prediction, Step
 
@@ -115,7 +116,7 @@ class Tara(CompositionMethod):
                             "'keep' (joint attention has no separate self-attention)")
 
     def start(self, run: Denoiser) -> None:
-        if getattr(run.model, "token_grid", None) is not None:
+        if _token_grid(run) is not None:
             self._start_dit(run)
             return
         prompt, tokenizers = prompt_and_tokenizers(run)
@@ -136,8 +137,8 @@ class Tara(CompositionMethod):
         token_masks = self.trigger_masks(prompt, tokenizers, joint_text=True)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
                                    for name, mask in token_masks.items()}
-        rows, columns = run.model.token_grid
-        masked = install_text_kv_token_masks(run.unet, self._token_masks, rows * columns, run.model.joint_order,
+        rows, columns = _token_grid(run) or (0, 0)
+        masked = install_text_kv_token_masks(run.unet, self._token_masks, rows * columns, _joint_order(run),
                                              run.patches)
         if self.fuse:
             run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])

@@ -390,3 +390,33 @@ def test_tara_with_loras_on_every_layer(family, dits, tmp_path):
     tara = _generate(pipe, specs, Tara())
     torch.testing.assert_close(_generate(pipe, specs, Tara(fuse=True)).latents, tara.latents, rtol=0, atol=1e-4)
     assert (tara.latents - merged.latents).abs().max() > 1e-4
+
+
+def test_regional_mask_images_place_like_boxes_on_the_token_grid(family, dits, tmp_path):
+    """Grayscale mask files (any size with the image's aspect) give the same token masks as boxes."""
+    from PIL import Image
+
+    _, pipe, loras = dits[family]
+    files = []
+    for index, (x0, x1) in enumerate(((0, 40), (40, 80))):
+        image = Image.new("L", (80, 80), 0)
+        image.paste(255, (x0, 0, x1, 60))  # the boxes' halves, 3/4 of the height
+        files.append(tmp_path / f"mask{index}.png")
+        image.save(files[-1])
+    boxes = [(0.0, 0.0, 0.5, 0.75), (0.5, 0.0, 1.0, 0.75)]
+    by_masks = _generate(pipe, _specs(loras), Regional(masks=[str(path) for path in files]))
+    torch.testing.assert_close(by_masks.latents, _generate(pipe, _specs(loras), Regional(boxes=boxes)).latents,
+                               rtol=0, atol=0)
+
+
+def test_t5_words_are_found_at_word_boundaries(dits):
+    from loracompose.tokens import word_positions
+
+    tokenizer = dits["flux"][1].tokenizer_2  # the tiny T5 tokenizer: "zkx" is three pieces, "▁z", "k", "x"
+    ids = tokenizer("a zkx, zkxy and zkx").input_ids
+    pieces = tokenizer(" zkx", add_special_tokens=False).input_ids
+    starts = [s for s in range(len(ids)) if ids[s:s + len(pieces)] == pieces]
+    assert len(starts) == 3, "the raw sub-sequence also matches inside zkxy"
+    found = word_positions(tokenizer, ids, "zkx")
+    expected = [s + k for s in (starts[0], starts[2]) for k in range(len(pieces))]
+    assert found == expected
