@@ -48,7 +48,6 @@ class DiTRegionalPatches:
         self.masks = masks
         self.grid = grid
         self.joint_order = tuple(joint_order)
-        self._weights: dict[tuple, torch.Tensor] = {}
         for name, module in transformer.named_modules():
             if isinstance(module, LoraLayer):
                 stack.forward(module, MethodType(self._masked_forward(name), module))
