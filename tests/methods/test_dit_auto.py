@@ -219,3 +219,14 @@ def test_clora_and_composer_refuse_dits_in_one_line_saying_why(family, dits, nam
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"method {name} does not support ")
     assert "auto" in message.split("; use ")[1] and why in message and message.endswith("docs/dit.md)")
+
+
+def test_latent_mode_is_regional_latent_couple_with_the_found_masks(family, dits):
+    pipe, loras = dits[family]
+    specs = [LoraSpec(path, category="object") for path in loras]
+    method = Auto(mode="latent", probe_steps=1)
+    result = _generate(pipe, specs, method)
+    masks = method.mask_history[0][1].masks()[0]
+    regional = _generate(pipe, specs, Regional(masks=[masks[0], masks[1]], mode="latent"))
+    torch.testing.assert_close(result.latents, regional.latents, **TOLERANCE)
+    assert result.stats.unet_calls == 1 + regional.stats.unet_calls  # the probe, then the same couple
