@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
 from loracompose.lora import FLUX, SD3, LoadedLora
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.methods.regional import _joint_order, _token_grid
-from loracompose.tokens import WordPositions, trigger_positions, word_positions
+from loracompose.tokens import WordPositions, stream_trigger_positions, trigger_positions
 from loracompose.pipelines.values import BASE_ROW, Prediction, Step
 
 if TYPE_CHECKING:
@@ -71,7 +71,6 @@ TARA_TOKEN_KEY = "loracompose.tara_token"
 TARA_CLASS_KEY = "loracompose.tara_class"
 SELF_ATTENTION_MODES = ("keep", "cond", "off")
 MISSING_TRIGGER_MODES = ("error", "warn")
-T5_MAX_TOKENS = 512  # the longest T5 sequence the DiT pipelines encode
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -134,7 +133,10 @@ class Tara(CompositionMethod):
     def _start_dit(self, run: Denoiser) -> None:
         """FLUX/SD3: token masks on the text rows of joint attention's K/V deltas, the rest as Merge."""
         prompt, tokenizers = prompt_and_tokenizers(run)
-        token_masks = self.trigger_masks(prompt, tokenizers, joint_text=True)
+        text_tokens = int(run.conditioning(self.branch(*self.loras)).embeds.shape[1])  # the branch predict runs
+        streams = joint_text_streams(tokenizers, text_tokens)
+        token_masks = self.trigger_masks(prompt, tokenizers,
+                                         find=lambda _, text, words: stream_trigger_positions(streams, text, words))
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
                                    for name, mask in token_masks.items()}
         rows, columns = _token_grid(run) or (0, 0)
@@ -148,10 +150,10 @@ class Tara(CompositionMethod):
                              [lora.name for lora in self.loras])
 
     def trigger_masks(self, prompt: str, tokenizers: Sequence[Any],
-                      joint_text: bool = False) -> dict[str, torch.Tensor]:
-        """Each LoRA's (tokens,) 0/1 mask: 1 at its trigger words' tokens in the prompt (``joint_text``:
-        over a DiT's text sequence, see :func:`joint_text_positions`)."""
-        find = joint_text_positions if joint_text else trigger_positions
+                      find: Callable[[Sequence[Any], str, Sequence[str]], WordPositions] = trigger_positions,
+                      ) -> dict[str, torch.Tensor]:
+        """Each LoRA's (tokens,) 0/1 mask: 1 at its trigger words' tokens in the prompt, found by ``find``
+        (on DiTs: over the joint text sequence, :func:`joint_text_streams`)."""
         self.positions = {lora.name: find(tokenizers, prompt, lora.trigger_words) for lora in self.loras}
         for lora in self.loras:
             if not self.positions[lora.name].found:
@@ -178,30 +180,19 @@ def _check_choice(label: str, value: str, choices: Sequence[str]) -> None:
         raise UserError(f"{label}={value!r} is not known; use one of {', '.join(map(repr, choices))}")
 
 
-def joint_text_positions(tokenizers: Sequence[Any], prompt: str, words: Sequence[str]) -> WordPositions:
-    """Trigger positions in a DiT's joint text sequence: the CLIP tokenizers' 77 positions (SD3: CLIP-L and
-    CLIP-G side by side in channels, so one position each, OR'd), then the T5 tokenizer's, offset by the
-    CLIP part (FLUX: T5 only). ``length`` is the CLIP part plus the prompt's T5 tokens (unpadded): the
-    mask is zero-padded or cut to the encoded sequence's length when applied."""
-    tokenizers = [tokenizer for tokenizer in tokenizers if tokenizer is not None]  # SD3 may run without T5
-    clip = [tokenizer for tokenizer in tokenizers if not _is_t5(tokenizer)]
-    t5 = [tokenizer for tokenizer in tokenizers if _is_t5(tokenizer)]
-    per_tokenizer: list[tuple[int, ...]] = []
-    missing = set(words)
-    length = 0
-    if clip:
-        found = trigger_positions(clip, prompt, words)
-        per_tokenizer += found.per_tokenizer
-        missing &= set(found.missing_words)
-        length = found.length
-    for tokenizer in t5:
-        limit = min(int(tokenizer.model_max_length), T5_MAX_TOKENS)
-        ids = tokenizer(prompt, truncation=True, max_length=limit).input_ids
-        found_words = {word: word_positions(tokenizer, ids, word) for word in words}
-        per_tokenizer.append(tuple(length + p for p in sorted({p for hits in found_words.values() for p in hits})))
-        missing &= {word for word, hits in found_words.items() if not hits}
-        length += len(ids)
-    return WordPositions(tuple(per_tokenizer), tuple(word for word in words if word in missing), length)
+def joint_text_streams(tokenizers: Sequence[Any], text_tokens: int) -> list[tuple[list[Any], int]]:
+    """A DiT's joint text sequence of ``text_tokens`` tokens as (tokenizers side by side, tokens) streams
+    for :func:`~loracompose.tokens.stream_trigger_positions`: FLUX one T5 stream; SD3 the 77 CLIP
+    positions (CLIP-L and CLIP-G side by side in channels, so a position is a trigger's if either
+    tokenizer puts it there), then T5's."""
+    present = [tokenizer for tokenizer in tokenizers if tokenizer is not None]
+    clip = [tokenizer for tokenizer in present if not _is_t5(tokenizer)]
+    t5 = [tokenizer for tokenizer in present if _is_t5(tokenizer)]
+    clip_tokens = int(clip[0].model_max_length) if clip else 0
+    streams = [(clip, clip_tokens)] if clip else []
+    if t5 and text_tokens > clip_tokens:
+        streams.append((t5, text_tokens - clip_tokens))
+    return streams
 
 
 def _is_t5(tokenizer: Any) -> bool:
