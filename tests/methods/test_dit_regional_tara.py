@@ -420,3 +420,19 @@ def test_t5_words_are_found_at_word_boundaries(dits):
     found = word_positions(tokenizer, ids, "zkx")
     expected = [s + k for s in (starts[0], starts[2]) for k in range(len(pieces))]
     assert found == expected
+
+
+def test_flux_true_cfg_runs_regional_and_tara_with_two_rows_per_image(dits):
+    """FLUX with true CFG ([uncond, cond] rows in one call): whole-image regional and all-ones TARA
+    equal Merge; TARA runs one call of two rows per step."""
+    _, pipe, loras = dits["flux"]
+    specs = _tara_specs(loras)
+    options = dict(true_cfg_scale=2.0, negative_prompt="blurry")
+    merged = _generate(pipe, specs, Merge(), **options)
+    whole = _generate(pipe, specs, Regional(boxes=[WHOLE, WHOLE]), **options)
+    torch.testing.assert_close(whole.latents, merged.latents, **TOLERANCE)
+    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara(), **options).latents, merged.latents,
+                               **TOLERANCE)
+    tara = _generate(pipe, specs, Tara(), **options)
+    assert (tara.stats.unet_calls, tara.stats.unet_rows) == (STEPS, 2 * STEPS)
+    assert (tara.latents - merged.latents).abs().max() > 1e-4
