@@ -29,6 +29,10 @@ full-height columns, left to right in LoRA order (automatic masks from trigger-t
 the ``auto`` method). Front-ends: ``--box``/``--mask``/``--region-prompt`` (CLI, one per LoRA, repeated),
 the web UI's mask canvas (one painted layer per LoRA) or boxes text, ``/generate``'s ``region_masks``.
 
+On FLUX.1 and SD3 the regions lie on the image-token grid and ``delta`` mode masks every transformer
+LoRA layer by the tokens it sees (attention/regional_dit.py; the text stream gets the deltas of every
+LoRA drawn somewhere); region prompts there need ``mode="latent"`` (docs/methods/regional.md).
+
 Region prompts: by default every region uses the generation's prompt (with its LoRAs' text-encoder
 deltas); ``region_prompts`` gives one per LoRA (None or "" keeps the prompt); where regions overlap the
 given prompts of the LoRAs there are joined with ", ", those of LoRAs with a region of their own
