@@ -162,7 +162,7 @@ class Tara(CompositionMethod):
 
     def _report_missing(self, lora: LoadedLora, prompt: str) -> None:
         message = (f"TARA: no trigger word of LoRA {lora.name} ({', '.join(lora.trigger_words)}) is in the prompt "
-                   f"{prompt[:120]!r} (within its first 77 tokens)")
+                   f"{prompt[:120]!r} (within the {self.positions[lora.name].length} text tokens the model reads)")
         if self.missing_trigger == "error":
             raise UserError(message + "; put a trigger word in the prompt, or pass missing_trigger='warn' to run "
                             "the LoRA without cross-attention K/V deltas")
