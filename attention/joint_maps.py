@@ -114,14 +114,15 @@ class _Projections:
 
     NAMES = ("to_q", "to_k", "add_k_proj")
 
-    def __init__(self, attn: torch.nn.Module) -> None:
+    def __init__(self, attn: torch.nn.Module, keep_graph: bool = False) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
+        self.keep_graph = keep_graph
         self._hooks = [getattr(attn, name).register_forward_hook(self._keeper(name))
                        for name in self.NAMES if getattr(attn, name, None) is not None]
 
     def _keeper(self, name: str) -> Callable[..., None]:
         def keep(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
-            self.outputs[name] = output.detach()
+            self.outputs[name] = output if self.keep_graph else output.detach()
         return keep
 
     def remove(self) -> None:
@@ -151,12 +152,15 @@ def _rotated(states: torch.Tensor, rotary: Any, positions: slice) -> torch.Tenso
 class JointMapProcessor:
     """Wraps a joint attention module's processor: the output is the wrapped processor's, and the
     text-to-image maps of the chosen tokens are handed to ``sink(block name, maps)`` after each call
-    as (rows, image tokens, tokens), rows picked by ``rows`` ("all" or "cond": the second half)."""
+    as (rows, image tokens, tokens), rows picked by ``rows`` ("all" or "cond": the second half).
+    With ``requires_grad`` (and grad mode on) the maps keep the graph back to the block's inputs, for
+    latent optimisation; otherwise they are computed from detached tensors."""
 
     def __init__(self, inner: Any, name: str, sink: Callable[[str, torch.Tensor], None], *,
                  token_indices: Sequence[int], image_tokens: Callable[[], int], rows: str = "all",
-                 normaliser: Normaliser = "text") -> None:
+                 normaliser: Normaliser = "text", requires_grad: bool = False) -> None:
         self.inner = inner
+        self.requires_grad = requires_grad
         self.name = name
         self.sink = sink
         self.token_indices = list(token_indices)
@@ -166,7 +170,8 @@ class JointMapProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
-        projections = _Projections(attn)
+        keep_graph = self.requires_grad and torch.is_grad_enabled()
+        projections = _Projections(attn, keep_graph)
         try:
             if image_rotary_emb is not None:
                 output = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
@@ -175,7 +180,7 @@ class JointMapProcessor:
                 output = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         finally:
             projections.remove()
-        with torch.no_grad():
+        with torch.set_grad_enabled(keep_graph):
             self.sink(self.name, self._maps(attn, projections.outputs, hidden_states, encoder_hidden_states,
                                             image_rotary_emb))
         return output
@@ -219,12 +224,13 @@ class JointMapRecorder:
     Installed on the attention modules ``blocks`` (:func:`default_map_blocks` by default) of a FLUX or
     SD3 transformer whose image tokens form ``token_grid`` (rows, columns; row-major). Same interface
     as :class:`~loracompose.attention.auto_masks.TriggerMapRecorder`: :meth:`maps` is
-    (rows, grid rows, grid columns, chosen tokens) summed since :meth:`reset`.
+    (rows, grid rows, grid columns, chosen tokens) summed since :meth:`reset`. ``requires_grad``: the
+    maps keep the graph back to the transformer's inputs (run the call with grad mode on).
     """
 
     def __init__(self, transformer: torch.nn.Module, token_grid: tuple[int, int], token_indices: Sequence[int], *,
                  blocks: Sequence[str] | None = None, conditional_rows: bool = False,
-                 normaliser: Normaliser = "text") -> None:
+                 normaliser: Normaliser = "text", requires_grad: bool = False) -> None:
         if normaliser not in NORMALISERS:
             raise UserError(f"attention map normaliser {normaliser!r} is unknown; use 'text' or 'joint'")
         tokens = sorted(set(token_indices))
@@ -248,7 +254,7 @@ class JointMapRecorder:
             self._previous[name] = attn.processor
             attn.set_processor(JointMapProcessor(
                 attn.processor, name, self._keep, token_indices=tokens, image_tokens=self._image_tokens,
-                rows="cond" if conditional_rows else "all", normaliser=normaliser))
+                rows="cond" if conditional_rows else "all", normaliser=normaliser, requires_grad=requires_grad))
         self._hook = transformer.register_forward_hook(self._add_call)
 
     def _image_tokens(self) -> int:

@@ -373,8 +373,8 @@ class CLoRA(CompositionMethod):
     """
 
     name: ClassVar[str] = "clora"
-    not_ported_why: ClassVar[str] = ("clora steps the latents along the gradient of a loss on attention maps, "
-                                     "and the joint-attention maps are captured without gradients; docs/dit.md")
+    not_ported_why: ClassVar[str] = ("its gradient steps on packed DiT latents, per-branch token positions and "
+                                     "token-grid masks are not built; docs/dit.md")
     latent_update: bool = field(default=True, metadata={"flag_values": {"--clora-no-update": False}})
     step_size: float = 20.0
     step_latent_side: int = 64

@@ -159,3 +159,58 @@ def test_fused_projections_are_refused_in_one_line():
     with pytest.raises(UserError, match="separate query/key projections"):
         _forward(transformer, "flux")
     recorder.remove()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_maps_with_requires_grad_give_the_explicit_attentions_gradient(transformers, family, monkeypatch):
+    """d(weighted sum of the maps) / d(image input) through the capture equals it through the explicit
+    full attention of the SDPA inputs (text normaliser, every joint block)."""
+    transformer = transformers[family]
+    weights = torch.randn(ROWS, GRID[0] * GRID[1], len(TOKENS), generator=torch.Generator().manual_seed(1))
+
+    def gradient(maps_of) -> torch.Tensor:
+        inputs = _inputs(family)
+        image = inputs["hidden_states"].requires_grad_(True)
+        maps = maps_of(inputs)
+        return torch.autograd.grad((maps.reshape(ROWS, -1, len(TOKENS)) * weights).sum(), image)[0]
+
+    def captured(inputs):
+        recorder = JointMapRecorder(transformer, GRID, TOKENS, blocks=joint_map_blocks(transformer),
+                                    requires_grad=True)
+        transformer(**inputs, return_dict=False)
+        recorder.remove()
+        return recorder.last_call()
+
+    def explicit(inputs):
+        seen = []
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def keeping(query, key, value, *args, **kwargs):
+            seen.append((query, key))
+            return original(query, key, value, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", keeping)
+        transformer(**inputs, return_dict=False)
+        monkeypatch.undo()
+        image, text_first = GRID[0] * GRID[1], family == "flux"
+        blocks = []
+        for query, key in seen:
+            probabilities = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)
+            rows = slice(TEXT, TEXT + image) if text_first else slice(0, image)
+            columns = slice(0, TEXT) if text_first else slice(image, image + TEXT)
+            block = probabilities[:, :, rows, columns]
+            blocks.append((block / block.sum(dim=-1, keepdim=True))[..., TOKENS].mean(dim=1))
+        return torch.stack(blocks).mean(dim=0)
+
+    through_capture, through_attention = gradient(captured), gradient(explicit)
+    assert float(through_attention.abs().max()) > 0
+    torch.testing.assert_close(through_capture, through_attention, atol=1e-5, rtol=1e-4)
+
+
+def test_maps_without_requires_grad_keep_no_graph(transformers):
+    inputs = _inputs("flux")
+    inputs["hidden_states"].requires_grad_(True)
+    recorder = JointMapRecorder(transformers["flux"], GRID, TOKENS)
+    transformers["flux"](**inputs, return_dict=False)
+    recorder.remove()
+    assert not recorder.last_call().requires_grad

@@ -208,7 +208,7 @@ def test_cli_runs_auto_on_dits(family, dits, tmp_path, capsys):
     assert "auto: 3 transformer calls" in captured.err  # 1 probe call, then one regional pass per step
 
 
-@pytest.mark.parametrize("name,why", [("clora", "gradient"), ("composer", "masking the joint attention")])
+@pytest.mark.parametrize("name,why", [("clora", "packed DiT latents"), ("composer", "masking the joint attention")])
 def test_clora_and_composer_refuse_dits_in_one_line_saying_why(family, dits, name, why):
     from loracompose import UserError
     from loracompose.methods import METHODS
