@@ -24,6 +24,8 @@ Composite with one dominant LoRA at a time, chosen by frequency, and a per-LoRA 
 
 Caching is on whenever the schedule skips a step (the default non-uniform one does); with
 interval 1 every LoRA runs the full UNet every step: a weighted Composite at Composite's cost.
+On FLUX.1 and SD3 the cache is the middle transformer blocks' residual and the shallow pass runs the
+first and last block around it (``pipelines/dit_cache.py``); the rest is the same.
 Unlike the released code: the profiled scores decide the classes (a LoRA's category is only the
 fallback when it has neither score nor hand-set class: background -> low, as the reference does),
 the phase step scales with T, and late-phase refreshes really refresh.
