@@ -6,6 +6,7 @@ equal Merge bit for bit, a closed gate removes that LoRA from that layer, other 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -262,3 +263,21 @@ def test_gate_training_on_a_dit_is_refused_in_one_line(family, dits, tmp_path):
     settings = GateTrainingSettings(str(model), [spec.path for spec in specs[:2]], tmp_path / "g.safetensors",
                                     steps=1, resolution=32, show_progress=False)
     assert_one_line_user_errors([(lambda: train_gates(settings), "gate training runs on SD1.5 and SDXL")])
+
+
+@pytest.mark.parametrize("method", ["cmlora", "autolora"])
+def test_cli_generates_on_dits(family, dits, method, tmp_path, capsys, monkeypatch):
+    from loracompose.cli.main import main
+
+    monkeypatch.setenv("LORACOMPOSE_HOME", str(tmp_path / "home"))
+    pipe, specs = dits[family]
+    out = tmp_path / "out"
+    extra = ["--cmlora-profile-steps", "1"] if method == "cmlora" else []
+    code = main(["generate", "--model", pipe.config._name_or_path, "--prompt", PROMPT, "--lora", str(specs[0].path),
+                 "--lora", str(specs[1].path), "--method", method, "--width", "32", "--height", "32", "--steps", "4",
+                 *extra, "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    sidecar = json.loads((out / f"{method}-0.json").read_text())
+    calls = {"cmlora": 3, "autolora": 4}[method]  # cmlora at T=4: refreshes at steps 0, 1, 3; step 2 shallow only
+    assert sidecar["stats"]["unet_calls"] == calls and f"{method}: {calls} transformer calls" in captured.err
