@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -40,7 +40,9 @@ class BlockResidual:
 
 def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer's blocks in the order its forward runs them (FLUX: double, then single)."""
-    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", ())]
+    double: Any = transformer.transformer_blocks
+    single: Any = getattr(transformer, "single_transformer_blocks", ())
+    return [*double, *single]
 
 
 def middle_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:

@@ -189,8 +189,11 @@ def gate_training_data(settings: GateTrainingSettings) -> tuple[GateTrainingData
     with quiet_loading():
         pipe = load_pipeline(settings.model, device=device, dtype=dtype)
     if getattr(pipe, "unet", None) is None:  # FLUX.1 / SD3: AutoLoRA runs there with open gates or given ones
+        from loracompose.lora import ARCHITECTURE_NAMES
+
         raise UserError(f"--model {settings.model}: gate training runs on SD1.5 and SDXL models only; on "
-                        f"{pipe.family_name} run autolora with open gates (its default) or gates trained elsewhere")
+                        f"{ARCHITECTURE_NAMES.get(pipe.architecture, pipe.architecture)} run autolora with open gates "
+                        "(its default) or gates trained elsewhere")
     loras = pipe.prepare_loras(lora_set(settings.loras, pipe.architecture))
     if len(loras) < 2:
         raise UserError(f"--lora: gate training needs at least 2 LoRAs (got {len(loras)}); give more files or "
