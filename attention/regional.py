@@ -163,12 +163,14 @@ class RegionalPatches:
     deltas' rule for layers without positions (whole delta for a non-empty region).
 
     ``stack``: a run's :class:`PatchStack` (``run.patches``), which undoes the patches when the run
-    unwinds it; None gives the patches a stack of their own, undone by :meth:`restore`.
+    unwinds it; None gives the patches a stack of their own, undone by :meth:`restore`. ``skip``: LoRA
+    layers left as they are (another method computes their deltas, e.g. TARA's token-masked K/V).
     """
 
     def __init__(self, unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None,
-                 stack: PatchStack | None = None) -> None:
+                 stack: PatchStack | None = None, skip: Sequence[torch.nn.Module] = ()) -> None:
         self.unet = unet
+        self._skip = {id(layer) for layer in skip}
         self.masks = masks
         self.states = states
         self.call = UNetCall()
@@ -185,11 +187,11 @@ class RegionalPatches:
     def _install(self) -> None:
         self.stack.on_unwind(self.clear_key_values)
         self.stack.hook(self.unet.register_forward_pre_hook(self._record_call, with_kwargs=True))
-        text_side: set[int] = set()
+        text_side: set[int] = set(self._skip)
         if self.states is not None:
-            text_side = {id(projection) for module in self.unet.modules()
-                         if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
-                         for projection in (module.to_k, module.to_v)}
+            text_side |= {id(projection) for module in self.unet.modules()
+                          if isinstance(module, Attention) and getattr(module, "is_cross_attention", False)
+                          for projection in (module.to_k, module.to_v)}
         for name, module in self.unet.named_modules():
             if isinstance(module, LoraLayer) and id(module) not in text_side:
                 self.stack.forward(module, MethodType(_masked_forward(self, name), module))
@@ -219,14 +221,14 @@ class RegionalPatches:
 
 
 def install_regional(unet: torch.nn.Module, masks: RegionMasks, states: GroupStates | None = None,
-                     stack: PatchStack | None = None) -> RegionalPatches:
+                     stack: PatchStack | None = None, skip: Sequence[torch.nn.Module] = ()) -> RegionalPatches:
     """Install masked LoRA deltas (and, with ``states``, per-group cross-attention) on ``unet``.
 
     The adapters active on the UNet at call time are the ones applied; an active adapter that has no
     region in ``masks`` adds its whole delta. With ``stack`` (a run's ``run.patches``) the run undoes
-    the patches; without, call ``restore()`` on the result when done.
+    the patches; without, call ``restore()`` on the result when done. ``skip``: LoRA layers left alone.
     """
-    return RegionalPatches(unet, masks, states, stack)
+    return RegionalPatches(unet, masks, states, stack, skip)
 
 
 def _masked_forward(patches: RegionalPatches, layer_name: str) -> Callable[..., torch.Tensor]:

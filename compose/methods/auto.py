@@ -258,6 +258,13 @@ class Auto(CompositionMethod):
             self._regional = None
 
     # -- probe and masks -------------------------------------------------------------------
+    def probe_regions(self, run: Denoiser, latents: torch.Tensor) -> list[torch.Tensor | None]:
+        """For another method's use (TARA): after :meth:`plan`, probe from ``latents`` (the initial ones)
+        on a copy of the scheduler and return each LoRA's region in the first image, as regional takes
+        them (local: its mask; global: None or, for a background, where no local concept is)."""
+        self._probe(run, latents)
+        return self._areas(0)
+
     def _probe(self, run: Denoiser, latents: torch.Tensor) -> None:
         scheduler = copy.deepcopy(run.scheduler)
         probe = latents.clone()

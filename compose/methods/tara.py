@@ -8,8 +8,15 @@ Inference — one UNet pass per step with every LoRA active, as Merge, except on
         rows of the unconditional CFG half: m_i <- 0
     for each step: one UNet call where, on every cross-attention (attn2),
         k <- W_K·c + Σ_i m_i ⊙ w_i·(α_i/r_i)·B_i·A_i·c          (v alike)
-    and every other adapted projection (attn2 q/out, attn1 q/k/v/out, text encoders) adds
-        Σ_i w_i·(α_i/r_i)·B_i·A_i·x                               (unmasked, as Merge)
+    and every other adapted UNet layer (attn2 q/out, attn1 q/k/v/out, FFN, ...) adds
+        Σ_i R_i ⊙ w_i·(α_i/r_i)·B_i·A_i·x       (R_i: LoRA i's region at the layer's resolution, as regional)
+    (text-encoder deltas unmasked, as Merge).
+
+``untokened`` sets R_i: ``"region"`` (default) the given ``boxes``/``masks`` (regional's parsing), else
+auto's masks from a probe (3 steps of TARA with whole-image regions from the initial latents, the
+trigger tokens' maps; the generation restarts from those latents); a global LoRA (style,
+background), a single LoRA, or no local one: the whole image. ``"global"``: R_i = 1 everywhere
+(TARA as published). Region masks need ``fuse=False`` and ``self_attention`` "keep" or "off".
 
 ``self_attention`` sets what the attn1 deltas do (they act on image tokens, so no token mask fits):
 ``"keep"`` (default, as TARA) on every row; ``"cond"`` on the conditional rows only, so the
@@ -35,15 +42,18 @@ trained with.
 
 from __future__ import annotations
 
+import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
 from loracompose.lora import FLUX, SD3, LoadedLora
+from loracompose.methods.auto import Auto
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
-from loracompose.methods.regional import _joint_order, _token_grid
+from loracompose.methods.composer import Box
+from loracompose.methods.regional import Regional, _joint_order, _token_grid
 from loracompose.tokens import WordPositions, stream_trigger_positions, trigger_positions
 from loracompose.pipelines.values import BASE_ROW, Prediction, Step
 
@@ -53,6 +63,9 @@ if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
 
     from loracompose.attention import ComposeAttnProcessor, LoraTokenMasks
+    from loracompose.attention.masks import LatentGrid
+    from loracompose.attention.regional import RegionArea, RegionMasks, install_regional
+    from loracompose.methods.regional import check_mask_aspect
     from loracompose.attention.lora_deltas import active_adapters, adapter_delta
     from loracompose.attention.tara_dit import install_text_kv_token_masks
     from loracompose.pipelines.denoiser import Denoiser
@@ -66,11 +79,19 @@ else:  # imported on first use: the settings dataclass imports without the model
     active_adapters = LazyImport("loracompose.attention.lora_deltas", "active_adapters")
     adapter_delta = LazyImport("loracompose.attention.lora_deltas", "adapter_delta")
     install_text_kv_token_masks = LazyImport("loracompose.attention.tara_dit", "install_text_kv_token_masks")
+    RegionMasks = LazyImport("loracompose.attention.regional", "RegionMasks")
+    install_regional = LazyImport("loracompose.attention.regional", "install_regional")
+    LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
+    check_mask_aspect = LazyImport("loracompose.methods.regional", "check_mask_aspect")
+
+log = logging.getLogger(__name__)
 
 TARA_TOKEN_KEY = "loracompose.tara_token"
 TARA_CLASS_KEY = "loracompose.tara_class"
 SELF_ATTENTION_MODES = ("keep", "cond", "off")
 MISSING_TRIGGER_MODES = ("error", "warn")
+UNTOKENED_MODES = ("region", "global")
+_REGIONAL_FIELDS = {f.name: f for f in fields(Regional)}  # the same --box/--mask flags as regional's
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -96,16 +117,29 @@ class Tara(CompositionMethod):
     missing_trigger: str = field(default="error", metadata={"choices": MISSING_TRIGGER_MODES})
     fuse: bool = field(default=False, metadata={"flags": ("--fuse",)})
     backend: str = "sdpa"
+    untokened: str = field(default="region", metadata={
+        "choices": UNTOKENED_MODES,
+        "help": "the deltas that have no token (all but cross-attention K/V): region = each local LoRA's inside "
+                "its region (boxes/masks, else automatic masks from its trigger maps), global = everywhere"})
+    boxes: tuple[Box, ...] | None = field(default=None, metadata=_REGIONAL_FIELDS["boxes"].metadata)
+    masks: tuple[str, ...] | None = field(default=None, metadata=_REGIONAL_FIELDS["masks"].metadata)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._token_masks = LoraTokenMasks()
         self.positions: dict[str, WordPositions] = {}
+        self._regions = Regional(boxes=self.boxes, masks=self.masks)  # parses and checks boxes and masks
+        self.region_masks: RegionMasks | None = None  # the running generation's regions (None: none masked)
+        self._auto: Auto | None = None  # finds the regions from trigger maps when none are given
+        self.region_source = "none"  # "given", "automatic" or "none" (every delta unmasked), for the record
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
         require_loras(self.name, loras)
         _check_choice("tara self_attention", self.self_attention, SELF_ATTENTION_MODES)
         _check_choice("tara missing_trigger", self.missing_trigger, MISSING_TRIGGER_MODES)
+        _check_choice("tara untokened", self.untokened, UNTOKENED_MODES)
+        if self.untokened == "global" and (self.boxes or self.masks):
+            raise UserError("tara: boxes and masks place the untokened deltas; drop them or use untokened='region'")
         for lora in loras:
             if not lora.trigger_words:
                 raise UserError(f"LoRA {lora.name} has no trigger words, so TARA cannot place it in the prompt; "
@@ -113,11 +147,28 @@ class Tara(CompositionMethod):
         if self.self_attention != "keep" and any(lora.architecture in (FLUX, SD3) for lora in loras):
             raise UserError(f"tara self_attention={self.self_attention!r} is for SD1.5/SDXL UNets; on FLUX/SD3 use "
                             "'keep' (joint attention has no separate self-attention)")
+        if self.untokened == "region" and not any(lora.architecture in (FLUX, SD3) for lora in loras):
+            self._regions.areas(loras)  # counts of boxes/masks against the LoRAs
+
+    def _check_region_settings(self) -> None:
+        """On a UNet (DiTs run the untokened deltas globally): settings that region masks cannot follow."""
+        if self.self_attention == "cond":
+            raise UserError("tara self_attention='cond' places the attn1 deltas by batch row, not by region; "
+                            "pass untokened='global' with it")
+        if self.fuse:
+            raise UserError("tara fuse folds the untokened deltas into the weights, where a region mask cannot act; "
+                            "pass untokened='global' with fuse")
 
     def start(self, run: Denoiser) -> None:
+        self.region_masks, self._auto, self.region_source = None, None, "none"
         if _token_grid(run) is not None:
+            if self.untokened == "region":
+                log.info("tara untokened='region' is not built for FLUX/SD3 yet; every delta but the text K/V "
+                            "applies to the whole image")
             self._start_dit(run)
             return
+        if self.untokened == "region":
+            self._check_region_settings()
         prompt, tokenizers = prompt_and_tokenizers(run)
         token_masks = self.trigger_masks(prompt, tokenizers)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
@@ -129,6 +180,44 @@ class Tara(CompositionMethod):
         if self.fuse:  # the unmasked deltas folded into the weights, restored from a saved copy at the end
             run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])
             run.patches.fuse(unmasked_lora_layers(run.unet, self.self_attention), [lora.name for lora in self.loras])
+        if self.untokened == "region":
+            self._start_regions(run, prompt, tokenizers)
+
+    def _start_regions(self, run: Denoiser, prompt: str, tokenizers: Sequence[Any]) -> None:
+        """Region masks on every UNet LoRA layer but the cross-attention K/V (regional's masked deltas):
+        the given boxes/masks, else (found in :meth:`prepare_latents`) auto's masks from a base-model
+        probe of the local LoRAs' trigger maps; nothing is masked when there is one LoRA or no local one."""
+        if self.boxes or self.masks:
+            areas: list[RegionArea] = self._regions.areas(self.loras)
+            self.region_source = "given"
+        else:
+            # maps from TARA itself (every LoRA, whole-image regions): its trigger-trained K/V place each concept;
+            # a style stays one whole-image delta, as in TARA
+            auto = Auto(map_source="merged", style_combine="weights")
+            auto.bind(self.loras)
+            auto.plan(prompt, tokenizers)
+            if auto.merges:  # one LoRA, or none local: nothing to keep apart (auto runs Merge there too)
+                return
+            self._auto, areas, self.region_source = auto, [None] * len(self.loras), "automatic"
+        skip = [projection for attention in attention_modules(run.unet, cross=True)
+                for projection in (attention.to_k, attention.to_v)]  # token-masked by TARA's processors
+        if self.self_attention == "off":  # no attn1 deltas at all (SelfAttentionRows)
+            skip += [module for attention in attention_modules(run.unet, cross=False) for module in attention.modules()]
+        self.region_masks = RegionMasks([lora.name for lora in self.loras], areas)
+        install_regional(run.unet, self.region_masks, None, run.patches, skip)
+
+    def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        if step.index == 0 and self._auto is not None and self.region_masks is not None:
+            if latents.shape[0] > 1:
+                log.warning("tara: the automatic regions come from the first image and apply to all %d images",
+                            latents.shape[0])
+            self.region_masks.set_areas(self._auto.probe_regions(run, latents))
+        if step.index == 0 and self.region_masks is not None:
+            grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+            for lora, area in zip(self.loras, self.region_masks.areas):
+                if isinstance(area, torch.Tensor) and self.region_source == "given":
+                    check_mask_aspect(area, grid, lora.name)
+        return latents
 
     def _start_dit(self, run: Denoiser) -> None:
         """FLUX/SD3: token masks on the text rows of joint attention's K/V deltas, the rest as Merge."""
@@ -173,6 +262,12 @@ class Tara(CompositionMethod):
 
     def finish(self, run: Denoiser) -> None:
         self._token_masks.masks = {}
+        self._auto = None  # its probe's recorder is undone by run.patches, as are the region patches
+
+    def settings(self) -> dict[str, Any]:
+        settings = self._regions.settings()
+        return {**super().settings(), "boxes": settings.get("boxes"), "masks": settings.get("masks"),
+                "regions": self.region_source}
 
 
 def _check_choice(label: str, value: str, choices: Sequence[str]) -> None:

@@ -51,9 +51,10 @@ CASES = [
     ("composer", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine_with_globals": True}),
     ("composer-plain", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine": False,
                                     "reinitialise": False, "checkpoint_refinement": False}),
-    ("tara", "tara", {}),
-    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond"}),
-    ("tara-off", "tara", {"self_attention": "off"}),
+    # TARA as recorded: the deltas that have no token on the whole image (issue 20 added region masks).
+    ("tara", "tara", {"untokened": "global"}),
+    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond", "untokened": "global"}),
+    ("tara-off", "tara", {"self_attention": "off", "untokened": "global"}),
     ("autolora-open", "autolora", {}),
     ("autolora-gated", "autolora", {"gates": "GATES"}),
 ]

@@ -286,8 +286,8 @@ def bad_region_inputs(tmp_path):
         "mask of the wrong size": ("regional", ["--mask", wide, "--mask", square],
                                    "(width x height, 2:1) but the image's aspect is 1:1"),
         "boxes and masks": ("regional", ["--box", "0,0,1,1", "--mask", square], "either boxes or masks"),
-        "mask with merge": ("merge", ["--mask", square], "is a setting of regional, not of --method merge"),
-        "mask with auto": ("auto", ["--mask", square], "is a setting of regional, not of --method auto"),
+        "mask with merge": ("merge", ["--mask", square], "is a setting of tara, regional, not of --method merge"),
+        "mask with auto": ("auto", ["--mask", square], "is a setting of tara, regional, not of --method auto"),
     }
 
 

@@ -135,7 +135,7 @@ def test_all_ones_masks_equal_merge_in_the_cond_half(model, files, request):
     specs = [LoraSpec(path) for path in request.getfixturevalue(files)]
     # a negative prompt: SDXL's empty one encodes to zeros, where K/V deltas vanish anyway
     merged = first_prediction(pipe, specs, RecordedMerge(), negative_prompt="blurry")
-    ones = first_prediction(pipe, specs, AllOnesTara(), negative_prompt="blurry")
+    ones = first_prediction(pipe, specs, AllOnesTara(untokened="global"), negative_prompt="blurry")
     torch.testing.assert_close(ones.cond, merged.cond, rtol=1e-5, atol=1e-5)
     # the unconditional half never gets K/V deltas, so it differs from Merge's
     assert (ones.uncond - merged.uncond).abs().max() > 1e-3
@@ -144,7 +144,8 @@ def test_all_ones_masks_equal_merge_in_the_cond_half(model, files, request):
 def test_all_ones_masks_without_cfg_equal_merge_whole_run(sd15, sd15_lora_files):
     specs = [LoraSpec(path) for path in sd15_lora_files]
     merged = sd15.generate("a zkx in qwv style", specs, Merge(), steps=2, guidance_scale=1.0, **COMMON)
-    ones = sd15.generate("a zkx in qwv style", specs, AllOnesTara(), steps=2, guidance_scale=1.0, **COMMON)
+    ones = sd15.generate("a zkx in qwv style", specs, AllOnesTara(untokened="global"), steps=2, guidance_scale=1.0,
+                         **COMMON)
     torch.testing.assert_close(ones.latents, merged.latents, rtol=1e-5, atol=1e-5)
 
 
@@ -160,12 +161,13 @@ def test_unconditional_half_gets_no_kv_deltas(sd15, kv_only_lora):
 def test_absent_trigger_contributes_nothing_on_kv(sd15, sd15_lora_files, kv_only_lora):
     character = LoraSpec(sd15_lora_files[0])  # trigger "zkx"; the K/V-only LoRA's "qwv" is not in the prompt
     with pytest.warns(UserWarning, match="kvonly"):
-        both = sd15.generate("a zkx", [character, LoraSpec(kv_only_lora)], Tara(missing_trigger="warn"),
-                             steps=2, **COMMON)
-    alone = sd15.generate("a zkx", [character], Tara(), steps=2, **COMMON)
+        both = sd15.generate("a zkx", [character, LoraSpec(kv_only_lora)],
+                             Tara(missing_trigger="warn", untokened="global"), steps=2, **COMMON)
+    alone = sd15.generate("a zkx", [character], Tara(untokened="global"), steps=2, **COMMON)
     torch.testing.assert_close(both.latents, alone.latents, rtol=0, atol=1e-6)
-    present = sd15.generate("a zkx, qwv", [character, LoraSpec(kv_only_lora)], Tara(), steps=2, **COMMON)
-    again = sd15.generate("a zkx, qwv", [character], Tara(), steps=2, **COMMON)
+    present = sd15.generate("a zkx, qwv", [character, LoraSpec(kv_only_lora)], Tara(untokened="global"), steps=2,
+                            **COMMON)
+    again = sd15.generate("a zkx, qwv", [character], Tara(untokened="global"), steps=2, **COMMON)
     assert (present.latents - again.latents).abs().max() > 1e-3
 
 
@@ -188,10 +190,10 @@ def test_bad_settings_and_triggerless_loras_are_user_errors(sd15, sd15_lora_file
 def test_self_attention_modes(sd15, sd15_lora_files, no_self_attention_lora):
     full = LoraSpec(sd15_lora_files[0], name="zkx_lora")
     no_attn1 = LoraSpec(no_self_attention_lora, name="zkx_lora_noattn1")
-    keep = first_prediction(sd15, [full], RecordedTara(), prompt="a zkx")
-    off = first_prediction(sd15, [full], RecordedTara(self_attention="off"), prompt="a zkx")
-    cond = first_prediction(sd15, [full], RecordedTara(self_attention="cond"), prompt="a zkx")
-    without = first_prediction(sd15, [no_attn1], RecordedTara(), prompt="a zkx")
+    keep = first_prediction(sd15, [full], RecordedTara(untokened="global"), prompt="a zkx")
+    off = first_prediction(sd15, [full], RecordedTara(self_attention="off", untokened="global"), prompt="a zkx")
+    cond = first_prediction(sd15, [full], RecordedTara(self_attention="cond", untokened="global"), prompt="a zkx")
+    without = first_prediction(sd15, [no_attn1], RecordedTara(untokened="global"), prompt="a zkx")
     torch.testing.assert_close(off.cond, without.cond, rtol=0, atol=1e-6)   # off = LoRA without attn1 deltas
     torch.testing.assert_close(off.uncond, without.uncond, rtol=0, atol=1e-6)
     torch.testing.assert_close(cond.cond, keep.cond, rtol=0, atol=1e-5)     # cond rows: as keep
@@ -206,9 +208,10 @@ def test_fuse_matches_unfused_and_restores_the_weights_exactly(sd15, sd15_lora_f
     specs = [LoraSpec(path) for path in sd15_lora_files]
     sd15.prepare_loras(specs)  # loaded first, so the state dict keys stay the same
     weights = {key: value.clone() for key, value in sd15.unet.state_dict().items()}
-    unfused = sd15.generate("a zkx in qwv style", specs, Tara(self_attention=self_attention), steps=2, **COMMON)
-    fused = sd15.generate("a zkx in qwv style", specs, Tara(self_attention=self_attention, fuse=True), steps=2,
-                          **COMMON)
+    unfused = sd15.generate("a zkx in qwv style", specs, Tara(self_attention=self_attention, untokened="global"),
+                            steps=2, **COMMON)
+    fused = sd15.generate("a zkx in qwv style", specs,
+                          Tara(self_attention=self_attention, fuse=True, untokened="global"), steps=2, **COMMON)
     torch.testing.assert_close(fused.latents, unfused.latents, rtol=0, atol=1e-4)  # float rounding of W + dW
     after = sd15.unet.state_dict()
     assert after.keys() == weights.keys() and all(torch.equal(after[key], value) for key, value in weights.items())
@@ -216,9 +219,64 @@ def test_fuse_matches_unfused_and_restores_the_weights_exactly(sd15, sd15_lora_f
 
 
 @pytest.mark.parametrize("guidance,rows_per_step", [(7.5, 4), (1.0, 2)])
-def test_unet_calls_and_rows(sd15, sd15_lora_files, guidance, rows_per_step):
-    result = sd15.generate("a zkx in qwv style", [LoraSpec(path) for path in sd15_lora_files], Tara(), steps=3,
-                           num_images=2, guidance_scale=guidance, **COMMON)
-    assert result.stats.unet_calls == 3
-    assert result.stats.unet_rows == 3 * rows_per_step
+@pytest.mark.parametrize("settings,probe_calls", [({"untokened": "global"}, 0), ({}, 3),
+                                                  ({"boxes": ((0, 0, 0.5, 1),)}, 0)])
+def test_unet_calls_and_rows(sd15, sd15_lora_files, guidance, rows_per_step, settings, probe_calls):
+    """One UNet call per step; automatic regions add the base model's probe (auto's 3 steps, one call each,
+    the same rows: the base model on every image)."""
+    result = sd15.generate("a zkx in qwv style", [LoraSpec(path) for path in sd15_lora_files], Tara(**settings),
+                           steps=4, num_images=2, guidance_scale=guidance, **COMMON)
+    assert result.stats.unet_calls == 4 + probe_calls
+    assert result.stats.unet_rows == (4 + probe_calls) * rows_per_step
     assert result.method["name"] == "tara"
+    assert result.method["regions"] == ("automatic" if probe_calls else "given" if "boxes" in settings else "none")
+
+
+# ------------------------------------------------------------------------------------ untokened deltas in regions
+
+
+def test_whole_image_regions_equal_global_tara(sd15, sd15_lora_files):
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    whole = ((0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0))
+    regions = sd15.generate("a zkx in qwv style", specs, Tara(boxes=whole), steps=2, **COMMON)
+    plain = sd15.generate("a zkx in qwv style", specs, Tara(untokened="global"), steps=2, **COMMON)
+    torch.testing.assert_close(regions.latents, plain.latents, rtol=0, atol=1e-5)
+    assert regions.method["regions"] == "given" and regions.method["boxes"] == [list(box) for box in whole]
+
+
+def test_empty_region_leaves_only_the_token_masked_kv(sd15, sd15_lora_files, tmp_path):
+    """A LoRA whose region is empty acts only through its token-masked cross-attention K/V (and its text
+    encoder deltas, which no region touches): as global TARA with that LoRA cut down to those deltas."""
+    kv_and_text = only_keys(sd15_lora_files[0], tmp_path / "zkx_kv.safetensors",
+                            lambda key: key.startswith("text_encoder") or "attn2.to_k" in key or "attn2.to_v" in key)
+    empty = sd15.generate("a zkx", [LoraSpec(sd15_lora_files[0], name="zkx")],
+                          Tara(masks=(torch.zeros(8, 8),)), steps=2, **COMMON)
+    cut = sd15.generate("a zkx", [LoraSpec(kv_and_text, name="zkx")], Tara(untokened="global"), steps=2, **COMMON)
+    torch.testing.assert_close(empty.latents, cut.latents, rtol=0, atol=1e-5)
+    full = sd15.generate("a zkx", [LoraSpec(sd15_lora_files[0], name="zkx")], Tara(untokened="global"),
+                         steps=2, **COMMON)
+    assert (full.latents - cut.latents).abs().max() > 1e-3, "the untokened deltas matter here"
+
+
+def test_automatic_regions_come_from_the_probe_and_leave_the_unet_clean(sd15, sd15_lora_files):
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    before = {key: type(p) for key, p in sd15.unet.attn_processors.items()}
+    method = Tara()
+    automatic = sd15.generate("a zkx in qwv style", specs, method, steps=2, **COMMON)
+    plain = sd15.generate("a zkx in qwv style", specs, Tara(untokened="global"), steps=2, **COMMON)
+    assert (automatic.latents - plain.latents).abs().max() > 1e-4
+    character, style = method.region_masks.areas
+    assert isinstance(character, torch.Tensor) and style is None  # the style LoRA is global: the whole image
+    assert {key: type(p) for key, p in sd15.unet.attn_processors.items()} == before
+    assert not any(type(module).forward is not module.forward.__func__ for module in sd15.unet.modules()
+                   if isinstance(module, LoraLayer) and hasattr(module.forward, "__func__"))
+
+
+def test_region_settings_errors(sd15, sd15_lora_files):
+    spec = [LoraSpec(sd15_lora_files[0])]
+    for settings, match in [({"untokened": "all"}, "untokened"), ({"fuse": True}, "fuse"),
+                            ({"self_attention": "cond"}, "cond"),
+                            ({"untokened": "global", "boxes": ((0, 0, 1, 1),)}, "boxes"),
+                            ({"boxes": ((0, 0, 1, 1), (0, 0, 1, 1), (0, 0, 1, 1))}, "3 boxes")]:
+        with pytest.raises(UserError, match=match):
+            sd15.generate("a zkx", spec, Tara(**settings), steps=1, **COMMON)
