@@ -4,6 +4,7 @@
     python benchmarks/toyworld_table.py --rerun composer clora   # run those methods' rows again
     python benchmarks/toyworld_table.py --report-only            # the report from the rows on disk
     python benchmarks/toyworld_table.py --check-batches          # which methods' batches equal one-image runs
+    python benchmarks/toyworld_table.py --rejudge                # judge the saved images again (detector changed)
 
 The grid is the suite's (methods and their settings, sets with their prompts, boxes and region
 prompts, seeds, 20 steps, CFG 4), the one `loracompose bench benchmarks/toyworld.yaml` runs one image
@@ -255,6 +256,51 @@ def per_concept(rows: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {name: {key: share(values) for key, values in keys.items()} for name, keys in out.items()}
 
 
+# ------------------------------------------------------------------------------------ re-judging
+
+
+def cut_native_grid(path: Path, count: int, columns: int = 8) -> list[Image.Image]:
+    """The first ``count`` images of a native grid (:func:`save_native_grid`), in seed order."""
+    with Image.open(path) as grid:
+        grid = grid.convert("RGB")
+    size = grid.width // columns
+    return [grid.crop(((index % columns) * size, (index // columns) * size,
+                       (index % columns + 1) * size, (index // columns + 1) * size)) for index in range(count)]
+
+
+def rejudge_row(row: dict[str, Any], label: str, suite: Suite, images_dir: Path, judged_with: str | None) -> None:
+    """Judge every set's saved images of one method again with the current detector, in place, and print
+    per set how many images' judgements changed (a set whose grid is missing keeps its judgements)."""
+    sets = {composition_set.id: composition_set for composition_set in suite.sets}
+    for entry in row["sets"]:
+        native = images_dir / label / f"{entry['set']}.png"
+        if not native.is_file() or entry["set"] not in sets:
+            print(f"{label:12s} {entry['set']:28s} no saved grid (or set not in the suite): kept", flush=True)
+            continue
+        images = cut_native_grid(native, len(entry["images"]))
+        judged = [judge_image(detect(image), sets[entry["set"]]) for image in images]
+        before, after = summarise_set(entry), summarise_set({**entry, "images": judged})
+        changed = sum(old != new for old, new in zip(entry["images"], judged))
+        print(f"{label:12s} {entry['set']:28s} images changed {changed:2d}/{len(judged)}  all present "
+              f"{before['all_present']:.0%} -> {after['all_present']:.0%}  all exact "
+              f"{before['all_exact']:.0%} -> {after['all_exact']:.0%}", flush=True)
+        entry["images"], entry["judged_with"] = judged, judged_with
+
+
+def rejudge(suite: Suite, rows_dir: Path, images_dir: Path) -> None:
+    """Every method's row in ``rows_dir`` judged again from its saved native grids (generation fields kept;
+    "judged_with" names the detector file's commit)."""
+    judged_with = git_commit("compose/toyworld/detector.py")
+    if uncommitted("compose/toyworld/detector.py"):
+        judged_with = f"{judged_with}+edited"
+    for method in suite.methods:
+        path = rows_dir / f"{method.label}.json"
+        if path.is_file():
+            row = json.loads(path.read_text())
+            rejudge_row(row, method.label, suite, images_dir, judged_with)
+            write_json(path, row)
+
+
 # ------------------------------------------------------------------------------------ the report
 
 
@@ -397,9 +443,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check-batches", action="store_true", help="compare batches with one-image runs per method")
     parser.add_argument("--images", type=Path, default=HERE.parent / "toyworld_runs" / "table-images",
                         help="native-size image grids (not committed; the report's x8 grids come from them)")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="judge the saved images of every row again with the current detector (no generating)")
+    parser.add_argument("--rows", type=Path, default=OUT / "rows",
+                        help="with --rejudge: the rows folder to rewrite (a copy, to try it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     suite = load_suite(args.suite)
+    if args.rejudge:
+        rejudge(suite, args.rows, args.images)
+        return 0
     if not args.report_only:
         pipe = load_pipeline(suite.model, device="cpu", dtype="fp32")
         methods = select_methods(suite, args.methods or [m.label for m in suite.methods] + args.rerun)

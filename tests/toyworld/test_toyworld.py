@@ -12,8 +12,8 @@ from loracompose.pipelines import load_pipeline
 from loracompose.toyworld.detector import detect, measure_accuracy
 from loracompose.toyworld.model import TINY, build_pipeline, fold
 from loracompose.toyworld.concepts import CONCEPTS, composition
-from loracompose.toyworld.scenes import (NOVEL_SHAPES, SHAPES, Scene, SceneObject, caption, make_scene, render_array,
-                                         scene_from_seed)
+from loracompose.toyworld.scenes import (COLORS, NOVEL_SHAPES, POSITION_X, SHAPE_MASKS, SHAPES, Scene, SceneObject,
+                                         caption, make_scene, render_array, scene_from_seed)
 
 HELD_OUT_SEEDS = range(10_000, 10_500)  # never drawn for training (train.TRAIN_SEED_START = 1e6)
 
@@ -87,6 +87,35 @@ def test_detector_accuracy_on_held_out_scenes() -> None:
     assert accuracy.background_accuracy >= 0.95
     assert accuracy.style_accuracy >= 0.95  # flat: greys stay grey
     assert accuracy.extra_objects <= 5
+
+
+def _render_stretched(shape: str, center: tuple[float, float], radii: tuple[float, float], color: str = "yellow",
+                      background: str = "plain", size: int = 32, supersample: int = 4) -> np.ndarray:
+    """A scene of one ``shape`` with its own horizontal and vertical radius (scenes.py draws round ones only):
+    the background rendered by scenes.py, the shape blended over it by its supersampled coverage."""
+    base = render_array(Scene(background, (60, 130), ()), size).astype(np.float32)
+    axis = (np.arange(size * supersample) + 0.5) / (size * supersample)
+    xs, ys = np.meshgrid(axis, axis)
+    inside = SHAPE_MASKS[shape]((xs - center[0]) / radii[0], (ys - center[1]) / radii[1])
+    cover = inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[..., None]
+    return np.rint(base * (1 - cover) + np.array(COLORS[color], np.float32) * cover).astype(np.uint8)
+
+
+@pytest.mark.parametrize("radii", [(0.09, 0.2), (0.08, 0.22), (0.1, 0.25)])
+def test_detector_reads_thin_tall_crescents_against_the_left_edge(radii: tuple[float, float]) -> None:
+    image = _render_stretched("crescent", (radii[0] * 1.1, 0.5), radii)
+    assert [(o.shape, o.color, o.position) for o in detect(image).objects] == [("crescent", "yellow", "left")]
+
+
+@pytest.mark.parametrize("position", ["left", "centre", "right"])
+@pytest.mark.parametrize("radii", [(0.12, 0.12), (0.14, 0.14), (0.08, 0.2), (0.12, 0.2), (0.14, 0.08)])
+def test_detector_never_reads_a_cross_as_a_crescent(position: str, radii: tuple[float, float]) -> None:
+    image = _render_stretched("cross", (POSITION_X[position], 0.5), radii, color="red", background="grid")
+    found = [(o.shape, o.position) for o in detect(image).objects]
+    assert len(found) == 1 and found[0][1] == position
+    if radii[0] == radii[1]:
+        assert found[0][0] == "cross"
+    assert found[0][0] != "crescent"  # a stretched cross may read as another shape, never as the crescent
 
 
 # ------------------------------------------------------------------------------------ concepts
