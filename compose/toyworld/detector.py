@@ -25,7 +25,7 @@ from PIL import Image
 
 from .morphology import dilate, label_components
 from .scenes import (
-    COLORS, NOVEL_SHAPES, POSITIONS, SEPIA_SHIFT, SHAPES, Scene, render_array, scene_from_seed, shape_mask,
+    COLORS, NOVEL_SHAPES, POSITIONS, SEPIA_SHIFT, SHAPE_MASKS, SHAPES, Scene, render_array, scene_from_seed,
 )
 
 OBJECT_CHROMA = 0.3  # chroma (0..1) above which a pixel is the core of an object (edges are mixed)
@@ -47,6 +47,13 @@ _SHAPE_EXTENT = {"circle": (2.0, 0.0, 0.0), "square": (1.7, 0.0, 0.0), "triangle
 _RADIUS_FACTORS = (0.85, 1.0, 1.15)
 _CENTRE_SHIFTS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # pixels
 _SUPERSAMPLE = 2
+# Generated crescents can be thin slivers (the lunzor LoRA draws them 5 px wide, 13-16 px tall against the
+# left edge); a round crescent template is then twice too wide, and the cross's vertical bar fits better.
+# A blob read as a cross is therefore also fitted with a crescent stretched to its bounding box (its own
+# horizontal and vertical scale, the height / width ratio up to _CRESCENT_STRETCH) and read as a crescent
+# when that fits better than the cross, round or stretched the same way (a thin tall cross stays a cross).
+# Only the cross yields: other shapes keep their round fits.
+_CRESCENT_STRETCH = 2.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,10 @@ def classify_shape(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tupl
     observed = coverage[window[0]:window[1], window[2]:window[3]]
     scores = {shape: _best_template_iou(shape, observed, window, box, size) for shape in DETECTABLE_SHAPES}
     best = max(scores, key=lambda shape: scores[shape])
+    if best == "cross":
+        crescent = _stretched_iou("crescent", observed, window, box, size)
+        if crescent > max(scores[best], _stretched_iou("cross", observed, window, box, size)):
+            return "crescent", crescent
     return best, scores[best]
 
 
@@ -169,19 +180,50 @@ def _best_template_iou(shape: str, observed: np.ndarray, window: tuple[int, int,
     size_factor, offset, offset_x = _SHAPE_EXTENT[shape]
     x0, x1, y0, y1 = box
     radius = max(x1 - x0, y1 - y0) / size_factor / size
-    radii, shift_x, shift_y = (array.ravel() for array in
-                               np.meshgrid(radius * np.array(_RADIUS_FACTORS), _CENTRE_SHIFTS, _CENTRE_SHIFTS,
-                                           indexing="ij"))
-    centre_x = ((x0 + x1) / 2 + shift_x) / size - offset_x * radii
-    centre_y = ((y0 + y1) / 2 + shift_y) / size - offset * radii
+    return _soft_iou(shape, observed, window, box, size, (radius, radius), (offset_x, offset))
+
+
+def _stretched_iou(shape: str, observed: np.ndarray, window: tuple[int, int, int, int],
+                   box: tuple[int, int, int, int], size: int) -> float:
+    """Best soft IoU of ``shape`` scaled to the box's width and height (taller than wide, at most
+    _CRESCENT_STRETCH times), its box centre at the blob's."""
+    (left, right), (top, bottom) = _UNIT_EXTENT[shape]
+    x0, x1, y0, y1 = box
+    radius_x = (x1 - x0) / (right - left) / size
+    radius_y = float(np.clip((y1 - y0) / (bottom - top) / size, radius_x, _CRESCENT_STRETCH * radius_x))
+    return _soft_iou(shape, observed, window, box, size, (radius_x, radius_y),
+                     ((left + right) / 2, (top + bottom) / 2))
+
+
+def _soft_iou(shape: str, observed: np.ndarray, window: tuple[int, int, int, int], box: tuple[int, int, int, int],
+              size: int, radius: tuple[float, float], offset: tuple[float, float]) -> float:
+    """Best soft IoU over a few scales and sub-pixel shifts of ``shape`` with horizontal and vertical
+    ``radius``, centred so that its box centre (``offset`` from its centre, in radii) is the blob's."""
+    x0, x1, y0, y1 = box
+    factors, shift_x, shift_y = (array.ravel() for array in
+                                 np.meshgrid(_RADIUS_FACTORS, _CENTRE_SHIFTS, _CENTRE_SHIFTS, indexing="ij"))
+    radius_x, radius_y = radius[0] * factors, radius[1] * factors
+    centre_x = ((x0 + x1) / 2 + shift_x) / size - offset[0] * radius_x
+    centre_y = ((y0 + y1) / 2 + shift_y) / size - offset[1] * radius_y
     xs, ys = _window_samples(window, size)
-    samples = shape_mask(shape, (centre_x[:, None, None], centre_y[:, None, None]), radii[:, None, None],
-                         xs[None], ys[None])
-    templates = samples.reshape(len(radii), observed.shape[0], _SUPERSAMPLE, observed.shape[1],
+    samples = SHAPE_MASKS[shape]((xs[None] - centre_x[:, None, None]) / radius_x[:, None, None],
+                                 (ys[None] - centre_y[:, None, None]) / radius_y[:, None, None])
+    templates = samples.reshape(len(factors), observed.shape[0], _SUPERSAMPLE, observed.shape[1],
                                 _SUPERSAMPLE).mean(axis=(2, 4))
     overlap = np.minimum(templates, observed[None]).sum(axis=(1, 2))
     union = np.maximum(templates, observed[None]).sum(axis=(1, 2))
     return float((overlap / np.maximum(union, 1e-6)).max())
+
+
+def _unit_extent(shape: str, samples: int = 801) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((left, right), (top, bottom)) of ``shape`` at radius 1 around 0, measured on its mask."""
+    axis = np.linspace(-1.2, 1.2, samples)
+    inside = SHAPE_MASKS[shape](*np.meshgrid(axis, axis))
+    columns, rows = axis[inside.any(axis=0)], axis[inside.any(axis=1)]
+    return (float(columns.min()), float(columns.max())), (float(rows.min()), float(rows.max()))
+
+
+_UNIT_EXTENT = {shape: _unit_extent(shape) for shape in ("crescent", "cross")}
 
 
 def _window_samples(window: tuple[int, int, int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
