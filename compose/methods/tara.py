@@ -13,10 +13,10 @@ Inference — one UNet pass per step with every LoRA active, as Merge, except on
     (text-encoder deltas unmasked, as Merge).
 
 ``untokened`` sets R_i: ``"region"`` (default) the given ``boxes``/``masks`` (regional's parsing), else
-auto's masks from a probe (3 steps of TARA with whole-image regions from the initial latents, the
+auto's masks from a probe (3 steps of the base model from the initial latents, the
 trigger tokens' maps; the generation restarts from those latents); a global LoRA (style,
 background), a single LoRA, or no local one: the whole image. ``"global"``: R_i = 1 everywhere
-(TARA as published). Region masks need ``fuse=False`` and ``self_attention`` "keep" or "off".
+(TARA as published). Where regions apply they need ``fuse=False`` and ``self_attention`` "keep" or "off".
 
 ``self_attention`` sets what the attn1 deltas do (they act on image tokens, so no token mask fits):
 ``"keep"`` (default, as TARA) on every row; ``"cond"`` on the conditional rows only, so the
@@ -164,12 +164,13 @@ class Tara(CompositionMethod):
         if _token_grid(run) is not None:
             if self.untokened == "region":
                 log.info("tara untokened='region' is not built for FLUX/SD3 yet; every delta but the text K/V "
-                            "applies to the whole image")
+                         "applies to the whole image")
             self._start_dit(run)
             return
-        if self.untokened == "region":
-            self._check_region_settings()
         prompt, tokenizers = prompt_and_tokenizers(run)
+        areas = self._plan_regions(prompt, tokenizers) if self.untokened == "region" else None
+        if areas is not None:
+            self._check_region_settings()
         token_masks = self.trigger_masks(prompt, tokenizers)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
                                    for name, mask in token_masks.items()}
@@ -180,25 +181,28 @@ class Tara(CompositionMethod):
         if self.fuse:  # the unmasked deltas folded into the weights, restored from a saved copy at the end
             run.adapters.activate(self.branch(*self.loras).weights, components=["unet"])
             run.patches.fuse(unmasked_lora_layers(run.unet, self.self_attention), [lora.name for lora in self.loras])
-        if self.untokened == "region":
-            self._start_regions(run, prompt, tokenizers)
+        if areas is not None:
+            self._install_regions(run, areas)
 
-    def _start_regions(self, run: Denoiser, prompt: str, tokenizers: Sequence[Any]) -> None:
-        """Region masks on every UNet LoRA layer but the cross-attention K/V (regional's masked deltas):
-        the given boxes/masks, else (found in :meth:`prepare_latents`) auto's masks from a base-model
-        probe of the local LoRAs' trigger maps; nothing is masked when there is one LoRA or no local one."""
+    def _plan_regions(self, prompt: str, tokenizers: Sequence[Any]) -> list[RegionArea] | None:
+        """Each LoRA's region for the untokened deltas: the given boxes/masks, else placeholders that
+        :meth:`prepare_latents` replaces by auto's masks from a base-model probe of the local LoRAs'
+        trigger maps; None (nothing masked) when there is one LoRA or no local one."""
         if self.boxes or self.masks:
-            areas: list[RegionArea] = self._regions.areas(self.loras)
             self.region_source = "given"
-        else:
-            # maps from TARA itself (every LoRA, whole-image regions): its trigger-trained K/V place each concept;
-            # a style stays one whole-image delta, as in TARA
-            auto = Auto(map_source="merged", style_combine="weights")
-            auto.bind(self.loras)
-            auto.plan(prompt, tokenizers)
-            if auto.merges:  # one LoRA, or none local: nothing to keep apart (auto runs Merge there too)
-                return
-            self._auto, areas, self.region_source = auto, [None] * len(self.loras), "automatic"
+            return self._regions.areas(self.loras)
+        # maps from the base model (auto's default; TARA's own merged maps put the lunzor left on the toy
+        # world, docs/methods/tara.md); a style stays one whole-image delta, as in TARA
+        auto = Auto(map_source="base", style_combine="weights")
+        auto.bind(self.loras)
+        auto.plan(prompt, tokenizers)
+        if auto.merges:  # one LoRA, or none local: nothing to keep apart (auto runs Merge there too)
+            return None
+        self._auto, self.region_source = auto, "automatic"
+        return [None] * len(self.loras)
+
+    def _install_regions(self, run: Denoiser, areas: list[RegionArea]) -> None:
+        """Regional's masked deltas on every UNet LoRA layer but the cross-attention K/V."""
         skip = [projection for attention in attention_modules(run.unet, cross=True)
                 for projection in (attention.to_k, attention.to_v)]  # token-masked by TARA's processors
         if self.self_attention == "off":  # no attn1 deltas at all (SelfAttentionRows)

@@ -82,7 +82,7 @@ def test_usage_errors_are_one_line_with_exit_2(argv, expected, capsys):
 def test_a_flag_of_another_method_is_a_one_line_usage_error(capsys):
     assert main(["generate", "--method", "merge", "--box", "0,0,1,1"]) == 2
     err = capsys.readouterr().err
-    assert err == "loracompose generate: error: --box is a setting of composer, regional, not of " \
+    assert err == "loracompose generate: error: --box is a setting of composer, tara, regional, not of " \
                   "--method merge (see --help)\n"
 
 

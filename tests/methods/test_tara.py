@@ -273,10 +273,13 @@ def test_automatic_regions_come_from_the_probe_and_leave_the_unet_clean(sd15, sd
 
 
 def test_region_settings_errors(sd15, sd15_lora_files):
-    spec = [LoraSpec(sd15_lora_files[0])]
+    """Settings regions cannot follow are refused where regions apply (two LoRAs, one local), not with one LoRA."""
+    specs = [LoraSpec(path) for path in sd15_lora_files]
     for settings, match in [({"untokened": "all"}, "untokened"), ({"fuse": True}, "fuse"),
                             ({"self_attention": "cond"}, "cond"),
                             ({"untokened": "global", "boxes": ((0, 0, 1, 1),)}, "boxes"),
                             ({"boxes": ((0, 0, 1, 1), (0, 0, 1, 1), (0, 0, 1, 1))}, "3 boxes")]:
         with pytest.raises(UserError, match=match):
-            sd15.generate("a zkx", spec, Tara(**settings), steps=1, **COMMON)
+            sd15.generate("a zkx in qwv style", specs, Tara(**settings), steps=1, **COMMON)
+    alone = sd15.generate("a zkx", specs[:1], Tara(fuse=True, self_attention="cond"), steps=1, **COMMON)
+    assert alone.method["regions"] == "none"

@@ -30,7 +30,7 @@ METHOD_CASES = [
     ("clora", "clora", {"iterative_steps": (), "max_update_step": 1}),
     ("composer", "composer", {}),
     ("tara", "tara", {}),
-    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond"}),
+    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond", "untokened": "global"}),
     ("autolora", "autolora", {}),
     ("regional", "regional", {}),
     ("regional-latent", "regional", {"mode": "latent"}),
@@ -93,7 +93,8 @@ def test_a_failing_method_leaves_the_next_merge_as_on_a_fresh_pipeline(shared, s
     assert torch.equal(pipe.generate(PROMPT, specs, Merge(), **COMMON).latents, fresh_merge)
 
 
-@pytest.mark.parametrize("method", [Merge(fuse=True), METHODS["tara"](fuse=True)], ids=["merge", "tara"])
+@pytest.mark.parametrize("method", [Merge(fuse=True), METHODS["tara"](fuse=True, untokened="global")],
+                         ids=["merge", "tara"])
 def test_a_fused_run_puts_the_weights_back_exactly(shared, specs, fresh_merge, method):
     """Unmerging by subtraction left the weights ~1e-6 off; they now come back from a saved copy."""
     pipe, clean = shared
@@ -112,7 +113,8 @@ def infinite_lora(source: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", [Merge(fuse=True), METHODS["tara"](fuse=True)], ids=["merge", "tara"])
+@pytest.mark.parametrize("method", [Merge(fuse=True), METHODS["tara"](fuse=True, untokened="global")],
+                         ids=["merge", "tara"])
 def test_a_fused_infinite_lora_does_not_poison_later_requests(shared, specs, fresh_merge, sd15_lora_files, tmp_path,
                                                                method):
     pipe, clean = shared
