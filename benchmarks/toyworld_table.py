@@ -314,8 +314,15 @@ def load_rows(suite: Suite) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def stale(entry: dict[str, Any], weights: str) -> bool:
+    """Whether a set entry was generated with other toy-world weights than the shipped ones."""
+    return entry.get("weights") != weights
+
+
 def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
     seeds = list(suite.seeds)
+    weights = weights_digest()
+    marked = {label: "†" if any(stale(entry, weights) for entry in row["sets"]) else "" for label, row in rows.items()}
     sizes = sorted({entry["n"] for row in rows.values() for entry in row["sets"]})
     lines = [f"Toy world, report seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} images per set and method), "
              f"{suite.steps} steps, CFG {suite.guidance:g}, detector-judged. All concepts of the set present, "
@@ -329,7 +336,7 @@ def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
         cells = [f"{present[n]['mean']:.0f} [{present[n]['ci_low']:.0f}, {present[n]['ci_high']:.0f}] "
                  f"({present[n]['images']})" for n in sizes]
         cells += [f"{exact[n]['mean']:.0f}" for n in sizes if n > 1]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {two_objects(row)} |")
+        lines.append(f"| {label}{marked[label]} | " + " | ".join(cells) + f" | {two_objects(row)} |")
     concepts = list(dict.fromkeys(name for row in rows.values() for name in per_concept(row)))
     lines += ["", "**Per concept**, over every image whose set holds it: present % / exact % (shape, colour "
               "and side for an object; the same for a background or style):", "",
@@ -344,8 +351,13 @@ def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
               "| set | N | " + " | ".join(rows) + " |", "|---|---:|" + "---:|" * len(rows)]
     for index, set_id in enumerate(set_ids):
         summaries = [summarise_set(row["sets"][index]) for row in rows.values()]
+        daggers = ["†" if stale(row["sets"][index], weights) else "" for row in rows.values()]
         lines.append(f"| {set_id} | {summaries[0]['n']} | " + " | ".join(
-            f"{100 * s['all_present']:.0f} ({100 * s['all_exact']:.0f})" for s in summaries) + " |")
+            f"{100 * s['all_present']:.0f} ({100 * s['all_exact']:.0f}){dagger}"
+            for s, dagger in zip(summaries, daggers)) + " |")
+    if any(marked.values()):
+        lines += ["", f"† made with earlier toy-world weights than the shipped ones (manifest {weights}); "
+                  "those sets are not yet rerun."]
     lines += ["", "Rows produced at: " + ", ".join(
         f"{label} {row.get('method_file_commit') or '?'} (run at {row.get('commit') or '?'})"
         for label, row in rows.items()), ""]
