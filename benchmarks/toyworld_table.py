@@ -314,15 +314,37 @@ def load_rows(suite: Suite) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def stale(entry: dict[str, Any], weights: str) -> bool:
-    """Whether a set entry was generated with other toy-world weights than the shipped ones."""
-    return entry.get("weights") != weights
+MANIFEST = "compose/toyworld/weights/manifest.json"
+
+
+def manifest_files(commit: str | None) -> dict[str, str]:
+    """File -> sha256 of the toy-world weights as shipped at ``commit`` (now: the working tree's)."""
+    if commit is None:
+        text = (HERE.parent / MANIFEST).read_text()
+    else:
+        done = subprocess.run(["git", "show", f"{commit}:{MANIFEST}"], cwd=HERE.parent, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            return {}
+        text = done.stdout
+    return {name: entry["sha256"] for name, entry in json.loads(text)["files"].items()}
+
+
+def stale(entry: dict[str, Any], row: dict[str, Any], label: str, shipped: dict[str, str]) -> bool:
+    """Whether any weight file a set entry used (the model, its LoRAs, autolora's gates) differs from
+    the shipped one: compared with the manifest at the commit the entry was generated at."""
+    used = [name for name in shipped if name.startswith("model/")]
+    used += [f"loras/{name}.safetensors" for name in entry["images"][0]]
+    used += ["gates.safetensors"] if label == "autolora" else []
+    then = manifest_files(entry.get("commit") or row.get("commit"))
+    return any(then.get(name) != shipped.get(name) for name in used)
 
 
 def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
     seeds = list(suite.seeds)
-    weights = weights_digest()
-    marked = {label: "†" if any(stale(entry, weights) for entry in row["sets"]) else "" for label, row in rows.items()}
+    shipped = manifest_files(None)
+    old = {label: [stale(entry, row, label, shipped) for entry in row["sets"]] for label, row in rows.items()}
+    marked = {label: "†" if any(flags) else "" for label, flags in old.items()}
     sizes = sorted({entry["n"] for row in rows.values() for entry in row["sets"]})
     lines = [f"Toy world, report seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} images per set and method), "
              f"{suite.steps} steps, CFG {suite.guidance:g}, detector-judged. All concepts of the set present, "
@@ -351,13 +373,13 @@ def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
               "| set | N | " + " | ".join(rows) + " |", "|---|---:|" + "---:|" * len(rows)]
     for index, set_id in enumerate(set_ids):
         summaries = [summarise_set(row["sets"][index]) for row in rows.values()]
-        daggers = ["†" if stale(row["sets"][index], weights) else "" for row in rows.values()]
+        daggers = ["†" if old[label][index] else "" for label in rows]
         lines.append(f"| {set_id} | {summaries[0]['n']} | " + " | ".join(
             f"{100 * s['all_present']:.0f} ({100 * s['all_exact']:.0f}){dagger}"
             for s, dagger in zip(summaries, daggers)) + " |")
     if any(marked.values()):
-        lines += ["", f"† made with earlier toy-world weights than the shipped ones (manifest {weights}); "
-                  "those sets are not yet rerun."]
+        lines += ["", "† made with an earlier version of a weight file the set uses (a LoRA, or autolora's "
+                  "gates) than the shipped one; those sets are not yet rerun."]
     lines += ["", "Rows produced at: " + ", ".join(
         f"{label} {row.get('method_file_commit') or '?'} (run at {row.get('commit') or '?'})"
         for label, row in rows.items()), ""]
