@@ -258,12 +258,12 @@ class Auto(CompositionMethod):
             self._regional = None
 
     # -- probe and masks -------------------------------------------------------------------
-    def probe_regions(self, run: Denoiser, latents: torch.Tensor) -> list[torch.Tensor | None]:
+    def probe_regions(self, run: Denoiser, latents: torch.Tensor) -> list[list[torch.Tensor | None]]:
         """For another method's use (TARA): after :meth:`plan`, probe from ``latents`` (the initial ones)
-        on a copy of the scheduler and return each LoRA's region in the first image, as regional takes
-        them (local: its mask; global: None or, for a background, where no local concept is)."""
+        on a copy of the scheduler and return, per image, each LoRA's region as regional takes them
+        (local: its mask; global: None or, for a background, where no local concept is)."""
         self._probe(run, latents)
-        return self._areas(0)
+        return [self._areas(image) for image in range(latents.shape[0])]
 
     def _probe(self, run: Denoiser, latents: torch.Tensor) -> None:
         scheduler = copy.deepcopy(run.scheduler)
@@ -347,7 +347,7 @@ class Auto(CompositionMethod):
         for image in range(images):  # each image has its own masks: one regional pass per image
             regional.set_masks(self._areas(image))
             predictions.append(self._regional_image(regional, view, step, latents[image:image + 1], image))
-        return _stacked(predictions)
+        return stacked_predictions(predictions)
 
     def _regional_image(self, regional: Regional, run: Denoiser, step: Step, latents: torch.Tensor,
                         image: int) -> Prediction:
@@ -503,7 +503,7 @@ class PassRegional(Regional):
         return run.predict(latents, step, [self.branch(*present)])[0]
 
 
-def _stacked(predictions: Sequence[Prediction]) -> Prediction:
+def stacked_predictions(predictions: Sequence[Prediction]) -> Prediction:
     """One-image predictions as one prediction of all the images, in order."""
     unconds = [p.uncond for p in predictions if p.uncond is not None]
     uncond = torch.cat(unconds) if len(unconds) == len(predictions) else None

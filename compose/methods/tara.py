@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from loracompose.errors import UserError
 from loracompose.lazy import LazyImport
 from loracompose.lora import FLUX, SD3, LoadedLora
-from loracompose.methods.auto import Auto
+from loracompose.methods.auto import Auto, one_image_view, stacked_predictions
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, require_loras
 from loracompose.methods.composer import Box
 from loracompose.methods.regional import Regional, _joint_order, _token_grid
@@ -131,6 +131,8 @@ class Tara(CompositionMethod):
         self._regions = Regional(boxes=self.boxes, masks=self.masks)  # parses and checks boxes and masks
         self.region_masks: RegionMasks | None = None  # the running generation's regions (None: none masked)
         self._auto: Auto | None = None  # finds the regions from trigger maps when none are given
+        self._image_areas: Sequence[Sequence[RegionArea]] = []  # automatic regions, per image of the generation
+        self._trigger_token_masks: dict[str, torch.Tensor] = {}
         self.region_source = "none"  # "given", "automatic" or "none" (every delta unmasked), for the record
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
@@ -171,9 +173,9 @@ class Tara(CompositionMethod):
         areas = self._plan_regions(prompt, tokenizers) if self.untokened == "region" else None
         if areas is not None:
             self._check_region_settings()
-        token_masks = self.trigger_masks(prompt, tokenizers)
+        self._trigger_token_masks = self.trigger_masks(prompt, tokenizers)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
-                                   for name, mask in token_masks.items()}
+                                   for name, mask in self._trigger_token_masks.items()}
         install_token_masked_cross_attention(run.patches, run.unet, self._token_masks, self.backend)
         if self.self_attention != "keep":
             rows = cfg_rows(run.batch_size, run.do_cfg) if self.self_attention == "cond" else None
@@ -212,10 +214,8 @@ class Tara(CompositionMethod):
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         if step.index == 0 and self._auto is not None and self.region_masks is not None:
-            if latents.shape[0] > 1:
-                log.warning("tara: the automatic regions come from the first image and apply to all %d images",
-                            latents.shape[0])
-            self.region_masks.set_areas(self._auto.probe_regions(run, latents))
+            self._image_areas = self._auto.probe_regions(run, latents)  # one list of regions per image
+            self.region_masks.set_areas(self._image_areas[0])
         if step.index == 0 and self.region_masks is not None:
             grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
             for lora, area in zip(self.loras, self.region_masks.areas):
@@ -262,10 +262,24 @@ class Tara(CompositionMethod):
         warnings.warn(message + "; its cross-attention K/V deltas are off", UserWarning, stacklevel=2)
 
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
-        return run.predict(latents, step, [self.branch(*self.loras)])[0]
+        branch = self.branch(*self.loras)
+        if len(self._image_areas) < 2 or self.region_masks is None:
+            return run.predict(latents, step, [branch])[0]
+        # automatic regions differ per image: one pass per image with its own regions (as auto does)
+        view, full_rows = one_image_view(run), self._token_masks.masks
+        self._token_masks.masks = {name: cfg_row_masks(mask, 1, run.do_cfg)
+                                   for name, mask in self._trigger_token_masks.items()}
+        try:
+            predictions = []
+            for image, areas in enumerate(self._image_areas):
+                self.region_masks.set_areas(areas)
+                predictions.append(view.predict(latents[image:image + 1], step, [branch])[0])
+        finally:
+            self._token_masks.masks = full_rows
+        return stacked_predictions(predictions)
 
     def finish(self, run: Denoiser) -> None:
-        self._token_masks.masks = {}
+        self._token_masks.masks, self._image_areas = {}, []
         self._auto = None  # its probe's recorder is undone by run.patches, as are the region patches
 
     def settings(self) -> dict[str, Any]:

@@ -223,10 +223,12 @@ def test_fuse_matches_unfused_and_restores_the_weights_exactly(sd15, sd15_lora_f
                                                   ({"boxes": ((0, 0, 0.5, 1),)}, 0)])
 def test_unet_calls_and_rows(sd15, sd15_lora_files, guidance, rows_per_step, settings, probe_calls):
     """One UNet call per step; automatic regions add the base model's probe (auto's 3 steps, one call each,
-    the same rows: the base model on every image)."""
+    the same rows: the base model on every image) and, their regions being per image, one call per image
+    and step (the same rows in all)."""
     result = sd15.generate("a zkx in qwv style", [LoraSpec(path) for path in sd15_lora_files], Tara(**settings),
                            steps=4, num_images=2, guidance_scale=guidance, **COMMON)
-    assert result.stats.unet_calls == 4 + probe_calls
+    calls_per_step = 2 if probe_calls else 1
+    assert result.stats.unet_calls == 4 * calls_per_step + probe_calls
     assert result.stats.unet_rows == (4 + probe_calls) * rows_per_step
     assert result.method["name"] == "tara"
     assert result.method["regions"] == ("automatic" if probe_calls else "given" if "boxes" in settings else "none")
@@ -270,6 +272,17 @@ def test_automatic_regions_come_from_the_probe_and_leave_the_unet_clean(sd15, sd
     assert {key: type(p) for key, p in sd15.unet.attn_processors.items()} == before
     assert not any(type(module).forward is not module.forward.__func__ for module in sd15.unet.modules()
                    if isinstance(module, LoraLayer) and hasattr(module.forward, "__func__"))
+
+
+def test_automatic_regions_are_per_image(sd15, sd15_lora_files):
+    """Several images in one call: each gets its own probe regions, so each equals its one-image run
+    (image k of a call with seed s uses seed s + k)."""
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    both = sd15.generate("a zkx in qwv style", specs, Tara(), steps=2, seed=5, num_images=2, **COMMON)
+    alone = [sd15.generate("a zkx in qwv style", specs, Tara(), steps=2, seed=seed, **COMMON) for seed in (5, 6)]
+    for image, single in enumerate(alone):
+        torch.testing.assert_close(both.latents[image:image + 1], single.latents, rtol=0, atol=1e-5)
+    assert both.stats.unet_calls == 2 + 2 * 2  # the probe (2 steps, all images) + one pass per image and step
 
 
 def test_region_settings_errors(sd15, sd15_lora_files):
