@@ -146,7 +146,8 @@ def run_method(pipe: Any, suite: Suite, method: MethodEntry, images_dir: Path,
     ``previous``): per image judgements, per set wall time, commit and toy-world weights."""
     seeds = list(suite.seeds)
     batched = batch_safe(method.label) and consecutive(seeds)
-    kept = {entry["set"]: entry for entry in (previous or {}).get("sets", [])}
+    kept = {entry["set"]: {"commit": (previous or {}).get("commit"), **entry}  # the run that made it
+            for entry in (previous or {}).get("sets", [])}
     sets = []
     for composition_set in suite.sets:
         if only_sets is not None and composition_set.id not in only_sets and composition_set.id in kept:
