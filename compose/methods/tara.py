@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from loracompose.errors import UserError
+from loracompose.kinds import is_local, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import FLUX, SD3, LoadedLora
 from loracompose.methods.auto import Auto, one_image_view, stacked_predictions
@@ -91,6 +92,7 @@ TARA_CLASS_KEY = "loracompose.tara_class"
 SELF_ATTENTION_MODES = ("keep", "cond", "off")
 MISSING_TRIGGER_MODES = ("error", "warn")
 UNTOKENED_MODES = ("region", "global")
+GLOBAL_KIND_MODES = ("every_token", "trigger")
 _REGIONAL_FIELDS = {f.name: f for f in fields(Regional)}  # the same --box/--mask flags as regional's
 
 
@@ -123,6 +125,10 @@ class Tara(CompositionMethod):
                 "its region (boxes/masks, else automatic masks from its trigger maps), global = everywhere"})
     boxes: tuple[Box, ...] | None = field(default=None, metadata=_REGIONAL_FIELDS["boxes"].metadata)
     masks: tuple[str, ...] | None = field(default=None, metadata=_REGIONAL_FIELDS["masks"].metadata)
+    global_kinds: str = field(default="every_token", metadata={
+        "choices": GLOBAL_KIND_MODES,
+        "help": "cross-attention K/V deltas of a style or background LoRA (its kind as auto reads it): on every "
+                "text token (every_token; a style is tied to no word) or only at its trigger words (trigger)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +139,7 @@ class Tara(CompositionMethod):
         self._auto: Auto | None = None  # finds the regions from trigger maps when none are given
         self._image_areas: Sequence[Sequence[RegionArea]] = []  # automatic regions, per image of the generation
         self._trigger_token_masks: dict[str, torch.Tensor] = {}
+        self.every_token: list[str] = []  # LoRAs of a global kind whose K/V deltas act on every token
         self.region_source = "none"  # "given", "automatic" or "none" (every delta unmasked), for the record
 
     def check(self, loras: Sequence[LoadedLora]) -> None:
@@ -140,6 +147,7 @@ class Tara(CompositionMethod):
         _check_choice("tara self_attention", self.self_attention, SELF_ATTENTION_MODES)
         _check_choice("tara missing_trigger", self.missing_trigger, MISSING_TRIGGER_MODES)
         _check_choice("tara untokened", self.untokened, UNTOKENED_MODES)
+        _check_choice("tara global_kinds", self.global_kinds, GLOBAL_KIND_MODES)
         if self.untokened == "global" and (self.boxes or self.masks):
             raise UserError("tara: boxes and masks place the untokened deltas; drop them or use untokened='region'")
         for lora in loras:
@@ -173,7 +181,7 @@ class Tara(CompositionMethod):
         areas = self._plan_regions(prompt, tokenizers) if self.untokened == "region" else None
         if areas is not None:
             self._check_region_settings()
-        self._trigger_token_masks = self.trigger_masks(prompt, tokenizers)
+        self._trigger_token_masks = self._every_token_for_global_kinds(self.trigger_masks(prompt, tokenizers))
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
                                    for name, mask in self._trigger_token_masks.items()}
         install_token_masked_cross_attention(run.patches, run.unet, self._token_masks, self.backend)
@@ -242,6 +250,14 @@ class Tara(CompositionMethod):
                               if isinstance(layer, LoraLayer) and id(layer) not in masked_ids],
                              [lora.name for lora in self.loras])
 
+    def _every_token_for_global_kinds(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``global_kinds="every_token"``, a style or background LoRA's K/V deltas act on every text
+        token, as Merge's: masked to its trigger word it lost the style entirely on the toy world (the
+        token masks are for local concepts)."""
+        self.every_token = [lora.name for lora in self.loras if self.global_kinds == "every_token"
+                            and (kind := lora_kind(lora)[0]) is not None and not is_local(kind)]
+        return {name: torch.ones_like(mask) if name in self.every_token else mask for name, mask in masks.items()}
+
     def trigger_masks(self, prompt: str, tokenizers: Sequence[Any],
                       find: Callable[[Sequence[Any], str, Sequence[str]], WordPositions] = trigger_positions,
                       ) -> dict[str, torch.Tensor]:
@@ -285,7 +301,7 @@ class Tara(CompositionMethod):
     def settings(self) -> dict[str, Any]:
         settings = self._regions.settings()
         return {**super().settings(), "boxes": settings.get("boxes"), "masks": settings.get("masks"),
-                "regions": self.region_source}
+                "regions": self.region_source, "every_token": list(self.every_token)}
 
 
 def _check_choice(label: str, value: str, choices: Sequence[str]) -> None:

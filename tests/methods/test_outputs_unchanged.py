@@ -51,10 +51,12 @@ CASES = [
     ("composer", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine_with_globals": True}),
     ("composer-plain", "composer", {"boxes": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), "refine": False,
                                     "reinitialise": False, "checkpoint_refinement": False}),
-    # TARA as recorded: the deltas that have no token on the whole image (issue 20 added region masks).
-    ("tara", "tara", {"untokened": "global"}),
-    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond", "untokened": "global"}),
-    ("tara-off", "tara", {"self_attention": "off", "untokened": "global"}),
+    # TARA as recorded: the deltas that have no token on the whole image (issue 20 added region masks)
+    # and a style LoRA's K/V at its trigger words (issue 20 gave global kinds every token).
+    ("tara", "tara", {"untokened": "global", "global_kinds": "trigger"}),
+    ("tara-fuse-cond", "tara", {"fuse": True, "self_attention": "cond", "untokened": "global",
+                                "global_kinds": "trigger"}),
+    ("tara-off", "tara", {"self_attention": "off", "untokened": "global", "global_kinds": "trigger"}),
     ("autolora-open", "autolora", {}),
     ("autolora-gated", "autolora", {"gates": "GATES"}),
 ]

@@ -160,15 +160,39 @@ def test_unconditional_half_gets_no_kv_deltas(sd15, kv_only_lora):
 
 def test_absent_trigger_contributes_nothing_on_kv(sd15, sd15_lora_files, kv_only_lora):
     character = LoraSpec(sd15_lora_files[0])  # trigger "zkx"; the K/V-only LoRA's "qwv" is not in the prompt
+    # the K/V-only LoRA is a style: masked to its trigger like an object here (global_kinds="trigger")
     with pytest.warns(UserWarning, match="kvonly"):
         both = sd15.generate("a zkx", [character, LoraSpec(kv_only_lora)],
-                             Tara(missing_trigger="warn", untokened="global"), steps=2, **COMMON)
+                             Tara(missing_trigger="warn", untokened="global", global_kinds="trigger"), steps=2,
+                             **COMMON)
     alone = sd15.generate("a zkx", [character], Tara(untokened="global"), steps=2, **COMMON)
     torch.testing.assert_close(both.latents, alone.latents, rtol=0, atol=1e-6)
-    present = sd15.generate("a zkx, qwv", [character, LoraSpec(kv_only_lora)], Tara(untokened="global"), steps=2,
-                            **COMMON)
+    present = sd15.generate("a zkx, qwv", [character, LoraSpec(kv_only_lora)],
+                            Tara(untokened="global", global_kinds="trigger"), steps=2, **COMMON)
     again = sd15.generate("a zkx, qwv", [character], Tara(untokened="global"), steps=2, **COMMON)
     assert (present.latents - again.latents).abs().max() > 1e-3
+
+
+class TriggerOnlyTara(RecordedTara):
+    """TARA whose token masks are each LoRA's trigger words, whatever its kind."""
+
+    def _every_token_for_global_kinds(self, masks):
+        self.every_token = []
+        return masks
+
+
+def test_a_style_lora_keeps_its_kv_deltas_on_every_token(sd15, kv_only_lora):
+    """A LoRA of a global kind (the K/V-only style LoRA) gets K/V deltas on every text token of the
+    conditional rows: equal to all-ones masks, unlike its trigger-only mask."""
+    spec = [LoraSpec(kv_only_lora)]
+    style = RecordedTara()
+    default = first_prediction(sd15, spec, style)
+    assert style.every_token == ["kvonly"] and style.settings()["every_token"] == ["kvonly"]
+    ones = first_prediction(sd15, spec, AllOnesTara())
+    torch.testing.assert_close(default.cond, ones.cond, rtol=0, atol=1e-6)
+    trigger = first_prediction(sd15, spec, RecordedTara(global_kinds="trigger"))
+    assert (trigger.cond - default.cond).abs().max() > 1e-3
+    torch.testing.assert_close(trigger.cond, first_prediction(sd15, spec, TriggerOnlyTara()).cond, rtol=0, atol=0)
 
 
 def test_absent_trigger_is_an_error_by_default_and_leaves_the_unet_clean(sd15, sd15_lora_files):
