@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from loracompose.errors import UserError
 
-from .capture import AttentionStore
+from .capture import AttentionStore, SummedTokenMaps
 from .layers import AttentionLayer, ProcessorHandle, install_processors, processors_for, select_layers
 from .masks import LatentGrid
 from .processor import ComposeAttnProcessor
@@ -176,7 +176,7 @@ class AutoMasks:
 # ------------------------------------------------------------------------------------ capture
 
 
-class TriggerMapRecorder:
+class TriggerMapRecorder(SummedTokenMaps):
     """Sums the conditional rows' cross-attention maps of chosen tokens over UNet calls.
 
     Installed on :func:`auto_mask_layers`; each UNet call's maps (mean over the layers and heads)
@@ -184,36 +184,23 @@ class TriggerMapRecorder:
     batched in one call, rows stay in [branch][image] order (see :class:`AttentionStore`).
     """
 
+    model_word = "UNet"
+
     def __init__(self, unet: torch.nn.Module, layers: Sequence[AttentionLayer], token_indices: Sequence[int],
                  *, conditional_rows: bool, backend: str = "sdpa") -> None:
         tokens = sorted(set(token_indices))
+        super().__init__(tokens)
         self.store = AttentionStore(token_indices=tokens, rows="cond" if conditional_rows else "all")
-        self.columns = {token: column for column, token in enumerate(tokens)}
-        self._sum: torch.Tensor | None = None
         self._handle: ProcessorHandle = install_processors(
             unet, processors_for(layers, lambda _: ComposeAttnProcessor(backend, store=self.store)))
         self._hook = unet.register_forward_hook(self._add_call)
 
     def _add_call(self, _module: torch.nn.Module, _args: tuple, _output: object) -> None:
-        maps = self.store.maps()
-        self._sum = maps if self._sum is None or self._sum.shape != maps.shape else self._sum + maps
+        self._add(self.store.maps())
 
     def last_call(self) -> torch.Tensor:
         """(rows, map rows, map columns, chosen tokens) of the latest UNet call."""
         return self.store.maps()
-
-    def maps(self) -> torch.Tensor:
-        """(rows, map rows, map columns, chosen tokens): the maps summed since the last reset."""
-        if self._sum is None:
-            raise UserError("no attention maps were recorded: run the UNet while the recorder is installed")
-        return self._sum
-
-    def token_columns(self, token_groups: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Token positions in the prompt -> columns of :meth:`maps`."""
-        return [[self.columns[token] for token in tokens] for tokens in token_groups]
-
-    def reset(self) -> None:
-        self._sum = None
 
     def remove(self) -> None:
         """Put the previous processors back and stop recording; safe to call twice."""

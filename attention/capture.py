@@ -118,3 +118,33 @@ def _resized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     channels_first = maps.permute(0, 3, 1, 2)
     resized = F.interpolate(channels_first, size=size, mode="bilinear", align_corners=False)
     return resized.permute(0, 2, 3, 1)
+
+
+class SummedTokenMaps:
+    """Maps of chosen text tokens summed over denoiser calls, as the map recorders keep them
+    (``TriggerMapRecorder`` on UNets, ``JointMapRecorder`` on DiTs): a column per chosen token."""
+
+    model_word = "model"  # named in the error when nothing was recorded
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.columns = {token: column for column, token in enumerate(tokens)}
+        self._sum: torch.Tensor | None = None
+
+    def _add(self, maps: torch.Tensor) -> None:
+        """Add one call's maps to the sum (a call of another shape starts it again)."""
+        same = self._sum is not None and self._sum.shape == maps.shape
+        self._sum = self._sum + maps if same and self._sum is not None else maps
+
+    def maps(self) -> torch.Tensor:
+        """(rows, map rows, map columns, chosen tokens): the maps summed since the last reset."""
+        if self._sum is None:
+            raise UserError(f"no attention maps were recorded: run the {self.model_word} while the recorder is "
+                            "installed")
+        return self._sum
+
+    def token_columns(self, token_groups: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token positions of the text sequence -> columns of :meth:`maps`."""
+        return [[self.columns[token] for token in tokens] for tokens in token_groups]
+
+    def reset(self) -> None:
+        self._sum = None

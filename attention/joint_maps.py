@@ -42,6 +42,8 @@ import torch
 
 from loracompose.errors import UserError
 
+from .capture import SummedTokenMaps
+
 Normaliser = Literal["text", "joint"]
 NORMALISERS = ("text", "joint")
 CHUNK_ELEMENTS = 1 << 24  # scores held at once per chunk of image queries (64 MiB in float32)
@@ -218,7 +220,7 @@ class JointMapProcessor:
         return states[states.shape[0] // 2:]
 
 
-class JointMapRecorder:
+class JointMapRecorder(SummedTokenMaps):
     """Sums text-to-image maps of chosen text tokens over transformer calls, averaged over blocks.
 
     Installed on the attention modules ``blocks`` (:func:`default_map_blocks` by default) of a FLUX or
@@ -228,6 +230,8 @@ class JointMapRecorder:
     maps keep the graph back to the transformer's inputs (run the call with grad mode on).
     """
 
+    model_word = "transformer"
+
     def __init__(self, transformer: torch.nn.Module, token_grid: tuple[int, int], token_indices: Sequence[int], *,
                  blocks: Sequence[str] | None = None, conditional_rows: bool = False,
                  normaliser: Normaliser = "text", requires_grad: bool = False) -> None:
@@ -236,8 +240,8 @@ class JointMapRecorder:
         tokens = sorted(set(token_indices))
         if not tokens or tokens[0] < 0:
             raise UserError(f"token positions {list(token_indices)} must be non-empty and non-negative")
+        super().__init__(tokens)
         self.token_grid = (int(token_grid[0]), int(token_grid[1]))
-        self.columns = {token: column for column, token in enumerate(tokens)}
         self.blocks = list(blocks) if blocks is not None else default_map_blocks(transformer)
         known = set(joint_map_blocks(transformer))
         unknown = [name for name in self.blocks if name not in known]
@@ -247,7 +251,6 @@ class JointMapRecorder:
         self.transformer = transformer
         self._call: dict[str, torch.Tensor] = {}
         self._last: torch.Tensor | None = None
-        self._sum: torch.Tensor | None = None
         self._previous: dict[str, Any] = {}
         for name in self.blocks:
             attn: Any = transformer.get_submodule(name)
@@ -272,27 +275,13 @@ class JointMapRecorder:
         maps = torch.stack(list(self._call.values())).mean(dim=0)
         self._call = {}
         self._last = maps.reshape(maps.shape[0], *self.token_grid, maps.shape[-1])
-        same = self._sum is not None and self._sum.shape == self._last.shape
-        self._sum = self._sum + self._last if same and self._sum is not None else self._last
+        self._add(self._last)
 
     def last_call(self) -> torch.Tensor:
         """(rows, grid rows, grid columns, chosen tokens) of the latest transformer call."""
         if self._last is None:
             raise UserError("no attention maps were recorded: run the transformer while the recorder is installed")
         return self._last
-
-    def maps(self) -> torch.Tensor:
-        """(rows, grid rows, grid columns, chosen tokens): the maps summed since the last reset."""
-        if self._sum is None:
-            raise UserError("no attention maps were recorded: run the transformer while the recorder is installed")
-        return self._sum
-
-    def token_columns(self, token_groups: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Token positions in the text stream -> columns of :meth:`maps`."""
-        return [[self.columns[token] for token in tokens] for tokens in token_groups]
-
-    def reset(self) -> None:
-        self._sum = None
 
     def remove(self) -> None:
         """Put the wrapped processors back and stop recording; safe to call twice."""
