@@ -195,12 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=None, help="set ids such as moxel+lunzor (default: all)")
     parser.add_argument("--tag", default="report", help="name of the result files: toyworld-auto-TAG.{json,md}")
     parser.add_argument("--images", type=Path, default=None, help="write one grid PNG per method and set here")
+    parser.add_argument("--loras", type=Path, default=None,
+                        help="folder of NAME.safetensors concept LoRAs (default: the embedded toy world's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = parse_seeds(args.seeds)
     default = embedded_default()
     pipe = load_pipeline(default.model_dir, device="cpu", dtype="fp32")
-    lora_dir = default.loras[0].path.parent
+    lora_dir = args.loras or default.loras[0].path.parent
+    missing = [name for name in CONCEPTS if not (lora_dir / f"{name}.safetensors").is_file()]
+    if missing:
+        parser.error(f"--loras {lora_dir}: no {missing[0]}.safetensors there; give a folder with every concept's LoRA")
     results: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     for text in args.methods:
