@@ -43,7 +43,7 @@ PATH_SETTINGS = {"gates"}  # method settings that name files: relative to the su
 PATH_LIST_SETTINGS = {"masks"}  # method settings that list files (regional's masks), the same way
 DEFAULTS: dict[str, Any] = {
     "prompt": TRIGGERS_FIELD, "negative_prompt": None, "seeds": [0], "width": None, "height": None, "steps": 30,
-    "guidance": 7.5, "scheduler": None, "lora_weight": 1.0, "append_triggers": True,
+    "guidance": None, "scheduler": None, "lora_weight": 1.0, "append_triggers": True,
     "text_encoder_loras": True, "device": "auto", "dtype": "auto", "config": None, "vae": None, "lora_dir": None,
 }
 
@@ -165,7 +165,7 @@ class Suite:
     width: int | None = None
     height: int | None = None
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model family's own (SD1.5/SDXL 7.5, FLUX 3.5 distilled, SD3 7)
     scheduler: str | None = None  # None: the model family's own (SD1.5/SDXL DPM-Solver++, FLUX/SD3 Euler)
     append_triggers: bool = True
     text_encoder_loras: bool = True
@@ -217,6 +217,8 @@ class Suite:
 
     def _fingerprint(self, method: MethodEntry, composition_set: CompositionSet, seed: int) -> str:
         # A suite without a scheduler hashes as DPM-Solver++, the default before DiTs, so its job ids stay the same.
+        # A suite without guidance hashes as null, not as SD's 7.5: on FLUX the family's 3.5 and an explicit
+        # 7.5 make different images, so they must not share ids (SD suites without guidance got new ids).
         generation = self.generation_settings() | {"scheduler": self.scheduler or LEGACY_DEFAULT_SCHEDULER}
         payload = {**generation, "method": method.describe() | {"label": None}, "seed": seed,
                    "prompt": composition_set.prompt,
@@ -605,7 +607,10 @@ def _number(value: Any, label: str) -> float:
     return float(value)
 
 
-def _guidance(value: Any) -> float:
+def _guidance(value: Any) -> float | None:
+    """The suite's guidance scale, or None (left out or null): the loaded model family's own."""
+    if value is None:
+        return None
     guidance = _number(value, "guidance")
     if guidance < 0:
         raise UserError(f"suite guidance {guidance}: the CFG scale cannot be negative")
