@@ -277,6 +277,11 @@ class JointMapRecorder(SummedTokenMaps):
         self._last = maps.reshape(maps.shape[0], *self.token_grid, maps.shape[-1])
         self._add(self._last)
 
+    def end_call(self) -> None:
+        """Close the current transformer call by hand: a call ended early (after its last map block)
+        never reaches the forward hook that closes calls."""
+        self._add_call(self.transformer, (), None)
+
     def last_call(self) -> torch.Tensor:
         """(rows, grid rows, grid columns, chosen tokens) of the latest transformer call."""
         if self._last is None:

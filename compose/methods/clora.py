@@ -38,6 +38,13 @@ SDXL's map modules stack 10 transformer blocks; ``map_layers_per_module=1`` read
 each (a cost choice). Defaults follow the reference code except where it contradicts the method:
 ``latent_update`` is on and ``iterative_steps`` is (0, 10, 20) with 20 extra iterations (paper and
 example notebook). The reference's optional style LoRA and guidance rescale are not implemented.
+
+On FLUX.1 and SD3 (docs/dit.md) the same loop and the same steps run on the joint attention: the maps
+are its image-query x text-key block on the blocks ``auto`` reads (attention/joint_maps.py, with their
+graph for the updates), token positions index the joint text stream (FLUX: T5's; SD3: 77 CLIP then
+T5's), the gradient reaches whatever latents the loop holds (FLUX: packed tokens; SD3: (B, C, H, W)),
+masks live on the image-token grid, and ``gate="layers"`` masks every transformer LoRA layer by the
+tokens it sees (attention/regional_dit.py) with the generation's prompt as the one text stream.
 """
 
 from __future__ import annotations
@@ -45,14 +52,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence, cast
 
 from loracompose.errors import UserError
 from loracompose.kinds import BACKGROUND, STYLE, lora_kind
 from loracompose.lazy import LazyImport
 from loracompose.lora import LoadedLora, with_trigger_words
-from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
-from loracompose.tokens import trigger_positions
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, frozen_parameters, require_loras
+from loracompose.tokens import stream_trigger_positions, trigger_positions
 from loracompose.pipelines.values import Branch, Prediction, Step
 
 if TYPE_CHECKING:
@@ -70,8 +77,10 @@ if TYPE_CHECKING:
         stop_after_layers,
     )
     from loracompose.attention.auto_masks import auto_mask_layers, smooth
+    from loracompose.attention.joint_maps import JointMapRecorder, default_map_blocks
     from loracompose.attention.regional import RegionMasks, install_regional
-    from loracompose.methods.auto import one_image_view
+    from loracompose.attention.regional_dit import install_regional_dit
+    from loracompose.methods.auto import _on_latents, one_image_view, text_streams
     from loracompose.pipelines.denoiser import Denoiser
     from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
@@ -85,7 +94,13 @@ else:  # imported on first use: the settings dataclass imports without the model
                                 for name in ("auto_mask_layers", "smooth"))
     RegionMasks, install_regional = (LazyImport("loracompose.attention.regional", name)
                                      for name in ("RegionMasks", "install_regional"))
-    one_image_view = LazyImport("loracompose.methods.auto", "one_image_view")
+    JointMapRecorder, default_map_blocks = (LazyImport("loracompose.attention.joint_maps", name)
+                                            for name in ("JointMapRecorder", "default_map_blocks"))
+    install_regional_dit = LazyImport("loracompose.attention.regional_dit", "install_regional_dit")
+    # _on_latents: auto's placing of a token-grid mask on the loop's latents (FLUX packed, SD3 patches)
+    _on_latents, one_image_view, text_streams = (LazyImport("loracompose.methods.auto", name)
+                                                 for name in ("_on_latents", "one_image_view", "text_streams"))
+    PatchStack = LazyImport("loracompose.pipelines.patches", "PatchStack")
 
 BASE_NAME = "base"
 MORPHOLOGY = ("dilate", "erode", "open", "close")
@@ -262,12 +277,17 @@ def concept_masks(
 # ------------------------------------------------------------------------------------ fusion
 
 
-def fuse(predictions: Sequence[Prediction], masks: ConceptMasks) -> Prediction:
-    """Each CFG half of the branches' noise, taken where the branch owns the pixel."""
-    weights = masks.one_hot().to(device=predictions[0].cond.device, dtype=predictions[0].cond.dtype)
+def fuse(predictions: Sequence[Prediction], masks: ConceptMasks,
+         place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Prediction:
+    """Each CFG half of the branches' noise, taken where the branch owns the pixel.
+
+    ``place`` shapes one branch's (images, rows, columns) 0/1 mask to multiply the predictions; by
+    default the masks are at latent resolution: (images, 1, height, width)."""
+    one_hot = masks.one_hot().to(device=predictions[0].cond.device, dtype=predictions[0].cond.dtype)
+    weights = [(place or (lambda mask: mask[:, None]))(one_hot[:, p]) for p in range(one_hot.shape[1])]
 
     def blend(halves: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        return torch.stack([weights[:, p : p + 1] * half for p, half in enumerate(halves) if half is not None]).sum(0)
+        return torch.stack([weights[p] * half for p, half in enumerate(halves) if half is not None]).sum(0)
 
     uncond = None if predictions[0].uncond is None else blend([p.uncond for p in predictions])
     return Prediction(cond=blend([p.cond for p in predictions]), uncond=uncond)
@@ -318,11 +338,66 @@ class MapRecorder:
         finally:
             self._calls = None
 
+    def stopped_call(self) -> torch.Tensor:
+        """The maps of a call that ended after the map layers (its forward hook never ran)."""
+        return self.store.maps()
+
     @staticmethod
     def per_branch(calls: Sequence[torch.Tensor], num_branches: int) -> torch.Tensor:
         """(branches, images, rows, columns, tokens) from the recorded calls."""
         rows = torch.cat(list(calls))
         return rows.reshape(num_branches, rows.shape[0] // num_branches, *rows.shape[1:])
+
+
+class JointBranchMaps:
+    """:class:`MapRecorder`'s part on a DiT (FLUX.1, SD3): text-to-image maps of the joint attention
+    (attention/joint_maps.py) of every transformer call made while recording, on the blocks ``auto``
+    reads, for the chosen text positions only (a column each, in sorted order; :meth:`columns`).
+
+    Maps lie on the image-token grid (``level`` 0). Each recording installs a
+    :class:`JointMapRecorder` with its rows and graph setting and removes it when done.
+    """
+
+    level = 0
+
+    def __init__(self, transformer: torch.nn.Module, token_grid: tuple[int, int], tokens: Sequence[int]) -> None:
+        self.transformer = transformer
+        self.token_grid = token_grid
+        self.tokens = sorted(set(tokens))
+        self.layer_names = default_map_blocks(transformer)
+        self._recorder: JointMapRecorder | None = None
+
+    def columns(self, groups: TokenGroups) -> TokenGroups:
+        """Token positions [concept][branch] -> the maps' columns."""
+        index = {token: column for column, token in enumerate(self.tokens)}
+        return [[[index[token] for token in tokens] for tokens in per_branch] for per_branch in groups]
+
+    @contextmanager
+    def recording(self, *, conditional_half: bool, requires_grad: bool) -> Iterator[list[torch.Tensor]]:
+        """As :meth:`MapRecorder.recording`: each call's maps, conditional half or all rows."""
+        recorder = JointMapRecorder(self.transformer, self.token_grid, self.tokens, blocks=self.layer_names,
+                                    conditional_rows=conditional_half, requires_grad=requires_grad)
+        calls: list[torch.Tensor] = []
+
+        def keep(_module: torch.nn.Module, _args: tuple, _output: Any) -> None:  # after the recorder's hook
+            calls.append(recorder.last_call())
+            recorder.reset()
+
+        hook = self.transformer.register_forward_hook(keep)
+        self._recorder = recorder
+        try:
+            yield calls
+        finally:
+            hook.remove()
+            recorder.remove()
+            self._recorder = None
+
+    def stopped_call(self) -> torch.Tensor:
+        """The maps of a call that ended after the last map block (no forward hook ran)."""
+        if self._recorder is None:
+            raise RuntimeError("clora: no recording is running")
+        self._recorder.end_call()
+        return self._recorder.last_call()
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -373,8 +448,7 @@ class CLoRA(CompositionMethod):
     """
 
     name: ClassVar[str] = "clora"
-    not_ported_why: ClassVar[str] = ("its gradient steps on packed DiT latents, per-branch token positions and "
-                                     "token-grid masks are not built; docs/dit.md")
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     latent_update: bool = field(default=True, metadata={"flag_values": {"--clora-no-update": False}})
     step_size: float = 20.0
     step_latent_side: int = 64
@@ -407,7 +481,8 @@ class CLoRA(CompositionMethod):
         self.token_groups: TokenGroups = []
         self.kinds: list[str | None] = []
         self.branches: list[Branch] = []
-        self._recorder: MapRecorder | None = None
+        self._map_groups: TokenGroups = []  # token_groups as columns of the recorded maps
+        self._recorder: MapRecorder | JointBranchMaps | None = None
 
     # -- settings --------------------------------------------------------------------------
     def check(self, loras: Sequence[LoadedLora]) -> None:
@@ -483,8 +558,10 @@ class CLoRA(CompositionMethod):
         subject = self.subjects[lora_index] if self.subjects else ""
         return [*self.loras[lora_index].trigger_words, *(w.strip() for w in subject.split(",") if w.strip())]
 
-    def find_token_groups(self, tokenizers: Sequence[Any] | None, prompts: Sequence[str]) -> TokenGroups:
-        """K[c][p]: positions of concept c's words in prompt p (tokens.py), or the explicit override."""
+    def find_token_groups(self, tokenizers: Sequence[Any] | None, prompts: Sequence[str],
+                          streams: Sequence[tuple[Sequence[Any], int]] | None = None) -> TokenGroups:
+        """K[c][p]: positions of concept c's words in prompt p (tokens.py), or the explicit override.
+        On a DiT ``streams`` describes its joint text sequence (auto's ``text_streams``); positions index it."""
         if self.concept_token_indices is not None:
             return [[sorted(set(tokens)) for tokens in per_branch] for per_branch in self.concept_token_indices]
         if not tokenizers:
@@ -496,7 +573,10 @@ class CLoRA(CompositionMethod):
             if not words:
                 raise UserError(f"clora: LoRA {lora.name} has no trigger words; name its concept with subjects=(...), "
                                 "one comma-separated entry per LoRA")
-            groups.append([trigger_positions(tokenizers, prompt, words).positions for prompt in prompts])
+            if streams is not None:
+                groups.append([stream_trigger_positions(streams, prompt, words).positions for prompt in prompts])
+            else:
+                groups.append([trigger_positions(tokenizers, prompt, words).positions for prompt in prompts])
         return groups
 
     def _check_token_groups(self, groups: TokenGroups, prompts: Sequence[str], num_tokens: int) -> None:
@@ -526,13 +606,18 @@ class CLoRA(CompositionMethod):
     def start(self, run: Denoiser) -> None:
         self.mask_history, self.loss_history = [], []
         self.branch_prompts = self.prompts_for(run.base_prompt if run.base_prompt is not None else "")
-        self.token_groups = self.find_token_groups(run.tokenizers, self.branch_prompts)
-        num_tokens = int(run.tokenizers[0].model_max_length) if run.tokenizers else 77
+        streams = text_streams(run) if _token_grid(run) is not None else None
+        self.token_groups = self.find_token_groups(run.tokenizers, self.branch_prompts, streams)
+        if streams is not None:
+            num_tokens = sum(length for _, length in streams) or 1
+        else:
+            num_tokens = int(run.tokenizers[0].model_max_length) if run.tokenizers else 77
         self._check_token_groups(self.token_groups, self.branch_prompts, num_tokens)
         self.branches = [Branch.of({}, self.branch_prompts[0])] + [
             replace(self.branch(lora), prompt=prompt) for lora, prompt in zip(self.loras, self.branch_prompts[1:])
         ]
         self._recorder = None
+        self._map_groups = self.token_groups
         self.kinds = [lora_kind(lora)[0] for lora in self.loras]
 
     @property
@@ -543,8 +628,15 @@ class CLoRA(CompositionMethod):
             return [True] * len(self.loras)
         return [kind not in (STYLE, BACKGROUND) for kind in self.kinds]
 
-    def _recorder_for(self, run: Denoiser, latents: torch.Tensor) -> MapRecorder:
-        """The map recorder, installed on the first step (its level depends on the latent size)."""
+    def _recorder_for(self, run: Denoiser, latents: torch.Tensor) -> MapRecorder | JointBranchMaps:
+        """The map recorder, installed on the first step (its level depends on the latent size); on a
+        DiT the joint attention's maps of the concept tokens, on the image-token grid."""
+        token_grid = _token_grid(run)
+        if self._recorder is None and token_grid is not None:
+            tokens = {token for per_branch in self.token_groups for tokens in per_branch for token in tokens}
+            recorder = JointBranchMaps(run.unet, token_grid, sorted(tokens) or [0])
+            self._map_groups = recorder.columns(self.token_groups)
+            self._recorder = recorder
         if self._recorder is None:
             grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
             layers = map_layers(run.unet, grid, self.min_map_side, self.map_layers_per_module)
@@ -576,15 +668,17 @@ class CLoRA(CompositionMethod):
 
         The same change of the picture spreads over more latent pixels on a larger latent, so each
         pixel's gradient shrinks with the area; the step grows with it to move the picture alike.
+        FLUX's packed latents (images, tokens, channels) hold 2x2 latent pixels per token.
         """
         if not self.step_latent_side:
             return self.step_size
-        return self.step_size * latents.shape[-2] * latents.shape[-1] / self.step_latent_side**2
+        area = latents.shape[1] * 4 if latents.ndim == 3 else latents.shape[-2] * latents.shape[-1]
+        return self.step_size * area / self.step_latent_side**2
 
     def loss(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
         """The contrastive loss at ``latents``, summed over images (each image's latent gets its own gradient)."""
         maps = self.branch_maps(run, step, latents, requires_grad=True)
-        losses = [contrastive_loss(maps[:, image], self.token_groups, self.temperature)
+        losses = [contrastive_loss(maps[:, image], self._map_groups, self.temperature)
                   for image in range(maps.shape[1])]
         return torch.stack(losses).sum()
 
@@ -598,7 +692,7 @@ class CLoRA(CompositionMethod):
                 with stop_after_layers(run.unet, recorder.layer_names) as early:
                     run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
                 if early.stopped:
-                    calls.append(recorder.store.maps())
+                    calls.append(recorder.stopped_call())
             else:
                 run.branch_passes(latents, step, self.branches, conditional_only=True, batch=self.batched)
         return MapRecorder.per_branch(calls, len(self.branches))
@@ -609,19 +703,27 @@ class CLoRA(CompositionMethod):
         recorder = self._recorder_for(run, latents)
         with recorder.recording(conditional_half=run.do_cfg, requires_grad=False) as calls:
             predictions = run.predict(latents, step, self.branches, batch=self.batched)
-        masks = self.masks(MapRecorder.per_branch(calls, len(self.branches)), step, recorder.level,
-                           (int(latents.shape[-2]), int(latents.shape[-1])))
+        masks = self.masks(MapRecorder.per_branch(calls, len(self.branches)), step, *self._mask_grid(run, latents))
         if step.index < self.masks_from_step:
             return Prediction.mix(predictions)
-        return fuse(predictions, masks)
+        if _token_grid(run) is None:
+            return fuse(predictions, masks)
+        return fuse(predictions, masks, lambda mask: torch.cat([_on_latents(image, latents) for image in mask]))
+
+    def _mask_grid(self, run: Denoiser, latents: torch.Tensor) -> tuple[int, tuple[int, int]]:
+        """(map level, mask size): the maps' level and the latent's size on a UNet; on a DiT the
+        image-token grid, where its maps are."""
+        token_grid = _token_grid(run)
+        if token_grid is not None:
+            return 0, token_grid
+        return self._recorder_for(run, latents).level, (int(latents.shape[-2]), int(latents.shape[-1]))
 
     def gated_prediction(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
         """One pass per image in which every LoRA's deltas act inside its concept's mask only, on every
         layer it adapts (attention/regional.py); its cross-attention there reads its branch's prompt."""
         with torch.no_grad():
             maps = self.branch_maps(run, step, latents, requires_grad=False)
-        level = self._recorder_for(run, latents).level
-        masks = self.masks(maps, step, level, (int(latents.shape[-2]), int(latents.shape[-1])))
+        masks = self.masks(maps, step, *self._mask_grid(run, latents))
         view = run if latents.shape[0] == 1 else one_image_view(run)
         predictions = [self._regional_pass(view, step, latents[image:image + 1], masks.owner[image])
                        for image in range(latents.shape[0])]
@@ -637,7 +739,21 @@ class CLoRA(CompositionMethod):
         present = [lora for lora, area in zip(self.loras, areas) if area is None or bool(area.any())]
         if not present:
             return run.predict(latents, step, [self.branches[0]])[0]
-        regions = RegionMasks([lora.name for lora in self.loras], areas)
+        undo = self._install_gate(run, RegionMasks([lora.name for lora in self.loras], areas), latents)
+        try:
+            return run.predict(latents, step, [self.branch(*present)])[0]
+        finally:
+            undo()
+
+    def _install_gate(self, run: Denoiser, regions: RegionMasks, latents: torch.Tensor) -> Callable[[], None]:
+        """Mask every LoRA layer by ``regions`` for one pass; returns the undo. On a UNet the
+        cross-attention of a region reads its branch's prompt; on a DiT the one text stream is the
+        pass's prompt (attention/regional_dit.py)."""
+        token_grid = _token_grid(run)
+        if token_grid is not None:
+            stack, model = PatchStack(), cast(Any, run.model)  # the DiT model calls know their stream order
+            install_regional_dit(run.unet, regions, token_grid, tuple(model.joint_order), stack)
+            return stack.unwind
 
         def states(code: int) -> torch.Tensor:
             members = [index for index in range(len(self.loras)) if code >> index & 1]
@@ -647,11 +763,7 @@ class CLoRA(CompositionMethod):
 
         for code in regions.all_codes(LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))):
             states(code)  # encode outside the UNet call
-        patches = install_regional(run.unet, regions, states)
-        try:
-            return run.predict(latents, step, [self.branch(*present)])[0]
-        finally:
-            patches.restore()
+        return install_regional(run.unet, regions, states).restore
 
     def _area(self, index: int, owner: torch.Tensor) -> torch.Tensor | None:
         """LoRA ``index``'s region: its concept's pixels; a background LoRA's: where no concept is; a
@@ -668,7 +780,7 @@ class CLoRA(CompositionMethod):
     def masks(self, maps: torch.Tensor, step: Step, level: int, latent_size: tuple[int, int]) -> ConceptMasks:
         """This step's masks from maps at ``level`` (after ``mask_callback``), recorded in ``mask_history``."""
         owner = concept_masks(
-            maps, [self.token_groups[c][c + 1] for c in range(len(self.loras))], threshold=self.mask_threshold,
+            maps, [self._map_groups[c][c + 1] for c in range(len(self.loras))], threshold=self.mask_threshold,
             level=level, latent_size=latent_size, morphology=self.mask_morphology,
             scores=self.mask_scores, smoothing=self.mask_smoothing, claims=self.claims,
         )
@@ -698,3 +810,9 @@ class CLoRA(CompositionMethod):
             settings["branch_prompts"] = list(self.branch_prompts)
             settings["token_groups"] = self.token_groups
         return settings
+
+
+def _token_grid(run: Denoiser) -> tuple[int, int] | None:
+    """The image-token grid of a DiT's model call (rows, columns); None on a UNet."""
+    grid = getattr(run.model, "token_grid", None)
+    return None if grid is None else (int(grid[0]), int(grid[1]))

@@ -208,19 +208,6 @@ def test_cli_runs_auto_on_dits(family, dits, tmp_path, capsys):
     assert "auto: 3 transformer calls" in captured.err  # 1 probe call, then one regional pass per step
 
 
-@pytest.mark.parametrize("name,why", [("clora", "packed DiT latents"), ("composer", "masking the joint attention")])
-def test_clora_and_composer_refuse_dits_in_one_line_saying_why(family, dits, name, why):
-    from loracompose import UserError
-    from loracompose.methods import METHODS
-
-    pipe, loras = dits[family]
-    with pytest.raises(UserError) as refused:
-        _generate(pipe, [LoraSpec(path) for path in loras], METHODS[name]())
-    message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"method {name} does not support ")
-    assert "auto" in message.split("; use ")[1] and why in message and message.endswith("docs/dit.md)")
-
-
 def test_latent_mode_is_regional_latent_couple_with_the_found_masks(family, dits):
     pipe, loras = dits[family]
     specs = [LoraSpec(path, category="object") for path in loras]
