@@ -162,7 +162,8 @@ def contrastive_loss(maps: torch.Tensor, groups: TokenGroups, temperature: float
 class ConceptMasks:
     """Which branch owns each latent pixel at one step: 0 = base, p = LoRA p (user order, from 1).
 
-    ``owner`` is (images, height, width) at latent resolution; ``names[p]`` names branch p.
+    ``owner`` is (images, height, width) at latent resolution (on a DiT: the image-token grid);
+    ``names[p]`` names branch p.
     """
 
     step: int
@@ -432,7 +433,9 @@ class CLoRA(CompositionMethod):
         concept_token_indices: explicit token positions [LoRA c][branch p] (p = 0 base, then LoRAs),
             replacing the ones found from words.
         min_map_side: maps come from the deepest cross-attention level with at least this many
-            cells a side (SD1.5 and SDXL at native size: the 1/32 level, as the paper reads).
+            cells a side (SD1.5 and SDXL at native size: the 1/32 level, as the paper reads). On
+            FLUX/SD3 every block sees the one token grid: this, ``map_layers_per_module`` and
+            ``backend`` are ignored.
         map_layers_per_module: map layers kept per module of that level (SDXL stacks 10; None: all).
         schedule_steps: the run length ``max_update_step`` and ``iterative_steps`` are given for; they
             are scaled to the run's number of steps (0: used as given).
