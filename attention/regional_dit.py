@@ -6,7 +6,8 @@ token of the layer's output (:mod:`loracompose.attention.dit_layers` says which 
 * image tokens: LoRA k's region on the image-token grid (FLUX: one token per 2x2 latent pixels);
 * text tokens (the context stream of joint blocks, the text part of FLUX's single-stream sequence):
   1 when LoRA k's region is non-empty, else 0. The text stream is one sequence that every image token
-  attends to, so it carries the deltas of every LoRA drawn somewhere (the union rule);
+  attends to, so it carries the deltas of every LoRA drawn somewhere (the union rule). LoRA-Composer's
+  per-region text segments give per-token text masks instead (``text_members``, attention/composer_dit.py);
 * layers without tokens (timestep/pooled embeddings, adaptive-norm modulations): the whole delta
   when the region is non-empty.
 
@@ -41,13 +42,16 @@ class DiTRegionalPatches:
         grid: the image-token grid (``run.model.token_grid``) as a :class:`LatentGrid`.
         joint_order: the order of the streams in a joint sequence (``run.model.joint_order``).
         stack: the run's patch stack, which undoes the patches.
+        text_members: bool (regions, text tokens): which text tokens each region's LoRA acts on
+            (LoRA-Composer's per-region text segments); None: the union rule.
     """
 
     def __init__(self, transformer: torch.nn.Module, masks: RegionMasks, grid: LatentGrid,
-                 joint_order: tuple[str, ...], stack: PatchStack) -> None:
+                 joint_order: tuple[str, ...], stack: PatchStack, text_members: torch.Tensor | None = None) -> None:
         self.masks = masks
         self.grid = grid
         self.joint_order = tuple(joint_order)
+        self.text_members = text_members
         for name, module in transformer.named_modules():
             if isinstance(module, LoraLayer):
                 stack.forward(module, MethodType(self._masked_forward(name), module))
@@ -69,7 +73,8 @@ class DiTRegionalPatches:
                 if state == "empty":
                     continue
                 delta = adapter_delta(layer, x, name)
-                if region is None or state == "full" or result.ndim == 2 or role == "text":
+                union_text = role == "text" and self.text_members is None
+                if region is None or state == "full" or result.ndim == 2 or union_text:
                     result = result + delta
                 else:
                     result = result + delta * self._weight(region, role, result, layer_name)
@@ -95,13 +100,25 @@ class DiTRegionalPatches:
                             "sequences, convolutions and vectors")
         tokens = int(output.shape[1])
         weight = output.new_zeros(tokens)
-        weight[text_rows(role, tokens, self.image_tokens, self.joint_order, layer_name)] = 1.0  # the union rule
-        weight[image_rows(role, tokens, self.image_tokens, self.joint_order)] = image
+        text = text_rows(role, tokens, self.image_tokens, self.joint_order, layer_name)
+        weight[text] = self._text_weight(region, text, layer_name)
+        if role != "text":  # text layers (composer's per-token text masks) have no image rows
+            weight[image_rows(role, tokens, self.image_tokens, self.joint_order)] = image
         return weight.view(1, tokens, 1)
+
+    def _text_weight(self, region: int, text: slice, layer_name: str) -> torch.Tensor | float:
+        members = self.text_members
+        if members is None or text.stop == text.start:
+            return 1.0  # the union rule (or no text rows)
+        if text.stop - text.start != members.shape[1]:
+            raise UserError(f"DiT layer {layer_name} has {text.stop - text.start} text tokens where the region "
+                            f"text masks have {members.shape[1]}; run the method through pipe.generate")
+        return members[region].float()
 
 
 def install_regional_dit(transformer: torch.nn.Module, masks: RegionMasks, token_grid: tuple[int, int],
-                         joint_order: tuple[str, ...], stack: PatchStack) -> DiTRegionalPatches:
+                         joint_order: tuple[str, ...], stack: PatchStack,
+                         text_members: torch.Tensor | None = None) -> DiTRegionalPatches:
     """Install masked LoRA deltas on every LoRA layer of ``transformer`` (see the module text); the
-    run's ``stack`` undoes them."""
-    return DiTRegionalPatches(transformer, masks, LatentGrid(*token_grid), joint_order, stack)
+    run's ``stack`` undoes them. ``text_members``: per-region text-token masks instead of the union rule."""
+    return DiTRegionalPatches(transformer, masks, LatentGrid(*token_grid), joint_order, stack, text_members)

@@ -75,7 +75,7 @@ class FluxModel:
     Args:
         transformer: the model.
         image_ids: (tokens, 3) positions of the image tokens (diffusers' ``_prepare_latent_image_ids``).
-        text_ids: (text tokens, 3) positions of the text tokens (zeros).
+        text_ids: (text tokens, 3) positions of the text tokens (zeros; as many as a call's text tokens).
         guidance_scale: the distilled guidance scale, fed to the model's guidance embedding (FLUX.1-dev);
             ignored by a model without one (FLUX.1-schnell).
         token_grid: image tokens as (rows, columns).
@@ -106,11 +106,19 @@ class FluxModel:
             guidance=guidance,
             pooled_projections=conditioning.added["pooled_projections"],
             encoder_hidden_states=conditioning.embeds,
-            txt_ids=self.text_ids,
+            txt_ids=self._text_ids(int(conditioning.embeds.shape[1])),
             img_ids=self.image_ids,
             joint_attention_kwargs=dict(attention_kwargs) if attention_kwargs else None,
             return_dict=False,
         )[0]
+
+
+    def _text_ids(self, tokens: int) -> torch.Tensor:
+        """The text tokens' positions: zeros, as many as the conditioning has (a method may lengthen the
+        text sequence, e.g. LoRA-Composer's region prompts side by side)."""
+        if tokens == self.text_ids.shape[0]:
+            return self.text_ids
+        return self.text_ids.new_zeros(tokens, self.text_ids.shape[1])
 
 
 class SD3Model:

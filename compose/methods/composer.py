@@ -75,9 +75,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator, Seque
 from loracompose.errors import UserError
 from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
-from loracompose.lora import LoadedLora
-from loracompose.methods.base import CompositionMethod, frozen_parameters, require_loras
-from loracompose.pipelines.values import BASE, Branch, Prediction, Step
+from loracompose.lora import FLUX, SD3, LoadedLora
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, frozen_parameters, require_loras
+from loracompose.pipelines.values import BASE, Branch, Conditioning, Prediction, Step
 from loracompose.tokens import trigger_positions
 
 if TYPE_CHECKING:
@@ -101,8 +101,11 @@ if TYPE_CHECKING:
         select_layers,
         stop_after_layers,
     )
+    from loracompose.attention.composer_dit import (JointLayout, JointRegions, concatenated_segments,
+                                                    install_joint_regions, segment_codes)
     from loracompose.attention.regional import RegionalPatches, RegionMasks, code_members, install_regional
-    from loracompose.pipelines.denoiser import Denoiser
+    from loracompose.attention.regional_dit import install_regional_dit
+    from loracompose.pipelines.denoiser import BranchBatch, Denoiser
 else:  # imported on first use: the settings dataclass imports without the model stack
     torch = LazyImport("torch")
     F = LazyImport("torch.nn.functional")
@@ -116,6 +119,10 @@ else:  # imported on first use: the settings dataclass imports without the model
     RegionalPatches, RegionMasks, code_members, install_regional = (
         LazyImport("loracompose.attention.regional", name) for name in (
             "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
+    JointLayout, JointRegions, concatenated_segments, install_joint_regions, segment_codes = (
+        LazyImport("loracompose.attention.composer_dit", name) for name in (
+            "JointLayout", "JointRegions", "concatenated_segments", "install_joint_regions", "segment_codes"))
+    install_regional_dit = LazyImport("loracompose.attention.regional_dit", "install_regional_dit")
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +410,7 @@ class Composer(CompositionMethod):
     """
 
     name: ClassVar[str] = "composer"
-    not_ported_why: ClassVar[str] = ("composer restricts each region's cross-attention to its concept's words, "
-                                     "which on a DiT means masking the joint attention per region, not built "
-                                     "yet; docs/dit.md")
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
     boxes: tuple[Box, ...] | None = field(default=None, metadata={
         "flags": ("--box",), "parse": lambda text: parse_box(text), "metavar": "X0,Y0,X1,Y1",
         "help": "one box per LoRA (or per local LoRA) in the LoRAs' order, relative x0,y0,x1,y1 (0..1, y down); "
@@ -453,6 +458,9 @@ class Composer(CompositionMethod):
         self._self_map_layers: list[str] = []
         self._refining = torch.zeros(0, dtype=torch.bool)
         self._previous_loss: torch.Tensor | None = None
+        self._joint: JointRegions | None = None  # DiTs: the joint attention's masks
+        self.on_dit = False  # FLUX/SD3 LoRAs: injection and isolation only, no refinement or re-initialisation
+        self.segment_codes: tuple[int, ...] = ()  # DiTs: the group code of each text segment
 
     # -- settings --------------------------------------------------------------------------------
     def bind(self, loras: Sequence[LoadedLora]) -> None:
@@ -482,6 +490,10 @@ class Composer(CompositionMethod):
         if self.region_prompts is not None and len(self.region_prompts) != len(loras):
             raise UserError(f"composer: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
                             "per LoRA (empty for the whole prompt)")
+        self.on_dit = any(lora.architecture in (FLUX, SD3) for lora in loras)
+        if self.on_dit and self.refine_with_globals:
+            raise UserError("composer refine_with_globals=True: latent refinement is not built for FLUX/SD3 (its "
+                            "losses read a UNet's cross- and self-attention maps); leave it off there")
         self._check_numbers()
 
     def _check_numbers(self) -> None:
@@ -531,9 +543,10 @@ class Composer(CompositionMethod):
     def refines(self) -> bool:
         """Whether this generation refines the latent: ``refine``, a placed concept to refine for, and no
         global LoRA unless ``refine_with_globals`` (measured: refinement's latent updates wash out a
-        style; toy world, moxel + sepia style, style kept 7/16 with it, 14/16 without)."""
+        style; toy world, moxel + sepia style, style kept 7/16 with it, 14/16 without); never on FLUX/SD3,
+        where neither refinement nor re-initialisation is built (docs/methods/composer.md)."""
         has_global = len(self.placed) < len(self.loras)
-        return self.refine and bool(self.placed) and (self.refine_with_globals or not has_global)
+        return self.refine and bool(self.placed) and (self.refine_with_globals or not has_global) and not self.on_dit
 
     @property
     def placed_boxes(self) -> list[Box]:
@@ -553,6 +566,10 @@ class Composer(CompositionMethod):
         # Every LoRA is active on the UNet; the regional patches confine each one's deltas to its box.
         run.adapters.activate({lora.name: lora.weight for lora in self.loras}, components=["unet"])
         self.region_masks = RegionMasks(names, list(self.areas))
+        token_grid = getattr(run.model, "token_grid", None)
+        if token_grid is not None:
+            self._start_dit(run, (int(token_grid[0]), int(token_grid[1])))
+            return
         self._regional = install_regional(run.unet, self.region_masks, self._group_states, run.patches)
         self.token_positions = [self._concept_tokens(run, k) for k in self.placed]
         isolation = RegionAttention([Region(box) for box in self.placed_boxes], inject_concepts=False,
@@ -561,6 +578,39 @@ class Composer(CompositionMethod):
                                          lambda _: ComposeAttnProcessor(self.backend, regions=isolation))
         run.patches.processors(run.unet, self.processors)
         self.refinement_trace = []
+
+    def _start_dit(self, run: Denoiser, token_grid: tuple[int, int]) -> None:
+        """FLUX/SD3: one text segment per group of regions, the joint attention masked per region and
+        every LoRA layer masked per token (attention/composer_dit.py)."""
+        if self.region_masks is None:
+            raise RuntimeError("composer: the region masks are made before the DiT patches")
+        grid = LatentGrid(*token_grid)
+        self._check_grid(grid)
+        codes = self.region_masks.codes(grid, 0)
+        self.segment_codes = segment_codes(codes)
+        tokens = int(self._group_states(self.segment_codes[0]).shape[1])
+        model: Any = run.model  # the DiT model calls declare their stream order
+        layout = JointLayout(self.segment_codes, tokens, codes, sum(1 << k for k in self.placed),
+                             tuple(model.joint_order), self.isolate)
+        install_regional_dit(run.unet, self.region_masks, token_grid, layout.joint_order, run.patches,
+                             text_members=layout.text_members(len(self.loras)))
+        self._joint = JointRegions(layout)
+        install_joint_regions(run.unet, self._joint, run.patches)
+
+    def _segments_pass(self, batch: BranchBatch) -> torch.Tensor:
+        """One transformer call whose text stream is every group's segment side by side (the pooled
+        text vector stays the generation's, with every LoRA's text-encoder deltas)."""
+        run = self._running()
+        rows = int(batch.sample.shape[0])
+        states = [self._group_states(code)[-rows:] for code in self.segment_codes]  # [-rows:]: conditional half
+        conditioning = Conditioning(concatenated_segments(states), batch.conditioning.added)
+        return run.run_unet(batch.sample, batch.timestep, conditioning,
+                            cross_attention_kwargs=batch.cross_attention_kwargs)
+
+    def _running(self) -> Denoiser:
+        if self._run is None:
+            raise UserError("composer: no generation is running; call it through pipe.generate(...)")
+        return self._run
 
     def _group_states(self, code: int) -> torch.Tensor:
         members = code_members(code, len(self.loras))
@@ -618,6 +668,8 @@ class Composer(CompositionMethod):
                                      source=slot)
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        if self._joint is not None:
+            return latents
         if step.index == 0:
             grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
             self._check_grid(grid)
@@ -640,6 +692,8 @@ class Composer(CompositionMethod):
                                 "image size; make it larger")
 
     def predict(self, run: Denoiser, step: Step, latents: torch.Tensor) -> Prediction:
+        if self._joint is not None:
+            return run.predict(latents, step, [self.branch(*self.loras)], unet_pass=self._segments_pass)[0]
         return run.predict(latents, step, [self.branch(*self.loras)])[0]
 
     def finish(self, run: Denoiser) -> None:
@@ -650,6 +704,7 @@ class Composer(CompositionMethod):
         self._cross_store.clear()
         self._self_store.clear()
         self._regional = None  # restored by run.patches
+        self._joint = None
         self._run = None
 
     # -- geometry --------------------------------------------------------------------------------
