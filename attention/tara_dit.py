@@ -9,7 +9,10 @@ every joint block (FLUX's double-stream blocks, SD3's blocks) and from the text 
 
 ``m_i`` (batch rows, text tokens) is 1 at LoRA i's trigger tokens on the conditional rows. Every
 other LoRA layer (the image stream, the rest of the text stream, modulations) adds its deltas
-unmasked, as Merge. The patches are registered on the run's
+unmasked, as Merge (:func:`install_text_kv_token_masks`), or, with TARA's ``untokened="region"``,
+masked to LoRA i's region as regional LoRA masks them (:func:`install_tara_regions`, on
+:class:`~loracompose.attention.regional_dit.DiTRegionalPatches`); the image rows of FLUX's
+single-stream K/V then get the region too. The patches are registered on the run's
 :class:`~loracompose.pipelines.patches.PatchStack`.
 """
 
@@ -27,6 +30,9 @@ from loracompose.pipelines.patches import PatchStack
 
 from .dit_layers import StreamRole, stream_role, text_key_value_layers, text_rows
 from .lora_deltas import LoraTokenMasks, active_adapters, adapter_delta
+from .masks import LatentGrid
+from .regional import RegionMasks
+from .regional_dit import DiTRegionalPatches
 
 
 def fit_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -81,3 +87,56 @@ def _row_token_weights(mask: torch.Tensor, x: torch.Tensor, role: StreamRole, im
     weights = x.new_ones(rows, tokens)
     weights[:, text] = fit_tokens(mask.to(device=x.device, dtype=x.dtype), text.stop - text.start)
     return weights[..., None]
+
+
+class TaraRegionPatches(DiTRegionalPatches):
+    """TARA's deltas with ``untokened="region"`` on a DiT: regional LoRA's masked deltas on every LoRA
+    layer (each LoRA's region on the image tokens, the union rule on the text tokens), except the text
+    K/V layers, where each delta is weighted by the LoRA's token mask on the text rows and by its region
+    on the image rows (FLUX's single-stream K/V). A LoRA whose region is empty keeps only its deltas
+    at its trigger tokens (and its text-encoder deltas, which no region touches)."""
+
+    def __init__(self, transformer: torch.nn.Module, token_masks: LoraTokenMasks, masks: RegionMasks,
+                 grid: LatentGrid, joint_order: tuple[str, ...], stack: PatchStack) -> None:
+        self.token_masks = token_masks
+        self.key_value_names = {name for name, _ in text_key_value_layers(transformer)}
+        super().__init__(transformer, masks, grid, joint_order, stack)
+
+    def _masked_forward(self, layer_name: str) -> Callable[..., torch.Tensor]:
+        if layer_name not in self.key_value_names:
+            return super()._masked_forward(layer_name)
+        role = stream_role(layer_name)
+
+        def masked_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if kwargs.pop("adapter_names", None) is not None:
+                raise UserError("TARA's token-masked layers do not take per-row adapters; run TARA as one branch")
+            result = layer.get_base_layer()(x, *args, **kwargs)
+            for name in active_adapters(layer):
+                weight = self._token_weight(name, x, role, layer_name) * self._region_weight(name, role, result,
+                                                                                            layer_name)
+                result = result + adapter_delta(layer, x, name) * weight
+            return result
+
+        return masked_forward
+
+    def _token_weight(self, adapter: str, x: torch.Tensor, role: StreamRole, layer_name: str) -> torch.Tensor | float:
+        mask = self.token_masks.masks.get(adapter)
+        if mask is None:
+            return 1.0
+        return _row_token_weights(mask, x, role, self.image_tokens, self.joint_order, layer_name)
+
+    def _region_weight(self, adapter: str, role: StreamRole, output: torch.Tensor,
+                       layer_name: str) -> torch.Tensor | float:
+        """1 on the text rows, the adapter's region on the image rows (regional's weights)."""
+        region = self.masks.index.get(adapter)
+        if region is None or role == "text" or self.masks.coverage(self.grid, 0)[region] == "full":
+            return 1.0
+        return self._weight(region, role, output, layer_name)
+
+
+def install_tara_regions(transformer: torch.nn.Module, token_masks: LoraTokenMasks, masks: RegionMasks,
+                         token_grid: tuple[int, int], joint_order: tuple[str, ...],
+                         stack: PatchStack) -> TaraRegionPatches:
+    """Token-masked text K/V deltas and every other delta in its LoRA's region, on every LoRA layer of
+    ``transformer`` (:class:`TaraRegionPatches`); the run's ``stack`` undoes them."""
+    return TaraRegionPatches(transformer, token_masks, masks, LatentGrid(*token_grid), joint_order, stack)

@@ -27,7 +27,9 @@ unconditional half runs the base self-attention as it runs the base K/V; ``"off"
 On FLUX.1 and SD3 (joint attention, no separate cross-attention) the masks go on the text part of
 the joint attention's K/V deltas (``attention/tara_dit.py``): the token positions come from the
 tokenizers of the joint text stream (FLUX: T5; SD3: the 77 CLIP positions, both CLIPs OR'd, then
-T5's); every other delta is unmasked, as Merge. ``self_attention`` must stay ``"keep"`` there.
+T5's); every other delta goes in its LoRA's region on the image-token grid as regional's delta mode
+puts it (``untokened="region"``; regions from boxes/masks or auto's probe of the joint attention's
+maps), or everywhere (``"global"``). ``self_attention`` must stay ``"keep"`` there.
 
 Training: :mod:`loracompose.training.tara`.
 
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
     from loracompose.attention.regional import RegionArea, RegionMasks, install_regional
     from loracompose.methods.regional import check_mask_aspect
     from loracompose.attention.lora_deltas import active_adapters, adapter_delta
-    from loracompose.attention.tara_dit import install_text_kv_token_masks
+    from loracompose.attention.tara_dit import install_tara_regions, install_text_kv_token_masks
     from loracompose.pipelines.denoiser import Denoiser
     from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
@@ -80,6 +82,7 @@ else:  # imported on first use: the settings dataclass imports without the model
     active_adapters = LazyImport("loracompose.attention.lora_deltas", "active_adapters")
     adapter_delta = LazyImport("loracompose.attention.lora_deltas", "adapter_delta")
     install_text_kv_token_masks = LazyImport("loracompose.attention.tara_dit", "install_text_kv_token_masks")
+    install_tara_regions = LazyImport("loracompose.attention.tara_dit", "install_tara_regions")
     RegionMasks = LazyImport("loracompose.attention.regional", "RegionMasks")
     install_regional = LazyImport("loracompose.attention.regional", "install_regional")
     LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
@@ -157,11 +160,11 @@ class Tara(CompositionMethod):
         if self.self_attention != "keep" and any(lora.architecture in (FLUX, SD3) for lora in loras):
             raise UserError(f"tara self_attention={self.self_attention!r} is for SD1.5/SDXL UNets; on FLUX/SD3 use "
                             "'keep' (joint attention has no separate self-attention)")
-        if self.untokened == "region" and not any(lora.architecture in (FLUX, SD3) for lora in loras):
+        if self.untokened == "region":
             self._regions.areas(loras)  # counts of boxes/masks against the LoRAs
 
     def _check_region_settings(self) -> None:
-        """On a UNet (DiTs run the untokened deltas globally): settings that region masks cannot follow."""
+        """Settings that region masks cannot follow (on a DiT only ``fuse``: check() refuses the others)."""
         if self.self_attention == "cond":
             raise UserError("tara self_attention='cond' places the attn1 deltas by batch row, not by region; "
                             "pass untokened='global' with it")
@@ -172,9 +175,6 @@ class Tara(CompositionMethod):
     def start(self, run: Denoiser) -> None:
         self.region_masks, self._auto, self.region_source = None, None, "none"
         if _token_grid(run) is not None:
-            if self.untokened == "region":
-                log.info("tara untokened='region' is not built for FLUX/SD3 yet; every delta but the text K/V "
-                         "applies to the whole image")
             self._start_dit(run)
             return
         prompt, tokenizers = prompt_and_tokenizers(run)
@@ -194,10 +194,12 @@ class Tara(CompositionMethod):
         if areas is not None:
             self._install_regions(run, areas)
 
-    def _plan_regions(self, prompt: str, tokenizers: Sequence[Any]) -> list[RegionArea] | None:
+    def _plan_regions(self, prompt: str, tokenizers: Sequence[Any],
+                      streams: Sequence[tuple[Sequence[Any], int]] | None = None) -> list[RegionArea] | None:
         """Each LoRA's region for the untokened deltas: the given boxes/masks, else placeholders that
         :meth:`prepare_latents` replaces by auto's masks from a base-model probe of the local LoRAs'
-        trigger maps; None (nothing masked) when there is one LoRA or no local one."""
+        trigger maps; None (nothing masked) when there is one LoRA or no local one. On a DiT ``streams``
+        is its joint text sequence (:func:`joint_text_streams`), where the probe finds the triggers."""
         if self.boxes or self.masks:
             self.region_source = "given"
             return self._regions.areas(self.loras)
@@ -205,7 +207,7 @@ class Tara(CompositionMethod):
         # world, docs/methods/tara.md); a style stays one whole-image delta, as in TARA
         auto = Auto(map_source="base", style_combine="weights")
         auto.bind(self.loras)
-        auto.plan(prompt, tokenizers)
+        auto.plan(prompt, tokenizers, streams)
         if auto.merges:  # one LoRA, or none local: nothing to keep apart (auto runs Merge there too)
             return None
         self._auto, self.region_source = auto, "automatic"
@@ -225,22 +227,33 @@ class Tara(CompositionMethod):
             self._image_areas = self._auto.probe_regions(run, latents)  # one list of regions per image
             self.region_masks.set_areas(self._image_areas[0])
         if step.index == 0 and self.region_masks is not None:
-            grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+            tokens = _token_grid(run)  # a DiT's regions live on its image-token grid
+            grid = LatentGrid(*tokens) if tokens else LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
             for lora, area in zip(self.loras, self.region_masks.areas):
                 if isinstance(area, torch.Tensor) and self.region_source == "given":
                     check_mask_aspect(area, grid, lora.name)
         return latents
 
     def _start_dit(self, run: Denoiser) -> None:
-        """FLUX/SD3: token masks on the text rows of joint attention's K/V deltas, the rest as Merge."""
+        """FLUX/SD3: token masks on the text rows of joint attention's K/V deltas; the other deltas in
+        their LoRA's region on the image-token grid (``untokened="region"``) or everywhere, as Merge."""
         prompt, tokenizers = prompt_and_tokenizers(run)
         text_tokens = int(run.conditioning(self.branch(*self.loras)).embeds.shape[1])  # the branch predict runs
         streams = joint_text_streams(tokenizers, text_tokens)
+        areas = self._plan_regions(prompt, tokenizers, streams) if self.untokened == "region" else None
+        if areas is not None:
+            self._check_region_settings()
         token_masks = self.trigger_masks(prompt, tokenizers,
                                          find=lambda _, text, words: stream_trigger_positions(streams, text, words))
+        self._trigger_token_masks = self._every_token_for_global_kinds(token_masks)
         self._token_masks.masks = {name: cfg_row_masks(mask, run.batch_size, run.do_cfg)
-                                   for name, mask in token_masks.items()}
+                                   for name, mask in self._trigger_token_masks.items()}
         rows, columns = _token_grid(run) or (0, 0)
+        if areas is not None:
+            self.region_masks = RegionMasks([lora.name for lora in self.loras], areas)
+            install_tara_regions(run.unet, self._token_masks, self.region_masks, (rows, columns), _joint_order(run),
+                                 run.patches)
+            return
         masked = install_text_kv_token_masks(run.unet, self._token_masks, rows * columns, _joint_order(run),
                                              run.patches)
         if self.fuse:

@@ -1,8 +1,10 @@
 """Regional LoRA and TARA on FLUX.1 and SD3 (tiny folders saved and loaded back through load_pipeline),
 against their oracles: whole-image regions == Merge, empty regions == the base model, delta == latent
 mode for one LoRA on the whole image, an explicit masked computation of one layer per stream; TARA with
-all-ones token masks == Merge, its text K/V deltas off at every token that is not a trigger token;
-exact transformer call/row counts; the CLI on both families."""
+all-ones token masks == Merge, its text K/V deltas off at every token that is not a trigger token; TARA's
+untokened deltas in regions: whole-image regions == untokened='global', an empty region leaves a LoRA only
+its token-masked text K/V deltas, automatic regions per image; exact transformer call/row counts; the CLI
+on both families."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import with_metadata
 from loracompose import LoraSpec, UserError, load_pipeline
 from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
 from loracompose.attention.dit_layers import stream_role, text_key_value_layers
@@ -271,13 +274,13 @@ def test_tara_with_all_ones_masks_is_merge(family, dits):
     _, pipe, loras = dits[family]
     specs = _tara_specs(loras)
     merged = _generate(pipe, specs, Merge())
-    everywhere = _generate(pipe, specs, AllTokensTara())
+    everywhere = _generate(pipe, specs, AllTokensTara(untokened="global"))
     torch.testing.assert_close(everywhere.latents, merged.latents, **TOLERANCE)
-    tara = _generate(pipe, specs, Tara())
+    tara = _generate(pipe, specs, Tara(untokened="global"))
     assert (tara.latents - merged.latents).abs().max() > 1e-4, "the masks change the result"
     rows = _rows_per_image(family)
     assert (tara.stats.unet_calls, tara.stats.unet_rows) == (STEPS, STEPS * rows)
-    fused = _generate(pipe, specs, Tara(fuse=True))
+    fused = _generate(pipe, specs, Tara(fuse=True, untokened="global"))
     torch.testing.assert_close(fused.latents, tara.latents, rtol=0, atol=1e-4)
     assert _restored(pipe.transformer)
 
@@ -297,7 +300,8 @@ def test_tara_trigger_positions_come_from_the_joint_text_tokenizers(family, dits
 
 def test_tara_text_kv_deltas_act_only_at_trigger_tokens(family, dits):
     """On every masked layer: non-trigger text tokens (and every unconditional row) get the base
-    projection exactly, a LoRA's trigger tokens of the conditional rows its delta; image rows Merge's."""
+    projection exactly, a LoRA's trigger tokens of the conditional rows its delta; image rows Merge's
+    (untokened='global': no regions)."""
     _, pipe, loras = dits[family]
     seen: dict[str, tuple] = {}
     handles = []
@@ -309,7 +313,7 @@ def test_tara_text_kv_deltas_act_only_at_trigger_tokens(family, dits):
             seen.setdefault(name, (layer.get_base_layer()(x), deltas, output))
         return record
 
-    method = Tara()
+    method = Tara(untokened="global")
     pipe.prepare_loras(_tara_specs(loras))  # the LoRA layers exist before the hooks go on
     masked = text_key_value_layers(pipe.transformer)
     for name, layer in masked:
@@ -345,15 +349,131 @@ def test_tara_refusals_on_dits_are_one_line(family, dits):
         _generate(pipe, [_tara_specs(loras)[0], LoraSpec(loras[1], trigger_words=["vvv"])], Tara())
 
 
+# ------------------------------------------------------------------------------------ TARA: untokened deltas in regions
+
+
+def _is_text_kv(key: str) -> bool:
+    """A LoRA key of a text K/V layer TARA token-masks (joint blocks' context K/V)."""
+    return ".attn.add_k_proj." in key or ".attn.add_v_proj." in key
+
+
+def _is_single_block_kv(key: str) -> bool:
+    """FLUX's single-stream K/V: token-masked on their text rows, untokened on their image rows."""
+    return key.startswith("transformer.single_transformer_blocks.") and (".attn.to_k." in key or ".attn.to_v." in key)
+
+
+@pytest.mark.parametrize("lora_kind", ["attention", "every layer"])
+def test_tara_whole_image_regions_equal_global_tara(family, dits, lora_kind, tmp_path):
+    _, pipe, loras = dits[family]
+    if lora_kind == "every layer":
+        loras = [_every_layer_lora(pipe, tmp_path / f"every{seed}.safetensors", seed) for seed in (7, 8)]
+    specs = _tara_specs(loras)
+    regions = _generate(pipe, specs, Tara(boxes=[WHOLE, WHOLE]))
+    plain = _generate(pipe, specs, Tara(untokened="global"))
+    torch.testing.assert_close(regions.latents, plain.latents, **TOLERANCE)
+    assert regions.method["regions"] == "given" and plain.method["regions"] == "none"
+    rows = _rows_per_image(family)
+    assert (regions.stats.unet_calls, regions.stats.unet_rows) == (STEPS, STEPS * rows), "one pass, no probe"
+    halves = _generate(pipe, specs, Tara(boxes=[LEFT, RIGHT]))
+    assert (halves.latents - plain.latents).abs().max() > 1e-4, "regions that are not the whole image matter"
+    assert _restored(pipe.transformer)
+
+
+def test_tara_empty_region_leaves_only_the_token_masked_text_kv(family, dits, tmp_path):
+    """A LoRA whose region is empty acts only through its token-masked text K/V deltas (and its text-encoder
+    deltas, which no region touches): as global TARA with the LoRA cut down to those. FLUX's single-stream
+    K/V (token-masked text rows, untokened image rows) cannot be cut apart in a file, so the LoRA here has
+    none (zeroed in both runs); the next test covers them."""
+    _, pipe, loras = dits[family]
+    source = with_metadata(loras[0], tmp_path / "zkx.safetensors", zero=_is_single_block_kv)
+    cut = with_metadata(loras[0], tmp_path / "zkx_kv.safetensors",
+                        zero=lambda key: key.startswith("transformer.") and not _is_text_kv(key))
+    spec = [LoraSpec(source, 0.8, name="zkx", trigger_words=["zkx"])]
+    empty = _generate(pipe, spec, Tara(masks=(torch.zeros(4, 4),)))
+    oracle = _generate(pipe, [LoraSpec(cut, 0.8, name="zkx", trigger_words=["zkx"])], Tara(untokened="global"))
+    torch.testing.assert_close(empty.latents, oracle.latents, **TOLERANCE)
+    assert empty.method["regions"] == "given"
+    full = _generate(pipe, spec, Tara(untokened="global"))
+    assert (full.latents - oracle.latents).abs().max() > 1e-3, "the untokened deltas matter here"
+
+
+def test_tara_lora_with_an_empty_region_and_no_trigger_leaves_no_trace(family, dits):
+    """A LoRA with an empty region and its trigger absent (missing_trigger='warn': no K/V deltas) adds
+    nothing anywhere, FLUX's single-stream K/V image rows included: the run equals TARA with the other
+    LoRA alone (text-encoder LoRAs off: they act whatever the regions)."""
+    _, pipe, loras = dits[family]
+    character, other = (LoraSpec(loras[0], 0.8, trigger_words=["zkx"]), LoraSpec(loras[1], trigger_words=["vvv"]))
+    options = dict(text_encoder_loras=False)
+    with pytest.warns(UserWarning, match="no trigger word of LoRA other"):
+        both = _generate(pipe, [character, other], Tara(masks=(torch.ones(4, 4), torch.zeros(4, 4)),
+                                                       missing_trigger="warn"), **options)
+    alone = _generate(pipe, [character], Tara(untokened="global"), **options)
+    torch.testing.assert_close(both.latents, alone.latents, **TOLERANCE)
+    with pytest.warns(UserWarning):
+        everywhere = _generate(pipe, [character, other], Tara(untokened="global", missing_trigger="warn"), **options)
+    assert (everywhere.latents - alone.latents).abs().max() > 1e-3, "the other LoRA's untokened deltas matter"
+
+
+def test_tara_automatic_regions_on_dits_are_per_image(family, dits):
+    """Without boxes, the regions come from auto's probe of the joint attention's maps (2 calls here, the
+    steps being fewer than its 3, all images in each), then one pass per image and step; image k of a
+    two-image call equals its one-image run (seed + k)."""
+    _, pipe, loras = dits[family]
+    specs = _tara_specs(loras)
+    method = Tara()
+    both = _generate(pipe, specs, method, seed=5, num_images=2)
+    rows = _rows_per_image(family)
+    probe = min(3, STEPS)
+    assert both.method["regions"] == "automatic"
+    assert both.stats.unet_calls == probe + STEPS * 2 and both.stats.unet_rows == (probe + STEPS) * 2 * rows
+    grid = (SIZE // pipe.vae_scale_factor // pipe.token_patch,) * 2
+    assert all(isinstance(area, torch.Tensor) and tuple(area.shape) == grid for area in method.region_masks.areas)
+    alone = [_generate(pipe, specs, Tara(), seed=seed) for seed in (5, 6)]
+    for image, single in enumerate(alone):
+        torch.testing.assert_close(both.latents[image:image + 1], single.latents, **TOLERANCE)
+        assert (single.stats.unet_calls, single.stats.unet_rows) == (probe + STEPS, (probe + STEPS) * rows)
+    plain = _generate(pipe, specs, Tara(untokened="global"), seed=5, num_images=2)
+    assert (both.latents - plain.latents).abs().max() > 1e-4
+    assert _restored(pipe.transformer)
+
+
+def test_tara_region_settings_errors_on_dits(family, dits):
+    _, pipe, loras = dits[family]
+    specs = _tara_specs(loras)
+    for settings, match in [({"fuse": True}, r"^tara fuse folds the untokened deltas"),
+                            ({"boxes": (WHOLE, WHOLE, WHOLE)}, r"3 boxes for 2 LoRAs"),
+                            ({"masks": (torch.ones(4, 8), torch.ones(4, 4))}, r"the mask of LoRA character is 8x4")]:
+        with pytest.raises(UserError, match=match):
+            _generate(pipe, specs, Tara(**settings), steps=1)
+    assert _restored(pipe.transformer)
+    alone = _generate(pipe, specs[:1], Tara(fuse=True), steps=1)  # one LoRA: nothing to keep apart
+    assert alone.method["regions"] == "none"
+
+
+def test_tara_style_lora_keeps_its_text_kv_deltas_on_every_token(family, dits):
+    """global_kinds='every_token' on DiTs too: a style LoRA's text K/V masks are all ones on the conditional
+    rows (FLUX: every row, so it equals all-ones masks), unlike its trigger-only masks."""
+    _, pipe, loras = dits[family]
+    spec = [LoraSpec(loras[1], trigger_words=["qwv"], category="style")]
+    style = Tara()
+    default = _generate(pipe, spec, style)
+    assert style.every_token == [loras[1].stem]
+    trigger = _generate(pipe, spec, Tara(global_kinds="trigger"))
+    assert (trigger.latents - default.latents).abs().max() > 1e-4
+    if family == "flux":
+        torch.testing.assert_close(default.latents, _generate(pipe, spec, AllTokensTara()).latents, **TOLERANCE)
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("regional", ["--box", "0,0,0.5,1", "--box", "0.5,0,1,1"]),
-    ("regional", ["--box", "0,0,0.5,1", "--box", "0.5,0,1,1", "--regional-mode", "latent"]),
-    ("tara", []),
+@pytest.mark.parametrize("method,extra,calls", [
+    ("regional", ["--box", "0,0,0.5,1", "--box", "0.5,0,1,1"], 2),
+    ("regional", ["--box", "0,0,0.5,1", "--box", "0.5,0,1,1", "--regional-mode", "latent"], 2),
+    ("tara", [], 4),  # automatic regions: the probe's 2 calls (steps 2 < its 3) and then 2 steps
+    ("tara", ["--tara-untokened", "global"], 2),
 ])
-def test_cli_runs_regional_and_tara_on_dits(family, dits, method, extra, tmp_path, capsys):
+def test_cli_runs_regional_and_tara_on_dits(family, dits, method, extra, calls, tmp_path, capsys):
     from loracompose.cli.main import main
 
     model, _, loras = dits[family]
@@ -364,7 +484,7 @@ def test_cli_runs_regional_and_tara_on_dits(family, dits, method, extra, tmp_pat
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / f"{method}-0.png").exists()
-    assert f"{method}: 2 transformer calls" in captured.err
+    assert f"{method}: {calls} transformer calls" in captured.err
 
 
 def test_cli_refuses_region_prompts_in_delta_mode_on_dits(family, dits, tmp_path, capsys):
@@ -386,9 +506,11 @@ def test_tara_with_loras_on_every_layer(family, dits, tmp_path):
     files = [_every_layer_lora(pipe, tmp_path / f"every{seed}.safetensors", seed) for seed in (5, 6)]
     specs = [LoraSpec(path, 0.7, trigger_words=[word]) for path, word in zip(files, ("zkx", "qwv"))]
     merged = _generate(pipe, specs, Merge())
-    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara()).latents, merged.latents, **TOLERANCE)
-    tara = _generate(pipe, specs, Tara())
-    torch.testing.assert_close(_generate(pipe, specs, Tara(fuse=True)).latents, tara.latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara(untokened="global")).latents, merged.latents,
+                               **TOLERANCE)
+    tara = _generate(pipe, specs, Tara(untokened="global"))
+    torch.testing.assert_close(_generate(pipe, specs, Tara(fuse=True, untokened="global")).latents, tara.latents,
+                               rtol=0, atol=1e-4)
     assert (tara.latents - merged.latents).abs().max() > 1e-4
 
 
@@ -431,8 +553,8 @@ def test_flux_true_cfg_runs_regional_and_tara_with_two_rows_per_image(dits):
     merged = _generate(pipe, specs, Merge(), **options)
     whole = _generate(pipe, specs, Regional(boxes=[WHOLE, WHOLE]), **options)
     torch.testing.assert_close(whole.latents, merged.latents, **TOLERANCE)
-    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara(), **options).latents, merged.latents,
-                               **TOLERANCE)
-    tara = _generate(pipe, specs, Tara(), **options)
+    torch.testing.assert_close(_generate(pipe, specs, AllTokensTara(untokened="global"), **options).latents,
+                               merged.latents, **TOLERANCE)
+    tara = _generate(pipe, specs, Tara(untokened="global"), **options)
     assert (tara.stats.unet_calls, tara.stats.unet_rows) == (STEPS, 2 * STEPS)
     assert (tara.latents - merged.latents).abs().max() > 1e-4
