@@ -707,6 +707,13 @@ class Composer(CompositionMethod):
         self._joint = None
         self._run = None
 
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        if self.on_dit:  # what FLUX/SD3 leave out, and the text segments' groups
+            settings["not_on_this_model"] = [name for name in ("refine", "reinitialise") if getattr(self, name)]
+            settings["text_segments"] = list(self.segment_codes)
+        return settings
+
     # -- geometry --------------------------------------------------------------------------------
     def _geometry(self, latents: torch.Tensor) -> list[ConceptGeometry]:
         grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))

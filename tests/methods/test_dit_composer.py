@@ -121,6 +121,8 @@ def test_one_lora_on_the_whole_image_without_isolation_is_merge(family, dits, bo
     assert (composed.stats.unet_calls, composed.stats.unet_rows) == (STEPS, STEPS * _rows_per_image(family))
     assert composed.stats.backward_passes == 0, "no refinement on DiTs"
     assert method.placed == ([0] if box == NEARLY_WHOLE else []) and method.segment_codes == (1,)
+    assert composed.method["not_on_this_model"] == ["refine", "reinitialise"]
+    assert composed.method["text_segments"] == [1]
     base = _generate(pipe, [], Merge())
     assert (merged.latents - base.latents).abs().max() > 1e-2, "the LoRA changes the result"
     assert _stock_state(pipe.transformer), "processors and PEFT forwards restored"
