@@ -2,7 +2,8 @@
 transformer calls and rows per step (counted by a hook, not by our stats), one LoRA with an all-ones
 mask equal to Merge, forced masks equal to the branches they pick (left/right halves placed on the
 image as the transformer flattens its tokens), latent updates only at their scheduled steps with a
-decreasing loss, the early stop after the map blocks giving the same updates, and the CLI."""
+decreasing loss, one update equal to an autograd step through the attention diffusers computes, the
+early stop after the map blocks giving the same updates, and the CLI."""
 
 from __future__ import annotations
 
@@ -177,6 +178,80 @@ def test_forced_masks_in_layers_gate_keep_the_style_alone(family, dits):
     torch.testing.assert_close(clora.latents, alone.latents, **TOLERANCE)
 
 
+def _explicit_branch_maps(pipe, family, call, latents, weights, token_count):
+    """(branches, image tokens, text tokens) maps without loracompose code: each branch's row of the
+    recorded call run alone with its adapters set by diffusers, the joint attention's softmax formed
+    from the queries and keys its SDPA receives, the image x text block renormalised over the text,
+    head mean, on the map block (the later half of the joint blocks: FLUX's double block 0 of 1,
+    SD3's joint block 1 of 2)."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    image = latents.shape[1] if family == "flux" else latents.shape[-2] * latents.shape[-1]
+
+    def keeping(query, key, value, *args, **kwargs):
+        kept.append((query, key))
+        return original(query, key, value, *args, **kwargs)
+
+    maps = []
+    for branch, adapter_weights in enumerate(weights):
+        pipe.transformer.set_adapters(list(adapter_weights), list(adapter_weights.values()))
+        row = {name: value[branch:branch + 1] if name in ("encoder_hidden_states", "pooled_projections", "timestep",
+                                                          "guidance") and value is not None else value
+               for name, value in call.items()}
+        row["hidden_states"] = latents
+        kept.clear()
+        torch.nn.functional.scaled_dot_product_attention = keeping
+        try:
+            pipe.transformer(**row)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+        query, key = kept[0] if family == "flux" else kept[1]
+        scores = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)
+        rows, columns = ((slice(token_count, None), slice(0, token_count)) if family == "flux"
+                         else (slice(0, image), slice(image, None)))
+        block = scores[0, :, rows, columns]
+        maps.append((block / block.sum(dim=-1, keepdim=True)).mean(dim=0))
+    pipe.transformer.set_adapters(list(weights[0]), [0.0] * len(weights[0]))
+    return torch.stack(maps)
+
+
+def test_one_update_equals_an_independent_autograd_step(family, dits):
+    """The method's z - eta * grad equals one computed with the adapters set by diffusers, maps from the
+    attention's own queries and keys, the float64 loss written out pair by pair (test_clora) and eta
+    = 20 x latent pixels / 64² (FLUX: 2x2 latent pixels per packed token)."""
+    from test_clora import explicit_info_nce
+
+    pipe, loras = dits[family]
+    method = CLoRA(gate="prediction", step_size=200.0, max_update_step=1, iterative_steps=(), schedule_steps=0)
+    seen, calls = {}, []
+    original = method.prepare_latents
+
+    def recording(run, step, latents):
+        updated = original(run, step, latents)
+        seen.update(before=latents.clone(), after=updated.clone())
+        return updated
+
+    method.prepare_latents = recording
+    hook = pipe.transformer.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(dict(kwargs)),
+                                                      with_kwargs=True)
+    try:
+        _generate(pipe, _objects(loras), method, steps=1)
+    finally:
+        hook.remove()
+    names = [lora.name for lora in method.loras]
+    weights = [{names[0]: 0.0, names[1]: 0.0}, {names[0]: 1.0, names[1]: 0.0}, {names[0]: 0.0, names[1]: 1.0}]
+    call = {name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in calls[0].items()}
+    latents = seen["before"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        maps = _explicit_branch_maps(pipe, family, call, latents, weights, call["encoder_hidden_states"].shape[1])
+        loss = explicit_info_nce(maps[:, :, None, :], method.token_groups, 0.5)  # one map row: min-max is global
+        (gradient,) = torch.autograd.grad(loss, latents)
+    latent_pixels = (SIZE // pipe.vae_scale_factor) ** 2
+    expected = seen["before"] - 200.0 * latent_pixels / 64**2 * gradient.float()
+    assert (seen["after"] - seen["before"]).abs().max() > 1e-4, "the update must move the latent"
+    torch.testing.assert_close(seen["after"], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_latent_updates_only_at_their_steps_and_the_loss_decreases(family, dits):
     pipe, loras = dits[family]
     method = CLoRA(gate="prediction", max_update_step=2, iterative_steps=(1,), extra_iterations=4, schedule_steps=0)
@@ -240,3 +315,9 @@ def test_cli_runs_clora_on_dits(family, dits, tmp_path, capsys):
     # one update (step 0), then per step a map pass of the 3 branches and one regional pass
     assert (record["stats"]["unet_calls"], record["stats"]["backward_passes"]) == (1 + 2 * 2, 1)
     assert "clora: 5 transformer calls" in captured.err
+
+
+def test_step_size_counts_a_flux_token_as_its_2x2_latent_pixels():
+    # FLUX.1 at 512 px: 32 x 32 packed tokens of 16 channels x 2 x 2 = a 64 x 64 latent, SD1.5's size at 512 px
+    assert CLoRA().scaled_step_size(torch.zeros(1, 32 * 32, 64)) == 20.0
+    assert CLoRA().scaled_step_size(torch.zeros(1, 16, 64, 64)) == 20.0  # SD3 at 512 px: (B, C, H, W)
