@@ -64,9 +64,8 @@ def run_export_toyworld(args: argparse.Namespace) -> int:
 
 def add_train_toyworld_loras_arguments(parser: argparse.ArgumentParser) -> None:
     from loracompose.toyworld.concepts import CONCEPTS
-    from loracompose.toyworld.loras import CONCEPT_RECIPES, DEFAULT_STEPS, ConceptTrainingSettings
+    from loracompose.toyworld.loras import CONCEPT_RECIPES, DEFAULT_IMAGES, DEFAULT_STEPS
 
-    defaults = ConceptTrainingSettings()
     parser.add_argument("--model", type=Path, required=True, help="the toy-world base model folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for NAME.safetensors of each concept")
     parser.add_argument("--concept", action="append", choices=list(CONCEPTS), help="train only these (repeat)")
@@ -74,16 +73,18 @@ def add_train_toyworld_loras_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"steps per LoRA (default: {DEFAULT_STEPS}; "
                              + ", ".join(f"{name} {recipe['steps']}" for name, recipe in CONCEPT_RECIPES.items()
                                          if "steps" in recipe) + ")")
-    parser.add_argument("--images", type=int, default=defaults.images,
-                        help=f"training scenes per concept (default {defaults.images})")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"training scenes per concept (default: {DEFAULT_IMAGES}; "
+                             + ", ".join(f"{name} {recipe['images']}" for name, recipe in CONCEPT_RECIPES.items()
+                                         if "images" in recipe) + ")")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_train_toyworld_loras(args: argparse.Namespace) -> int:
     from loracompose.toyworld.loras import ConceptTrainingSettings, train_concept_loras
 
-    if (args.steps is not None and args.steps < 1) or args.images < 1:
+    if any(value is not None and value < 1 for value in (args.steps, args.images)):
         raise UserError("--steps and --images must be positive integers")
     settings = ConceptTrainingSettings(images=args.images, steps=args.steps, seed=args.seed,
                                        show_progress=not args.quiet)

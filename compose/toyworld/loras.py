@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from loracompose.errors import UserError
 from loracompose.outputs import staged_directory
@@ -27,28 +27,32 @@ if TYPE_CHECKING:
     from loracompose.training.trainer import TrainingResult
 
 CONCEPT_SEED_START = 2_000_000
-DEFAULT_STEPS, DEFAULT_RANK = 1000, 8
+DEFAULT_IMAGES, DEFAULT_STEPS, DEFAULT_RANK, DEFAULT_LEARNING_RATE = 256, 1000, 8, 1e-3
+DEFAULTS: dict[str, Any] = {"images": DEFAULT_IMAGES, "steps": DEFAULT_STEPS, "rank": DEFAULT_RANK,
+                            "learning_rate": DEFAULT_LEARNING_RATE, "targets": None}
 # Concepts whose recipe differs from the defaults (see above): field of ConceptTrainingSettings -> value.
-CONCEPT_RECIPES: dict[str, dict[str, int]] = {"ambrel": {"steps": 2000}}
+CONCEPT_RECIPES: dict[str, dict[str, Any]] = {"ambrel": {"steps": 2000}}
 
 
 @dataclass(frozen=True)
 class ConceptTrainingSettings:
     """How the concept LoRAs are trained (defaults: the shipped LoRAs' recipe)."""
 
-    images: int = 256
-    steps: int | None = None  # None: the concept's own (CONCEPT_RECIPES, else DEFAULT_STEPS)
-    rank: int | None = None  # None: the concept's own (CONCEPT_RECIPES, else DEFAULT_RANK)
-    learning_rate: float = 1e-3
+    # None: the concept's own value (CONCEPT_RECIPES), else the DEFAULTS entry
+    images: int | None = None
+    steps: int | None = None
+    rank: int | None = None
+    learning_rate: float | None = None
+    targets: tuple[str, ...] | None = None  # UNet projections with a LoRA (the trainer's default: attention)
     batch_size: int = 16
     seed: int = 0
     show_progress: bool = True
 
 
-def concept_setting(settings: ConceptTrainingSettings, name: str, field: str, default: int) -> int:
-    """``settings.field`` where given, else concept ``name``'s own value (CONCEPT_RECIPES), else ``default``."""
+def concept_setting(settings: ConceptTrainingSettings, name: str, field: str) -> Any:
+    """``settings.field`` where given, else concept ``name``'s own value (CONCEPT_RECIPES), else DEFAULTS'."""
     given = getattr(settings, field)
-    return given if given is not None else CONCEPT_RECIPES.get(name, {}).get(field, default)
+    return given if given is not None else CONCEPT_RECIPES.get(name, {}).get(field, DEFAULTS[field])
 
 
 def write_concept_images(concept: Concept, folder: Path, count: int) -> Path:
@@ -77,14 +81,15 @@ def train_concept_loras(model_dir: Path, out_dir: Path, names: Sequence[str] | N
     results = []
     for name in names or list(CONCEPTS):
         concept = CONCEPTS[name]
-        images = work / f"{name}-images"
+        count = concept_setting(settings, name, "images")
+        images = work / f"{name}-images-{count}"
         if not images.is_dir():
-            write_concept_images(concept, images, settings.images)
+            write_concept_images(concept, images, count)
         results.append(train_lora(LoraTrainingSettings(
             model=str(model_dir), images=images, out=Path(out_dir) / f"{name}.safetensors",
-            steps=concept_setting(settings, name, "steps", DEFAULT_STEPS),
-            rank=concept_setting(settings, name, "rank", DEFAULT_RANK),
-            learning_rate=settings.learning_rate,
+            steps=concept_setting(settings, name, "steps"), rank=concept_setting(settings, name, "rank"),
+            learning_rate=concept_setting(settings, name, "learning_rate"),
+            targets=concept_setting(settings, name, "targets"),
             batch_size=settings.batch_size, seed=settings.seed, work_dir=work / f"{name}-checkpoints",
             checkpoint_every=250, trigger_words=concept.trigger_words, title=name,
             category=concept.kind, probe_timesteps=0,

@@ -214,14 +214,13 @@ def test_morphology_on_a_known_mask():
 def test_concept_recipes_fill_only_the_settings_left_unset():
     from dataclasses import replace
 
-    from loracompose.toyworld.loras import (CONCEPT_RECIPES, DEFAULT_RANK, DEFAULT_STEPS, ConceptTrainingSettings,
-                                            concept_setting)
+    from loracompose.toyworld.loras import CONCEPT_RECIPES, DEFAULTS, ConceptTrainingSettings, concept_setting
 
     unset = ConceptTrainingSettings()
     plain = next(name for name in CONCEPTS if name not in CONCEPT_RECIPES)
-    assert concept_setting(unset, plain, "steps", DEFAULT_STEPS) == DEFAULT_STEPS
-    assert concept_setting(unset, plain, "rank", DEFAULT_RANK) == DEFAULT_RANK
+    for field, default in DEFAULTS.items():
+        assert concept_setting(unset, plain, field) == default
     for name, recipe in CONCEPT_RECIPES.items():
         for field, value in recipe.items():
-            assert concept_setting(unset, name, field, -1) == value
-            assert concept_setting(replace(unset, **{field: 7}), name, field, -1) == 7, "a given setting wins"
+            assert concept_setting(unset, name, field) == value
+            assert concept_setting(replace(unset, **{field: 7}), name, field) == 7, "a given setting wins"

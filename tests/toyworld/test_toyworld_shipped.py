@@ -153,6 +153,7 @@ def test_suite_method_file_settings_resolve_against_the_suite_folder(tmp_path, m
 @pytest.mark.parametrize("args, message", [
     (["eval-toyworld", "--seeds", "0"], "must be positive"),
     (["train-toyworld-loras", "--model", "m", "--out", "o", "--steps", "0"], "must be positive"),
+    (["train-toyworld-loras", "--model", "m", "--out", "o", "--images", "0"], "must be positive"),
 ])
 def test_toyworld_commands_refuse_bad_numbers(args, message, capsys):
     assert main(args) == 2
