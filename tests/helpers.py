@@ -1,12 +1,14 @@
 """Oracles shared by the test modules: stock diffusers pipelines, an independent UNet call count, a lexical
-text embedder with known behaviour, LoRA file copies with edited metadata, and the one-line error check."""
+text embedder with known behaviour, LoRA file copies with edited metadata, the one-line error check, the
+tiny FLUX/SD3 folders with two LoRAs, and CMLoRA's cache probe and uncached reference."""
 
 from __future__ import annotations
 
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import pytest
 import torch
@@ -14,7 +16,13 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, Stab
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
 from loracompose.errors import UserError
+from loracompose.methods.base import ALL_FAMILIES, CompositionMethod
+from loracompose.methods.cmlora import predict_keeping_deep_features, predict_shallow
+from loracompose.methods.composite import Composite
+from loracompose.pipelines import load_pipeline
+from loracompose.pipelines.values import Prediction
 
 # A library of twelve LoRAs for retrieval: one subject each, captions from the training templates;
 # held-out prompts use the other templates.
@@ -69,6 +77,79 @@ def with_metadata(source: Path, out: Path, extra: dict[str, str] | None = None, 
     return out
 
 
+DIT_FAMILIES = ("flux", "sd3")  # the families of tiny_dits_with_two_loras, in test-id order
+
+
+def tiny_dits_with_two_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any, list[Path]]]:
+    """Tiny FLUX and SD3 folders (seed 0), each loaded back through ``load_pipeline`` on the CPU, with two
+    LoRAs made for it: ``character`` (trigger "zkx", seed 1) and ``other`` ("qwv", seed 2).
+    Returns {family: (model folder, pipeline, [LoRA files])}."""
+    made = {}
+    for name, build in (("flux", build_tiny_flux), ("sd3", build_tiny_sd3)):
+        root = tmp_path_factory.mktemp(f"tiny-{name}")
+        model = build(root / "model", seed=0)
+        loras = [build_tiny_lora(model, root / f"{stem}.safetensors", seed=seed, trigger_words=[trigger],
+                                 init_scale=2.0)
+                 for stem, trigger, seed in (("character", "zkx", 1), ("other", "qwv", 2))]
+        made[name] = (model, load_pipeline(model, device="cpu"), loras)
+    return made
+
+
+def dit_rows_per_image(family: str) -> int:
+    """Transformer rows per image and branch: FLUX is guidance-distilled (no CFG halves), SD3 runs CFG."""
+    return 1 if family == "flux" else 2
+
+
+def max_prediction_difference(first: Sequence[Any], second: Sequence[Any]) -> float:
+    """The largest absolute difference between two lists of Predictions, over both CFG halves (where present)."""
+    def halves(prediction: Any) -> list[torch.Tensor]:
+        return [prediction.cond] + ([] if prediction.uncond is None else [prediction.uncond])
+
+    return max((a - b).abs().max().item() for p, q in zip(first, second) for a, b in zip(halves(p), halves(q)))
+
+
+@dataclass
+class ShallowProbe(CompositionMethod):
+    """CMLoRA's cache oracle as a method. At every step: full passes keeping the deep features, plain
+    passes, then shallow passes around the fresh caches and around the previous step's; records the
+    largest differences (shallow vs full: rounding; full vs plain: zero; stale vs full: not small)."""
+
+    name: ClassVar[str] = "probe"
+    families: ClassVar[frozenset[str]] = ALL_FAMILIES
+    batched: bool = True
+    shallow_vs_full: list = field(default_factory=list)
+    full_vs_plain: list = field(default_factory=list)
+    stale_vs_full: list = field(default_factory=list)
+
+    def start(self, run):
+        self.previous = None
+
+    def predict(self, run, step, latents):
+        branches = [self.branch(lora) for lora in self.loras]
+        full, caches = predict_keeping_deep_features(run, latents, step, branches, batch=self.batched)
+        plain = run.predict(latents, step, branches, batch=self.batched)
+        shallow = predict_shallow(run, latents, step, branches, caches, batch=self.batched)
+        self.shallow_vs_full.append(max_prediction_difference(shallow, full))
+        self.full_vs_plain.append(max_prediction_difference(full, plain))
+        if self.previous is not None:
+            stale = predict_shallow(run, latents, step, branches, self.previous, batch=self.batched)
+            self.stale_vs_full.append(max_prediction_difference(stale, full))
+        self.previous = caches
+        return Prediction.mix(full)
+
+
+@dataclass
+class StepWeightedComposite(Composite):
+    """Composite whose mixing weights change per step: CMLoRA without its cache (the uncached reference)."""
+
+    name: ClassVar[str] = "step-weighted-composite"
+    weights_per_step: tuple = ()
+
+    def predict(self, run, step, latents):
+        self.mixing_weights = self.weights_per_step[step.index]
+        return super().predict(run, step, latents)
+
+
 class BagOfTokensEmbedder:
     """A lexical text embedder with known behaviour: the sum of fixed random vectors of a text's distinct
     CLIP tokens. Texts sharing words are close, so held-out prompts are answerable from the text side and
@@ -98,7 +179,6 @@ def serve_tiny_ui(model: Path | None = None, library: Path | None = None) -> Ite
     """``loracompose ui`` with no model on the embedded tiny SD1.5 variant and its demo LoRAs (or
     ``loracompose ui --model MODEL --library LIBRARY``), served on a free local port: yields (app, blocks,
     settings, url) and closes the server afterwards."""
-    from loracompose.pipelines import load_pipeline
     from loracompose.ui import UiOptions, resolve_settings
     from loracompose.ui.app import LoraComposeApp, launch_app
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import ShallowProbe, StepWeightedComposite
 from loracompose import CMLoRA, CMLoRASwitch, Composite, LoraSpec, UserError, load_pipeline
 from loracompose.methods.cmlora import (
     FrequencyOrder,
@@ -22,14 +21,10 @@ from loracompose.methods.cmlora import (
     dominant_weights,
     frequency_order,
     end_of_early_phase,
-    predict_keeping_deep_features,
-    predict_shallow,
     refresh_steps,
     switch_active_schedule,
 )
 from loracompose.frequency import ProfileSettings, cache_folder, cached_profiles, high_frequency_score, profile_loras
-from loracompose.methods.base import CompositionMethod
-from loracompose.pipelines.values import Prediction
 from loracompose.assets.tiny import build_tiny_lora, tiny_sd15_pipeline
 
 COMMON = dict(guidance_scale=6.0, show_progress=False, append_triggers=False)
@@ -285,38 +280,6 @@ def test_profiles_live_under_home_keyed_by_content_and_never_beside_the_lora(sd1
 # ------------------------------------------------------------------------------------ the cache
 
 
-@dataclass
-class ShallowProbe(CompositionMethod):
-    """At every step: full passes with cache, then shallow passes around the fresh caches."""
-
-    name: ClassVar[str] = "probe"
-    batched: bool = True
-    shallow_vs_full: list = field(default_factory=list)
-    full_vs_plain: list = field(default_factory=list)
-    stale_vs_full: list = field(default_factory=list)
-
-    def start(self, run):
-        self.previous = None
-
-    def predict(self, run, step, latents):
-        branches = [self.branch(lora) for lora in self.loras]
-        full, caches = predict_keeping_deep_features(run, latents, step, branches, batch=self.batched)
-        plain = run.predict(latents, step, branches, batch=self.batched)
-        shallow = predict_shallow(run, latents, step, branches, caches, batch=self.batched)
-        self.shallow_vs_full.append(_max_difference(shallow, full))
-        self.full_vs_plain.append(_max_difference(full, plain))
-        if self.previous is not None:
-            stale = predict_shallow(run, latents, step, branches, self.previous)
-            self.stale_vs_full.append(_max_difference(stale, full))
-        self.previous = caches
-        return Prediction.mix(full)
-
-
-def _max_difference(first, second) -> float:
-    return max(max((a.cond - b.cond).abs().max().item(), (a.uncond - b.uncond).abs().max().item())
-               for a, b in zip(first, second))
-
-
 @pytest.mark.parametrize("model", ["sd15", "sdxl", "sd15-layout"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_shallow_pass_with_fresh_cache_equals_full_unet(
@@ -335,18 +298,6 @@ def test_shallow_pass_with_fresh_cache_equals_full_unet(
 
 
 # ------------------------------------------------------------------------------------ end to end
-
-
-@dataclass
-class StepWeightedComposite(Composite):
-    """Composite whose mixing weights change per step (the uncached CMLoRA reference)."""
-
-    name: ClassVar[str] = "step-weighted-composite"
-    weights_per_step: tuple = ()
-
-    def predict(self, run, step, latents):
-        self.mixing_weights = self.weights_per_step[step.index]
-        return super().predict(run, step, latents)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])

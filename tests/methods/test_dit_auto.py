@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loracompose import LoraSpec, load_pipeline
-from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
+from helpers import DIT_FAMILIES, dit_rows_per_image, tiny_dits_with_two_loras
+from loracompose import LoraSpec
 from loracompose.attention import joint_maps
 from loracompose.attention.auto_masks import AutoMasks
 from loracompose.methods.auto import Auto
@@ -23,36 +23,23 @@ PROMPT = "a zkx on the left and a qwv on the right"
 SIZE = 32
 STEPS = 3
 PROBE = 2
-BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3}
 TOLERANCE = dict(rtol=0, atol=1e-5)  # the same sums through differently ordered adds
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=DIT_FAMILIES)
 def family(request) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
 def dits(tmp_path_factory) -> dict[str, tuple[object, list[Path]]]:
-    made = {}
-    for name, build in BUILDERS.items():
-        root = tmp_path_factory.mktemp(f"tiny-{name}")
-        model = build(root / "model", seed=0)
-        loras = [build_tiny_lora(model, root / f"{stem}.safetensors", seed=seed, trigger_words=[trigger],
-                                 init_scale=2.0)
-                 for stem, trigger, seed in (("character", "zkx", 1), ("other", "qwv", 2))]
-        made[name] = (load_pipeline(model, device="cpu"), loras)
-    return made
+    return {name: (pipe, loras) for name, (_, pipe, loras) in tiny_dits_with_two_loras(tmp_path_factory).items()}
 
 
 def _generate(pipe, specs, method, **kwargs):
     options = dict(steps=STEPS, width=SIZE, height=SIZE, output_type="latent", append_triggers=False,
                    show_progress=False, seed=3)
     return pipe.generate(PROMPT, specs, method, **{**options, **kwargs})
-
-
-def _rows_per_image(family: str) -> int:
-    return 1 if family == "flux" else 2  # FLUX: distilled guidance, no CFG halves
 
 
 @pytest.mark.parametrize("files,kinds", [(1, {}), (2, {"character": "background", "other": "style"}),
@@ -63,7 +50,7 @@ def test_auto_is_merge_for_one_lora_or_only_global_loras(family, dits, files, ki
     merged = _generate(pipe, specs, Merge())
     auto = _generate(pipe, specs, Auto(kinds=kinds, style_combine="weights"))
     assert torch.equal(auto.latents, merged.latents)
-    assert (auto.stats.unet_calls, auto.stats.unet_rows) == (STEPS, STEPS * _rows_per_image(family))
+    assert (auto.stats.unet_calls, auto.stats.unet_rows) == (STEPS, STEPS * dit_rows_per_image(family))
 
 
 def _subsequence_starts(tokens: list[str], pieces: list[str]) -> list[int]:
@@ -133,7 +120,7 @@ def test_two_local_loras_get_masks_from_the_captured_maps_and_run_as_regional(fa
     assert found.masks().shape == (1, 2, *grid)
     assert 0 < float(found.masks()[:, 0].sum()) < grid[0] * grid[1], "the maps split the image"
     # The probe (PROBE base-model calls), then one regional pass per step.
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (result.stats.unet_calls, result.stats.unet_rows) == (PROBE + STEPS, (PROBE + STEPS) * rows)
     assert not any("forward" in module.__dict__ for module in pipe.transformer.modules()), "patches undone"
     assert all(not isinstance(module.processor, joint_maps.JointMapProcessor)
@@ -177,7 +164,7 @@ def test_other_map_sources_probe_with_their_branches_in_one_call(family, dits, s
     masks = method.mask_history[0][1].masks()
     assert masks.shape[:2] == (1, 2) and float(masks.sum(dim=1).max()) <= 1  # a partition (or background)
     branches = 2 if source == "own" else 1
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (result.stats.unet_calls, result.stats.unet_rows) == (1 + STEPS, (branches + STEPS) * rows)
 
 

@@ -7,22 +7,17 @@ equal Merge bit for bit, a closed gate removes that LoRA from that layer, other 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
 
-from helpers import assert_one_line_user_errors, with_metadata
-from loracompose import CMLoRA, Composite, LoraSpec, Merge, load_pipeline
+from helpers import ShallowProbe, StepWeightedComposite, assert_one_line_user_errors, with_metadata
+from loracompose import CMLoRA, LoraSpec, Merge, load_pipeline
 from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
 from loracompose.methods.autolora import AutoLoRA
 from loracompose.methods.autolora_gates import GateSet, lora_layer_channels, save_gates
-from loracompose.methods.base import CompositionMethod
-from loracompose.methods.cmlora import predict_keeping_deep_features, predict_shallow
 from loracompose.pipelines.dit_cache import middle_blocks
-from loracompose.pipelines.values import Prediction
 
 COMMON = dict(width=32, height=32, output_type="latent", append_triggers=False, show_progress=False)
 PROMPT = "a cat on a mat"
@@ -50,43 +45,7 @@ def dits(tmp_path_factory) -> dict[str, tuple[object, list[LoraSpec]]]:
     return made
 
 
-def _max_difference(first: list[Prediction], second: list[Prediction]) -> float:
-    def halves(prediction):
-        return [prediction.cond] + ([] if prediction.uncond is None else [prediction.uncond])
-
-    return max((a - b).abs().max().item() for p, q in zip(first, second) for a, b in zip(halves(p), halves(q)))
-
-
 # ------------------------------------------------------------------------------------ CMLoRA's block cache
-
-
-@dataclass
-class ShallowProbe(CompositionMethod):
-    """At every step: full passes keeping residuals, plain passes, then shallow passes around the fresh
-    and the previous step's caches."""
-
-    name: ClassVar[str] = "probe"
-    families: ClassVar[frozenset[str]] = frozenset({"flux", "sd3"})
-    batched: bool = True
-    shallow_vs_full: list = field(default_factory=list)
-    full_vs_plain: list = field(default_factory=list)
-    stale_vs_full: list = field(default_factory=list)
-
-    def start(self, run):
-        self.previous = None
-
-    def predict(self, run, step, latents):
-        branches = [self.branch(lora) for lora in self.loras]
-        full, caches = predict_keeping_deep_features(run, latents, step, branches, batch=self.batched)
-        plain = run.predict(latents, step, branches, batch=self.batched)
-        shallow = predict_shallow(run, latents, step, branches, caches, batch=self.batched)
-        self.shallow_vs_full.append(_max_difference(shallow, full))
-        self.full_vs_plain.append(_max_difference(full, plain))
-        if self.previous is not None:
-            stale = predict_shallow(run, latents, step, branches, self.previous, batch=self.batched)
-            self.stale_vs_full.append(_max_difference(stale, full))
-        self.previous = caches
-        return Prediction.mix(full)
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -98,18 +57,6 @@ def test_shallow_pass_around_a_fresh_cache_equals_the_full_pass(family, dits, ba
     assert max(probe.full_vs_plain) == 0.0, "keeping the residual must not change the full pass"
     assert min(probe.stale_vs_full) > 1e-4, "another step's residual must change the output"
     assert not any("forward" in block.__dict__ for block in middle_blocks(pipe.transformer)), "forwards restored"
-
-
-@dataclass
-class StepWeightedComposite(Composite):
-    """Composite whose mixing weights change per step: CMLoRA without its cache."""
-
-    name: ClassVar[str] = "step-weighted-composite"
-    weights_per_step: tuple = ()
-
-    def predict(self, run, step, latents):
-        self.mixing_weights = self.weights_per_step[step.index]
-        return super().predict(run, step, latents)
 
 
 def test_caching_off_equals_the_weighted_composite_of_its_schedule(family, dits):

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import with_metadata
-from loracompose import LoraSpec, UserError, load_pipeline
-from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
+from helpers import DIT_FAMILIES, dit_rows_per_image, tiny_dits_with_two_loras, with_metadata
+from loracompose import LoraSpec, UserError
 from loracompose.attention.dit_layers import stream_role, text_key_value_layers
 from loracompose.attention.lora_deltas import active_adapters, adapter_delta
 from loracompose.methods.merge import Merge
@@ -29,25 +28,16 @@ WHOLE = (0.0, 0.0, 1.0, 1.0)
 LEFT, RIGHT = (0.0, 0.0, 0.6, 0.75), (0.4, 0.0, 1.0, 0.75)
 # The same sums through differently ordered adds / batched rows: float rounding only.
 TOLERANCE = dict(rtol=0, atol=1e-5)
-BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3}
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=DIT_FAMILIES)
 def family(request) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
 def dits(tmp_path_factory) -> dict[str, tuple[Path, object, list[Path]]]:
-    made = {}
-    for name, build in BUILDERS.items():
-        root = tmp_path_factory.mktemp(f"tiny-{name}")
-        model = build(root / "model", seed=0)
-        loras = [build_tiny_lora(model, root / f"{stem}.safetensors", seed=seed, trigger_words=[trigger],
-                                 init_scale=2.0)
-                 for stem, trigger, seed in (("character", "zkx", 1), ("other", "qwv", 2))]
-        made[name] = (model, load_pipeline(model, device="cpu"), loras)
-    return made
+    return tiny_dits_with_two_loras(tmp_path_factory)
 
 
 def _specs(loras, weights=(0.8, 1.0)) -> list[LoraSpec]:
@@ -58,10 +48,6 @@ def _generate(pipe, specs, method, **kwargs):
     options = dict(steps=STEPS, width=SIZE, height=SIZE, output_type="latent", append_triggers=False,
                    show_progress=False)
     return pipe.generate(PROMPT, specs, method, **{**options, **kwargs})
-
-
-def _rows_per_image(family: str) -> int:
-    return 1 if family == "flux" else 2  # FLUX: distilled guidance, no CFG halves
 
 
 def _restored(module) -> bool:
@@ -77,7 +63,7 @@ def test_regional_whole_image_is_merge_and_empty_regions_the_base_model(family, 
     merged = _generate(pipe, specs, Merge())
     whole = _generate(pipe, specs, Regional(boxes=[WHOLE, WHOLE]))
     torch.testing.assert_close(whole.latents, merged.latents, **TOLERANCE)
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (whole.stats.unet_calls, whole.stats.unet_rows) == (STEPS, STEPS * rows)
 
     base = _generate(pipe, [], Merge())
@@ -96,7 +82,7 @@ def test_regional_one_lora_on_the_whole_image_is_merge_in_both_modes(family, dit
     delta = _generate(pipe, spec, Regional(boxes=[WHOLE]))
     assert torch.equal(latent.latents, merged.latents), "the base branch covers no token, so it is not run"
     torch.testing.assert_close(delta.latents, latent.latents, **TOLERANCE)
-    assert latent.stats.unet_rows == delta.stats.unet_rows == STEPS * _rows_per_image(family)
+    assert latent.stats.unet_rows == delta.stats.unet_rows == STEPS * dit_rows_per_image(family)
 
 
 def test_regional_boxes_cost_one_pass_or_n_plus_one_branches(family, dits):
@@ -105,7 +91,7 @@ def test_regional_boxes_cost_one_pass_or_n_plus_one_branches(family, dits):
     merged = _generate(pipe, specs, Merge())
     delta = _generate(pipe, specs, Regional(boxes=[LEFT, RIGHT]))
     latent = _generate(pipe, specs, Regional(boxes=[LEFT, RIGHT], mode="latent"))
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (delta.stats.unet_calls, delta.stats.unet_rows) == (STEPS, STEPS * rows)
     assert (latent.stats.unet_calls, latent.stats.unet_rows) == (STEPS, STEPS * 3 * rows), "base + 2, batched"
     for result in (delta, latent):
@@ -278,7 +264,7 @@ def test_tara_with_all_ones_masks_is_merge(family, dits):
     torch.testing.assert_close(everywhere.latents, merged.latents, **TOLERANCE)
     tara = _generate(pipe, specs, Tara(untokened="global"))
     assert (tara.latents - merged.latents).abs().max() > 1e-4, "the masks change the result"
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (tara.stats.unet_calls, tara.stats.unet_rows) == (STEPS, STEPS * rows)
     fused = _generate(pipe, specs, Tara(fuse=True, untokened="global"))
     torch.testing.assert_close(fused.latents, tara.latents, rtol=0, atol=1e-4)
@@ -372,7 +358,7 @@ def test_tara_whole_image_regions_equal_global_tara(family, dits, lora_kind, tmp
     plain = _generate(pipe, specs, Tara(untokened="global"))
     torch.testing.assert_close(regions.latents, plain.latents, **TOLERANCE)
     assert regions.method["regions"] == "given" and plain.method["regions"] == "none"
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (regions.stats.unet_calls, regions.stats.unet_rows) == (STEPS, STEPS * rows), "one pass, no probe"
     halves = _generate(pipe, specs, Tara(boxes=[LEFT, RIGHT]))
     assert (halves.latents - plain.latents).abs().max() > 1e-4, "regions that are not the whole image matter"
@@ -422,7 +408,7 @@ def test_tara_automatic_regions_on_dits_are_per_image(family, dits):
     specs = _tara_specs(loras)
     method = Tara()
     both = _generate(pipe, specs, method, seed=5, num_images=2)
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     probe = min(3, STEPS)
     assert both.method["regions"] == "automatic"
     assert both.stats.unet_calls == probe + STEPS * 2 and both.stats.unet_rows == (probe + STEPS) * 2 * rows
@@ -544,7 +530,7 @@ def test_t5_words_are_found_at_word_boundaries(dits):
     assert found == expected
 
 
-def test_flux_true_cfg_runs_regional_and_tara_with_two_rows_per_image(dits):
+def test_flux_true_cfg_runs_regional_and_tara_with_twodit_rows_per_image(dits):
     """FLUX with true CFG ([uncond, cond] rows in one call): whole-image regional and all-ones TARA
     equal Merge; TARA runs one call of two rows per step."""
     _, pipe, loras = dits["flux"]
