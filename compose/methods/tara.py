@@ -44,7 +44,6 @@ trained with.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -87,8 +86,6 @@ else:  # imported on first use: the settings dataclass imports without the model
     install_regional = LazyImport("loracompose.attention.regional", "install_regional")
     LatentGrid = LazyImport("loracompose.attention.masks", "LatentGrid")
     check_mask_aspect = LazyImport("loracompose.methods.regional", "check_mask_aspect")
-
-log = logging.getLogger(__name__)
 
 TARA_TOKEN_KEY = "loracompose.tara_token"
 TARA_CLASS_KEY = "loracompose.tara_class"
