@@ -17,6 +17,14 @@ bit k (:class:`~loracompose.attention.regional_dit.DiTRegionalPatches` with ``te
 box's words are read through its own LoRA's K/V deltas, as LoRA-Composer's concept injection does.
 One segment covering every token with no placed region is plain joint attention (no mask).
 
+**Maps for refinement and re-initialisation.** With a :class:`JointCapture` set on the controller,
+the processors of the chosen blocks also record, from their own query/key projections (normed and,
+on FLUX, rotated as the processor does: :func:`~loracompose.attention.joint_maps.joint_queries_and_keys`),
+each concept's map (every image query against its segment's text keys, softmax over that segment:
+what SD's region cross-attention gives) and the image x image attention (softmax over the image keys,
+with the isolation mask), into :class:`~loracompose.attention.capture.AttentionStore` s, with the graph
+back to the latent when grad is on.
+
 FLUX's stock processor (double- and single-stream blocks) takes the mask as ``attention_mask``;
 SD3's ``JointAttnProcessor2_0`` ignores masks, so SD3 joint blocks (and SD3.5's image-only ``attn2``,
 which gets the image x image part) run :func:`sd3_joint_attention`, the same computation with the
@@ -34,6 +42,8 @@ import torch.nn.functional as F
 from loracompose.errors import UserError
 from loracompose.pipelines.patches import PatchStack
 
+from .capture import AttentionStore
+from .joint_maps import _Projections, joint_queries_and_keys
 from .kernels import allowed_by_regions
 
 
@@ -53,6 +63,7 @@ class JointLayout:
     placed_bits: int
     joint_order: tuple[str, ...]
     isolate: bool
+    grid: tuple[int, int] | None = None  # the image-token grid (rows, columns), for maps
 
     @property
     def text_codes(self) -> torch.Tensor:
@@ -84,13 +95,30 @@ class JointLayout:
                           for query in (first, second)])
 
 
+@dataclass
+class JointCapture:
+    """What the map blocks record during one transformer call (see the module text).
+
+    ``concepts``: per concept (its store source), the text segment its map reads; ``call``: the call's
+    index for the stores (a new index clears them); ``self_store`` None: no image x image maps.
+    """
+
+    blocks: frozenset[str]
+    cross_store: AttentionStore
+    concepts: list[int]
+    call: int
+    self_store: AttentionStore | None = None
+
+
 class JointRegions:
-    """The masks every processor of a generation reads, built once per layout, dtype and device.
+    """The masks every processor of a generation reads, built once per layout, dtype and device, and
+    the map capture of the running call (``capture``, None outside map passes).
 
     ``layout`` None (or a mask that allows everything) gives plain attention.
     """
 
     def __init__(self, layout: JointLayout | None = None) -> None:
+        self.capture: JointCapture | None = None
         self.set_layout(layout)
 
     def set_layout(self, layout: JointLayout | None) -> None:
@@ -114,15 +142,48 @@ class JointRegions:
                             f"{tokens}; run composer through pipe.generate")
         return None if bool(allowed.all()) else allowed.to(device)[None, None]
 
+    def image_bias(self, device: torch.device) -> torch.Tensor | None:
+        """The isolation mask on image x image scores as an additive bias (0 / -inf), None without one."""
+        allowed = self.mask("image", 0 if self.layout is None else int(self.layout.image_codes.shape[0]), device)
+        if allowed is None:
+            return None
+        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+
+    def record(self, name: str, attn: Any, outputs: dict[str, torch.Tensor], hidden_states: torch.Tensor,
+               encoder_hidden_states: torch.Tensor | None, rotary: Any) -> None:
+        """Store the maps of block ``name`` from its captured projections (module text)."""
+        capture, layout = self.capture, self.layout
+        if capture is None or layout is None:
+            return
+        image_tokens = int(layout.image_codes.shape[0])
+        queries, image_keys, text_keys = joint_queries_and_keys(attn, outputs, hidden_states, encoder_hidden_states,
+                                                                rotary, image_tokens, name)
+        size = self.grid_size
+        scale = 1.0 / queries.shape[-1] ** 0.5
+        tokens = layout.segment_tokens
+        for source, segment in enumerate(capture.concepts):
+            keys = text_keys[:, :, segment * tokens:(segment + 1) * tokens]
+            capture.cross_store.record(name, capture.call, size, queries, keys, scale, source=source)
+        if capture.self_store is not None:
+            capture.self_store.record(name, capture.call, size, queries, image_keys, scale,
+                                      bias=self.image_bias(queries.device))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        if self.layout is None or self.layout.grid is None:
+            raise UserError("composer's map capture needs the image-token grid; run it through pipe.generate")
+        return self.layout.grid
+
 
 class JointRegionProcessor:
     """A joint block's processor with :class:`JointRegions`' mask: FLUX's stock processor given the
     mask, or :func:`sd3_joint_attention` on SD3 (``family`` ``"flux"`` or ``"sd3"``)."""
 
-    def __init__(self, inner: Any, regions: JointRegions, family: str) -> None:
+    def __init__(self, inner: Any, regions: JointRegions, family: str, name: str = "") -> None:
         self.inner = inner
         self.regions = regions
         self.family = family
+        self.name = name
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
@@ -132,6 +193,20 @@ class JointRegionProcessor:
         tokens = hidden_states.shape[1] + text
         joint = self.family == "flux" or encoder_hidden_states is not None  # FLUX single blocks: [text, image]
         mask = self.regions.mask("joint" if joint else "image", tokens, hidden_states.device)
+        capture = self.regions.capture
+        if capture is None or self.name not in capture.blocks:
+            return self._attend(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+        projections = _Projections(attn, keep_graph=torch.is_grad_enabled())
+        try:
+            output = self._attend(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+        finally:
+            projections.remove()
+        self.regions.record(self.name, attn, projections.outputs, hidden_states, encoder_hidden_states,
+                            image_rotary_emb)
+        return output
+
+    def _attend(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                mask: torch.Tensor | None, image_rotary_emb: Any) -> Any:
         if self.family == "flux":
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=mask,
                               image_rotary_emb=image_rotary_emb)
@@ -169,23 +244,25 @@ def _normed(norm: torch.nn.Module | None, states: torch.Tensor) -> torch.Tensor:
     return states if norm is None else norm(states)
 
 
-def joint_attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The attention modules of the transformer's blocks: FLUX double and single blocks' ``attn``;
-    SD3 joint blocks' ``attn`` and SD3.5's image-only ``attn2``."""
-    modules = [module for name, module in transformer.named_modules()
-               if hasattr(module, "set_processor") and _in_blocks(name)]
-    if not modules:
+def joint_attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The attention modules of the transformer's blocks by name: FLUX double and single blocks'
+    ``attn``; SD3 joint blocks' ``attn`` and SD3.5's image-only ``attn2``."""
+    named = {name: module for name, module in transformer.named_modules()
+             if hasattr(module, "set_processor") and _in_blocks(name)}
+    if not named:
         raise UserError(f"{type(transformer).__name__} has no joint attention blocks; composer's DiT path needs "
                         "a FLUX.1 or SD3 transformer")
-    return modules
+    return named
 
 
 def install_joint_regions(transformer: torch.nn.Module, regions: JointRegions, stack: PatchStack) -> None:
     """A :class:`JointRegionProcessor` on every block attention module; the run's ``stack`` restores
     the previous processors."""
     family = "flux" if hasattr(transformer, "single_transformer_blocks") else "sd3"
-    stack.module_processors(joint_attention_modules(transformer),
-                            lambda module: JointRegionProcessor(module.processor, regions, family))
+    named = joint_attention_modules(transformer)
+    names = {id(module): name for name, module in named.items()}
+    stack.module_processors(named.values(), lambda module: JointRegionProcessor(module.processor, regions, family,
+                                                                                names[id(module)]))
 
 
 def _in_blocks(name: str) -> bool:

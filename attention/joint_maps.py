@@ -189,26 +189,9 @@ class JointMapProcessor:
 
     def _maps(self, attn: Any, outputs: dict[str, torch.Tensor], hidden_states: torch.Tensor,
               encoder_hidden_states: torch.Tensor | None, rotary: Any) -> torch.Tensor:
-        if "to_q" not in outputs or "to_k" not in outputs:
-            raise UserError(f"attention maps of {self.name} need its separate query/key projections; this block "
-                            "runs fused ones (unfuse them with transformer.unfuse_qkv_projections())")
-        query, key = outputs["to_q"], outputs["to_k"]
-        norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
-        if encoder_hidden_states is not None:  # two streams: image in hidden_states, text in the other
-            text = encoder_hidden_states.shape[1]
-            first_image = text if rotary is not None else 0  # FLUX's rotary table runs [text, image]
-            image = slice(first_image, first_image + hidden_states.shape[1])
-            image_queries = _rotated(_heads(attn, query, norm_q), rotary, image)
-            image_keys = _rotated(_heads(attn, key, norm_k), rotary, image)
-            text_keys = _rotated(_heads(attn, outputs["add_k_proj"], getattr(attn, "norm_added_k", None)),
-                                 rotary, slice(0, text))
-        else:  # FLUX single-stream: one sequence [text, image]
-            text = hidden_states.shape[1] - self.image_tokens()
-            queries = _rotated(_heads(attn, query, norm_q), rotary, slice(None))
-            keys = _rotated(_heads(attn, key, norm_k), rotary, slice(None))
-            image_queries, image_keys, text_keys = queries[:, text:], keys[:, text:], keys[:, :text]
-        image_queries, image_keys, text_keys = (self._picked(t.transpose(1, 2))
-                                                for t in (image_queries, image_keys, text_keys))
+        streams = joint_queries_and_keys(attn, outputs, hidden_states, encoder_hidden_states, rotary,
+                                         self.image_tokens(), self.name)
+        image_queries, image_keys, text_keys = (self._picked(t) for t in streams)
         return text_to_image_maps(image_queries, text_keys, self.token_indices, image_keys=image_keys,
                                   normaliser=self.normaliser)
 
@@ -218,6 +201,33 @@ class JointMapProcessor:
         if states.shape[0] % 2:
             raise UserError(f"attention map rows={self.rows!r} needs a CFG batch of even size, got {states.shape[0]}")
         return states[states.shape[0] // 2:]
+
+
+def joint_queries_and_keys(attn: Any, outputs: dict[str, torch.Tensor], hidden_states: torch.Tensor,
+                           encoder_hidden_states: torch.Tensor | None, rotary: Any, image_tokens: int,
+                           name: str = "this block") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image queries, image keys, text keys), each (B, H, tokens, d), from one call's captured
+    ``to_q`` / ``to_k`` / ``add_k_proj`` outputs (:class:`_Projections`), normed and (FLUX) rotated as
+    the block's processor does. ``image_tokens`` splits FLUX's single-stream ``[text, image]`` sequence."""
+    if "to_q" not in outputs or "to_k" not in outputs:
+        raise UserError(f"attention maps of {name} need its separate query/key projections; this block "
+                        "runs fused ones (unfuse them with transformer.unfuse_qkv_projections())")
+    query, key = outputs["to_q"], outputs["to_k"]
+    norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    if encoder_hidden_states is not None:  # two streams: image in hidden_states, text in the other
+        text = encoder_hidden_states.shape[1]
+        first_image = text if rotary is not None else 0  # FLUX's rotary table runs [text, image]
+        image = slice(first_image, first_image + hidden_states.shape[1])
+        image_queries = _rotated(_heads(attn, query, norm_q), rotary, image)
+        image_keys = _rotated(_heads(attn, key, norm_k), rotary, image)
+        text_keys = _rotated(_heads(attn, outputs["add_k_proj"], getattr(attn, "norm_added_k", None)),
+                             rotary, slice(0, text))
+    else:  # FLUX single-stream: one sequence [text, image]
+        text = hidden_states.shape[1] - image_tokens
+        queries = _rotated(_heads(attn, query, norm_q), rotary, slice(None))
+        keys = _rotated(_heads(attn, key, norm_k), rotary, slice(None))
+        image_queries, image_keys, text_keys = queries[:, text:], keys[:, text:], keys[:, :text]
+    return image_queries.transpose(1, 2), image_keys.transpose(1, 2), text_keys.transpose(1, 2)
 
 
 class JointMapRecorder(SummedTokenMaps):

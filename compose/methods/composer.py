@@ -75,10 +75,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator, Seque
 from loracompose.errors import UserError
 from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
-from loracompose.lora import FLUX, SD3, LoadedLora
+from loracompose.lora import LoadedLora
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, frozen_parameters, require_loras
 from loracompose.pipelines.values import BASE, Branch, Conditioning, Prediction, Step
-from loracompose.tokens import trigger_positions
+from loracompose.tokens import stream_trigger_positions, trigger_positions
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +101,9 @@ if TYPE_CHECKING:
         select_layers,
         stop_after_layers,
     )
-    from loracompose.attention.composer_dit import (JointLayout, JointRegions, concatenated_segments,
+    from loracompose.attention.composer_dit import (JointCapture, JointLayout, JointRegions, concatenated_segments,
                                                     install_joint_regions, segment_codes)
+    from loracompose.attention.joint_maps import default_map_blocks
     from loracompose.attention.regional import RegionalPatches, RegionMasks, code_members, install_regional
     from loracompose.attention.regional_dit import install_regional_dit
     from loracompose.pipelines.denoiser import BranchBatch, Denoiser
@@ -119,9 +120,11 @@ else:  # imported on first use: the settings dataclass imports without the model
     RegionalPatches, RegionMasks, code_members, install_regional = (
         LazyImport("loracompose.attention.regional", name) for name in (
             "RegionalPatches", "RegionMasks", "code_members", "install_regional"))
-    JointLayout, JointRegions, concatenated_segments, install_joint_regions, segment_codes = (
+    JointCapture, JointLayout, JointRegions, concatenated_segments, install_joint_regions, segment_codes = (
         LazyImport("loracompose.attention.composer_dit", name) for name in (
-            "JointLayout", "JointRegions", "concatenated_segments", "install_joint_regions", "segment_codes"))
+            "JointCapture", "JointLayout", "JointRegions", "concatenated_segments", "install_joint_regions",
+            "segment_codes"))
+    default_map_blocks = LazyImport("loracompose.attention.joint_maps", "default_map_blocks")
     install_regional_dit = LazyImport("loracompose.attention.regional_dit", "install_regional_dit")
 
 log = logging.getLogger(__name__)
@@ -459,7 +462,9 @@ class Composer(CompositionMethod):
         self._refining = torch.zeros(0, dtype=torch.bool)
         self._previous_loss: torch.Tensor | None = None
         self._joint: JointRegions | None = None  # DiTs: the joint attention's masks
-        self.on_dit = False  # FLUX/SD3 LoRAs: injection and isolation only, no refinement or re-initialisation
+        self._token_grid: tuple[int, int] | None = None  # DiTs: the image-token grid (rows, columns)
+        self._map_calls = 0  # DiTs: index of the latest map pass (a new one clears the map stores)
+        self._packs_tokens = False  # FLUX: the loop's latents are packed tokens (see _on_grid)
         self.segment_codes: tuple[int, ...] = ()  # DiTs: the group code of each text segment
 
     # -- settings --------------------------------------------------------------------------------
@@ -490,10 +495,6 @@ class Composer(CompositionMethod):
         if self.region_prompts is not None and len(self.region_prompts) != len(loras):
             raise UserError(f"composer: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
                             "per LoRA (empty for the whole prompt)")
-        self.on_dit = any(lora.architecture in (FLUX, SD3) for lora in loras)
-        if self.on_dit and self.refine_with_globals:
-            raise UserError("composer refine_with_globals=True: latent refinement is not built for FLUX/SD3 (its "
-                            "losses read a UNet's cross- and self-attention maps); leave it off there")
         self._check_numbers()
 
     def _check_numbers(self) -> None:
@@ -543,10 +544,9 @@ class Composer(CompositionMethod):
     def refines(self) -> bool:
         """Whether this generation refines the latent: ``refine``, a placed concept to refine for, and no
         global LoRA unless ``refine_with_globals`` (measured: refinement's latent updates wash out a
-        style; toy world, moxel + sepia style, style kept 7/16 with it, 14/16 without); never on FLUX/SD3,
-        where neither refinement nor re-initialisation is built (docs/methods/composer.md)."""
+        style; toy world, moxel + sepia style, style kept 7/16 with it, 14/16 without)."""
         has_global = len(self.placed) < len(self.loras)
-        return self.refine and bool(self.placed) and (self.refine_with_globals or not has_global) and not self.on_dit
+        return self.refine and bool(self.placed) and (self.refine_with_globals or not has_global)
 
     @property
     def placed_boxes(self) -> list[Box]:
@@ -591,21 +591,53 @@ class Composer(CompositionMethod):
         tokens = int(self._group_states(self.segment_codes[0]).shape[1])
         model: Any = run.model  # the DiT model calls declare their stream order
         layout = JointLayout(self.segment_codes, tokens, codes, sum(1 << k for k in self.placed),
-                             tuple(model.joint_order), self.isolate)
+                             tuple(model.joint_order), self.isolate, token_grid)
+        self._token_grid = token_grid
         install_regional_dit(run.unet, self.region_masks, token_grid, layout.joint_order, run.patches,
                              text_members=layout.text_members(len(self.loras)))
         self._joint = JointRegions(layout)
         install_joint_regions(run.unet, self._joint, run.patches)
+        self.token_positions = [self._dit_concept_tokens(run, k) for k in self.placed]
+        self.refinement_trace = []
 
     def _segments_pass(self, batch: BranchBatch) -> torch.Tensor:
         """One transformer call whose text stream is every group's segment side by side (the pooled
         text vector stays the generation's, with every LoRA's text-encoder deltas)."""
         run = self._running()
-        rows = int(batch.sample.shape[0])
-        states = [self._group_states(code)[-rows:] for code in self.segment_codes]  # [-rows:]: conditional half
-        conditioning = Conditioning(concatenated_segments(states), batch.conditioning.added)
-        return run.run_unet(batch.sample, batch.timestep, conditioning,
+        return run.run_unet(batch.sample, batch.timestep, self._segments_conditioning(batch.conditioning),
                             cross_attention_kwargs=batch.cross_attention_kwargs)
+
+    def _segments_conditioning(self, conditioning: Conditioning) -> Conditioning:
+        """``conditioning`` (rows like the generation's, or its conditional half) with the segments' text."""
+        rows = int(conditioning.embeds.shape[0])
+        states = [self._group_states(code)[-rows:] for code in self.segment_codes]  # [-rows:]: conditional half
+        return Conditioning(concatenated_segments(states), conditioning.added)
+
+    def _concept_segment(self, index: int) -> int:
+        """The text segment concept ``index``'s map reads: its own group's (box ``index`` and no other),
+        else the group holding it that covers most of its box (a box that others cover entirely)."""
+        code = self._concept_code(index)
+        if code in self.segment_codes:
+            return self.segment_codes.index(code)
+        if self.region_masks is None or self._token_grid is None:
+            raise UserError("composer: no generation is running; call it through pipe.generate(...)")
+        codes = self.region_masks.codes(LatentGrid(*self._token_grid), 0)
+        inside = codes[(codes >> index & 1) == 1]
+        return self.segment_codes.index(int(torch.mode(inside).values))
+
+    def _dit_concept_tokens(self, run: Denoiser, index: int) -> list[int]:
+        """Concept ``index``'s tokens within its text segment (joint text stream positions)."""
+        from loracompose.methods.tara import joint_text_streams  # tara imports this module's neighbours
+
+        tokenizers = getattr(run, "tokenizers", None)
+        if not tokenizers:
+            raise UserError("composer needs the pipeline's tokenizer(s) to find concept tokens; run it through "
+                            "pipe.generate(...)")
+        code = self.segment_codes[self._concept_segment(index)]
+        prompt = self.group_branch(code_members(code, len(self.loras))).prompt or getattr(run, "prompt", None) or ""
+        tokens = int(self._group_states(code).shape[1])
+        return stream_concept_positions(joint_text_streams(tokenizers, tokens), prompt,
+                                        self.loras[index].trigger_words)
 
     def _running(self) -> Denoiser:
         if self._run is None:
@@ -668,22 +700,48 @@ class Composer(CompositionMethod):
                                      source=slot)
 
     def prepare_latents(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        if self._joint is not None:
-            return latents
+        grid_latents = self._on_grid(latents)  # FLUX's packed tokens as a (features, rows, columns) grid
         if step.index == 0:
-            grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
-            self._check_grid(grid)
-            for code in self._patches().masks.all_codes(grid):  # encode every group's prompt before the UNet runs
-                self._group_states(code)
-            self._install_maps(run, grid)
-            self._concepts = self._geometry(latents)
+            if self._joint is None:
+                grid = LatentGrid(int(latents.shape[-2]), int(latents.shape[-1]))
+                self._check_grid(grid)
+                for code in self._patches().masks.all_codes(grid):  # every group's prompt before the UNet runs
+                    self._group_states(code)
+                self._install_maps(run, grid)
+            else:
+                self._install_dit_maps(run, grid_latents)
+            self._concepts = self._geometry(grid_latents)
             self._refining = torch.full((latents.shape[0],), self.refines, dtype=torch.bool)
             self._previous_loss = None
             if self.reinitialise and self.placed:
-                latents = self._reinitialise(run, step, latents)
+                grid_latents = self._reinitialise(run, step, grid_latents)
         if bool(self._refining.any()):
-            latents = self._refine(run, step, latents)
-        return latents
+            grid_latents = self._refine(run, step, grid_latents)
+        return self._packed(grid_latents)
+
+    def _on_grid(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as (batch, channels, rows, columns): FLUX's packed (batch, tokens, features) tokens
+        laid on their grid, features as channels; others as they are."""
+        self._packs_tokens = latents.ndim == 3 and self._token_grid is not None
+        if not self._packs_tokens or self._token_grid is None:
+            return latents
+        return latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], *self._token_grid)
+
+    def _packed(self, grid_latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_on_grid` (differentiable)."""
+        return grid_latents.flatten(2).transpose(1, 2) if self._packs_tokens else grid_latents
+
+    def _install_dit_maps(self, run: Denoiser, grid_latents: torch.Tensor) -> None:
+        """The map blocks (auto's: the later half of the joint blocks) and the map level: the image-token
+        grid is the latent grid halved ``level`` times (SD3: patch 2, level 1; FLUX's packed grid: 0)."""
+        if self._token_grid is None:
+            raise UserError("composer: no generation is running; call it through pipe.generate(...)")
+        self._cross_map_layers, self._self_map_layers = default_map_blocks(run.unet), []
+        ratio = int(grid_latents.shape[-2]) // self._token_grid[0]
+        self._map_level = ratio.bit_length() - 1
+        if 2**self._map_level != ratio or grid_latents.shape[-1] // self._token_grid[1] != ratio:
+            raise UserError(f"composer: a {grid_latents.shape[-2]}x{grid_latents.shape[-1]} latent does not split "
+                            f"into the {self._token_grid[0]}x{self._token_grid[1]} image tokens by a power of two")
 
     def _check_grid(self, grid: LatentGrid) -> None:
         for lora, area in zip(self.loras, self.areas):
@@ -705,12 +763,12 @@ class Composer(CompositionMethod):
         self._self_store.clear()
         self._regional = None  # restored by run.patches
         self._joint = None
+        self._token_grid = None
         self._run = None
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
-        if self.on_dit:  # what FLUX/SD3 leave out, and the text segments' groups
-            settings["not_on_this_model"] = [name for name in ("refine", "reinitialise") if getattr(self, name)]
+        if self.segment_codes:  # FLUX/SD3: the group code of each text segment
             settings["text_segments"] = list(self.segment_codes)
         return settings
 
@@ -730,6 +788,10 @@ class Composer(CompositionMethod):
     @contextmanager
     def _capturing(self, self_attention: bool) -> Iterator[None]:
         """Map capture on the map-level layers for one call (the CFG calls capture nothing)."""
+        if self._joint is not None:
+            with self._capturing_joint(self_attention):
+                yield
+            return
         self._capturing_cross = True
         for processor in self._self_processors:
             processor.store = self._self_store if self_attention else None
@@ -740,6 +802,21 @@ class Composer(CompositionMethod):
             for processor in self._self_processors:
                 processor.store = None
 
+    @contextmanager
+    def _capturing_joint(self, self_attention: bool) -> Iterator[None]:
+        """DiTs: the map blocks' processors record into the stores for one call."""
+        joint = self._joint
+        if joint is None:
+            raise UserError("composer: no generation is running; call it through pipe.generate(...)")
+        self._map_calls += 1
+        joint.capture = JointCapture(frozenset(self._cross_map_layers), self._cross_store,
+                                     [self._concept_segment(k) for k in self.placed], self._map_calls,
+                                     self._self_store if self_attention else None)
+        try:
+            yield
+        finally:
+            joint.capture = None
+
     def concept_maps(self, run: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, *,
                      latents: torch.Tensor | None = None, self_attention: bool = True) -> ConceptMaps:
         """One conditional UNet call on ``sample`` (the model input made from ``latents``, default:
@@ -747,6 +824,8 @@ class Composer(CompositionMethod):
         conditioning = run.conditioning(self.branch(*self.loras)).halves(run.num_halves)[-1]
         # Only the map layers are read: the call ends after them (the finer up blocks never run).
         layers = self._cross_map_layers + (self._self_map_layers if self_attention else [])
+        if self._joint is not None:
+            conditioning = self._segments_conditioning(conditioning)
         with self._capturing(self_attention), stop_after_layers(run.unet, layers):
             run.run_unet(sample, timestep, conditioning)
         cross = [smooth_maps(self._cross_store.maps(source=slot)[..., tokens])
@@ -792,7 +871,8 @@ class Composer(CompositionMethod):
         with frozen_parameters(run.unet):
             with torch.enable_grad(), self._checkpointing(run.unet):
                 # scale_model_input is differentiable (identity or a division), so ∇ is taken w.r.t. z itself
-                maps = self.concept_maps(run, run.model_input(latent, step, 1), step.timestep, latents=latent)
+                maps = self.concept_maps(run, run.model_input(self._packed(latent), step, 1), step.timestep,
+                                         latents=latent)
                 losses = self.refinement_losses(maps)
             updated = self._refining & (losses.detach().cpu() != 0)
             if bool(updated.any()) and losses.requires_grad:
@@ -813,10 +893,10 @@ class Composer(CompositionMethod):
 
     # -- re-initialisation -----------------------------------------------------------------------
     def _reinitialise(self, run: Denoiser, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        sigma = float(run.scheduler.init_noise_sigma)
+        sigma = float(getattr(run.scheduler, "init_noise_sigma", 1.0))  # flow matching starts from N(0, I)
         noise = latents / sigma
         with torch.no_grad():
-            maps = self.concept_maps(run, noise, step.timestep, self_attention=False)
+            maps = self.concept_maps(run, self._packed(noise), step.timestep, self_attention=False)
         stride = 2**self._map_level
         images = []
         for image in range(noise.shape[0]):
@@ -872,3 +952,27 @@ def concept_token_positions(tokenizers: Sequence[Any], region_prompt: str, trigg
     if last == 0:
         raise UserError(f"composer region prompt {region_prompt!r} has no tokens; give it words")
     return list(range(1, last + 1))
+
+
+def stream_concept_positions(streams: Sequence[tuple[Sequence[Any], int]], region_prompt: str,
+                             trigger_words: Sequence[str]) -> list[int]:
+    """On a DiT, the concept's tokens in its text segment (positions of the joint text stream, streams as
+    :func:`~loracompose.tokens.stream_trigger_positions` takes them): its trigger words' positions when
+    they occur in the prompt, else every word token of the prompt in each stream (never a start or end
+    token)."""
+    if trigger_words:
+        found = stream_trigger_positions(streams, region_prompt, trigger_words).positions
+        if found:
+            return list(found)
+    positions: list[int] = []
+    offset = 0
+    for tokenizers, length in streams:
+        tokenizer = tokenizers[0]
+        words = len(tokenizer(region_prompt, add_special_tokens=False).input_ids)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        first = 1 if bos is not None and tokenizer(region_prompt).input_ids[:1] == [bos] else 0
+        positions.extend(offset + position for position in range(first, min(first + words, length - 1)))
+        offset += length
+    if not positions:
+        raise UserError(f"composer region prompt {region_prompt!r} has no tokens; give it words")
+    return positions
