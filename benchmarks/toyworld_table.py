@@ -348,7 +348,7 @@ def markdown(rows: dict[str, dict[str, Any]], suite: Suite) -> str:
     marked = {label: "†" if any(flags) else "" for label, flags in old.items()}
     sizes = sorted({entry["n"] for row in rows.values() for entry in row["sets"]})
     lines = [f"Toy world, report seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} images per set and method), "
-             f"{suite.steps} steps, CFG {suite.guidance:g}, detector-judged. All concepts of the set present, "
+             f"{suite.steps} steps, CFG {_guidance_text(suite)}, detector-judged. All concepts of the set present, "
              "% [95% CI] (images); exact: every object also in its colour on its side; two objects: "
              f"{TWO_OBJECTS_TEXT}.", "",
              "| method | " + " | ".join(f"N={n}: all present" for n in sizes) + " | "
@@ -465,6 +465,11 @@ def write_report(suite: Suite, images_dir: Path) -> None:
                                                  "methods": summary})
     (RESULTS / "toyworld-table.md").write_text(text)
     print(text)
+
+
+def _guidance_text(suite: Suite) -> str:
+    """The suite's CFG scale for the table's caption (a suite without one runs at the model's own)."""
+    return "at the model's default" if suite.guidance is None else f"{suite.guidance:g}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
