@@ -35,6 +35,11 @@ Cost: T CFG calls + one conditional forward (to the map layers) and backward per
 most round(T/2) + 1) + one conditional forward for the re-initialisation; the call count does not
 grow with N.
 
+On FLUX.1 and SD3 (docs/methods/composer.md, "On FLUX and SD3") the regions lie on the image-token
+grid, each group of boxes gets its own text segment in the joint attention and one boolean mask does
+injection and isolation (attention/composer_dit.py); refinement and re-initialisation run the same code
+on the joint attention's maps, FLUX's packed latents laid on their token grid.
+
 Departures from the paper and from the public code, with the reasons (docs/methods/composer.md):
 
 * The whole LoRA is injected, masked to its box, on every layer it adapts; the paper injects only the
