@@ -326,3 +326,30 @@ def test_reinitialisation_copies_windows_of_the_noise_on_the_token_grid(family, 
         windows = [(r, c) for r in range(0, rows - height + 1, stride) for c in range(0, columns - width + 1, stride)
                    if torch.allclose(before[:, r:r + height, c:c + width], target, rtol=0, atol=1e-4)]
         assert windows, "the box holds a window of the initial noise at a token position"
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def test_flux_true_cfg_and_sd35_run_the_masked_attention(dits, tmp_path):
+    """FLUX with true CFG ([uncond, cond] rows, each half its segments) and SD3.5's layout (RMS-normed
+    q/k, an image-only attn2 given the isolation mask): a placed whole-image box without isolation is
+    Merge; two boxes refine and re-initialise with exact counts."""
+    _, flux, flux_loras = dits["flux"]
+    sd35_model = build_tiny_sd3(tmp_path / "sd35", seed=0, sd35=True)
+    sd35_loras = [build_tiny_lora(sd35_model, tmp_path / f"{stem}.safetensors", seed=seed, trigger_words=[word],
+                                  init_scale=2.0)
+                  for stem, word, seed in (("character", "zkx", 1), ("other", "qwv", 2))]
+    cases = [(flux, flux_loras, dict(true_cfg_scale=2.0, negative_prompt="blurry")),
+             (load_pipeline(sd35_model, device="cpu"), sd35_loras, {})]
+    for pipe, loras, options in cases:
+        merged = _generate(pipe, _specs(loras)[:1], Merge(), **options)
+        whole = _generate(pipe, _specs(loras)[:1], Composer(boxes=[NEARLY_WHOLE], isolate=False, refine=False),
+                          **options)
+        torch.testing.assert_close(whole.latents, merged.latents, **TOLERANCE)
+        method = Composer(boxes=[LEFT, RIGHT])
+        result = _generate(pipe, _specs(loras), method, steps=4, **options)
+        refined = len(method.refinement_trace)
+        assert refined >= 1 and result.stats.unet_calls == 4 + 1 + refined
+        assert result.stats.unet_rows == 4 * 2 + 1 + refined  # CFG rows; map passes: the conditional row
+        assert _stock_state(pipe.transformer)
