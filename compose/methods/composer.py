@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator, Seque
 from loracompose.errors import UserError
 from loracompose.kinds import is_global_kind
 from loracompose.lazy import LazyImport
-from loracompose.lora import LoadedLora
+from loracompose.lora import FLUX, SD3, LoadedLora
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod, frozen_parameters, require_loras
 from loracompose.pipelines.values import BASE, Branch, Conditioning, Prediction, Step
 from loracompose.tokens import stream_trigger_positions, trigger_positions
@@ -501,6 +501,17 @@ class Composer(CompositionMethod):
             raise UserError(f"composer: {len(self.region_prompts)} region prompts for {len(loras)} LoRAs; give one "
                             "per LoRA (empty for the whole prompt)")
         self._check_numbers()
+        if any(lora.architecture in (FLUX, SD3) for lora in loras):
+            self._check_dit_settings()
+
+    def _check_dit_settings(self) -> None:
+        """Settings that choose among a UNet's parts, which FLUX/SD3 do not have."""
+        if self.backend != "sdpa":
+            raise UserError(f"composer backend={self.backend!r} picks a UNet self-attention kernel; on FLUX/SD3 the "
+                            "masked joint attention runs on torch SDPA, leave backend='sdpa'")
+        if self.map_size != MAP_SIZE:
+            raise UserError(f"composer map_size={self.map_size} picks a UNet attention level; FLUX/SD3 read their "
+                            f"one image-token grid, leave map_size at {MAP_SIZE}")
 
     def _check_numbers(self) -> None:
         if min(self.box_weight, self.fill_weight, self.region_weight, self.step_size) < 0:

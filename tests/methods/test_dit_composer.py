@@ -208,6 +208,19 @@ def test_isolation_keeps_one_box_from_reading_the_other(family, dits):
 # ------------------------------------------------------------------------------------ refusals and CLI
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(backend="flex"), r"^composer backend='flex' picks a UNet self-attention kernel; on FLUX/SD3"),
+    (dict(map_size=8), r"^composer map_size=8 picks a UNet attention level; FLUX/SD3 read their one image-token grid"),
+])
+def test_unet_only_settings_are_refused_in_one_line(family, dits, settings, message):
+    from loracompose import UserError
+
+    _, pipe, loras = dits[family]
+    with pytest.raises(UserError, match=message) as error:
+        _generate(pipe, _specs(loras), Composer(**settings))
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("extra,calls", [
     (["--box", "0,0,0.5,1", "--box", "0.5,0,1,1", "--region-prompt", "a zkx", "--region-prompt", "a qwv",
       "--composer-no-refine", "--composer-no-reinit"], 2),
