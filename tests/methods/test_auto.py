@@ -243,7 +243,7 @@ def test_auto_equals_merge_for_one_lora_or_only_global_loras(sd15, sd15_lora_fil
 def test_auto_probes_then_runs_regional_with_the_found_masks(model, files, mode, calls_per_step, request):
     pipe, lora_files = request.getfixturevalue(model), request.getfixturevalue(files)
     specs = [LoraSpec(path) for path in lora_files]
-    method = Auto(mode=mode, probe_steps=2, style_combine="weights")
+    method = Auto(mode=mode, probe_steps=2, style_combine="weights", style_inside_from=0)
     processors = {key: id(value) for key, value in pipe.unet.attn_processors.items()}
     result = pipe_run(pipe, specs, method)
     # The probe: 2 base-model passes; then one (batched) pass per step.
@@ -283,7 +283,7 @@ def left_half(_step, found):
 
 def test_auto_confines_a_local_lora_to_its_mask_as_regional_does(sd15, sd15_lora_files):
     specs = [LoraSpec(path) for path in sd15_lora_files]
-    method = Auto(style_combine="weights")
+    method = Auto(style_combine="weights", style_inside_from=0)
     method.mask_callback = left_half
     result = pipe_run(sd15, specs, method)
     half = torch.zeros(16, 16)
@@ -302,12 +302,45 @@ def test_auto_with_a_whole_image_mask_equals_merge(sd15, sd15_lora_files):
     specs = [LoraSpec(path) for path in sd15_lora_files]
     merged = pipe_run(sd15, specs, Merge())
     for combine in ("weights", "noise"):  # noise: the style's effect is added nowhere, it runs inside the region
-        method = Auto(style_combine=combine)
+        method = Auto(style_combine=combine, style_inside_from=0)
         method.mask_callback = everything
         result = pipe_run(sd15, specs, method)
         torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
     # The probe (3 steps), then per step the main pass, the base model's and the style's own.
     assert result.stats.unet_calls == 3 + 3 * STEPS
+
+
+@dataclass
+class StyleJoinsLater(CompositionMethod):
+    """Reference for a style joining a whole-image local region at step ``start``: the character
+    merged alone before it, the character and the style merged from it on."""
+
+    name: ClassVar[str] = "style-joins-later-reference"
+    joins_at: int = 0
+
+    def predict(self, run, step, latents):
+        running = self.loras if step.index >= self.joins_at else self.loras[:1]
+        return run.predict(latents, step, [self.branch(*running)])[0]
+
+
+@pytest.mark.parametrize("combine", ["weights", "noise"])
+@pytest.mark.parametrize("inside_from,start", [(0.0, 0), (0.5, 2), (1.0, STEPS)])
+def test_a_style_joins_the_local_regions_from_its_share_of_the_steps(sd15, sd15_lora_files, combine, inside_from,
+                                                                      start):
+    """With the local concept owning every pixel, the style acts nowhere until ``style_inside_from`` of
+    the steps (round(0.5 * 3) = step 2), then inside the region: Merge of the character, then of both."""
+    def everything(_step, found):
+        return AutoMasks(found.scores, torch.ones_like(found.owner), torch.ones_like(found.latent_owner))
+
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    method = Auto(style_combine=combine, style_inside_from=inside_from)
+    method.mask_callback = everything
+    result = pipe_run(sd15, specs, method)
+    reference = pipe_run(sd15, specs, StyleJoinsLater(joins_at=start))
+    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=1e-5)
+    if 0 < start < STEPS:
+        for other in (0, STEPS):
+            assert (result.latents - pipe_run(sd15, specs, StyleJoinsLater(joins_at=other)).latents).abs().max() > 1e-3
 
 
 def test_auto_adds_the_style_effect_where_no_local_concept_is(sd15, sd15_lora_files):

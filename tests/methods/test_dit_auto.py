@@ -144,7 +144,7 @@ def test_a_whole_image_mask_is_merge_and_an_empty_one_leaves_the_style_alone(fam
             return AutoMasks(found.scores, owner, torch.full_like(found.latent_owner, value))
         return callback
 
-    whole = Auto(kinds=kinds, probe_steps=1)
+    whole = Auto(kinds=kinds, probe_steps=1, style_inside_from=0)  # the style inside from the first step
     whole.mask_callback = fill(1)
     result = _generate(pipe, specs, whole)
     torch.testing.assert_close(result.latents, _generate(pipe, specs, Merge()).latents, **TOLERANCE)
