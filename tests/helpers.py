@@ -21,6 +21,7 @@ from loracompose.errors import UserError
 from loracompose.methods.base import ALL_FAMILIES, CompositionMethod
 from loracompose.methods.cmlora import predict_keeping_deep_features, predict_shallow
 from loracompose.methods.composite import Composite
+from loracompose.methods.merge import Merge
 from loracompose.pipelines import load_pipeline
 from loracompose.pipelines.values import Prediction
 
@@ -78,6 +79,15 @@ def with_metadata(source: Path, out: Path, extra: dict[str, str] | None = None, 
 
 
 DIT_FAMILIES = ("flux", "sd3")  # the families of tiny_dits_with_two_loras, in test-id order
+
+
+@dataclass
+class UNetOnlyMerge(Merge):
+    """Merge that keeps the base class's families (SD1.5, SDXL), as a method not ported to DiTs does;
+    written for the refusal tests, since every registered method now runs on FLUX and SD3."""
+
+    name: ClassVar[str] = "unet-only-merge"
+    families: ClassVar[frozenset[str]] = CompositionMethod.families
 
 
 def tiny_dits_with_two_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any, list[Path]]]:

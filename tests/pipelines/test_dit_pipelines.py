@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from helpers import UNetOnlyMerge
 
 from loracompose import LoraSpec, UserError, load_pipeline
 from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
@@ -232,26 +233,13 @@ def test_switch_with_one_lora_equals_merge(family, dit_dirs, pipes):
                                _generate(pipes[family], one, Merge()).latents, atol=EXACT, rtol=0)
 
 
-def _unported_method(family: str) -> str:
-    """A method not ported to ``family`` yet (the test skips once every method is)."""
-    from loracompose.methods import METHODS
-
-    names = [name for name, method in METHODS.items() if family not in getattr(method, "families", {family})]
-    if not names:
-        pytest.skip(f"every method runs on {family}")
-    return sorted(names)[0]
-
-
 def test_unported_method_and_bad_settings_are_one_line_errors(family, dit_dirs, pipes):
-    from loracompose.methods import METHODS
-
     _, loras = dit_dirs[family]
     pipe = pipes[family]
     name = "FLUX" if family == "flux" else "SD3"
-    unported = _unported_method(family)
     cases = [
-        (lambda: pipe.generate(PROMPT, [LoraSpec(loras[0])], METHODS[unported](), steps=1),
-         f"method {unported} does not support {name} yet"),
+        (lambda: pipe.generate(PROMPT, [LoraSpec(loras[0])], UNetOnlyMerge(), steps=1),
+         f"method unet-only-merge does not support {name} yet; use merge, "),
         (lambda: _generate(pipe, [LoraSpec(loras[0])], Merge(), scheduler="ddim"),
          f"scheduler ddim does not support {name} yet"),
     ]
@@ -316,15 +304,17 @@ def test_cli_generates_on_dits(family, dit_dirs, method, tmp_path, capsys):
     assert f"{method}: {calls} transformer calls" in captured.err
 
 
-def test_cli_refuses_unported_method_in_one_line(family, dit_dirs, tmp_path, capsys):
+def test_cli_refuses_unported_method_in_one_line(family, dit_dirs, tmp_path, capsys, monkeypatch):
     from loracompose.cli.main import main
+    from loracompose.methods import METHODS
 
+    monkeypatch.setitem(METHODS, UNetOnlyMerge.name, UNetOnlyMerge)
     model, loras = dit_dirs[family]
-    unported = _unported_method(family)
     code = main(["generate", "--model", str(model), "--prompt", PROMPT, "--lora", str(loras[0]),
-                 "--method", unported, "--width", str(SIZE), "--height", str(SIZE), "--steps", "2", "--quiet",
-                 "--out", str(tmp_path / "out")])
+                 "--method", UNetOnlyMerge.name, "--width", str(SIZE), "--height", str(SIZE), "--steps", "2",
+                 "--quiet", "--out", str(tmp_path / "out")])
     lines = capsys.readouterr().err.strip().splitlines()
     name = "FLUX" if family == "flux" else "SD3"
     assert code == 2 and len(lines) == 1 and "Traceback" not in lines[0]
-    assert lines[0].startswith(f"loracompose: error: method {unported} does not support {name} yet; use ")
+    assert lines[0].startswith(f"loracompose: error: method unet-only-merge does not support {name} yet; use merge, ")
+    assert not (tmp_path / "out").exists()

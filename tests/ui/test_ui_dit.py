@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import serve_tiny_ui
+from helpers import UNetOnlyMerge, serve_tiny_ui
 from PIL import Image
 
 from loracompose import METHODS, LoraSpec, Merge, load_pipeline
@@ -54,12 +54,13 @@ def test_generate_endpoint_uses_the_family_defaults_and_equals_the_python_api(di
     assert np.abs(served - (ours if ours.shape[-1] == 3 else np.repeat(ours, 3, axis=-1))).max() <= 1
 
 
-def test_methods_that_do_not_run_on_the_family_are_refused_in_one_line(dit_model):
+def test_methods_that_do_not_run_on_the_family_are_refused_in_one_line(dit_model, monkeypatch):
     family, model, library = dit_model
-    missing = sorted(set(METHODS) - set(methods_for_family(family)))
-    if not missing:
-        pytest.skip(f"every method runs on {family}")
-    with serve_tiny_ui(model, library) as (_app, _blocks, _settings, url), pytest.raises(AppError) as error:
-        Client(url, verbose=False).predict(prompt="a cat", loras=LORAS, method=missing[0], steps=1, width=32,
-                                           height=32, api_name="/generate")
-    assert missing[0] in str(error.value) and "\n" not in str(error.value).strip()
+    monkeypatch.setitem(METHODS, UNetOnlyMerge.name, UNetOnlyMerge)  # every registered method runs on DiTs
+    assert UNetOnlyMerge.name not in methods_for_family(family)
+    with serve_tiny_ui(model, library) as (app, _blocks, _settings, url), pytest.raises(AppError) as error:
+        assert UNetOnlyMerge.name not in app.methods
+        Client(url, verbose=False).predict(prompt="a cat", loras=LORAS, method=UNetOnlyMerge.name, steps=1,
+                                           width=32, height=32, api_name="/generate")
+    message = str(error.value).strip()
+    assert f"method {UNetOnlyMerge.name!r} is not available; choose one of " in message and "\n" not in message
