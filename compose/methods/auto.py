@@ -15,6 +15,9 @@
                eps_base the base model's, outside where no local concept is (everywhere without local
                LoRAs); inside the local regions the style joins eps_main's weights from
                ``style_inside_from`` of the steps on (before, the objects form without it)
+    backgrounds <- with ``background_combine="noise"`` and local LoRAs, a background is not merged
+               either: eps += outside_b * (eps_background - eps_base), its own whole-image pass,
+               outside_b where its region is; it never acts inside the local regions
     then the generation runs from the initial latents as regional LoRA (compose/methods/regional.py):
     each LoRA's deltas inside its region on every layer in one UNet pass per step (``mode="delta"``),
     or as a latent couple (``mode="latent"``). The masks stay fixed after the probe. With several
@@ -39,6 +42,11 @@ Choices, measured on the shipped toy world (tuning seeds 100-115; benchmarks/toy
   LoRA from the first step it cost the object its shape (moxel+lunzor+ambrel 14/32 on tuning seeds
   100-131, the crescent missing); kept out of the regions for good, 30/32; joining at step 10 of 20,
   28/32, and over the five sets with the style 132/160 against 115 (from step 0) and 122 (never).
+* Backgrounds in a pass of their own (``background_combine="noise"``): merged in weights outside the
+  lunzor's mask, the checkered LoRA still thinned the crescent (lunzor+checkered 25/32 on tuning
+  seeds 100-131; the object's features attend to the changed background in self-attention); with
+  the object pass free of it and its effect added outside the mask in noise space, 31/32 (latent
+  couple 28/32; joining the object's region half-way as a style does, 27/32).
 * Background margin 0 (the setting exists for masks that cut objects short): a margin of 1 map cell kept
   the checkered LoRA off the tips of crescents reaching past the lunzor mask (lunzor+checkered 9/16 ->
   11/16 on tuning seeds), but with two objects it leaves a band across the image to the base model,
@@ -117,6 +125,11 @@ class Auto(CompositionMethod):
         "help": "maps come from the deepest level with at least this many cells a side"})
     background_margin: int = field(default=0, metadata={
         "help": "a background LoRA stays this many map cells away from every local region (0: right up to it)"})
+    background_combine: str = field(default="noise", metadata={
+        "choices": STYLE_COMBINES,
+        "help": "noise: a background LoRA beside local LoRAs runs in a pass of its own and its effect (its "
+                "prediction minus the base model's) is added where no local concept is; weights: its deltas "
+                "join the one pass there"})
     style_combine: str = field(default="noise", metadata={
         "choices": STYLE_COMBINES,
         "help": "noise: each style LoRA runs in a pass of its own and its effect (its prediction minus the base "
@@ -128,6 +141,7 @@ class Auto(CompositionMethod):
         self.local: list[LoadedLora] = []
         self.global_: list[LoadedLora] = []
         self.styles: list[LoadedLora] = []  # style LoRAs added in noise space, each in a pass of its own
+        self.backgrounds: list[LoadedLora] = []  # background LoRAs added in noise space, outside the local regions
         self.mask_history: list[tuple[int, AutoMasks]] = []
         self.mask_callback = None
         self._merge: Merge | None = None
@@ -148,9 +162,9 @@ class Auto(CompositionMethod):
             raise UserError(f"auto mode={self.mode!r} is not known; use one of {', '.join(MODES)}")
         if self.map_source not in MAP_SOURCES:
             raise UserError(f"auto map_source={self.map_source!r} is not known; use one of {', '.join(MAP_SOURCES)}")
-        if self.style_combine not in STYLE_COMBINES:
-            raise UserError(f"auto style_combine={self.style_combine!r} is not known; use one of "
-                            f"{', '.join(STYLE_COMBINES)}")
+        for label, combine in (("style_combine", self.style_combine), ("background_combine", self.background_combine)):
+            if combine not in STYLE_COMBINES:
+                raise UserError(f"auto {label}={combine!r} is not known; use one of {', '.join(STYLE_COMBINES)}")
         if not 0.0 <= float(self.style_inside_from) <= 1.0:
             raise UserError(f"auto style_inside_from={self.style_inside_from} must be between 0 and 1")
         for label, value, low in (("probe_steps", self.probe_steps, 1), ("min_map_side", self.min_map_side, 1),
@@ -183,12 +197,15 @@ class Auto(CompositionMethod):
             self.decisions[lora.name] = {"kind": kind, "from": source, "placement": placement,
                                          "why": self._why(kind, lora, positions)}
         self.styles = self._separate_styles()
+        self.backgrounds = self._separate_backgrounds()
         if self.local and not self.merges and self.background_outside:
             for lora in self.global_:
                 if self.decisions[lora.name]["kind"] == BACKGROUND:
                     self.decisions[lora.name]["placement"] = "outside the local regions"
         for lora in self.styles:
             self.decisions[lora.name]["placement"] = "whole image, in a pass of its own"
+        for lora in self.backgrounds:
+            self.decisions[lora.name]["placement"] = "outside the local regions, in a pass of its own"
 
     def _separate_styles(self) -> list[LoadedLora]:
         """The style LoRAs whose effect is added in noise space (``style_combine="noise"``): with other
@@ -196,6 +213,18 @@ class Auto(CompositionMethod):
         if self.style_combine != "noise" or len(self.loras) < 2 or (self.local and self.mode != "delta"):
             return []
         return [lora for lora in self.global_ if self.decisions[lora.name]["kind"] == STYLE]
+
+    def _separate_backgrounds(self) -> list[LoadedLora]:
+        """The background LoRAs whose effect is added in noise space outside the local regions
+        (``background_combine="noise"``, ``background_outside``, delta mode, local LoRAs present)."""
+        if self.background_combine != "noise" or not self.background_outside or not self.local or self.mode != "delta":
+            return []
+        return [lora for lora in self.global_ if self.decisions[lora.name]["kind"] == BACKGROUND]
+
+    @property
+    def separate(self) -> list[LoadedLora]:
+        """The LoRAs that run in passes of their own: the styles, then the backgrounds."""
+        return self.styles + self.backgrounds
 
     @staticmethod
     def _trigger_tokens(lora: LoadedLora, prompt: str, tokenizers: Sequence[Any] | None,
@@ -224,8 +253,8 @@ class Auto(CompositionMethod):
 
     @property
     def core(self) -> list[LoadedLora]:
-        """The LoRAs of the main pass: every LoRA but the styles added in noise space."""
-        return [lora for lora in self.loras if lora not in self.styles]
+        """The LoRAs of the main pass: every LoRA but those added in noise space."""
+        return [lora for lora in self.loras if lora not in self.separate]
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, run: Denoiser) -> None:
@@ -371,23 +400,27 @@ class Auto(CompositionMethod):
 
     def _regional_image(self, regional: Regional, run: Denoiser, step: Step, latents: torch.Tensor,
                         image: int) -> Prediction:
-        """One image: the regional pass; with separate styles, each style's effect (its whole-image pass
-        minus the base model's) is added where no local concept is, and inside the local regions the
-        style joins the main pass in weights (``style_inside``)."""
-        if not self.styles or not isinstance(regional, PassRegional):
+        """One image: the regional pass; with separate styles and backgrounds, each one's effect (its
+        whole-image pass minus the base model's) is added where no local concept is (a background
+        ``background_margin`` cells away), and inside the local regions a style joins the main pass
+        in weights (``style_inside``, from ``style_inside_from`` of the steps)."""
+        if not self.separate or not isinstance(regional, PassRegional):
             return regional.predict(run, step, latents)
         areas = self._areas(image)
         running = self.core + (self.styles if self._style_inside_now else [])
         main = regional.predict_running(run, step, latents, running, areas)
         base = regional.predict_running(run, step, latents, [], areas)
-        styles = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
-                  for lora in self.styles]
-        outside = _on_latents(self._placed()[2][image], latents)
-        return _with_effects(main, styles, base, outside)
+        _, background_area, style_area = (placed[image] for placed in self._placed())
+        for group, area in ((self.styles, style_area), (self.backgrounds, background_area)):
+            if group:
+                alone = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
+                         for lora in group]
+                main = _with_effects(main, alone, base, _on_latents(area, latents))
+        return main
 
     def _start_regional(self, run: Denoiser) -> Regional:
         """The regional method on these LoRAs, its regions the automatic masks (global LoRAs: the image)."""
-        regional = PassRegional(mode=self.mode) if self.styles else Regional(mode=self.mode)
+        regional = PassRegional(mode=self.mode) if self.separate else Regional(mode=self.mode)
         regional.bind(self.loras)
         regional.start(run)
         regional.set_masks(self._areas(0))

@@ -203,10 +203,13 @@ def test_plan_puts_local_kinds_in_regions_and_global_ones_everywhere(sd15, sd15_
     assert [lora.name for lora in method.local] == ["character"] and [lora.name for lora in method.global_] == ["style"]
     assert method.decisions["style"]["why"] == "style is a global kind" and not method.merges
     assert method.decisions["style"]["placement"] == "whole image, in a pass of its own"
-    as_background = Auto(kinds={"style": "background"})
-    as_background.bind(loras)
-    as_background.plan(PROMPT, tokenizers)
-    assert as_background.decisions["style"]["placement"] == "outside the local regions"
+    for combine, placement in (("noise", "outside the local regions, in a pass of its own"),
+                               ("weights", "outside the local regions")):
+        as_background = Auto(kinds={"style": "background"}, background_combine=combine)
+        as_background.bind(loras)
+        as_background.plan(PROMPT, tokenizers)
+        assert as_background.decisions["style"]["placement"] == placement
+        assert [lora.name for lora in as_background.backgrounds] == (["style"] if combine == "noise" else [])
     method.plan("a landscape, qwv style", tokenizers)  # the character's trigger is not in the prompt
     assert not method.local and "not in the prompt" in method.decisions["character"]["why"]
     assert [lora.name for lora in method.styles] == ["style"] and not method.merges  # the style in its own pass
@@ -308,6 +311,45 @@ def test_auto_with_a_whole_image_mask_equals_merge(sd15, sd15_lora_files):
         torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
     # The probe (3 steps), then per step the main pass, the base model's and the style's own.
     assert result.stats.unet_calls == 3 + 3 * STEPS
+
+
+def owning(part):
+    """A mask callback: the (only) local concept owns ``part`` of the map grid ("all", "none" or "left")."""
+    def callback(_step, found):
+        owner = torch.zeros_like(found.owner)
+        if part != "none":
+            owner[..., : owner.shape[-1] if part == "all" else owner.shape[-1] // 2] = 1
+        return AutoMasks(found.scores, owner, owner_to_latent(owner, tuple(found.latent_owner.shape[-2:])))
+    return callback
+
+
+def test_a_background_in_its_own_pass_fills_the_rest_and_never_reaches_the_local_region(sd15, sd15_lora_files):
+    """background_combine='noise': the local concept owning nothing gives the background merged alone,
+    owning everything the character merged alone (3 passes per step); owning the left half, after one
+    step the left half is the same whatever the background's strength (it never acts there, not even
+    through self-attention), which is not so with the background's deltas in the one pass (weights)."""
+    kinds = {"style": "background"}
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    for part, alone in (("none", specs[1:]), ("all", specs[:1])):
+        method = Auto(kinds=kinds)
+        method.mask_callback = owning(part)
+        result = pipe_run(sd15, specs, method)
+        torch.testing.assert_close(result.latents, pipe_run(sd15, alone, Merge()).latents, rtol=0, atol=1e-5)
+        assert result.stats.unet_calls == 3 + 3 * STEPS  # the probe, then main, base and background passes
+    assert method.decisions["style"]["placement"] == "outside the local regions, in a pass of its own"
+
+    def left_half_after_one_step(combine, strength):
+        method = Auto(kinds=kinds, background_combine=combine)
+        method.mask_callback = owning("left")
+        specs = [LoraSpec(sd15_lora_files[0]), LoraSpec(sd15_lora_files[1], strength)]
+        latents = sd15.generate(PROMPT, specs, method, steps=1, seed=3, **COMMON).latents
+        return latents[..., : latents.shape[-1] // 2], latents[..., latents.shape[-1] // 2:]
+
+    (left_weak, right_weak), (left_strong, right_strong) = (left_half_after_one_step("noise", w) for w in (0.5, 1.5))
+    torch.testing.assert_close(left_weak, left_strong, rtol=0, atol=1e-6)
+    assert (right_weak - right_strong).abs().max() > 1e-3
+    (left_weak, _), (left_strong, _) = (left_half_after_one_step("weights", w) for w in (0.5, 1.5))
+    assert (left_weak - left_strong).abs().max() > 1e-4, "in the one pass the background reaches the region"
 
 
 @dataclass
