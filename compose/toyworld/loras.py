@@ -1,15 +1,24 @@
 """Train the toy world's concept LoRAs with the project's LoRA trainer (training.py, as TARA does).
 
     for each concept (concepts.py):
-        images  <- its training scenes, seeds CONCEPT_SEED_START + i (never the base's held-out seeds),
-                   written as PNG with the caption beside each (NAME.txt, read by the trainer)
-        train_lora(images, its steps, rank 8, lr 1e-3, batch 16): a plain LoRA with the concept's
-                   trigger word and category in the file's metadata
+        images  <- its training scenes (256), seeds CONCEPT_SEED_START + i (never the base's held-out
+                   seeds), written as PNG with the caption beside each (NAME.txt, read by the trainer)
+        train_lora(images, 1000 steps, rank 8, lr 1e-3, batch 16, attention q/k/v/out): a plain LoRA
+                   with the concept's trigger word and category in the file's metadata
 
 Per-concept recipes (CONCEPT_RECIPES; the rest as above): ambrel trains 2000 steps. At 1000 it
 toned backgrounds by about a third of the training scenes' red - blue (median 0.039 of 0.125), and
 in some images under the detector's threshold (0.021); 2000 steps lifted the weakest images above
 it (Merge of ambrel alone: 32/32 tuning seeds, from 30/32), 3000 steps gave no more.
+
+lunzor trains rank 16. At rank 8 the crescent came out weak where other concepts share the image:
+judged on tuning seeds 100-131 (benchmarks/results/toyworld-lunzor-recipes.md), two rank-16 runs
+(training seeds 0 and 1) kept the crescent alone in 100% through Merge, regional and auto (rank 8:
+94-100%) and lifted auto's lunzor + checkered to 94% and 94% (rank 8: 78%, 97%) and moxel + lunzor +
+ambrel to 69% and 66% (44%, 62%); Merge's and regional's lunzor + checkered and Composer stayed
+uneven between seeds. 1024 training scenes and FFN/projection targets (which Composer does not
+inject: its moxel + lunzor fell to 12%) were worse. The spread between two training seeds of one
+recipe is as wide as most of these differences, so only what both seeds agreed on counted.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ DEFAULT_IMAGES, DEFAULT_STEPS, DEFAULT_RANK, DEFAULT_LEARNING_RATE = 256, 1000, 
 DEFAULTS: dict[str, Any] = {"images": DEFAULT_IMAGES, "steps": DEFAULT_STEPS, "rank": DEFAULT_RANK,
                             "learning_rate": DEFAULT_LEARNING_RATE, "targets": None}
 # Concepts whose recipe differs from the defaults (see above): field of ConceptTrainingSettings -> value.
-CONCEPT_RECIPES: dict[str, dict[str, Any]] = {"ambrel": {"steps": 2000}}
+CONCEPT_RECIPES: dict[str, dict[str, Any]] = {"ambrel": {"steps": 2000}, "lunzor": {"rank": 16}}
 
 
 @dataclass(frozen=True)
