@@ -415,7 +415,7 @@ class Auto(CompositionMethod):
             if group:
                 alone = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
                          for lora in group]
-                main = _with_effects(main, alone, base, _on_latents(area, latents))
+                main = _with_effects(main, alone, base, mask_on_latents(area, latents))
         return main
 
     def _start_regional(self, run: Denoiser) -> Regional:
@@ -475,7 +475,7 @@ def _mask_size(run: Denoiser, latents: torch.Tensor) -> tuple[int, int]:
     return _token_grid(run) or (int(latents.shape[-2]), int(latents.shape[-1]))
 
 
-def _on_latents(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def mask_on_latents(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """A (rows, columns) mask shaped to multiply predictions like ``latents``: (1, 1, H, W) latent maps
     (a DiT token's value spread over its latent patch: SD3), or (1, tokens, 1) for FLUX's packed tokens."""
     if latents.ndim == 3:

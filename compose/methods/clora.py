@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from loracompose.attention.joint_maps import JointMapRecorder, default_map_blocks
     from loracompose.attention.regional import RegionMasks, install_regional
     from loracompose.attention.regional_dit import install_regional_dit
-    from loracompose.methods.auto import _on_latents, one_image_view, text_streams
+    from loracompose.methods.auto import mask_on_latents, one_image_view, text_streams
     from loracompose.pipelines.denoiser import Denoiser
     from loracompose.pipelines.patches import PatchStack
 else:  # imported on first use: the settings dataclass imports without the model stack
@@ -97,9 +97,8 @@ else:  # imported on first use: the settings dataclass imports without the model
     JointMapRecorder, default_map_blocks = (LazyImport("loracompose.attention.joint_maps", name)
                                             for name in ("JointMapRecorder", "default_map_blocks"))
     install_regional_dit = LazyImport("loracompose.attention.regional_dit", "install_regional_dit")
-    # _on_latents: auto's placing of a token-grid mask on the loop's latents (FLUX packed, SD3 patches)
-    _on_latents, one_image_view, text_streams = (LazyImport("loracompose.methods.auto", name)
-                                                 for name in ("_on_latents", "one_image_view", "text_streams"))
+    mask_on_latents, one_image_view, text_streams = (
+        LazyImport("loracompose.methods.auto", name) for name in ("mask_on_latents", "one_image_view", "text_streams"))
     PatchStack = LazyImport("loracompose.pipelines.patches", "PatchStack")
 
 BASE_NAME = "base"
@@ -711,7 +710,7 @@ class CLoRA(CompositionMethod):
             return Prediction.mix(predictions)
         if _token_grid(run) is None:
             return fuse(predictions, masks)
-        return fuse(predictions, masks, lambda mask: torch.cat([_on_latents(image, latents) for image in mask]))
+        return fuse(predictions, masks, lambda mask: torch.cat([mask_on_latents(image, latents) for image in mask]))
 
     def _mask_grid(self, run: Denoiser, latents: torch.Tensor) -> tuple[int, tuple[int, int]]:
         """(map level, mask size): the maps' level and the latent's size on a UNet; on a DiT the
