@@ -11,13 +11,14 @@
     regions <- local LoRA: its mask; background LoRA: where no local concept is, ``background_margin``
                map cells away (``background_outside``); style LoRA: the whole image (``style_inside``)
     styles  <- with ``style_combine="noise"`` a style beside other LoRAs is not merged into their pass:
-               eps = eps_main + outside * (eps_style - eps_base), eps_style its own whole-image pass,
-               eps_base the base model's, outside where no local concept is (everywhere without local
-               LoRAs); inside the local regions the style joins eps_main's weights from
-               ``style_inside_from`` of the steps on (before, the objects form without it)
+               eps = eps_main + outside * (eps_main+style - eps_main), eps_main+style the main pass
+               with the style added on the whole image, outside where no local concept is; inside
+               the local regions the style joins eps_main's weights from ``style_inside_from`` of
+               the steps on (before, the objects form without it). With no local LoRA the effect is
+               the style's own pass minus the base model's, added everywhere
     backgrounds <- with ``background_combine="noise"`` and local LoRAs, a background is not merged
-               either: eps += outside_b * (eps_background - eps_base), its own whole-image pass,
-               outside_b where its region is; it never acts inside the local regions
+               either: eps += outside_b * (eps_main+background - eps_main), outside_b where its
+               region is; it never acts inside the local regions
     then the generation runs from the initial latents as regional LoRA (compose/methods/regional.py):
     each LoRA's deltas inside its region on every layer in one UNet pass per step (``mode="delta"``),
     or as a latent couple (``mode="latent"``). The masks stay fixed after the probe. With several
@@ -47,6 +48,12 @@ Choices, measured on the shipped toy world (tuning seeds 100-115; benchmarks/toy
   seeds 100-131; the object's features attend to the changed background in self-attention); with
   the object pass free of it and its effect added outside the mask in noise space, 31/32 (latent
   couple 28/32; joining the object's region half-way as a style does, 27/32).
+* Effects measured against the main pass (with the objects in place), not against the base model:
+  a style's or background's pass alone beside the base model's drew their guesses at the unknown
+  object word differently, and stray yellow rings and a weak style came out where no object is
+  (moxel+checkered+ambrel 18/32 on tuning seeds); as the main pass plus that LoRA, 26/32;
+  lunzor+ambrel 30 -> 32, moxel+checkered 31 -> 32, lunzor+checkered 31 -> 31 (docs/methods/auto.md);
+  one pass fewer per step (no base-model pass).
 * Background margin 0 (the setting exists for masks that cut objects short): a margin of 1 map cell kept
   the checkered LoRA off the tips of crescents reaching past the lunzor mask (lunzor+checkered 9/16 ->
   11/16 on tuning seeds), but with two objects it leaves a band across the image to the base model,
@@ -400,23 +407,24 @@ class Auto(CompositionMethod):
 
     def _regional_image(self, regional: Regional, run: Denoiser, step: Step, latents: torch.Tensor,
                         image: int) -> Prediction:
-        """One image: the regional pass; with separate styles and backgrounds, each one's effect (its
-        whole-image pass minus the base model's) is added where no local concept is (a background
-        ``background_margin`` cells away), and inside the local regions a style joins the main pass
-        in weights (``style_inside``, from ``style_inside_from`` of the steps)."""
+        """One image: the regional pass; with separate styles and backgrounds, each one's effect (the
+        regional pass with it added on the whole image, minus the regional pass) is added where no
+        local concept is (a background ``background_margin`` cells away), and inside the local
+        regions a style joins the main pass in weights (``style_inside``, from ``style_inside_from``
+        of the steps)."""
         if not self.separate or not isinstance(regional, PassRegional):
             return regional.predict(run, step, latents)
         areas = self._areas(image)
         running = self.core + (self.styles if self._style_inside_now else [])
         main = regional.predict_running(run, step, latents, running, areas)
-        base = regional.predict_running(run, step, latents, [], areas)
+        prediction = main
         _, background_area, style_area = (placed[image] for placed in self._placed())
         for group, area in ((self.styles, style_area), (self.backgrounds, background_area)):
-            if group:
-                alone = [regional.predict_running(run, step, latents, [lora], self._areas(image, whole=lora))
-                         for lora in group]
-                main = _with_effects(main, alone, base, mask_on_latents(area, latents))
-        return main
+            for lora in group:
+                added = [*running, lora] if lora not in running else running
+                with_it = regional.predict_running(run, step, latents, added, self._areas(image, whole=lora))
+                prediction = _with_effects(prediction, [with_it], main, mask_on_latents(area, latents))
+        return prediction
 
     def _start_regional(self, run: Denoiser) -> Regional:
         """The regional method on these LoRAs, its regions the automatic masks (global LoRAs: the image)."""

@@ -309,8 +309,8 @@ def test_auto_with_a_whole_image_mask_equals_merge(sd15, sd15_lora_files):
         method.mask_callback = everything
         result = pipe_run(sd15, specs, method)
         torch.testing.assert_close(result.latents, merged.latents, rtol=0, atol=1e-5)
-    # The probe (3 steps), then per step the main pass, the base model's and the style's own.
-    assert result.stats.unet_calls == 3 + 3 * STEPS
+    # The probe (3 steps), then per step the main pass and the main pass with the style.
+    assert result.stats.unet_calls == 3 + 2 * STEPS
 
 
 def owning(part):
@@ -335,7 +335,7 @@ def test_a_background_in_its_own_pass_fills_the_rest_and_never_reaches_the_local
         method.mask_callback = owning(part)
         result = pipe_run(sd15, specs, method)
         torch.testing.assert_close(result.latents, pipe_run(sd15, alone, Merge()).latents, rtol=0, atol=1e-5)
-        assert result.stats.unet_calls == 3 + 3 * STEPS  # the probe, then main, base and background passes
+        assert result.stats.unet_calls == 3 + 2 * STEPS  # the probe, then the main pass and it with the background
     assert method.decisions["style"]["placement"] == "outside the local regions, in a pass of its own"
 
     def left_half_after_one_step(combine, strength):
@@ -350,6 +350,25 @@ def test_a_background_in_its_own_pass_fills_the_rest_and_never_reaches_the_local
     assert (right_weak - right_strong).abs().max() > 1e-3
     (left_weak, _), (left_strong, _) = (left_half_after_one_step("weights", w) for w in (0.5, 1.5))
     assert (left_weak - left_strong).abs().max() > 1e-4, "in the one pass the background reaches the region"
+
+
+def test_a_style_effect_is_the_main_pass_with_the_style_minus_the_main_pass(sd15, sd15_lora_files):
+    """The character owning the left half, the style kept out of it (style_inside=False): after one
+    step the left half is the main pass (regional: the character there, no style) and the right half
+    the main pass with the style added on the whole image (regional: the character left, the style
+    everywhere), each taken from plain regional runs."""
+    specs = [LoraSpec(path) for path in sd15_lora_files]
+    method = Auto(style_inside=False)
+    method.mask_callback = owning("left")
+    latents = sd15.generate(PROMPT, specs, method, steps=1, seed=3, **COMMON).latents
+    half = torch.zeros(latents.shape[-2:])
+    half[:, : half.shape[-1] // 2] = 1
+    main, with_style = (sd15.generate(PROMPT, specs, Regional(masks=masks), steps=1, seed=3, **COMMON).latents
+                        for masks in ([half, torch.zeros_like(half)], [half]))
+    middle = latents.shape[-1] // 2
+    torch.testing.assert_close(latents[..., :middle], main[..., :middle], rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents[..., middle:], with_style[..., middle:], rtol=0, atol=1e-5)
+    assert (main[..., middle:] - with_style[..., middle:]).abs().max() > 1e-3, "the style changes the right half"
 
 
 @dataclass
@@ -434,7 +453,7 @@ def test_background_margin_keeps_a_background_away_from_the_local_regions():
     assert torch.equal(found.outside(1)[0], owner_to_latent(near, (8, 8)))
 
 
-@pytest.mark.parametrize("combine,passes", [("weights", 1), ("noise", 3)])
+@pytest.mark.parametrize("combine,passes", [("weights", 1), ("noise", 2)])
 def test_several_images_each_get_their_masks_and_equal_one_image_runs(sd15, sd15_lora_files, combine, passes):
     specs = [LoraSpec(path) for path in sd15_lora_files]
     method = Auto(style_combine=combine)
