@@ -54,24 +54,30 @@ def install_text_kv_token_masks(transformer: torch.nn.Module, token_masks: LoraT
     return [layer for _, layer in layers]
 
 
-def _masked_kv_forward(layer_name: str, token_masks: LoraTokenMasks, image_tokens: int,
-                       joint_order: tuple[str, ...]) -> Callable[..., torch.Tensor]:
-    role = stream_role(layer_name)
-
-    def masked_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _weighted_deltas_forward(weight: Callable[[str, torch.Tensor, torch.Tensor], Any]) -> Callable[..., torch.Tensor]:
+    """A LoRA layer's forward: its base output plus each active adapter's delta times
+    ``weight(adapter, x, output so far)`` (a tensor or number; None: the whole delta)."""
+    def weighted_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
             raise UserError("TARA's token-masked layers do not take per-row adapters; run TARA as one branch")
         result = layer.get_base_layer()(x, *args, **kwargs)
         for name in active_adapters(layer):
-            delta = adapter_delta(layer, x, name)
-            mask = token_masks.masks.get(name)
-            if mask is None:
-                result = result + delta
-                continue
-            result = result + delta * _row_token_weights(mask, x, role, image_tokens, joint_order, layer_name)
+            delta, factor = adapter_delta(layer, x, name), weight(name, x, result)
+            result = result + (delta if factor is None else delta * factor)
         return result
 
-    return masked_forward
+    return weighted_forward
+
+
+def _masked_kv_forward(layer_name: str, token_masks: LoraTokenMasks, image_tokens: int,
+                       joint_order: tuple[str, ...]) -> Callable[..., torch.Tensor]:
+    role = stream_role(layer_name)
+
+    def weight(name: str, x: torch.Tensor, _result: torch.Tensor) -> torch.Tensor | None:
+        mask = token_masks.masks.get(name)
+        return None if mask is None else _row_token_weights(mask, x, role, image_tokens, joint_order, layer_name)
+
+    return _weighted_deltas_forward(weight)
 
 
 def _row_token_weights(mask: torch.Tensor, x: torch.Tensor, role: StreamRole, image_tokens: int,
@@ -107,17 +113,10 @@ class TaraRegionPatches(DiTRegionalPatches):
             return super()._masked_forward(layer_name)
         role = stream_role(layer_name)
 
-        def masked_forward(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if kwargs.pop("adapter_names", None) is not None:
-                raise UserError("TARA's token-masked layers do not take per-row adapters; run TARA as one branch")
-            result = layer.get_base_layer()(x, *args, **kwargs)
-            for name in active_adapters(layer):
-                weight = self._token_weight(name, x, role, layer_name) * self._region_weight(name, role, result,
-                                                                                            layer_name)
-                result = result + adapter_delta(layer, x, name) * weight
-            return result
+        def weight(name: str, x: torch.Tensor, result: torch.Tensor) -> Any:
+            return self._token_weight(name, x, role, layer_name) * self._region_weight(name, role, result, layer_name)
 
-        return masked_forward
+        return _weighted_deltas_forward(weight)
 
     def _token_weight(self, adapter: str, x: torch.Tensor, role: StreamRole, layer_name: str) -> torch.Tensor | float:
         mask = self.token_masks.masks.get(adapter)
