@@ -134,13 +134,15 @@ class Auto(CompositionMethod):
         "help": "a background LoRA stays this many map cells away from every local region (0: right up to it)"})
     background_combine: str = field(default="noise", metadata={
         "choices": STYLE_COMBINES,
-        "help": "noise: a background LoRA beside local LoRAs runs in a pass of its own and its effect (its "
-                "prediction minus the base model's) is added where no local concept is; weights: its deltas "
-                "join the one pass there"})
+        "help": "noise: a background LoRA beside local LoRAs joins a second pass and its effect (that pass "
+                "minus the main pass) is added where no local concept is; weights: its deltas join the one "
+                "pass there"})
     style_combine: str = field(default="noise", metadata={
         "choices": STYLE_COMBINES,
-        "help": "noise: each style LoRA runs in a pass of its own and its effect (its prediction minus the base "
-                "model's) is added to the other LoRAs' prediction; weights: its deltas join the one pass"})
+        "help": "noise: each style LoRA runs in a pass of its own and its effect is added to the other LoRAs' "
+                "prediction (beside local LoRAs: the main pass with the style minus the main pass, where no "
+                "local concept is; otherwise: its pass minus the base model's); weights: its deltas join the "
+                "one pass"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
