@@ -43,7 +43,7 @@ from loracompose.errors import UserError
 from loracompose.pipelines.patches import PatchStack
 
 from .capture import AttentionStore
-from .joint_maps import _Projections, joint_queries_and_keys
+from .joint_maps import _Projections, joint_map_blocks, joint_queries_and_keys
 from .kernels import allowed_by_regions
 
 
@@ -245,14 +245,13 @@ def _normed(norm: torch.nn.Module | None, states: torch.Tensor) -> torch.Tensor:
 
 
 def joint_attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The attention modules of the transformer's blocks by name: FLUX double and single blocks'
-    ``attn``; SD3 joint blocks' ``attn`` and SD3.5's image-only ``attn2``."""
-    named = {name: module for name, module in transformer.named_modules()
-             if hasattr(module, "set_processor") and _in_blocks(name)}
-    if not named:
-        raise UserError(f"{type(transformer).__name__} has no joint attention blocks; composer's DiT path needs "
-                        "a FLUX.1 or SD3 transformer")
-    return named
+    """The attention modules of the transformer's blocks by name: the joint ones (FLUX double and
+    single blocks', SD3 joint blocks' ``attn``: :func:`joint_map_blocks`) and SD3.5's image-only ``attn2``."""
+    blocks = getattr(transformer, "transformer_blocks", [])
+    names = joint_map_blocks(transformer)
+    names += [f"transformer_blocks.{index}.attn2" for index, block in enumerate(blocks)
+              if getattr(block, "attn2", None) is not None]
+    return {name: transformer.get_submodule(name) for name in names}
 
 
 def install_joint_regions(transformer: torch.nn.Module, regions: JointRegions, stack: PatchStack) -> None:
@@ -263,12 +262,6 @@ def install_joint_regions(transformer: torch.nn.Module, regions: JointRegions, s
     names = {id(module): name for name, module in named.items()}
     stack.module_processors(named.values(), lambda module: JointRegionProcessor(module.processor, regions, family,
                                                                                 names[id(module)]))
-
-
-def _in_blocks(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) == 3 and parts[0] in ("transformer_blocks", "single_transformer_blocks") \
-        and parts[2] in ("attn", "attn2")
 
 
 def segment_codes(image_codes: torch.Tensor) -> tuple[int, ...]:
