@@ -112,7 +112,6 @@ class FluxModel:
             return_dict=False,
         )[0]
 
-
     def _text_ids(self, tokens: int) -> torch.Tensor:
         """The text tokens' positions: zeros, as many as the conditioning has (a method may lengthen the
         text sequence, e.g. LoRA-Composer's region prompts side by side)."""
