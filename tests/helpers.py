@@ -90,14 +90,17 @@ class UNetOnlyMerge(Merge):
     families: ClassVar[frozenset[str]] = CompositionMethod.families
 
 
-def tiny_dits_with_two_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any, list[Path]]]:
+def tiny_dits_with_two_loras(tmp_path_factory: pytest.TempPathFactory,
+                             transformers: dict[str, dict[str, Any]] | None = None,
+                             ) -> dict[str, tuple[Path, Any, list[Path]]]:
     """Tiny FLUX and SD3 folders (seed 0), each loaded back through ``load_pipeline`` on the CPU, with two
     LoRAs made for it: ``character`` (trigger "zkx", seed 1) and ``other`` ("qwv", seed 2).
-    Returns {family: (model folder, pipeline, [LoRA files])}."""
+    ``transformers``: per family, transformer config overrides. Returns {family: (model folder, pipeline,
+    [LoRA files])}."""
     made = {}
     for name, build in (("flux", build_tiny_flux), ("sd3", build_tiny_sd3)):
         root = tmp_path_factory.mktemp(f"tiny-{name}")
-        model = build(root / "model", seed=0)
+        model = build(root / "model", seed=0, transformer=(transformers or {}).get(name))
         loras = [build_tiny_lora(model, root / f"{stem}.safetensors", seed=seed, trigger_words=[trigger],
                                  init_scale=2.0)
                  for stem, trigger, seed in (("character", "zkx", 1), ("other", "qwv", 2))]

@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from loracompose import LoraSpec, load_pipeline
-from loracompose.assets.tiny import build_tiny_flux, build_tiny_lora, build_tiny_sd3
+from loracompose.assets.tiny import build_tiny_lora, build_tiny_sd3
 from loracompose.attention.composer_dit import JointRegionProcessor
 from loracompose.attention.joint_maps import JointMapRecorder
 from loracompose.attention.masks import Box, LatentGrid
 from loracompose.methods.composer import Composer
 from loracompose.methods.merge import Merge
 from loracompose.methods.regional import Regional
+
+from helpers import DIT_FAMILIES, dit_rows_per_image, tiny_dits_with_two_loras
 
 PROMPT = "a zkx beside a qwv"
 SIZE = 32
@@ -33,11 +35,10 @@ LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 OVERLAPPING = [(0.0, 0.0, 0.6, 0.75), (0.4, 0.0, 1.0, 0.75)]
 # The same sums through a masked and an unmasked SDPA, or differently ordered adds: float rounding only.
 TOLERANCE = dict(rtol=0, atol=1e-5)
-BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3}
 NO_LATENT_UPDATES = dict(refine=False, reinitialise=False)  # the first transformer call is then the first step's
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=DIT_FAMILIES)
 def family(request) -> str:
     return request.param
 
@@ -48,26 +49,14 @@ SINGLE_HEAD = {"flux": {"num_attention_heads": 1},
                "sd3": {"num_attention_heads": 1, "attention_head_dim": 32, "patch_size": 2}}
 
 
-def _tiny_dits(tmp_path_factory, transformers=None) -> dict[str, tuple[Path, object, list[Path]]]:
-    made = {}
-    for name, build in BUILDERS.items():
-        root = tmp_path_factory.mktemp(f"tiny-{name}")
-        model = build(root / "model", seed=0, transformer=(transformers or {}).get(name))
-        loras = [build_tiny_lora(model, root / f"{stem}.safetensors", seed=seed, trigger_words=[trigger],
-                                 init_scale=2.0)
-                 for stem, trigger, seed in (("character", "zkx", 1), ("other", "qwv", 2))]
-        made[name] = (model, load_pipeline(model, device="cpu"), loras)
-    return made
-
-
 @pytest.fixture(scope="module")
 def dits(tmp_path_factory) -> dict[str, tuple[Path, object, list[Path]]]:
-    return _tiny_dits(tmp_path_factory)
+    return tiny_dits_with_two_loras(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def single_head_dits(tmp_path_factory) -> dict[str, tuple[Path, object, list[Path]]]:
-    return _tiny_dits(tmp_path_factory, SINGLE_HEAD)
+    return tiny_dits_with_two_loras(tmp_path_factory, SINGLE_HEAD)
 
 
 def _specs(loras, weights=(0.8, 1.0)) -> list[LoraSpec]:
@@ -80,8 +69,6 @@ def _generate(pipe, specs, method, **kwargs):
     return pipe.generate(PROMPT, specs, method, **{**options, **kwargs})
 
 
-def _rows_per_image(family: str) -> int:
-    return 1 if family == "flux" else 2  # FLUX: distilled guidance, no CFG halves
 
 
 def _token_grid(pipe) -> LatentGrid:
@@ -140,7 +127,7 @@ def test_one_lora_on_the_whole_image_without_isolation_is_merge(family, dits, bo
     torch.testing.assert_close(composed.latents, merged.latents, **TOLERANCE)
     placed = box == NEARLY_WHOLE
     calls = STEPS + placed  # a placed box: one map pass for the re-initialisation
-    assert (composed.stats.unet_calls, composed.stats.unet_rows) == (calls, STEPS * _rows_per_image(family) + placed)
+    assert (composed.stats.unet_calls, composed.stats.unet_rows) == (calls, STEPS * dit_rows_per_image(family) + placed)
     assert composed.stats.backward_passes == 0
     assert method.placed == ([0] if placed else []) and method.segment_codes == (1,)
     assert composed.method["text_segments"] == [1]
@@ -154,7 +141,7 @@ def test_two_boxes_run_one_pass_per_step_with_one_text_segment_per_group(family,
     specs = _specs(loras)
     method = Composer(boxes=OVERLAPPING, region_prompts=["a zkx", "a qwv"], refine=False, reinitialise=False)
     composed = _generate(pipe, specs, method)
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     assert (composed.stats.unet_calls, composed.stats.unet_rows) == (STEPS, STEPS * rows)
     assert composed.stats.backward_passes == 0
     # below the boxes (no LoRA), each box alone, the overlap
@@ -281,7 +268,7 @@ def test_refinement_maps_are_the_joint_attention_over_each_segment(family, singl
     for captured, expected in method.checked:
         torch.testing.assert_close(captured, expected, rtol=0, atol=1e-6)
     assert method.segment_codes == (1, 2) and len(method.token_positions) == 2
-    rows = _rows_per_image(family)
+    rows = dit_rows_per_image(family)
     refined = len(method.refinement_trace)
     assert refined >= 1 and result.stats.backward_passes == sum(any(step.updated) for step in method.refinement_trace)
     assert (result.stats.unet_calls, result.stats.unet_rows) == (4 + 1 + refined, 4 * rows + 1 + refined)
